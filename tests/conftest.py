@@ -23,3 +23,38 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
+
+
+@pytest.fixture(scope="session")
+def stanford_dir(tmp_path_factory):
+    from checkpoints import build_stanford
+
+    return build_stanford(tmp_path_factory.mktemp("ckpt") / "stanford")
+
+
+@pytest.fixture(scope="session")
+def pylate_dir(tmp_path_factory):
+    from checkpoints import build_pylate
+
+    return build_pylate(tmp_path_factory.mktemp("ckpt") / "pylate")
+
+
+@pytest.fixture(scope="session", params=["stanford", "pylate"])
+def checkpoint_dir(request, stanford_dir, pylate_dir):
+    return stanford_dir if request.param == "stanford" else pylate_dir
+
+
+@pytest.fixture(scope="session")
+def model(stanford_dir):
+    from colbert_triton import ColBERT
+
+    return ColBERT.from_pretrained(stanford_dir, device="cpu")
+
+
+def require_reference(module: str):
+    """Import a reference library; skip without it, unless CI demands every reference."""
+    if os.environ.get("COLBERT_TRITON_REQUIRE_REFERENCES") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -1,0 +1,27 @@
+"""colbert-triton: ColBERT late-interaction retrieval on hand-written Triton kernels.
+
+    from colbert_triton import ColBERT
+    model = ColBERT.from_pretrained("answerdotai/answerai-colbert-small-v1")
+    queries = model.encode_queries(["..."])
+    corpus = model.encode_documents(texts, packed=True)
+    scores, indices = model.search(queries, corpus, k=10)
+"""
+
+from .model.checkpoint import CheckpointError, ColBERTSettings
+from .model.colbert import ColBERT
+from .packed import PackedEmbeddings
+from .scoring import rerank, score, score_candidates, score_pairwise, search
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ColBERT",
+    "ColBERTSettings",
+    "PackedEmbeddings",
+    "rerank",
+    "score",
+    "score_candidates",
+    "score_pairwise",
+    "search",
+]

@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels for the packed BERT encoder and the ColBERT head."""

@@ -1,0 +1,1 @@
+"""Checkpoint loading, tokenization, the packed BERT encoder and the ColBERT API."""

@@ -1,0 +1,364 @@
+"""Finding and reading a BERT ColBERT checkpoint, in either on-disk format.
+
+Two layouts hold the same model (SPEC.md §1):
+
+- Stanford (`colbert-ai`): root ``config.json`` (architectures ``HF_ColBERT``), ``model.safetensors``
+  (or ``pytorch_model.bin``) with the encoder under a ``bert.`` prefix and ``linear.weight`` at the
+  root, ``artifact.metadata`` (JSON settings), tokenizer files.
+- PyLate / sentence-transformers: ``modules.json`` naming a Transformer module directory (plain
+  BertModel weights, no prefix) and a Dense module directory (``linear.weight``), settings in
+  ``config_sentence_transformers.json``.
+
+Like PyLate, the sentence-transformers layout wins when ``modules.json`` is present; otherwise
+the Stanford files alone suffice. A name is a local directory or a hub id (downloaded through
+huggingface_hub's cache, which honours ``HF_HUB_OFFLINE``), with an optional ``revision``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "answerdotai/answerai-colbert-small-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or malformed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "BertConfig":
+        model_type = data.get("model_type", "bert")
+        if model_type != "bert":
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not a BERT model")
+        if data.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(
+                f"{source}: hidden_act {data['hidden_act']!r} is not supported (exact 'gelu' only)"
+            )
+        if data.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{source}: only absolute position embeddings are supported")
+        try:
+            config = cls(
+                vocab_size=int(data["vocab_size"]),
+                hidden_size=int(data["hidden_size"]),
+                num_layers=int(data["num_hidden_layers"]),
+                num_heads=int(data["num_attention_heads"]),
+                intermediate_size=int(data["intermediate_size"]),
+                max_position_embeddings=int(data.get("max_position_embeddings", 512)),
+                type_vocab_size=int(data.get("type_vocab_size", 2)),
+                layer_norm_eps=float(data.get("layer_norm_eps", 1e-12)),
+            )
+        except KeyError as missing:
+            raise CheckpointError(f"{source}: missing key {missing}") from None
+        except (TypeError, ValueError) as bad:
+            raise CheckpointError(f"{source}: malformed value ({bad})") from None
+        if config.hidden_size % config.num_heads:
+            raise CheckpointError(f"{source}: hidden_size is not a multiple of num_attention_heads")
+        return config
+
+
+PUNCTUATION = tuple(string.punctuation)
+
+
+@dataclass(frozen=True)
+class ColBERTSettings:
+    """How texts become token sequences, read from the checkpoint's metadata.
+
+    Defaults, used only where the checkpoint says nothing, are PyLate's for a Stanford
+    checkpoint: markers ``[unused0]``/``[unused1]``, 32-token queries with [MASK] expansion that
+    is not attended to, punctuation dropped from documents. PyLate's default document length
+    (180) applies when neither the metadata nor the caller gives one.
+    """
+
+    query_prefix: str = "[unused0]"
+    document_prefix: str = "[unused1]"
+    query_maxlen: int = 32
+    doc_maxlen: int = 180
+    attend_to_mask_tokens: bool = False
+    do_query_expansion: bool = True
+    skiplist_words: tuple[str, ...] = PUNCTUATION
+
+    def with_lengths(self, query_maxlen: int | None, doc_maxlen: int | None) -> "ColBERTSettings":
+        return replace(
+            self,
+            query_maxlen=self.query_maxlen if query_maxlen is None else int(query_maxlen),
+            doc_maxlen=self.doc_maxlen if doc_maxlen is None else int(doc_maxlen),
+        )
+
+    @classmethod
+    def from_stanford_metadata(cls, meta: dict) -> "ColBERTSettings":
+        defaults = cls()
+        return cls(
+            query_prefix=meta.get("query_token_id", defaults.query_prefix),
+            document_prefix=meta.get("doc_token_id", defaults.document_prefix),
+            query_maxlen=int(meta.get("query_maxlen", defaults.query_maxlen)),
+            doc_maxlen=int(meta.get("doc_maxlen", defaults.doc_maxlen)),
+            attend_to_mask_tokens=bool(meta.get("attend_to_mask_tokens", False)),
+            skiplist_words=PUNCTUATION if meta.get("mask_punctuation", True) else (),
+        )
+
+    @classmethod
+    def from_sentence_transformers(cls, config: dict) -> "ColBERTSettings":
+        defaults = cls()
+        expansion = bool(config.get("do_query_expansion", True))
+        return cls(
+            query_prefix=config.get("query_prefix", "[Q] "),
+            document_prefix=config.get("document_prefix", "[D] "),
+            query_maxlen=int(config.get("query_length") or defaults.query_maxlen),
+            doc_maxlen=int(config.get("document_length") or defaults.doc_maxlen),
+            attend_to_mask_tokens=expansion and bool(config.get("attend_to_expansion_tokens", False)),
+            do_query_expansion=expansion,
+            skiplist_words=tuple(config.get("skiplist_words", PUNCTUATION)),
+        )
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from disk: config, settings, raw tensors and the tokenizer file."""
+
+    source: str
+    config: BertConfig
+    settings: ColBERTSettings
+    encoder_tensors: dict[str, torch.Tensor]  # BertModel names, no "bert." prefix
+    head_weight: torch.Tensor  # [dim, hidden]
+    head_bias: torch.Tensor | None
+    tokenizer_file: Path | None  # tokenizer.json
+    vocab_file: Path | None  # vocab.txt, the fallback
+    do_lower_case: bool = True
+    metadata_dim: int | None = field(default=None)
+
+
+class _Files:
+    """Fetches a checkpoint's files from a local directory or the Hugging Face hub cache."""
+
+    def __init__(self, name_or_path: str, revision: str | None, cache_dir=None, token=None):
+        self.name = str(name_or_path)
+        self.revision = revision
+        self.cache_dir = cache_dir
+        self.token = token
+        path = Path(self.name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise CheckpointError(f"{self.name}: is a file; expected a checkpoint directory")
+            if revision is not None:
+                raise CheckpointError("revision applies to hub ids, not to a local directory")
+            self.local = path
+        elif self.name.startswith((".", "/", "~")) or self.name.count("/") > 1:
+            raise CheckpointError(f"{self.name}: no such checkpoint directory")
+        else:
+            self.local = None
+
+    def describe(self, relpath: str) -> str:
+        if self.local is not None:
+            return str(self.local / relpath)
+        at = f"@{self.revision}" if self.revision else ""
+        return f"{self.name}{at}:{relpath}"
+
+    def get(self, relpath: str, required: bool = True) -> Path | None:
+        if self.local is not None:
+            path = self.local / relpath
+            if path.is_file():
+                return path
+            if required:
+                raise CheckpointError(f"{path}: missing checkpoint file")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            return Path(
+                hf_hub_download(
+                    self.name, relpath, revision=self.revision, cache_dir=self.cache_dir,
+                    token=self.token,
+                )
+            )
+        except EntryNotFoundError:
+            # Also raised offline (HF_HUB_OFFLINE=1) when the file is not in the cache.
+            if required:
+                raise CheckpointError(
+                    f"{self.describe(relpath)}: missing checkpoint file (not in the repository, or "
+                    "not in the local cache while offline)"
+                ) from None
+            return None
+        except RevisionNotFoundError:
+            raise CheckpointError(f"{self.name}: revision {self.revision!r} not found") from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{self.name}: not a local directory and not a model on the hub"
+            ) from None
+        except HFValidationError as bad:
+            raise CheckpointError(f"{self.name}: not a valid hub id or local path ({bad})") from None
+
+    def json(self, relpath: str, required: bool = True):
+        path = self.get(relpath, required)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+            raise CheckpointError(f"{path}: malformed JSON ({bad})") from None
+
+    def tensors(self, directory: str) -> tuple[dict[str, torch.Tensor], Path]:
+        prefix = f"{directory}/" if directory else ""
+        path = self.get(prefix + "model.safetensors", required=False)
+        if path is not None:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path)), path
+            except (SafetensorError, OSError, ValueError) as bad:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({bad})") from None
+        path = self.get(prefix + "pytorch_model.bin", required=False)
+        if path is None:
+            raise CheckpointError(
+                f"{self.describe(prefix + 'model.safetensors')}: missing checkpoint file "
+                "(no pytorch_model.bin either)"
+            )
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as bad:  # torch raises many types for a corrupt pickle
+            raise CheckpointError(f"{path}: unreadable weights file ({bad})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a state dict")
+        return state, path
+
+
+def _encoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("bert."):
+            name = name[len("bert."):]
+        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name.startswith(("embeddings.", "encoder.")) and not name.endswith("position_ids"):
+            out[name] = tensor
+    return out
+
+
+def _tokenizer_files(files: _Files, directory: str):
+    prefix = f"{directory}/" if directory else ""
+    tokenizer_file = files.get(prefix + "tokenizer.json", required=False)
+    if tokenizer_file is None and directory:
+        tokenizer_file = files.get("tokenizer.json", required=False)
+    vocab_file = None
+    if tokenizer_file is None:
+        vocab_file = files.get(prefix + "vocab.txt", required=False)
+        if vocab_file is None:
+            raise CheckpointError(
+                f"{files.describe(prefix + 'tokenizer.json')}: missing checkpoint file (no vocab.txt either)"
+            )
+    tok_config = files.json(prefix + "tokenizer_config.json", required=False) or {}
+    return tokenizer_file, vocab_file, bool(tok_config.get("do_lower_case", True))
+
+
+def _load_dense(files: _Files, directory: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    prefix = f"{directory}/" if directory else ""
+    config = files.json(prefix + "config.json", required=False) or {}
+    activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
+    if not activation.endswith("Identity"):
+        raise CheckpointError(
+            f"{files.describe(prefix + 'config.json')}: activation {activation!r} is not supported (Identity only)"
+        )
+    tensors, path = files.tensors(directory)
+    weight = tensors.get("linear.weight")
+    if weight is None:
+        raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
+    return weight, tensors.get("linear.bias")
+
+
+def _fold_dense(layers: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Compose a chain of bias-affine Dense layers with identity activations into one."""
+    weight, bias = layers[0]
+    weight = weight.double()
+    bias = None if bias is None else bias.double()
+    for next_weight, next_bias in layers[1:]:
+        if next_weight.shape[1] != weight.shape[0]:
+            raise CheckpointError("Dense layers do not chain: output and input sizes differ")
+        bias = None if bias is None else next_weight.double() @ bias
+        if next_bias is not None:
+            bias = next_bias.double() if bias is None else bias + next_bias.double()
+        weight = next_weight.double() @ weight
+    return weight.float(), None if bias is None else bias.float()
+
+
+def load_checkpoint(name_or_path: str = DEFAULT_MODEL, revision: str | None = None,
+                    cache_dir=None, token=None) -> Checkpoint:
+    files = _Files(name_or_path, revision, cache_dir, token)
+    modules = files.json("modules.json", required=False)
+    if modules is not None:
+        return _load_sentence_transformers(files, modules)
+    return _load_stanford(files)
+
+
+def _load_stanford(files: _Files) -> Checkpoint:
+    config_json = files.json("config.json")
+    config = BertConfig.from_json(config_json, files.describe("config.json"))
+    meta = files.json("artifact.metadata", required=False) or {}
+    settings = ColBERTSettings.from_stanford_metadata(meta)
+    tensors, path = files.tensors("")
+    head = tensors.get("linear.weight")
+    if head is None:
+        raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
+    tokenizer_file, vocab_file, lower = _tokenizer_files(files, "")
+    return Checkpoint(
+        source=files.describe(""), config=config, settings=settings,
+        encoder_tensors=_encoder_tensors(tensors), head_weight=head,
+        head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
+        vocab_file=vocab_file, do_lower_case=lower, metadata_dim=meta.get("dim"),
+    )
+
+
+def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
+    where = files.describe("modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CheckpointError(f"{where}: expected a list of module entries")
+    transformer_dirs, dense_dirs = [], []
+    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(module.get("type", ""))
+        directory = str(module.get("path", "")).strip("/")
+        if kind.endswith(".Transformer"):
+            transformer_dirs.append(directory)
+        elif kind.endswith(".Dense"):
+            dense_dirs.append(directory)
+        else:
+            raise CheckpointError(f"{where}: module {kind!r} is not part of a ColBERT model")
+    if len(transformer_dirs) != 1 or not dense_dirs:
+        raise CheckpointError(f"{where}: expected one Transformer module followed by Dense modules")
+    encoder_dir = transformer_dirs[0]
+    prefix = f"{encoder_dir}/" if encoder_dir else ""
+    config = BertConfig.from_json(files.json(prefix + "config.json"), files.describe(prefix + "config.json"))
+    st_config = files.json("config_sentence_transformers.json", required=False) or {}
+    settings = ColBERTSettings.from_sentence_transformers(st_config)
+    tensors, _ = files.tensors(encoder_dir)
+    head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
+    tokenizer_file, vocab_file, lower = _tokenizer_files(files, encoder_dir)
+    return Checkpoint(
+        source=files.describe(""), config=config, settings=settings,
+        encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
+        tokenizer_file=tokenizer_file, vocab_file=vocab_file, do_lower_case=lower,
+    )

@@ -1,0 +1,191 @@
+"""The user-facing model: load a checkpoint, encode queries and documents, score, rank."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from .. import scoring
+from ..packed import PackedEmbeddings
+from .checkpoint import DEFAULT_MODEL, load_checkpoint
+from .encoder import EncoderWeights, encode_packed
+from .ops import PackedBatch, get_ops
+from .tokenization import ColBERTTokenizer, TokenizedBatch
+
+# Show a progress bar by default when encoding takes more than this many batches.
+_PROGRESS_MIN_BATCHES = 8
+
+
+def _pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+        dtype = names[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+class ColBERT:
+    """A BERT ColBERT checkpoint ready to encode and score.
+
+    >>> model = ColBERT.from_pretrained("answerdotai/answerai-colbert-small-v1")
+    >>> q = model.encode_queries(["what is late interaction?"])
+    >>> d = model.encode_documents(["ColBERT scores with MaxSim.", "Unrelated text."])
+    >>> model.score(q, d)           # [1, 2] float32
+    """
+
+    def __init__(self, weights: EncoderWeights, tokenizer: ColBERTTokenizer, device: torch.device,
+                 dtype: torch.dtype, backend: str | None = None, source: str = ""):
+        self.device = device
+        self.dtype = dtype
+        self.backend = scoring.resolve_backend(device, backend)
+        self.ops = get_ops(self.backend)
+        self.weights = weights.to(device, dtype)
+        self.tokenizer = tokenizer
+        self.settings = tokenizer.settings
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, revision: str | None = None,
+                        device=None, dtype=None, *, query_maxlen: int | None = None,
+                        doc_maxlen: int | None = None, backend: str | None = None,
+                        cache_dir=None, token=None) -> "ColBERT":
+        """Load a hub id (through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured)
+        or a local directory, in the Stanford or the PyLate/sentence-transformers layout.
+
+        ``query_maxlen``/``doc_maxlen`` override the checkpoint's lengths. ``dtype`` defaults to
+        float16 on CUDA and float32 on the CPU. ``backend`` picks the ops ("torch", "triton");
+        by default the CPU runs the PyTorch path.
+        """
+        device = _pick_device(device)
+        dtype = _pick_dtype(dtype, device)
+        ckpt = load_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        settings = ckpt.settings.with_lengths(query_maxlen, doc_maxlen)
+        weights = EncoderWeights.from_checkpoint(ckpt.config, ckpt.encoder_tensors, ckpt.head_weight,
+                                                 ckpt.head_bias, ckpt.source)
+        if ckpt.metadata_dim is not None and int(ckpt.metadata_dim) != weights.dim:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"{ckpt.source}: artifact.metadata says dim {ckpt.metadata_dim} but linear.weight "
+                f"projects to {weights.dim}"
+            )
+        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.do_lower_case,
+                                                settings, ckpt.config.max_position_embeddings)
+        return cls(weights, tokenizer, device, dtype, backend=backend, source=ckpt.source)
+
+    @property
+    def dim(self) -> int:
+        return self.weights.dim
+
+    # -----------------------------------------------------------------------------------------
+    # Encoding
+
+    def encode_queries(self, texts, batch_size: int = 64, *, packed: bool = False,
+                       show_progress: bool | None = None):
+        """One ``[query_maxlen, dim]`` tensor per query (all rows, [MASK] expansion included)."""
+        return self._encode(self.tokenizer.queries(texts), batch_size, packed, show_progress)
+
+    def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
+                         show_progress: bool | None = None):
+        """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
+        ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order."""
+        return self._encode(self.tokenizer.documents(texts), batch_size, packed, show_progress)
+
+    def _encode(self, tokens: TokenizedBatch, batch_size: int, packed: bool, show_progress):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if len(tokens) == 0:
+            raise ValueError("nothing to encode: the list of texts is empty")
+        # Longest first, so each batch holds similar lengths and the first batch shows the peak memory.
+        order = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress is None:
+            show_progress = len(batches) > _PROGRESS_MIN_BATCHES
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(tokens), desc="Encoding", unit="text", file=sys.stderr)
+        outputs, lengths = [], np.zeros(len(tokens), dtype=np.int64)
+        with torch.inference_mode():
+            for index in batches:
+                part = tokens.subset(index)
+                values, part_lengths = self._encode_batch(part)
+                outputs.append(values)
+                lengths[index] = part_lengths
+                if progress is not None:
+                    progress.update(len(index))
+        if progress is not None:
+            progress.close()
+        values = torch.cat(outputs, 0) if len(outputs) > 1 else outputs[0]
+        # Rows are in batch order; put them back in input order with one gather.
+        sorted_lengths = lengths[order]
+        sorted_starts = np.concatenate([[0], np.cumsum(sorted_lengths)[:-1]])
+        starts = np.empty_like(sorted_starts)
+        starts[order] = sorted_starts
+        rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+        values = values.index_select(0, torch.from_numpy(rows).to(values.device))
+        result = PackedEmbeddings.from_lengths(values, lengths.tolist())
+        return result if packed else result.to_list()
+
+    def _encode_batch(self, part: TokenizedBatch) -> tuple[torch.Tensor, np.ndarray]:
+        batch = PackedBatch.from_sequences(part.sequences, part.key_lens, self.device)
+        rows = None
+        if part.keep is None:
+            lengths = batch.seq_lens_host
+        else:
+            starts = np.concatenate([[0], np.cumsum(batch.seq_lens_host)[:-1]])
+            lengths = np.array([len(k) for k in part.keep], dtype=np.int64)
+            rows_host = np.concatenate([s + k for s, k in zip(starts, part.keep)])
+            rows = torch.from_numpy(rows_host).to(self.device)
+        values = encode_packed(self.weights, batch, self.ops, rows=rows)
+        return values, lengths
+
+    # -----------------------------------------------------------------------------------------
+    # Scoring
+
+    def _embed(self, items, is_query: bool, batch_size: int):
+        if isinstance(items, str):
+            items = [items]
+        if isinstance(items, (list, tuple)) and items and all(isinstance(t, str) for t in items):
+            encode = self.encode_queries if is_query else self.encode_documents
+            return encode(list(items), batch_size, packed=not is_query)
+        return items
+
+    def score(self, queries, documents, *, batch_size: int = 64) -> torch.Tensor:
+        """All-pairs scores ``[Q, N]``; texts are encoded first, embeddings are used as given."""
+        return scoring.score(self._embed(queries, True, batch_size),
+                             self._embed(documents, False, batch_size), backend=self._score_backend())
+
+    def rerank(self, query, documents, k: int | None = None, *, batch_size: int = 64):
+        """Rank documents for one query: ``[(index, score), ...]``, best first, ties by index."""
+        queries = self._embed(query, True, batch_size)
+        if isinstance(queries, list) and len(queries) != 1:
+            raise ValueError(f"rerank takes one query, got {len(queries)}")
+        return scoring.rerank(queries, self._embed(documents, False, batch_size), k,
+                              backend=self._score_backend())
+
+    def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768):
+        """Exact top-k of a corpus per query: ``(scores [Q, k], indices [Q, k])``."""
+        return scoring.search(self._embed(queries, True, batch_size), self._embed(corpus, False, batch_size),
+                              k, chunk_size=chunk_size, backend=self._score_backend())
+
+    def _score_backend(self) -> str | None:
+        return self.backend if self.backend == "triton" else None

@@ -1,0 +1,149 @@
+"""Texts to ColBERT token sequences, exactly as Stanford ColBERT and PyLate build them (SPEC.md).
+
+    query:    [CLS] [unused0] wordpieces[:query_maxlen-3] [SEP] [MASK] ... up to query_maxlen
+              keys = the tokens before the [MASK] expansion (unless attend_to_mask_tokens)
+    document: [CLS] [unused1] wordpieces[:doc_maxlen-3] [SEP]
+              rows whose id is in the punctuation skip-list are dropped after encoding
+
+Word pieces come from the checkpoint's own `tokenizers` file, batched in Rust; the per-text work
+in Python is only list concatenation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer
+
+from .checkpoint import CheckpointError, ColBERTSettings
+
+
+@dataclass
+class TokenizedBatch:
+    """Token ids per text plus what the encoder and the head need to know about them."""
+
+    sequences: list[np.ndarray]  # int64 ids per text
+    key_lens: np.ndarray  # attended tokens per text (a prefix of the sequence)
+    keep: list[np.ndarray] | None  # rows kept in the output per text; None = all rows
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def subset(self, index) -> "TokenizedBatch":
+        return TokenizedBatch(
+            [self.sequences[i] for i in index],
+            self.key_lens[np.asarray(index, dtype=np.int64)],
+            None if self.keep is None else [self.keep[i] for i in index],
+        )
+
+
+def _check_texts(texts, what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{what} must be a list of strings, not a single string (wrap it in a list)")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of strings, got {type(texts).__name__}") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{i}] is {type(text).__name__}, expected str")
+    return texts
+
+
+class ColBERTTokenizer:
+    def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int):
+        self.settings = settings
+        tokenizer.no_padding()
+        tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
+        # PyLate registers the markers as added tokens, so a marker written in a text is one token.
+        markers = [p for p in (settings.query_prefix, settings.document_prefix) if p]
+        tokenizer.add_tokens([AddedToken(m, normalized=True, special=False) for m in markers])
+
+        def token_id(token: str, what: str) -> int:
+            found = tokenizer.token_to_id(token)
+            if found is None:
+                raise CheckpointError(f"the tokenizer has no {what} token {token!r}")
+            return found
+
+        self.cls_id = token_id("[CLS]", "[CLS]")
+        self.sep_id = token_id("[SEP]", "[SEP]")
+        self.mask_id = token_id("[MASK]", "[MASK]")
+        unk_id = tokenizer.token_to_id("[UNK]")
+        self.query_marker = [token_id(settings.query_prefix, "query marker")] if settings.query_prefix else []
+        self.doc_marker = [token_id(settings.document_prefix, "document marker")] if settings.document_prefix else []
+        # PyLate maps each skip word with convert_tokens_to_ids, which gives [UNK] for a word
+        # missing from the vocabulary; mirror it so both drop the same rows.
+        skip = {tokenizer.token_to_id(w) for w in settings.skiplist_words}
+        skip = {unk_id if i is None else i for i in skip} - {None}
+        self.skiplist_ids = np.array(sorted(skip), dtype=np.int64)
+
+        q_budget = settings.query_maxlen - 2 - len(self.query_marker)
+        d_budget = settings.doc_maxlen - 2 - len(self.doc_marker)
+        if q_budget < 0 or d_budget < 0:
+            raise ValueError("query_maxlen and doc_maxlen must leave room for [CLS], marker and [SEP]")
+        if max(settings.query_maxlen, settings.doc_maxlen) > max_positions:
+            raise ValueError(
+                f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
+                f"the model's {max_positions} positions"
+            )
+        self._query_tok = self._truncating(tokenizer, q_budget)
+        self._doc_tok = self._truncating(tokenizer, d_budget)
+
+    @staticmethod
+    def _truncating(tokenizer: Tokenizer, budget: int) -> Tokenizer:
+        tok = Tokenizer.from_str(tokenizer.to_str())
+        if budget > 0:
+            tok.enable_truncation(max_length=budget)
+        return tok
+
+    @classmethod
+    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, lowercase: bool,
+                   settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
+        if tokenizer_file is not None:
+            try:
+                tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            except Exception as bad:  # the Rust side raises plain Exception
+                raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad})") from None
+        else:
+            from tokenizers.implementations import BertWordPieceTokenizer
+
+            try:
+                tokenizer = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)._tokenizer
+            except Exception as bad:
+                raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
+        return cls(tokenizer, settings, max_positions)
+
+    def _wordpieces(self, tok: Tokenizer, texts: list[str], budget: int) -> list[list[int]]:
+        if budget == 0:
+            return [[] for _ in texts]
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def queries(self, texts) -> TokenizedBatch:
+        texts = _check_texts(texts, "queries")
+        s = self.settings
+        head = [self.cls_id] + self.query_marker
+        budget = s.query_maxlen - len(head) - 1
+        sequences, key_lens = [], []
+        for wp in self._wordpieces(self._query_tok, texts, budget):
+            ids = head + wp + [self.sep_id]
+            key_lens.append(len(ids))
+            if s.do_query_expansion:
+                ids += [self.mask_id] * (s.query_maxlen - len(ids))
+            sequences.append(np.array(ids, dtype=np.int64))
+        if s.do_query_expansion and s.attend_to_mask_tokens:
+            key_lens = [s.query_maxlen] * len(sequences)
+        return TokenizedBatch(sequences, np.array(key_lens, dtype=np.int64), None)
+
+    def documents(self, texts) -> TokenizedBatch:
+        texts = _check_texts(texts, "documents")
+        head = [self.cls_id] + self.doc_marker
+        budget = self.settings.doc_maxlen - len(head) - 1
+        sequences = [
+            np.array(head + wp + [self.sep_id], dtype=np.int64)
+            for wp in self._wordpieces(self._doc_tok, texts, budget)
+        ]
+        keep = [np.flatnonzero(~np.isin(ids, self.skiplist_ids)) for ids in sequences]
+        key_lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        return TokenizedBatch(sequences, key_lens, keep)

@@ -1,0 +1,338 @@
+"""Exact late-interaction (MaxSim) scoring: all pairs, per-query candidates, pairs, top-k search.
+
+    score(q, d) = sum over query rows i of  max over the document's rows j of  <q_i, d_j>
+
+Conventions (the same on every backend):
+- a document's padded slots never take part in the max (unless ``pad_floor`` asks for
+  PyLate's zero-padding semantics, where a padded slot enters the max as 0.0);
+- a query row that is masked out (or zero padding of a shorter query) contributes 0;
+- an empty document (no rows) scores 0.0: each query row's max over nothing is taken as 0,
+  never -inf, so scores stay finite;
+- scores are float32, accumulated in float32 whatever the input dtype.
+
+On CUDA tensors the Triton kernels in `colbert_triton.kernels.maxsim` do the work; elsewhere the
+plain PyTorch implementation below (also the eager baseline of the benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .packed import PackedEmbeddings
+
+# The backend a CUDA tensor gets when none is named. "torch" until the Triton kernels have been
+# verified natively on a GPU (see README, "Status"); the Triton path is always available by name.
+CUDA_DEFAULT_BACKEND = "torch"
+
+
+def resolve_backend(device: torch.device, backend: str | None) -> str:
+    if backend is None:
+        return CUDA_DEFAULT_BACKEND if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Input normalisation: lists, numpy arrays, padded tensors and packed embeddings.
+
+
+def _as_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        tensor = x
+    elif isinstance(x, np.ndarray):
+        tensor = torch.from_numpy(x)
+    else:
+        raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {tensor.dtype}")
+    return tensor
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} contain NaN or infinite values")
+
+
+def _check_same(tensors: list[torch.Tensor], what: str) -> None:
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if t.dim() != 2:
+            raise ValueError(f"{what}[{i}] must be 2-D [tokens, dim], got shape {tuple(t.shape)}")
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{what}[{i}] has dim {t.shape[1]}, {what}[0] has {first.shape[1]}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{what}[{i}] is {t.dtype}, {what}[0] is {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{what}[{i}] is on {t.device}, {what}[0] is on {first.device}")
+
+
+class DocRows(NamedTuple):
+    """Documents as rows of one [R, dim] tensor: document i is values[starts[i] : starts[i] + lengths[i]]."""
+
+    values: torch.Tensor
+    starts: torch.Tensor  # [N] int64, on values' device
+    lengths: torch.Tensor  # [N] int64, on values' device
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+
+def as_documents(documents, mask=None) -> DocRows:
+    """Any accepted document form as rows of one tensor (one copy at most, none if packed/padded).
+
+    Accepted: PackedEmbeddings; a list of [L_i, dim] tensors/arrays; a padded [N, L, dim]
+    tensor/array with an optional [N, L] mask whose ones come first in each row (lengths);
+    a single [L, dim] document.
+    """
+    if isinstance(documents, (list, tuple)):
+        if not documents:
+            raise ValueError("documents is empty")
+        tensors = [_as_tensor(d, f"documents[{i}]") for i, d in enumerate(documents)]
+        _check_same(tensors, "documents")
+        documents = PackedEmbeddings.from_list(tensors)
+    if isinstance(documents, PackedEmbeddings):
+        if mask is not None:
+            raise ValueError("a mask goes with padded [N, L, dim] documents, not with a list or packed ones")
+        rows = DocRows(documents.values, documents.starts, documents.lengths)
+    else:
+        tensor = _as_tensor(documents, "documents")
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 3:
+            raise ValueError(f"documents must be [N, L, dim] or [L, dim], got shape {tuple(tensor.shape)}")
+        n, length, dim = tensor.shape
+        if n == 0:
+            raise ValueError("documents is empty")
+        starts = torch.arange(n, device=tensor.device) * length
+        if mask is None:
+            lengths = torch.full((n,), length, device=tensor.device)
+        else:
+            lengths = _mask_lengths(mask, (n, length), "documents_mask").to(tensor.device)
+        rows = DocRows(tensor.reshape(n * length, dim), starts, lengths)
+    _check_finite(rows.values, "documents")
+    return rows
+
+
+def _mask_lengths(mask, shape, what: str) -> list[int]:
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    binary = mask.bool()
+    lengths = binary.sum(-1)
+    prefix = torch.arange(shape[-1], device=mask.device)[None, :] < lengths[:, None]
+    if not bool((prefix == binary).all()) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{what} must be 0/1 with the ones first in each row (a length mask)")
+    return lengths.long()
+
+
+def as_queries(queries, mask=None) -> torch.Tensor:
+    """Any accepted query form as a zero-padded [Q, Lq, dim] tensor (masked rows zeroed)."""
+    if isinstance(queries, PackedEmbeddings):
+        queries = queries.to_list()
+    if isinstance(queries, (list, tuple)):
+        if not queries:
+            raise ValueError("queries is empty")
+        tensors = [_as_tensor(q, f"queries[{i}]") for i, q in enumerate(queries)]
+        _check_same(tensors, "queries")
+        if mask is not None:
+            raise ValueError("a mask goes with a padded [Q, Lq, dim] query tensor, not with a list")
+        batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+    else:
+        batch = _as_tensor(queries, "queries")
+        if batch.dim() == 2:
+            batch = batch.unsqueeze(0)
+        if batch.dim() != 3:
+            raise ValueError(f"queries must be [Q, Lq, dim] or [Lq, dim], got shape {tuple(batch.shape)}")
+        if batch.shape[0] == 0:
+            raise ValueError("queries is empty")
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=batch.device)
+            if tuple(mask.shape) != tuple(batch.shape[:2]):
+                raise ValueError(f"queries_mask has shape {tuple(mask.shape)}, expected {tuple(batch.shape[:2])}")
+            batch = batch * mask.to(batch.dtype).unsqueeze(-1)
+    _check_finite(batch, "queries")
+    return batch.contiguous()
+
+
+def _check_pair(queries: torch.Tensor, docs: DocRows) -> None:
+    if queries.shape[-1] != docs.dim:
+        raise ValueError(f"queries have dim {queries.shape[-1]} but documents have dim {docs.dim}")
+    if queries.dtype != docs.values.dtype:
+        raise TypeError(
+            f"queries are {queries.dtype} but documents are {docs.values.dtype}: cast one side"
+        )
+    if queries.device != docs.values.device:
+        raise ValueError(f"queries are on {queries.device} but documents are on {docs.values.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The MaxSim core, two implementations.
+
+
+def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None,
+                 budget_elements: int = 1 << 25) -> torch.Tensor:
+    """Plain PyTorch MaxSim with the kernel's signature (see `kernels.maxsim.maxsim`).
+
+    Documents are gathered into padded blocks, sized so that the similarity block holds at most
+    ``budget_elements`` values; padded slots are filled with -inf before the max.
+    """
+    shared = doc_starts.dim() == 1
+    num_q, len_q, _ = queries.shape
+    compute = queries.dtype if queries.is_cuda else torch.float32
+    q = queries.to(compute)
+    values = doc_values.to(compute)
+    starts, lengths = doc_starts.long(), doc_lengths.long()
+    floor = None if pad_floor is None else pad_floor.bool()
+    out = torch.empty(tuple(doc_starts.shape), dtype=torch.float32, device=queries.device)
+    if shared:
+        out = torch.empty((num_q, doc_starts.shape[0]), dtype=torch.float32, device=queries.device)
+    if out.numel() == 0:
+        return out
+    max_len = max(int(lengths.max()), 1)
+    per_item = num_q * len_q * max_len if shared else len_q * max_len * doc_starts.shape[1]
+    step = max(1, budget_elements // max(per_item, 1))
+    total = doc_starts.shape[0]
+    positions = torch.arange(max_len, device=queries.device)
+    for lo in range(0, total, step):
+        hi = min(total, lo + step)
+        s, n = starts[lo:hi], lengths[lo:hi]
+        valid = positions < n[..., None]  # [..., L]
+        index = (s[..., None] + positions).clamp(max=max(values.shape[0] - 1, 0))
+        docs = values[index]  # [..., L, d]
+        if shared:
+            sim = torch.einsum("qid,njd->qnij", q, docs)
+            sim = sim.masked_fill(~valid[None, :, None, :], float("-inf"))
+        else:
+            sim = torch.einsum("qid,qkjd->qkij", q[lo:hi], docs)
+            sim = sim.masked_fill(~valid[:, :, None, :], float("-inf"))
+        best = sim.amax(-1).float()  # [Q|q, n|K, Lq]
+        empty = (n == 0)[None, :, None] if shared else (n == 0)[:, :, None]
+        best = best.masked_fill(empty, 0.0)
+        if floor is not None:
+            f = floor[lo:hi]
+            f = f[None, :, None] if shared else f[:, :, None]
+            best = torch.where(f, best.clamp(min=0.0), best)
+        if shared:
+            out[:, lo:hi] = best.sum(-1)
+        else:
+            out[lo:hi] = best.sum(-1)
+    return out
+
+
+def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, backend=None) -> torch.Tensor:
+    """Dispatch to the Triton kernel or the PyTorch implementation; arguments as the kernel's."""
+    if resolve_backend(queries.device, backend) == "triton":
+        from .kernels.maxsim import maxsim as maxsim_triton
+
+        return maxsim_triton(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
+    return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public scoring API.
+
+
+def score(queries, documents, *, queries_mask=None, documents_mask=None, backend=None) -> torch.Tensor:
+    """All-pairs scores ``[Q, N]`` (float32)."""
+    q = as_queries(queries, queries_mask)
+    docs = as_documents(documents, documents_mask)
+    _check_pair(q, docs)
+    return maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)
+
+
+def score_pairwise(queries, documents, *, backend=None) -> torch.Tensor:
+    """Scores of query i against document i: ``[P]``."""
+    q = as_queries(queries)
+    docs = as_documents(documents)
+    _check_pair(q, docs)
+    if q.shape[0] != len(docs):
+        raise ValueError(f"{q.shape[0]} queries but {len(docs)} documents: pairs need equal counts")
+    return maxsim(q, docs.values, docs.starts[:, None], docs.lengths[:, None], backend=backend)[:, 0]
+
+
+def score_candidates(queries, corpus, candidates, *, backend=None) -> torch.Tensor:
+    """Query i against its own candidates ``candidates[i]`` (indices into ``corpus``): ``[Q, K]``.
+
+    An index of -1 marks an unused slot; its score is -inf.
+    """
+    q = as_queries(queries)
+    docs = as_documents(corpus)
+    _check_pair(q, docs)
+    cand = torch.as_tensor(candidates, device=q.device)
+    if cand.dim() == 1:
+        cand = cand.unsqueeze(0)
+    if cand.dim() != 2 or cand.shape[0] != q.shape[0]:
+        raise ValueError(f"candidates must be [Q, K] with Q={q.shape[0]}, got shape {tuple(cand.shape)}")
+    if cand.dtype.is_floating_point or cand.dtype == torch.bool:
+        raise TypeError(f"candidates must be integer indices, got {cand.dtype}")
+    cand = cand.long()
+    if cand.numel() and (int(cand.max()) >= len(docs) or int(cand.min()) < -1):
+        raise ValueError(f"candidate indices must lie in [0, {len(docs)}) (or -1 for an empty slot)")
+    unused = cand < 0
+    safe = cand.clamp(min=0)
+    scores = maxsim(q, docs.values, docs.starts[safe], docs.lengths[safe], backend=backend)
+    return scores.masked_fill(unused, float("-inf"))
+
+
+def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
+    """Merge a block of scores (documents first_index...) into a running top-k.
+
+    A stable descending sort over [running | block] keeps ties in index order, because every
+    running entry has a lower index than the block and the running list is already ordered.
+    """
+    index = torch.arange(first_index, first_index + scores.shape[1], device=scores.device)
+    index = index.expand(scores.shape[0], -1)
+    if best_scores is not None:
+        scores = torch.cat([best_scores, scores], 1)
+        index = torch.cat([best_index, index], 1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), index.gather(1, order)
+
+
+def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=None):
+    """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k], indices [Q, k])``.
+
+    The corpus is scored in chunks of ``chunk_size`` documents and merged into a running top-k,
+    so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
+    broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    q = as_queries(queries)
+    docs = as_documents(corpus)
+    _check_pair(q, docs)
+    k = min(k, len(docs))
+    starts, lengths = docs.starts, docs.lengths
+    best_scores = best_index = None
+    for lo in range(0, len(docs), chunk_size):
+        hi = min(len(docs), lo + chunk_size)
+        block = maxsim(q, docs.values, starts[lo:hi], lengths[lo:hi], backend=backend)
+        best_scores, best_index = merge_topk(best_scores, best_index, block, lo, k)
+    return best_scores, best_index
+
+
+def rerank(query, documents, k: int | None = None, *, backend=None) -> list[tuple[int, float]]:
+    """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index."""
+    q = as_queries(query)
+    if q.shape[0] != 1:
+        raise ValueError(f"rerank takes one query, got {q.shape[0]}")
+    docs = as_documents(documents)
+    _check_pair(q, docs)
+    scores = maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)[0]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if k is not None:
+        order = order[:k]
+    return [(int(i), float(scores[i])) for i in order.tolist()]
