@@ -1,0 +1,147 @@
+"""``colbert-triton``: rank documents for queries, or write embeddings to a file.
+
+    colbert-triton rank --documents docs.jsonl --queries queries.txt -k 5 > results.jsonl
+    colbert-triton rank --documents docs.txt --query "what is late interaction?"
+    colbert-triton encode --input docs.txt --kind documents --output docs.safetensors
+
+Inputs are text files with one text per line (ids are line numbers, from 0) or JSONL files
+with an ``id`` and a ``text`` per line (ids default to line numbers). ``rank`` prints one JSON
+line per query: ``{"query_id", "query", "results": [{"rank", "id", "score"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .model.checkpoint import DEFAULT_MODEL, CheckpointError
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_texts(path: str, what: str) -> tuple[list, list[str]]:
+    """(ids, texts) from a .jsonl file (objects with "text" and optional "id") or a text file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    ids, texts = [], []
+    if file.suffix == ".jsonl":
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as bad:
+                raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f'{path}:{number}: expected an object with a string "text" field')
+            ids.append(record.get("id", len(ids)))
+            texts.append(record["text"])
+    else:
+        for line in lines:
+            if line.strip():
+                ids.append(len(ids))
+                texts.append(line)
+    if not texts:
+        raise InputError(f"{path}: no {what} in the file")
+    return ids, texts
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint directory")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--query-maxlen", type=int, default=None)
+    parser.add_argument("--doc-maxlen", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colbert-triton", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rank = commands.add_parser("rank", help="top-k documents per query, as JSONL")
+    _add_model_args(rank)
+    rank.add_argument("--documents", required=True, help="documents: .txt (one per line) or .jsonl")
+    source = rank.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queries", help="queries: .txt (one per line) or .jsonl")
+    source.add_argument("--query", action="append", help="a query text (repeatable)")
+    rank.add_argument("-k", "--top-k", type=int, default=10)
+    encode = commands.add_parser("encode", help="write embeddings to a safetensors file")
+    _add_model_args(encode)
+    encode.add_argument("--input", required=True, help=".txt (one per line) or .jsonl")
+    encode.add_argument("--kind", choices=("documents", "queries"), default="documents")
+    encode.add_argument("--output", required=True, help="output .safetensors path")
+    return parser
+
+
+def _load_model(args):
+    from .model.colbert import ColBERT
+
+    return ColBERT.from_pretrained(args.model, revision=args.revision, device=args.device,
+                                   dtype=args.dtype, query_maxlen=args.query_maxlen,
+                                   doc_maxlen=args.doc_maxlen)
+
+
+def _rank(args, out) -> None:
+    if args.top_k < 1:
+        raise InputError("-k must be at least 1")
+    doc_ids, docs = read_texts(args.documents, "documents")
+    if args.queries:
+        query_ids, queries = read_texts(args.queries, "queries")
+    else:
+        query_ids, queries = list(range(len(args.query))), args.query
+    model = _load_model(args)
+    progress = False if args.no_progress else None
+    corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress)
+    encoded = model.encode_queries(queries, args.batch_size, show_progress=progress)
+    scores, indices = model.search(encoded, corpus, k=args.top_k)
+    for qi, (qid, text) in enumerate(zip(query_ids, queries)):
+        results = [{"rank": r + 1, "id": doc_ids[i], "score": round(s, 6)}
+                   for r, (i, s) in enumerate(zip(indices[qi].tolist(), scores[qi].tolist()))]
+        out.write(json.dumps({"query_id": qid, "query": text, "results": results}) + "\n")
+
+
+def _encode(args) -> None:
+    from safetensors.torch import save_file
+
+    ids, texts = read_texts(args.input, args.kind)
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise InputError(f"output directory does not exist: {output.parent}")
+    model = _load_model(args)
+    encode = model.encode_documents if args.kind == "documents" else model.encode_queries
+    packed = encode(texts, args.batch_size, packed=True,
+                    show_progress=False if args.no_progress else None)
+    metadata = {"kind": args.kind, "model": str(args.model), "dim": str(model.dim),
+                "ids": json.dumps(ids), "layout": "values[offsets[i]:offsets[i+1]] is item i"}
+    save_file({"values": packed.values.contiguous().cpu(), "offsets": packed.offsets.cpu()},
+              str(output), metadata=metadata)
+    print(f"wrote {len(texts)} {args.kind} ({packed.values.shape[0]} vectors of dim {model.dim}) to {output}",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "rank":
+            _rank(args, sys.stdout)
+        else:
+            _encode(args)
+    except (InputError, CheckpointError, ValueError, TypeError) as error:
+        print(f"colbert-triton: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Varlen (unpadded) multi-head self-attention over packed tokens: one flash-attention kernel.
+
+Design
+------
+The encoder keeps every activation packed, ``[T, hidden]``: all tokens of all sequences end to
+end, sequence ``b`` occupying rows ``[cu_seqlens[b], cu_seqlens[b + 1])``. The QKV projection
+writes one ``[T, 3 * hidden]`` matrix whose columns are ``[q | k | v]``, each in Hugging Face head
+order (head ``h`` owns columns ``h * head_dim ... (h + 1) * head_dim``). The kernel reads q, k and
+v straight out of that matrix through strides (no split, no transpose, no padding) and writes the
+context ``[T, hidden]`` in the same head order, which is what the output projection consumes.
+
+Every token of a sequence is a query row, but only its first ``key_lens[b]`` tokens are keys and
+values: a ColBERT query's [MASK] expansion rows are computed without being attended to. The key
+bound comes from the length arrays, so no mask tensor is read; a sequence with
+``key_lens[b] == 0`` gets zero rows, never NaN.
+
+Grid: one program per (query tile, head), with no program spent on padding. Query tiles of
+``BLOCK_M`` rows never straddle two sequences. Sequence ``b`` is given the tile *slots*
+``[b + cu[b] // BLOCK_M, b + 1 + cu[b + 1] // BLOCK_M)``: that range is never shorter than the
+``cdiv(len_b, BLOCK_M)`` tiles the sequence needs, at most one longer, and the ranges of
+consecutive sequences abut. So the whole batch needs exactly ``B + T // BLOCK_M`` slots, a number
+the host knows from the tensor shapes alone (no device->host sync), and a program finds its
+sequence by counting the slot starts at or below its own slot, one vectorised pass over
+``cu_seqlens`` (no tile table to build or launch). At most one slot per sequence is empty; its
+programs return right after that lookup.
+
+Inside a program: the standard FlashAttention-2 forward (Triton tutorial 06), keys in tiles of
+``BLOCK_N``, running max and sum in fp32, ``exp2`` with ``log2(e) / sqrt(head_dim)`` folded into
+one scale. The tutorial's ``BLOCK_N <= HEAD_DIM`` assertion comes from its pipelined Hopper
+variants; this kernel has no such limit and uses 64-key tiles at head_dim 32.
+
+Precision: fp16/bf16 operands with fp32 accumulation; the probabilities are rounded to the
+operand dtype for the P @ V product, as in every flash-attention kernel. fp32 operands use
+``input_precision="ieee"`` so that fp32 matches torch's fp32 SDPA closely (TF32 would not).
+
+Compilation: ``num_seqs`` (B) is a runtime integer marked ``do_not_specialize``; T only sets the
+grid; hidden, head count, head_dim and block sizes are compile-time constants. The block
+heuristic has two buckets of ``max_seqlen`` (short: queries; long: documents), so a model
+compiles at most two variants per dtype, once each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["varlen_attention", "attention_config"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+# Sequences scanned per step when a program looks up its sequence; any B works (the scan loops).
+_BLOCK_B = 1024
+
+
+def _fix_interpreter_scalar_loop_bounds() -> None:
+    """Let the CPU interpreter run loops whose bound is loaded from memory.
+
+    Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``,
+    which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172). The attention
+    loop over keys has such a bound (``key_lens[b]``). Patched only under TRITON_INTERPRET=1 and
+    only when this NumPy refuses; compiled GPU code is untouched.
+    """
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_scalar_loop_bounds()
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _varlen_attention_kernel(
+    qkv_ptr,  # [T, 3 * HIDDEN]: q | k | v, head-major within each third
+    cu_seqlens_ptr,  # [B + 1] int32
+    key_lens_ptr,  # [B] int32
+    out_ptr,  # [T, HIDDEN]
+    num_seqs,
+    qk_scale,  # log2(e) / sqrt(HEAD_DIM): softmax runs in base 2
+    qkv_row_stride,
+    out_row_stride,
+    HIDDEN: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    BLOCK_B: tl.constexpr,  # sequences scanned per step of the slot lookup
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands, "tf32" (unused) for 16-bit ones
+):
+    # Heads vary fastest, so the programs of one query tile run side by side and share its
+    # qkv rows in L2.
+    pid = tl.program_id(0)
+    head_idx = pid % NUM_HEADS
+    slot_idx = pid // NUM_HEADS
+
+    # Sequence b owns the slots starting at b + cu[b] // BLOCK_M; these starts strictly increase,
+    # so this program's sequence is (number of starts <= slot_idx) - 1.
+    seq_count = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for b_start in range(0, num_seqs, BLOCK_B):
+        offs_b = b_start + tl.arange(0, BLOCK_B)
+        b_mask = offs_b < num_seqs
+        token_starts = tl.load(cu_seqlens_ptr + offs_b, mask=b_mask, other=0)
+        slot_starts = offs_b + token_starts // BLOCK_M
+        seq_count += ((slot_starts <= slot_idx) & b_mask).to(tl.int32)
+    seq_idx = tl.sum(seq_count, axis=0) - 1
+
+    seq_start = tl.load(cu_seqlens_ptr + seq_idx)
+    seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
+    # Clamped so that a bad key length can neither read past the sequence nor go negative.
+    key_len = tl.minimum(tl.maximum(tl.load(key_lens_ptr + seq_idx), 0), seq_len)
+    m_start = (slot_idx - seq_idx - seq_start // BLOCK_M) * BLOCK_M
+    if m_start >= seq_len:  # the spare slot of this sequence
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    offs_d = tl.arange(0, HEAD_DIM)
+    # Row offsets in int64: T * 3 * HIDDEN passes 2**31 at about 1.9 M tokens.
+    seq_row_offs = seq_start.to(tl.int64) * qkv_row_stride
+    q_col = head_idx * HEAD_DIM
+    k_col = HIDDEN + head_idx * HEAD_DIM
+    v_col = 2 * HIDDEN + head_idx * HEAD_DIM
+
+    q_ptrs = qkv_ptr + seq_row_offs + offs_m[:, None] * qkv_row_stride + q_col + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
+
+    # -inf start is safe: every key step below holds at least one valid key, so the running max
+    # becomes finite at the first step and exp2(-inf - finite) = 0 rescales the empty sums.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for n_start in range(0, key_len, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < key_len
+        # K is loaded as [HEAD_DIM, BLOCK_N] (a transposed view through strides) for q @ k^T.
+        kt_ptrs = (qkv_ptr + seq_row_offs + offs_n[None, :] * qkv_row_stride + k_col
+                   + offs_d[:, None])
+        kt = tl.load(kt_ptrs, mask=n_mask[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v_ptrs = (qkv_ptr + seq_row_offs + offs_n[:, None] * qkv_row_stride + v_col
+                  + offs_d[None, :])
+        v = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # No keys (key_len 0) leaves l_i = 0 and acc = 0: divide by 1 and write zeros, not NaN.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+
+    out_ptrs = (out_ptr + seq_start.to(tl.int64) * out_row_stride + offs_m[:, None] * out_row_stride
+                + q_col + offs_d[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def attention_config(head_dim: int, max_seqlen: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch settings (a fixed heuristic; nothing is autotuned at run time).
+
+    - BLOCK_M (query rows per program): 64 when every sequence fits in 64 tokens (ColBERT
+      queries are 32), else 128 (documents), so short batches waste few rows and long ones
+      reuse each K/V tile across many queries, as FA2's 128-row hdim32 kernels do.
+    - BLOCK_N (keys per step): 64. head_dim 128 in fp32 drops to 32 to bound registers.
+    - num_warps: 4 for 64-row tiles, 8 for 128-row tiles; num_stages 2 (K/V double buffering).
+    Untuned on real hardware so far: the GPU session should sweep BLOCK_M/BLOCK_N/num_warps.
+    """
+    block_m = 64 if max_seqlen <= 64 else 128
+    block_n = 32 if (dtype == torch.float32 and head_dim >= 128) else 64
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": 4 if block_m <= 64 else 8,
+        "num_stages": 2,
+    }
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"varlen_attention: {message}")
+
+
+def varlen_attention(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    key_lens: torch.Tensor,
+    max_seqlen: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention per sequence of a packed batch, keys limited to each sequence's key length.
+
+    qkv: ``[T, 3 * hidden]`` (``hidden = num_heads * head_dim``), columns ``[q | k | v]`` in head
+    order, fp16/bf16/fp32, unit column stride. cu_seqlens: ``[B + 1]`` int32, starting at 0 and
+    ending at T. key_lens: ``[B]`` int32, ``0 <= key_lens[b] <= seq_len[b]`` (values outside are
+    clamped in the kernel; they are not checked on the host, which would need a device sync).
+    max_seqlen: the longest sequence, from host data; it only picks the block sizes. Returns
+    ``[T, hidden]`` in qkv's dtype (written into ``out`` when given).
+    """
+    _check(isinstance(qkv, torch.Tensor) and qkv.dim() == 2, "qkv must be a 2-D tensor [T, 3 * hidden]")
+    _check(qkv.dtype in _DTYPES, f"qkv dtype {qkv.dtype} is not float16, bfloat16 or float32")
+    _check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    _check(isinstance(num_heads, int) and num_heads >= 1, f"num_heads must be a positive int, got {num_heads!r}")
+    hidden = num_heads * head_dim
+    num_tokens = qkv.shape[0]
+    _check(qkv.shape[1] == 3 * hidden,
+           f"qkv has {qkv.shape[1]} columns, expected 3 * {num_heads} heads * {head_dim} = {3 * hidden}")
+    _check(qkv.stride(1) == 1 or qkv.shape[1] == 1, "qkv needs unit stride along columns")
+    for name, lens in (("cu_seqlens", cu_seqlens), ("key_lens", key_lens)):
+        _check(isinstance(lens, torch.Tensor) and lens.dim() == 1 and lens.dtype == torch.int32,
+               f"{name} must be a 1-D int32 tensor")
+        _check(lens.device == qkv.device, f"{name} is on {lens.device}, qkv on {qkv.device}")
+        _check(lens.is_contiguous(), f"{name} must be contiguous")
+    num_seqs = key_lens.shape[0]
+    _check(cu_seqlens.shape[0] == num_seqs + 1,
+           f"cu_seqlens has {cu_seqlens.shape[0]} entries, expected len(key_lens) + 1 = {num_seqs + 1}")
+    _check(isinstance(max_seqlen, (int, np.integer)) and not isinstance(max_seqlen, bool),
+           f"max_seqlen must be a host int (it sizes blocks without a device sync), got {type(max_seqlen)}")
+    max_seqlen = int(max_seqlen)
+    _check(max_seqlen >= 0, f"max_seqlen must be >= 0, got {max_seqlen}")
+    if out is None:
+        out = torch.empty((num_tokens, hidden), dtype=qkv.dtype, device=qkv.device)
+    else:
+        _check(isinstance(out, torch.Tensor) and tuple(out.shape) == (num_tokens, hidden),
+               f"out must have shape {(num_tokens, hidden)}, got {tuple(getattr(out, 'shape', ()))}")
+        _check(out.dtype == qkv.dtype, f"out dtype {out.dtype} differs from qkv dtype {qkv.dtype}")
+        _check(out.device == qkv.device, f"out is on {out.device}, qkv on {qkv.device}")
+        _check(out.stride(1) == 1, "out needs unit stride along columns")
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+
+    config = attention_config(head_dim, max_seqlen, qkv.dtype)
+    # B + T // BLOCK_M slots cover every sequence's query tiles (module docstring).
+    num_slots = num_seqs + num_tokens // config["BLOCK_M"]
+    grid = (num_slots * num_heads,)
+    _varlen_attention_kernel[grid](
+        qkv, cu_seqlens, key_lens, out,
+        num_seqs,
+        _LOG2E / math.sqrt(head_dim),
+        qkv.stride(0), out.stride(0),
+        HIDDEN=hidden, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_B=_BLOCK_B,
+        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out

@@ -1,0 +1,213 @@
+"""Drop-in replacements for PyLate's scoring functions (``pylate.scores`` and ``pylate.rank.rerank``).
+
+Same signatures, same inputs (tensors, numpy arrays, lists), same results, PyLate's semantics
+included: masks are *multiplied into* the similarities, so a masked or padded document slot
+enters the max as 0.0 rather than being excluded, and a masked query row contributes 0.
+
+    - from pylate import rank, scores
+    + from colbert_triton import pylate as rank, pylate as scores
+
+On CPU tensors these run PyLate's own PyTorch formula (chunked over documents so the
+``[A, B, S, T]`` similarity block stays bounded). With ``backend="triton"`` (or on CUDA
+tensors once the Triton scorer is the CUDA default) they run the MaxSim kernel: the masks are
+folded into the rows (the similarity is linear in each row, so multiplying a row by its mask
+equals multiplying its similarities), each document loops to its last unmasked slot only, and
+``pad_floor`` adds the 0.0 that PyLate's trailing padded slots contribute.
+
+``backend`` takes ``None``/``"auto"``, ``"torch"`` or ``"triton"``. The result has PyLate's
+dtype (that of the inputs); the kernel accumulates in float32 before the cast.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import numpy as np
+import torch
+
+from . import scoring
+
+
+class RerankResult(TypedDict):
+    id: int | str
+    score: float
+
+
+def convert_to_tensor(x) -> torch.Tensor:
+    """PyLate's ``utils.convert_to_tensor``: tensors as is, arrays and lists stacked."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, (list, tuple)):
+        if not x:
+            return torch.tensor([], dtype=torch.float32)
+        if isinstance(x[0], np.ndarray):
+            return torch.from_numpy(np.array(x, dtype=np.float32))
+        if isinstance(x[0], (list, float, int)):
+            return torch.tensor(x, dtype=torch.float32)
+        if isinstance(x[0], torch.Tensor):
+            return torch.stack(list(x))
+    raise TypeError(f"cannot convert {type(x).__name__} to a tensor")
+
+
+def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    if backend == "auto":
+        backend = None
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"inputs are on different devices: {device} and {t.device}")
+    return scoring.resolve_backend(device, backend)
+
+
+def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: int, d_dims: int) -> None:
+    if queries.dim() != q_dims or documents.dim() != d_dims:
+        raise ValueError(
+            f"expected queries with {q_dims} dims and documents with {d_dims}, got shapes "
+            f"{tuple(queries.shape)} and {tuple(documents.shape)}"
+        )
+    if queries.shape[-1] != documents.shape[-1]:
+        raise ValueError(
+            f"queries have dim {queries.shape[-1]} but documents have dim {documents.shape[-1]}"
+        )
+    for name, t in (("queries", queries), ("documents", documents)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} embeddings must be floating point, got {t.dtype}")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} embeddings contain NaN or infinite values")
+
+
+def _mask(mask, shape, device, what: str):
+    if mask is None:
+        return None
+    mask = convert_to_tensor(mask).to(device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    return mask
+
+
+def _kernel_documents(documents: torch.Tensor, mask: torch.Tensor | None):
+    """Padded documents [..., T, H] (+ mask [..., T]) as rows, lengths and the zero floor.
+
+    Masked rows are zeroed (their similarity becomes exactly 0, as PyLate's product); each
+    document's loop ends at its last unmasked slot; ``pad_floor`` marks documents that had
+    slots past that point, which in PyLate enter the max as 0.
+    """
+    slots = documents.shape[-2]
+    lead = documents.shape[:-2]
+    starts = torch.arange(documents[..., 0, 0].numel(), device=documents.device).view(lead) * slots
+    if mask is None:
+        return documents.reshape(-1, documents.shape[-1]), starts, torch.full_like(starts, slots), None
+    rows = (documents * mask.to(documents.dtype).unsqueeze(-1)).reshape(-1, documents.shape[-1])
+    positions = torch.arange(1, slots + 1, device=documents.device)
+    lengths = ((mask != 0) * positions).amax(-1) if slots else torch.zeros_like(starts)
+    return rows, starts, lengths, lengths < slots
+
+
+def _pylate_torch(queries, documents, queries_mask, documents_mask, equation: str, chunk: int):
+    """PyLate's formula, chunked over the documents' second axis of the score."""
+    parts = []
+    for lo in range(0, max(documents.shape[-3], 1), chunk):
+        docs = documents[..., lo : lo + chunk, :, :]
+        s = torch.einsum(equation, queries, docs)
+        if queries_mask is not None:
+            s = s * queries_mask.unsqueeze(1).unsqueeze(3)
+        if documents_mask is not None:
+            dm = documents_mask[..., lo : lo + chunk, :]
+            s = s * (dm.unsqueeze(0).unsqueeze(2) if equation == "ash,bth->abst" else dm.unsqueeze(2))
+        parts.append(s.max(axis=-1).values.sum(axis=-1))
+    return torch.cat(parts, 1)
+
+
+def _chunk(queries: torch.Tensor, documents: torch.Tensor, budget: int = 1 << 26) -> int:
+    per_doc = max(1, queries.shape[0] * queries.shape[1] * documents.shape[-2])
+    return max(1, budget // per_doc)
+
+
+def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
+                   backend: str | None = None) -> torch.Tensor:
+    """Queries (A, S, H) x documents (B, T, H) -> (A, B), PyLate semantics."""
+    q = convert_to_tensor(queries_embeddings)
+    d = convert_to_tensor(documents_embeddings)
+    _check_embeddings(q, d, 3, 3)
+    qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
+    dm = _mask(documents_mask, d.shape[:2], d.device, "documents_mask")
+    if _backend(backend, q, d) == "torch":
+        return _pylate_torch(q, d, qm, dm, "ash,bth->abst", _chunk(q, d))
+    if qm is not None:
+        q = q * qm.to(q.dtype).unsqueeze(-1)
+    rows, starts, lengths, floor = _kernel_documents(d, dm)
+    return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
+                          backend="triton").to(torch.result_type(q, d))
+
+
+def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: str | None = None) -> torch.Tensor:
+    """Score of query i against document i -> (N,); each pair may have its own lengths, no masks."""
+    queries = [convert_to_tensor(q) for q in queries_embeddings]
+    documents = [convert_to_tensor(d) for d in documents_embeddings]
+    if len(queries) != len(documents):
+        raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
+    if not queries:
+        raise ValueError("no pairs to score")
+    for q, d in zip(queries, documents):
+        _check_embeddings(q, d, 2, 2)
+    if _backend(backend, queries[0], documents[0]) == "torch":
+        return torch.stack([torch.einsum("sh,th->st", q, d).max(axis=-1).values.sum()
+                            for q, d in zip(queries, documents)])
+    scores = scoring.score_pairwise(queries, documents, backend="triton")
+    return scores.to(torch.result_type(queries[0], documents[0]))
+
+
+def colbert_kd_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
+                      backend: str | None = None) -> torch.Tensor:
+    """Queries (A, S, H) x their own documents (A, N, T, H) -> (A, N), PyLate semantics."""
+    q = convert_to_tensor(queries_embeddings)
+    d = convert_to_tensor(documents_embeddings)
+    _check_embeddings(q, d, 3, 4)
+    if d.shape[0] != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} queries but documents are grouped for {d.shape[0]}")
+    qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
+    dm = _mask(documents_mask, d.shape[:3], d.device, "documents_mask")
+    if _backend(backend, q, d) == "torch":
+        return _pylate_torch(q, d, qm, dm, "ash,abth->abst", _chunk(q, d))
+    if qm is not None:
+        q = q * qm.to(q.dtype).unsqueeze(-1)
+    rows, starts, lengths, floor = _kernel_documents(d, dm)
+    return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
+                          backend="triton").to(torch.result_type(q, d))
+
+
+def _as_query_list(queries) -> list[torch.Tensor]:
+    if isinstance(queries, (torch.Tensor, np.ndarray)):
+        queries = convert_to_tensor(queries)
+        return list(queries.unsqueeze(0) if queries.dim() == 2 else queries)
+    return [convert_to_tensor(q) for q in queries]
+
+
+def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str | None = None):
+    """PyLate's ``rank.rerank``: per query, its candidates sorted by score, best first.
+
+    As in PyLate, each query's candidates are zero-padded to the longest of them and scored
+    without a mask, so a shorter candidate's padded slots enter the max as 0. Ties keep the
+    candidates' given order (a stable sort; PyLate's order for exact ties is unspecified).
+    """
+    queries = _as_query_list(queries_embeddings)
+    if isinstance(documents_embeddings, (torch.Tensor, np.ndarray)):
+        documents_embeddings = list(convert_to_tensor(documents_embeddings))
+    results = []
+    for query, ids, candidates in zip(queries, documents_ids, documents_embeddings):
+        docs = [convert_to_tensor(c) for c in candidates]
+        if len(docs) != len(ids):
+            raise ValueError(f"{len(ids)} document ids but {len(docs)} document embeddings")
+        if not docs:
+            results.append([])
+            continue
+        padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=0)
+        target = device if device is not None else query.device
+        query, padded = query.to(target), padded.to(target)
+        scores = colbert_scores(query.unsqueeze(0), padded)[0]
+        order = torch.sort(scores, descending=True, stable=True)
+        results.append([RerankResult(id=ids[i], score=s)
+                        for i, s in zip(order.indices.tolist(), order.values.cpu().tolist())])
+    return results
