@@ -108,9 +108,11 @@ class ColBERTTokenizer:
                 raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad})") from None
         else:
             from tokenizers.implementations import BertWordPieceTokenizer
+            from tokenizers.models import WordPiece
 
             try:
-                tokenizer = BertWordPieceTokenizer(str(vocab_file), lowercase=lowercase)._tokenizer
+                vocab = WordPiece.read_file(str(vocab_file))
+                tokenizer = BertWordPieceTokenizer(vocab, lowercase=lowercase)._tokenizer
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
         return cls(tokenizer, settings, max_positions)

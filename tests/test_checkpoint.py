@@ -1,0 +1,158 @@
+"""Loading both checkpoint layouts, from a directory or the hub cache, and the errors on bad files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoints import build_pylate, build_stanford
+
+from colbert_triton import CheckpointError, ColBERT
+from colbert_triton.model.checkpoint import load_checkpoint
+
+
+def test_both_layouts_load_the_same_model(stanford_dir, pylate_dir):
+    a, b = load_checkpoint(stanford_dir), load_checkpoint(pylate_dir)
+    assert a.config == b.config
+    assert a.settings == b.settings
+    assert a.settings.query_maxlen == 32 and a.settings.doc_maxlen == 300
+    assert a.settings.query_prefix == "[unused0]" and a.settings.document_prefix == "[unused1]"
+    assert not a.settings.attend_to_mask_tokens
+    assert len(a.settings.skiplist_words) == 32
+    assert torch.equal(a.head_weight, b.head_weight)
+    assert a.encoder_tensors.keys() == b.encoder_tensors.keys()
+    for name in a.encoder_tensors:
+        assert torch.equal(a.encoder_tensors[name], b.encoder_tensors[name]), name
+    assert not any(k.startswith("pooler") for k in a.encoder_tensors)
+
+
+def test_other_depth_and_dim(tmp_path):
+    path = build_stanford(tmp_path / "deep", dim=128, num_layers=12,
+                          metadata={"doc_maxlen": 180, "query_maxlen": 40})
+    model = ColBERT.from_pretrained(path, device="cpu")
+    assert model.dim == 128 and len(model.weights.layers) == 12
+    q = model.encode_queries(["hello"])[0]
+    d = model.encode_documents(["word " * 500])[0]
+    assert q.shape == (40, 128) and d.shape == (180, 128)
+
+
+def test_length_overrides(stanford_dir):
+    model = ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=16, doc_maxlen=20)
+    assert model.encode_queries(["a b c"])[0].shape == (16, 96)
+    assert model.encode_documents(["word " * 100])[0].shape == (20, 96)
+    with pytest.raises(ValueError, match="positions"):
+        ColBERT.from_pretrained(stanford_dir, device="cpu", doc_maxlen=600)
+    with pytest.raises(ValueError, match="room"):
+        ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=2)
+
+
+def test_vocab_txt_fallback_gives_same_tokens(tmp_path, stanford_dir):
+    copy = tmp_path / "vocab_only"
+    shutil.copytree(stanford_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    texts = ["Ça va? Crème brûlée!", "The quick brown fox", ""]
+    a = ColBERT.from_pretrained(stanford_dir, device="cpu").tokenizer.documents(texts)
+    b = ColBERT.from_pretrained(copy, device="cpu").tokenizer.documents(texts)
+    assert all((x == y).all() for x, y in zip(a.sequences, b.sequences))
+
+
+def test_hub_id_through_offline_cache(tmp_path, stanford_dir, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache layout, offline, with a revision."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-colbert"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(stanford_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    model = ColBERT.from_pretrained("someone/tiny-colbert", device="cpu", cache_dir=cache)
+    local = ColBERT.from_pretrained(stanford_dir, device="cpu")
+    texts = ["late interaction"]
+    assert torch.equal(model.encode_queries(texts)[0], local.encode_queries(texts)[0])
+    ColBERT.from_pretrained("someone/tiny-colbert", revision="v1", device="cpu", cache_dir=cache)
+    with pytest.raises(CheckpointError, match="config.json"):
+        ColBERT.from_pretrained("someone/missing-model", device="cpu", cache_dir=cache)
+
+
+def test_missing_local_directory():
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        ColBERT.from_pretrained("./does/not/exist", device="cpu")
+
+
+def _corrupt(tmp_path, stanford_dir, name):
+    copy = tmp_path / name
+    shutil.copytree(stanford_dir, copy)
+    return copy
+
+
+def test_missing_and_malformed_files_are_named(tmp_path, stanford_dir):
+    copy = _corrupt(tmp_path, stanford_dir, "no_config")
+    (copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "bad_json")
+    (copy / "artifact.metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match="artifact.metadata"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "no_weights")
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "bad_weights")
+    (copy / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "dim_mismatch")
+    meta = json.loads((copy / "artifact.metadata").read_text())
+    (copy / "artifact.metadata").write_text(json.dumps({**meta, "dim": 128}))
+    with pytest.raises(CheckpointError, match="dim 128"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "wrong_act")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(CheckpointError, match="hidden_act"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "wrong_layers")
+    (copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
+    with pytest.raises(CheckpointError, match="encoder.layer.6"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_missing_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = build_stanford(tmp_path / "s")
+    state = load_file(str(path / "model.safetensors"))
+    del state["linear.weight"]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="linear.weight"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+    path = build_pylate(tmp_path / "p")
+    (path / "1_Dense" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="1_Dense/model.safetensors"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+    path = build_pylate(tmp_path / "p2")
+    (path / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "sentence_transformers.models.Pooling"}]))
+    with pytest.raises(CheckpointError, match="Pooling"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+
+def test_bad_device_and_dtype(stanford_dir):
+    with pytest.raises(ValueError, match="dtype"):
+        ColBERT.from_pretrained(stanford_dir, device="cpu", dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            ColBERT.from_pretrained(stanford_dir, device="cuda")

@@ -1,0 +1,81 @@
+"""The command line: ranking as JSONL, encoding to safetensors, and its errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from colbert_triton.cli import main
+
+
+@pytest.fixture
+def docs_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    records = [{"id": "eiffel", "text": "The Eiffel Tower is in Paris."},
+               {"id": "banana", "text": "Bananas are a yellow fruit."},
+               {"id": "colbert", "text": "ColBERT scores documents with late interaction."}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_rank_prints_topk_jsonl(stanford_dir, docs_file, tmp_path, capsys, model):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("where is the eiffel tower\n\nyellow fruit\n")
+    code = main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs_file),
+                 "--queries", str(queries), "-k", "2", "--no-progress"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["query_id"] for line in lines] == [0, 1]
+    assert lines[1]["query"] == "yellow fruit"
+    texts = [json.loads(r)["text"] for r in docs_file.read_text().splitlines()]
+    for line in lines:
+        assert [r["rank"] for r in line["results"]] == [1, 2]
+        scores = model.score(model.encode_queries([line["query"]]), model.encode_documents(texts))[0]
+        best = torch.sort(scores, descending=True, stable=True).indices[:2].tolist()
+        assert [r["id"] for r in line["results"]] == [["eiffel", "banana", "colbert"][i] for i in best]
+        assert [r["score"] for r in line["results"]] == pytest.approx(scores[best].tolist(), abs=1e-5)
+
+
+def test_rank_with_inline_queries(stanford_dir, docs_file, capsys):
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs_file),
+                 "--query", "paris", "--query", "fruit", "-k", "10"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and len(lines[0]["results"]) == 3
+
+
+def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, model):
+    out = tmp_path / "emb.safetensors"
+    assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
+                 "--output", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        values, offsets = f.get_tensor("values"), f.get_tensor("offsets")
+        meta = f.metadata()
+    assert json.loads(meta["ids"]) == ["eiffel", "banana", "colbert"]
+    texts = [json.loads(r)["text"] for r in docs_file.read_text().splitlines()]
+    expected = model.encode_documents(texts)
+    assert offsets.tolist()[-1] == values.shape[0] == sum(len(e) for e in expected)
+    torch.testing.assert_close(values, torch.cat(expected))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("", "no documents"),
+    ('{"text": "ok"}\n{broken\n', "docs.jsonl:2: invalid JSON"),
+    ('{"id": 1}\n', 'string "text" field'),
+])
+def test_input_errors(stanford_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "docs.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code = main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(path),
+                 "--query", "x"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_errors(tmp_path, docs_file, capsys):
+    code = main(["rank", "--model", str(tmp_path / "nothing"), "--documents", str(docs_file), "--query", "x"])
+    assert code == 2 and "no such checkpoint directory" in capsys.readouterr().err
+    code = main(["encode", "--model", str(tmp_path), "--input", str(docs_file), "--output", str(tmp_path / "o.st")])
+    assert code == 2 and "config.json" in capsys.readouterr().err

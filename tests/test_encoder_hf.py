@@ -1,0 +1,48 @@
+"""The packed encoder against transformers.BertModel on the same real weights."""
+
+import torch
+from conftest import require_reference
+from texts import DOCUMENTS, QUERIES
+
+from colbert_triton.model.encoder import encode_hidden
+from colbert_triton.model.ops import PackedBatch, TorchOps
+
+
+def _hf_model(path):
+    transformers = require_reference("transformers")
+    return transformers.BertModel.from_pretrained(str(path), attn_implementation="eager").eval()
+
+
+def _compare(model, hf, tokens):
+    batch = PackedBatch.from_sequences(tokens.sequences, tokens.key_lens, "cpu")
+    with torch.inference_mode():
+        ours = encode_hidden(model.weights, batch, TorchOps())
+        ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s) for s in tokens.sequences],
+                                              batch_first=True)
+        length = ids.shape[1]
+        attention = (torch.arange(length)[None, :] < torch.from_numpy(tokens.key_lens)[:, None]).long()
+        ref = hf(input_ids=ids, attention_mask=attention,
+                 token_type_ids=torch.zeros_like(ids)).last_hidden_state
+    starts = batch.cu_seqlens.tolist()
+    for i, n in enumerate(batch.seq_lens_host):
+        torch.testing.assert_close(ours[starts[i] : starts[i] + n], ref[i, :n], atol=2e-5, rtol=1e-5)
+
+
+def test_encoder_matches_bert_model_documents(model, stanford_dir):
+    _compare(model, _hf_model(stanford_dir), model.tokenizer.documents(DOCUMENTS))
+
+
+def test_encoder_matches_bert_model_queries_with_unattended_mask_rows(model, stanford_dir):
+    tokens = model.tokenizer.queries(QUERIES)
+    assert (tokens.key_lens < 32).any()  # [MASK] rows that are computed but not attended to
+    _compare(model, _hf_model(stanford_dir), tokens)
+
+
+def test_deep_checkpoint_matches(tmp_path):
+    from checkpoints import build_stanford
+
+    from colbert_triton import ColBERT
+
+    path = build_stanford(tmp_path / "deep", num_layers=12, dim=128)
+    model = ColBERT.from_pretrained(path, device="cpu")
+    _compare(model, _hf_model(path), model.tokenizer.documents(DOCUMENTS[:6]))

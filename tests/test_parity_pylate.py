@@ -1,0 +1,113 @@
+"""Encoding, scoring and reranking against PyLate 1.6.0 loading the same checkpoint directories."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_reference
+from texts import DOCUMENTS, QUERIES
+
+from colbert_triton import ColBERT, PackedEmbeddings
+
+
+@pytest.fixture(scope="module")
+def pairs(stanford_dir, pylate_dir):
+    models = require_reference("pylate.models")
+    out = {}
+    for name, path in (("stanford", stanford_dir), ("pylate", pylate_dir)):
+        out[name] = (ColBERT.from_pretrained(path, device="cpu"),
+                     models.ColBERT(model_name_or_path=str(path), device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="module", params=["stanford", "pylate"])
+def pair(request, pairs):
+    return pairs[request.param]
+
+
+def test_token_ids_identical(pair):
+    ours, ref = pair
+    for is_query, texts in ((True, QUERIES), (False, DOCUMENTS)):
+        theirs = ref.tokenize(texts, is_query=is_query)
+        mine = ours.tokenizer.queries(texts) if is_query else ours.tokenizer.documents(texts)
+        for i, text in enumerate(texts):
+            attn = theirs["attention_mask"][i].bool()
+            ids = theirs["input_ids"][i]
+            if is_query:
+                expected = ids.tolist()  # all 32 rows, [MASK] expansion included
+                assert mine.key_lens[i] == int(attn.sum()), text
+            else:
+                expected = ids[attn].tolist()
+            assert mine.sequences[i].tolist() == expected, text
+
+
+def test_embeddings_match(pair):
+    ours, ref = pair
+    for is_query, texts in ((True, QUERIES), (False, DOCUMENTS)):
+        theirs = ref.encode(texts, is_query=is_query, batch_size=5)
+        encode = ours.encode_queries if is_query else ours.encode_documents
+        mine = encode(texts, batch_size=3)
+        assert len(mine) == len(theirs)
+        for text, a, b in zip(texts, mine, theirs):
+            b = torch.as_tensor(np.asarray(b))
+            assert a.shape == b.shape, text
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=text)
+
+
+def _assert_same_ranking(mine: list[tuple[int, float]], ids: list, scores: list[float]):
+    """Same scores in the same order; exact ties (the duplicate document) may swap places."""
+    np.testing.assert_allclose([s for _, s in mine], scores, atol=1e-4)
+    for (i, s), (j, t) in zip(mine, zip(ids, scores)):
+        assert i == j or abs(s - t) < 1e-5
+
+
+def test_scores_and_rerank_order_match(pair):
+    """ColBERT.score/rerank (padding excluded) against PyLate scoring each document unpadded."""
+    ours, ref = pair
+    scores_mod = require_reference("pylate.scores")
+    q_ref = ref.encode(QUERIES, is_query=True, convert_to_tensor=False)
+    d_ref = ref.encode(DOCUMENTS, is_query=False, convert_to_tensor=False)
+    q, d = ours.encode_queries(QUERIES), ours.encode_documents(DOCUMENTS, packed=True)
+    mine = ours.score(q, d)
+    theirs = torch.stack([
+        scores_mod.colbert_scores_pairwise([torch.as_tensor(qi)] * len(d_ref),
+                                           [torch.as_tensor(x) for x in d_ref], backend="torch")
+        for qi in q_ref
+    ])
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    for qi in range(len(QUERIES)):
+        order = torch.sort(theirs[qi], descending=True, stable=True)
+        _assert_same_ranking(ours.rerank(q[qi], d), order.indices.tolist(), order.values.tolist())
+
+
+def test_pylate_rerank_semantics_match(pair):
+    """pylate.rank.rerank (zero-padded candidates) against our drop-in, on each side's embeddings."""
+    from colbert_triton import pylate as dropin
+
+    ours, ref = pair
+    rank = require_reference("pylate.rank")
+    q_ref = ref.encode(QUERIES, is_query=True)
+    d_ref = ref.encode(DOCUMENTS, is_query=False)
+    ids = [[f"doc{i}" for i in range(len(DOCUMENTS))]] * len(QUERIES)
+    expected = rank.rerank(ids, q_ref, [d_ref] * len(QUERIES))
+    q, d = ours.encode_queries(QUERIES), ours.encode_documents(DOCUMENTS)
+    got = dropin.rerank(ids, q, [d] * len(QUERIES))
+    for exp, mine in zip(expected, got):
+        index = {f"doc{i}": i for i in range(len(DOCUMENTS))}
+        _assert_same_ranking([(index[r["id"]], r["score"]) for r in mine],
+                             [index[r["id"]] for r in exp], [r["score"] for r in exp])
+
+
+def test_packed_equals_list_and_batching_does_not_matter(model):
+    a = model.encode_documents(DOCUMENTS, batch_size=1)
+    b = model.encode_documents(DOCUMENTS, batch_size=64, packed=True)
+    assert isinstance(b, PackedEmbeddings) and len(b) == len(DOCUMENTS)
+    for x, y in zip(a, b.to_list()):
+        torch.testing.assert_close(x, y, atol=2e-6, rtol=0)
+    assert b.offsets.tolist() == [0] + np.cumsum([len(x) for x in a]).tolist()
+
+
+def test_punctuation_only_document_keeps_special_rows(model):
+    d = model.encode_documents(["...!!!???", ""])
+    assert d[0].shape == (3, 96) and d[1].shape == (3, 96)
+    torch.testing.assert_close(d[0].norm(dim=-1), torch.ones(3))

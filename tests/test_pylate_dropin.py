@@ -1,0 +1,118 @@
+"""colbert_triton.pylate against pylate.scores / pylate.rank, PyLate's zero-padding semantics included."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_reference
+
+from colbert_triton import pylate as dropin
+
+BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("colbert_triton.kernels.maxsim") else [])
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return require_reference("pylate.scores")
+
+
+def _data(seed=0, a=3, b=5, s=6, t=7, h=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(a, s, h, generator=g)
+    d = torch.randn(b, t, h, generator=g)  # unnormalised, many negative similarities
+    return q, d, g
+
+
+def _masks(g, a, s, b, t, kind):
+    if kind == "none":
+        return None, None
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[0] = t
+    dmask = (torch.arange(t)[None] < lengths[:, None]).float()
+    qmask = torch.ones(a, s)
+    qmask[0, -2:] = 0
+    if kind == "interior":
+        dmask[1, 0] = 0
+        dmask[2, ::2] = 0
+    if kind == "float":
+        dmask = dmask * torch.rand(b, t, generator=g)
+        qmask = qmask * 0.5
+    if kind == "bool":
+        return qmask.bool(), dmask.bool()
+    return qmask, dmask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["none", "suffix", "interior", "float", "bool"])
+def test_colbert_scores(ref, backend, kind):
+    q, d, g = _data()
+    qmask, dmask = _masks(g, 3, 6, 5, 7, kind)
+    expected = ref.colbert_scores(q, d, qmask, dmask, backend="torch")
+    got = dropin.colbert_scores(q, d, qmask, dmask, backend=backend)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_colbert_scores_numpy_and_lists(ref, backend):
+    q, d, _ = _data(1)
+    expected = ref.colbert_scores(q, d, backend="torch")
+    torch.testing.assert_close(dropin.colbert_scores(q.numpy(), list(d), backend=backend), expected,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dropin.colbert_scores(list(q.numpy()), d.numpy(), backend=backend),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["none", "suffix", "interior", "float"])
+def test_colbert_kd_scores(ref, backend, kind):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 5, 8, generator=g)
+    d = torch.randn(3, 4, 6, 8, generator=g)
+    qmask, dmask2 = _masks(g, 3, 5, 12, 6, kind)
+    dmask = None if dmask2 is None else dmask2.view(3, 4, 6)
+    expected = ref.colbert_kd_scores(q, d, qmask, dmask, backend="torch")
+    got = dropin.colbert_kd_scores(q, d, qmask, dmask, backend=backend)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_colbert_scores_pairwise(ref, backend):
+    g = torch.Generator().manual_seed(3)
+    qs = [torch.randn(n, 8, generator=g) for n in (4, 1, 6)]
+    ds = [torch.randn(n, 8, generator=g) for n in (3, 9, 1)]
+    expected = ref.colbert_scores_pairwise(qs, ds, backend="torch")
+    torch.testing.assert_close(dropin.colbert_scores_pairwise(qs, ds, backend=backend), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank(backend, monkeypatch):
+    rank = require_reference("pylate.rank")
+    g = torch.Generator().manual_seed(4)
+    queries = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    docs = [[torch.randn(n, 8, generator=g) for n in lengths] for lengths in ([3, 7, 1], [2], [4, 4, 9, 2])]
+    ids = [["a", "b", "c"], [10], ["w", "x", "y", "z"]]
+    expected = rank.rerank(ids, queries, docs)
+    if backend == "triton":
+        monkeypatch.setattr("colbert_triton.scoring.CUDA_DEFAULT_BACKEND", "triton")
+        monkeypatch.setattr(dropin, "_backend", lambda backend, *t: "triton")
+    got = dropin.rerank(ids, queries, docs)
+    for exp, mine in zip(expected, got):
+        assert [r["id"] for r in mine] == [r["id"] for r in exp]
+        np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in exp], atol=1e-5)
+
+
+def test_errors():
+    q, d, _ = _data()
+    with pytest.raises(ValueError, match="dim"):
+        dropin.colbert_scores(q, d[..., :8])
+    with pytest.raises(ValueError, match="documents_mask has shape"):
+        dropin.colbert_scores(q, d, documents_mask=torch.ones(5, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        dropin.colbert_scores(q, d.masked_fill(d > 2, float("nan")))
+    with pytest.raises(ValueError, match="backend must be"):
+        dropin.colbert_scores(q, d, backend="flash")
+    with pytest.raises(ValueError, match="document ids"):
+        dropin.rerank([["a"]], [q[0]], [[d[0], d[1]]])

@@ -1,0 +1,170 @@
+"""The public scoring API (all pairs, candidates, pairs, search, rerank) against an fp64 reference."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from colbert_triton import PackedEmbeddings, rerank, score, score_candidates, score_pairwise, search
+from colbert_triton.scoring import maxsim_torch
+
+BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("colbert_triton.kernels.maxsim") else [])
+
+
+def reference(queries, documents):
+    """Σ_i max_j <q_i, d_j> in float64; an empty document scores 0."""
+    out = torch.zeros(len(queries), len(documents), dtype=torch.float64)
+    for a, q in enumerate(queries):
+        for b, d in enumerate(documents):
+            if len(d):
+                out[a, b] = (q.double() @ d.double().T).max(1).values.sum()
+    return out
+
+
+def random_docs(generator, lengths, dim, dtype=torch.float32):
+    return [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(dtype)
+            for n in lengths]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [32, 96, 128])
+def test_all_pairs_forms_agree_with_reference(gen, backend, dim):
+    queries = random_docs(gen, [32, 32, 32, 32, 32], dim)
+    docs = random_docs(gen, [1, 7, 0, 33, 20, 64, 5], dim)
+    expected = reference(queries, docs).float()
+    q = torch.stack(queries)
+    as_list = score(q, docs, backend=backend)
+    torch.testing.assert_close(as_list, expected, atol=1e-4, rtol=1e-5)
+    packed = score(q, PackedEmbeddings.from_list(docs), backend=backend)
+    torch.testing.assert_close(packed, expected, atol=1e-4, rtol=1e-5)
+    padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=7.0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(d)) for d in docs], batch_first=True)
+    torch.testing.assert_close(score(q, padded, documents_mask=mask, backend=backend), expected,
+                               atol=1e-4, rtol=1e-5)
+    assert as_list.dtype == torch.float32 and as_list.shape == (5, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_masks_and_ragged_queries(gen, backend):
+    docs = random_docs(gen, [4, 9], 96)
+    queries = random_docs(gen, [3, 32, 1], 96)
+    expected = reference(queries, docs).float()
+    torch.testing.assert_close(score(queries, docs, backend=backend), expected, atol=1e-4, rtol=1e-5)
+    padded = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True, padding_value=5.0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(q)) for q in queries], batch_first=True)
+    torch.testing.assert_close(score(padded, docs, queries_mask=mask, backend=backend), expected,
+                               atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_similarities_are_not_clamped(gen, backend):
+    q = torch.tensor([[[1.0, 0.0]]])
+    docs = [torch.tensor([[-1.0, 0.0], [-0.5, 0.0]]), torch.tensor([[-1.0, 0.0]])]
+    out = score(q, docs, backend=backend)
+    torch.testing.assert_close(out, torch.tensor([[-0.5, -1.0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_candidates_and_pairwise(gen, backend):
+    corpus = random_docs(gen, [5, 0, 12, 3, 8, 1], 64)
+    queries = random_docs(gen, [32, 32, 32], 64)
+    full = reference(queries, corpus).float()
+    cand = torch.tensor([[0, 2, 5], [4, 4, 1], [3, -1, 0]])
+    got = score_candidates(queries, PackedEmbeddings.from_list(corpus), cand, backend=backend)
+    expected = full.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    pairs = score_pairwise(queries, corpus[:3], backend=backend)
+    torch.testing.assert_close(pairs, full[[0, 1, 2], [0, 1, 2]], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_search_equals_full_sort_with_ties(gen, backend, chunk_size):
+    base = random_docs(gen, [3, 6, 2, 9, 4], 32)
+    corpus = base + [base[1].clone(), base[3].clone(), base[1].clone(), torch.zeros(0, 32)]
+    queries = random_docs(gen, [8, 8], 32)
+    exact = reference(queries, corpus)
+    for k in (1, 3, 9, 50):
+        scores, index = search(queries, PackedEmbeddings.from_list(corpus), k, chunk_size=chunk_size,
+                               backend=backend)
+        kk = min(k, len(corpus))
+        for qi in range(len(queries)):
+            # Full sort: score descending, ties by lower index.
+            order = sorted(range(len(corpus)), key=lambda j: (-round(exact[qi, j].item(), 4), j))[:kk]
+            assert index[qi].tolist() == order
+            torch.testing.assert_close(scores[qi], exact[qi, order].float(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank_orders_best_first(gen, backend):
+    docs = random_docs(gen, [4, 4, 10, 2], 96)
+    query = random_docs(gen, [32], 96)[0]
+    ranked = rerank(query, docs + [docs[0].clone()], backend=backend)
+    exact = reference([query], docs + [docs[0]])[0]
+    assert [i for i, _ in ranked] == sorted(range(5), key=lambda j: (-round(exact[j].item(), 4), j))
+    assert rerank(query, docs, k=2, backend=backend) == ranked[:2]
+
+
+def test_numpy_inputs(gen):
+    docs = [d.numpy() for d in random_docs(gen, [3, 5], 16)]
+    queries = np.stack([q.numpy() for q in random_docs(gen, [4, 4], 16)])
+    out = score(queries, docs)
+    torch.testing.assert_close(out, reference(torch.from_numpy(queries), [torch.from_numpy(d) for d in docs]).float())
+
+
+def test_bad_inputs_get_clear_errors(gen):
+    docs = random_docs(gen, [3, 4], 16)
+    q = random_docs(gen, [4], 16)
+    with pytest.raises(ValueError, match="dim"):
+        score(random_docs(gen, [4], 8), docs)
+    with pytest.raises(TypeError, match="cast one side"):
+        score([q[0].half()], docs)
+    with pytest.raises(TypeError, match="documents\\[1\\] is torch.float16"):
+        score(q, [docs[0], docs[1].half()])
+    with pytest.raises(ValueError, match="NaN"):
+        score(q, [docs[0], torch.full((2, 16), float("nan"))])
+    with pytest.raises(ValueError, match="NaN"):
+        score([torch.full((2, 16), float("inf"))], docs)
+    with pytest.raises(ValueError, match="empty"):
+        score(q, [])
+    with pytest.raises(TypeError, match="floating point"):
+        score(q, [torch.ones(2, 16, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+        score(q, ["text"])
+    with pytest.raises(ValueError, match="k must be"):
+        search(q, docs, 0)
+    with pytest.raises(ValueError, match="candidate indices"):
+        score_candidates(q, docs, [[0, 2]])
+    with pytest.raises(ValueError, match="length mask"):
+        score(q, torch.stack([docs[1], docs[1]]), documents_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="pairs need equal counts"):
+        score_pairwise(q, docs)
+    with pytest.raises(ValueError, match="Triton backend needs CUDA"):
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("Triton backend needs CUDA (skipped: interpreter on)")
+        score(q, docs, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        score(q, docs, backend="cuda")
+
+
+def test_torch_maxsim_chunks_do_not_change_results(gen):
+    queries = torch.stack(random_docs(gen, [8] * 3, 16))
+    docs = random_docs(gen, [5, 9, 0, 2, 7, 3], 16)
+    packed = PackedEmbeddings.from_list(docs)
+    whole = maxsim_torch(queries, packed.values, packed.starts, packed.lengths)
+    tiny = maxsim_torch(queries, packed.values, packed.starts, packed.lengths, budget_elements=1)
+    torch.testing.assert_close(whole, tiny)
+    floor = torch.tensor([True, False, True, False, True, False])
+    floored = maxsim_torch(queries, packed.values, packed.starts, packed.lengths, pad_floor=floor)
+    expected = torch.stack([
+        torch.stack([(q @ d.T).max(1).values.clamp(min=0 if f else -9).sum() if len(d) else torch.tensor(0.0)
+                     for d, f in zip(docs, floor)]) for q in queries])
+    torch.testing.assert_close(floored, expected, atol=1e-5, rtol=1e-5)
