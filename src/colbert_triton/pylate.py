@@ -125,21 +125,26 @@ def _chunk(queries: torch.Tensor, documents: torch.Tensor, budget: int = 1 << 26
     return max(1, budget // per_doc)
 
 
+def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -> torch.Tensor:
+    """PyLate's masked MaxSim for padded documents [B, T, H] or per-query groups [A, N, T, H]."""
+    qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
+    dm = _mask(documents_mask, d.shape[:-1], d.device, "documents_mask")
+    if _backend(backend, q, d) == "torch":
+        return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
+    if qm is not None:
+        q = q * qm.to(q.dtype).unsqueeze(-1)
+    rows, starts, lengths, floor = _kernel_documents(d, dm)
+    return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
+                          backend="triton").to(torch.result_type(q, d))
+
+
 def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
                    backend: str | None = None) -> torch.Tensor:
     """Queries (A, S, H) x documents (B, T, H) -> (A, B), PyLate semantics."""
     q = convert_to_tensor(queries_embeddings)
     d = convert_to_tensor(documents_embeddings)
     _check_embeddings(q, d, 3, 3)
-    qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
-    dm = _mask(documents_mask, d.shape[:2], d.device, "documents_mask")
-    if _backend(backend, q, d) == "torch":
-        return _pylate_torch(q, d, qm, dm, "ash,bth->abst", _chunk(q, d))
-    if qm is not None:
-        q = q * qm.to(q.dtype).unsqueeze(-1)
-    rows, starts, lengths, floor = _kernel_documents(d, dm)
-    return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
-                          backend="triton").to(torch.result_type(q, d))
+    return _masked_scores(q, d, queries_mask, documents_mask, "ash,bth->abst", backend)
 
 
 def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: str | None = None) -> torch.Tensor:
@@ -167,15 +172,7 @@ def colbert_kd_scores(queries_embeddings, documents_embeddings, queries_mask=Non
     _check_embeddings(q, d, 3, 4)
     if d.shape[0] != q.shape[0]:
         raise ValueError(f"{q.shape[0]} queries but documents are grouped for {d.shape[0]}")
-    qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
-    dm = _mask(documents_mask, d.shape[:3], d.device, "documents_mask")
-    if _backend(backend, q, d) == "torch":
-        return _pylate_torch(q, d, qm, dm, "ash,abth->abst", _chunk(q, d))
-    if qm is not None:
-        q = q * qm.to(q.dtype).unsqueeze(-1)
-    rows, starts, lengths, floor = _kernel_documents(d, dm)
-    return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
-                          backend="triton").to(torch.result_type(q, d))
+    return _masked_scores(q, d, queries_mask, documents_mask, "ash,abth->abst", backend)
 
 
 def _as_query_list(queries) -> list[torch.Tensor]:
