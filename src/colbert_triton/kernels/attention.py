@@ -14,20 +14,21 @@ values: a ColBERT query's [MASK] expansion rows are computed without being atten
 bound comes from the length arrays, so no mask tensor is read; a sequence with
 ``key_lens[b] == 0`` gets zero rows, never NaN.
 
-Grid: one program per (query tile, head), with no program spent on padding. Query tiles of
-``BLOCK_M`` rows never straddle two sequences. Sequence ``b`` is given the tile *slots*
-``[b + cu[b] // BLOCK_M, b + 1 + cu[b + 1] // BLOCK_M)``: that range is never shorter than the
-``cdiv(len_b, BLOCK_M)`` tiles the sequence needs, at most one longer, and the ranges of
-consecutive sequences abut. So the whole batch needs exactly ``B + T // BLOCK_M`` slots, a number
-the host knows from the tensor shapes alone (no device->host sync), and a program finds its
-sequence by counting the slot starts at or below its own slot, one vectorised pass over
-``cu_seqlens`` (no tile table to build or launch). At most one slot per sequence is empty; its
-programs return right after that lookup.
+Grid: one program per (query tile, head), with no program spent on padding rows. Query tiles
+of ``BLOCK_M`` rows never straddle two sequences; sequence ``b`` has ``cdiv(len_b, BLOCK_M)`` of
+them. Each program finds its (sequence, tile) pair itself: it rebuilds the prefix sum of the
+per-sequence tile counts from ``cu_seqlens`` with one vectorised scan per 1024 sequences, so there
+is no tile table to build, store or launch a kernel for. The host cannot know the exact tile count
+without a device->host sync, so the grid is the tightest bound it knows from the shapes and
+``max_seqlen``: ``min((T + B * (BLOCK_M - 1)) // BLOCK_M, B * cdiv(max_seqlen, BLOCK_M))``. It is
+exact for batches of equal lengths (ColBERT queries: 32 rows, one tile each) and about B / 2
+tiles too many for mixed documents; the surplus programs return right after the lookup.
 
 Inside a program: the standard FlashAttention-2 forward (Triton tutorial 06), keys in tiles of
 ``BLOCK_N``, running max and sum in fp32, ``exp2`` with ``log2(e) / sqrt(head_dim)`` folded into
-one scale. The tutorial's ``BLOCK_N <= HEAD_DIM`` assertion comes from its pipelined Hopper
-variants; this kernel has no such limit and uses 64-key tiles at head_dim 32.
+one scale. The tutorial asserts ``BLOCK_N <= HEAD_DIM``; that is a property of its configurations,
+not of the algorithm: this kernel uses 64-key tiles at head_dim 32 (every configuration of
+``attention_config`` compiles for sm_90 without register spills).
 
 Precision: fp16/bf16 operands with fp32 accumulation; the probabilities are rounded to the
 operand dtype for the P @ V product, as in every flash-attention kernel. fp32 operands use
@@ -49,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["varlen_attention", "attention_config"]
+__all__ = ["varlen_attention", "attention_config", "query_tile_bound"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,32 +106,41 @@ def _varlen_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
-    BLOCK_B: tl.constexpr,  # sequences scanned per step of the slot lookup
+    BLOCK_B: tl.constexpr,  # sequences scanned per step of the tile lookup
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands, "tf32" (unused) for 16-bit ones
 ):
     # Heads vary fastest, so the programs of one query tile run side by side and share its
     # qkv rows in L2.
     pid = tl.program_id(0)
     head_idx = pid % NUM_HEADS
-    slot_idx = pid // NUM_HEADS
+    tile_idx = pid // NUM_HEADS
 
-    # Sequence b owns the slots starting at b + cu[b] // BLOCK_M; these starts strictly increase,
-    # so this program's sequence is (number of starts <= slot_idx) - 1.
-    seq_count = tl.zeros([BLOCK_B], dtype=tl.int32)
+    # Query tile t belongs to the sequence b with first_tile[b] <= t < first_tile[b + 1], where
+    # first_tile is the exclusive prefix sum of cdiv(len_b, BLOCK_M). Each program rebuilds that
+    # prefix sum from cu_seqlens, BLOCK_B sequences per vectorised scan. first_tile never
+    # decreases, so the owner is the last sequence whose first tile is <= t.
+    owners = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: sequences starting at or before t
+    owner_first = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: the latest such first tile
+    tiles_before = tl.sum(owners, axis=0)  # a scalar 0, typed for the loop-carried sum
     for b_start in range(0, num_seqs, BLOCK_B):
         offs_b = b_start + tl.arange(0, BLOCK_B)
         b_mask = offs_b < num_seqs
         token_starts = tl.load(cu_seqlens_ptr + offs_b, mask=b_mask, other=0)
-        slot_starts = offs_b + token_starts // BLOCK_M
-        seq_count += ((slot_starts <= slot_idx) & b_mask).to(tl.int32)
-    seq_idx = tl.sum(seq_count, axis=0) - 1
+        token_ends = tl.load(cu_seqlens_ptr + offs_b + 1, mask=b_mask, other=0)
+        tiles = (token_ends - token_starts + BLOCK_M - 1) // BLOCK_M
+        first_tile = tiles_before + tl.cumsum(tiles, axis=0) - tiles
+        owns = b_mask & (first_tile <= tile_idx)
+        owners += owns.to(tl.int32)
+        owner_first = tl.maximum(owner_first, tl.where(owns, first_tile, 0))
+        tiles_before += tl.sum(tiles, axis=0)
+    seq_idx = tl.sum(owners, axis=0) - 1
 
     seq_start = tl.load(cu_seqlens_ptr + seq_idx)
     seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
     # Clamped so that a bad key length can neither read past the sequence nor go negative.
     key_len = tl.minimum(tl.maximum(tl.load(key_lens_ptr + seq_idx), 0), seq_len)
-    m_start = (slot_idx - seq_idx - seq_start // BLOCK_M) * BLOCK_M
-    if m_start >= seq_len:  # the spare slot of this sequence
+    m_start = (tile_idx - tl.max(owner_first, axis=0)) * BLOCK_M
+    if m_start >= seq_len:  # past the batch's last tile: the grid is an upper bound
         return
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -185,21 +195,32 @@ def _varlen_attention_kernel(
 def attention_config(head_dim: int, max_seqlen: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch settings (a fixed heuristic; nothing is autotuned at run time).
 
+    16-bit operands:
     - BLOCK_M (query rows per program): 64 when every sequence fits in 64 tokens (ColBERT
-      queries are 32), else 128 (documents), so short batches waste few rows and long ones
-      reuse each K/V tile across many queries, as FA2's 128-row hdim32 kernels do.
-    - BLOCK_N (keys per step): 64. head_dim 128 in fp32 drops to 32 to bound registers.
-    - num_warps: 4 for 64-row tiles, 8 for 128-row tiles; num_stages 2 (K/V double buffering).
-    Untuned on real hardware so far: the GPU session should sweep BLOCK_M/BLOCK_N/num_warps.
+      queries are 32), else 128 (documents): short batches waste few rows, long ones reuse each
+      K/V tile across more queries, as FA2's 128-row hdim32 kernels do. head_dim 128 stays at 64.
+    - BLOCK_N (keys per step): 64. num_warps: 4 for 64-row tiles, 8 for 128-row tiles and for
+      head_dim 128. num_stages 2 (K/V double buffering).
+    fp32 operands (reference precision, not a fast path): 32 x 32 tiles.
+    Every choice compiles for sm_90 without register spills (ptxas, Triton 3.6); none has been
+    timed on hardware yet: the GPU session should sweep BLOCK_M/BLOCK_N/num_warps.
     """
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8 if head_dim >= 64 else 4, "num_stages": 2}
+    if head_dim >= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     block_m = 64 if max_seqlen <= 64 else 128
-    block_n = 32 if (dtype == torch.float32 and head_dim >= 128) else 64
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "num_warps": 4 if block_m <= 64 else 8,
-        "num_stages": 2,
-    }
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4 if block_m == 64 else 8, "num_stages": 2}
+
+
+def query_tile_bound(num_tokens: int, num_seqs: int, max_seqlen: int, block_m: int) -> int:
+    """An upper bound on ``sum_b cdiv(len_b, block_m)`` from host-known numbers only.
+
+    ``sum_b cdiv(len_b, m) <= (T + B * (m - 1)) // m`` (each ceiling adds less than one tile) and
+    ``<= B * cdiv(max_seqlen, m)``; the second is exact when all lengths are equal.
+    """
+    return min((num_tokens + num_seqs * (block_m - 1)) // block_m,
+               num_seqs * triton.cdiv(max_seqlen, block_m))
 
 
 def _check(cond: bool, message: str) -> None:
@@ -223,7 +244,8 @@ def varlen_attention(
     order, fp16/bf16/fp32, unit column stride. cu_seqlens: ``[B + 1]`` int32, starting at 0 and
     ending at T. key_lens: ``[B]`` int32, ``0 <= key_lens[b] <= seq_len[b]`` (values outside are
     clamped in the kernel; they are not checked on the host, which would need a device sync).
-    max_seqlen: the longest sequence, from host data; it only picks the block sizes. Returns
+    max_seqlen: the longest sequence length, from host data (never read back from the device); it
+    picks the block sizes and bounds the grid, so it must not be smaller than the truth. Returns
     ``[T, hidden]`` in qkv's dtype (written into ``out`` when given).
     """
     _check(isinstance(qkv, torch.Tensor) and qkv.dim() == 2, "qkv must be a 2-D tensor [T, 3 * hidden]")
@@ -255,13 +277,15 @@ def varlen_attention(
         _check(out.dtype == qkv.dtype, f"out dtype {out.dtype} differs from qkv dtype {qkv.dtype}")
         _check(out.device == qkv.device, f"out is on {out.device}, qkv on {qkv.device}")
         _check(out.stride(1) == 1, "out needs unit stride along columns")
-    if num_tokens == 0 or num_seqs == 0:
+    if num_tokens == 0:
         return out
+    _check(num_seqs > 0, f"qkv has {num_tokens} rows but cu_seqlens describes no sequence")
 
     config = attention_config(head_dim, max_seqlen, qkv.dtype)
-    # B + T // BLOCK_M slots cover every sequence's query tiles (module docstring).
-    num_slots = num_seqs + num_tokens // config["BLOCK_M"]
-    grid = (num_slots * num_heads,)
+    num_tiles = query_tile_bound(num_tokens, num_seqs, max_seqlen, config["BLOCK_M"])
+    if num_tiles == 0:
+        return out
+    grid = (num_tiles * num_heads,)
     _varlen_attention_kernel[grid](
         qkv, cu_seqlens, key_lens, out,
         num_seqs,
