@@ -1,0 +1,305 @@
+"""Batched MaxSim: our Triton kernel against eager PyTorch, PyLate and the Triton peers.
+
+One run compares, per shape, every implementation that is installed:
+
+- ``ours``: `colbert_triton.kernels.maxsim.maxsim` on the packed corpus (rows + starts/lengths).
+- ``eager``: a careful eager PyTorch implementation on padded documents: one matmul per chunk
+  of documents in the input dtype, padded slots filled with -inf, max, sum in fp32.
+- ``pylate``: `pylate.scores.colbert_scores(..., backend="torch")` (einsum, masks multiplied in),
+  called on document chunks so its ``[Q, N, Lq, Ld]`` similarity tensor fits in memory.
+- ``flash-maxsim`` 0.3.0: `flash_maxsim_batched` (padded documents + lengths; ``shared_docs=False``
+  with per-query gathered documents in candidate mode), and for single queries
+  `flash_maxsim_rerank` on the packed corpus (its zero-copy rerank path; it converts bf16
+  documents to fp16 inside the call, which counts against it).
+- ``lik``: late-interaction-kernels 0.4.5 `maxsim` (no argmax saved without gradients) on padded
+  documents with a bool mask (4-D documents in candidate mode), and `maxsim_varlen` on the
+  packed corpus for variable lengths.
+
+Inputs of every implementation (padding, packing, masks, gathered candidates) are prepared
+outside the timed call, and every implementation's scores are checked against ours once before
+it is timed. Floors: FLOPs = 2 Q Lq sum(Ld) d, bytes = document bytes + query bytes + 4 Q N.
+Without CUDA the whole module is skipped (bench/conftest.py); it still imports and collects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from common import floor_ms
+
+from colbert_triton.kernels.maxsim import maxsim
+
+SUITE = "maxsim"
+QUERY_LEN = 32
+DEVICE = "cuda"  # a module constant so the preparation code can be dry-run on the CPU
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    num_queries: int
+    num_docs: int  # corpus size (all pairs) or candidates per query (candidate mode)
+    min_len: int
+    max_len: int
+    dim: int
+    dtype: torch.dtype
+    candidates: bool = False
+    corpus: int = 0  # corpus the candidates are drawn from
+
+    @property
+    def lens(self) -> str:
+        same = self.min_len == self.max_len
+        return str(self.max_len) if same else f"{self.min_len}-{self.max_len}"
+
+    @property
+    def ident(self) -> str:
+        kind = f"K{self.num_docs}" if self.candidates else f"N{self.num_docs}"
+        dt = {torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        return f"{self.name}-Q{self.num_queries}-{kind}-Ld{self.lens}-d{self.dim}-{dt}"
+
+    @property
+    def label(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        docs = (f"{self.num_docs} own candidates of {self.corpus}" if self.candidates
+                else f"{self.num_docs}")
+        return (f"{self.name}: Q{self.num_queries} x N{docs} x Ld {self.lens}, Lq{QUERY_LEN}, "
+                f"d{self.dim}, {dt}")
+
+
+def _cases():
+    shapes = [
+        ("rerank", 1, 1_000, 300, 300, False, 0),
+        ("rerank-varlen", 1, 1_000, 20, 300, False, 0),
+        ("batch", 32, 1_000, 300, 300, False, 0),
+        ("batch", 64, 10_000, 300, 300, False, 0),
+        ("batch-varlen", 64, 10_000, 20, 300, False, 0),
+        ("candidates", 64, 100, 20, 300, True, 10_000),
+    ]
+    for dtype in (torch.float16, torch.bfloat16):
+        for dim in (96, 128):
+            for name, q, n, lo, hi, cand, corpus in shapes:
+                yield Case(name, q, n, lo, hi, dim, dtype, cand, corpus)
+
+
+CASES = list(_cases())
+IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data (built once per case, on the GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    queries: torch.Tensor  # [Q, Lq, d]
+    values: torch.Tensor  # packed corpus [T, d]
+    starts: torch.Tensor  # [N] int64 (corpus)
+    lengths: torch.Tensor  # [N] int64
+    padded: torch.Tensor  # [N, Lmax, d]
+    mask: torch.Tensor  # [N, Lmax] bool
+    pick: torch.Tensor | None  # [Q, K] candidate ids (candidate mode)
+    reference: torch.Tensor  # fp32 scores from the eager path on upcast inputs
+
+
+_DATA: dict[Case, Data] = {}
+
+
+def _unit(*shape, dtype, gen):
+    x = torch.randn(*shape, device=DEVICE, generator=gen)
+    return (x / x.norm(dim=-1, keepdim=True)).to(dtype)
+
+
+def get_data(case: Case) -> Data:
+    if case in _DATA:
+        return _DATA[case]
+    _DATA.clear()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    corpus = case.corpus if case.candidates else case.num_docs
+    lengths = torch.randint(case.min_len, case.max_len + 1, (corpus,), device=DEVICE, generator=gen)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    values = _unit(total, case.dim, dtype=case.dtype, gen=gen)
+    positions = torch.arange(case.max_len, device=DEVICE)
+    mask = positions < lengths[:, None]
+    padded = torch.zeros(corpus, case.max_len, case.dim, device=DEVICE, dtype=case.dtype)
+    padded[mask] = values
+    queries = _unit(case.num_queries, QUERY_LEN, case.dim, dtype=case.dtype, gen=gen)
+    pick = None
+    if case.candidates:
+        pick = torch.randint(0, corpus, (case.num_queries, case.num_docs), device=DEVICE,
+                             generator=gen)
+    full = eager_all_pairs(queries.float(), padded.float(), mask)
+    reference = torch.gather(full, 1, pick) if pick is not None else full
+    _DATA[case] = Data(queries, values, starts, lengths, padded, mask, pick, reference)
+    return _DATA[case]
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager PyTorch baseline
+# ----------------------------------------------------------------------------------------------
+
+
+def eager_all_pairs(queries, padded, mask, budget=1 << 28):
+    """[Q, N] scores: per chunk of documents one matmul, -inf on padded slots, max, fp32 sum."""
+    num_q, len_q, dim = queries.shape
+    num_docs, max_len, _ = padded.shape
+    q = queries.reshape(num_q * len_q, dim)
+    out = torch.empty(num_q, num_docs, device=queries.device, dtype=torch.float32)
+    step = max(1, budget // (num_q * len_q * max_len))
+    for lo in range(0, num_docs, step):
+        hi = min(num_docs, lo + step)
+        sim = (q @ padded[lo:hi].reshape(-1, dim).T).view(num_q, len_q, hi - lo, max_len)
+        sim = sim.masked_fill(~mask[lo:hi][None, None], float("-inf"))
+        out[:, lo:hi] = sim.amax(-1).float().sum(1)
+    return out
+
+
+def eager_candidates(queries, cand_padded, cand_mask):
+    """[Q, K] scores of each query against its own gathered [K, Lmax, d] candidates."""
+    sim = torch.einsum("qid,qkjd->qkij", queries, cand_padded)
+    sim = sim.masked_fill(~cand_mask[:, :, None, :], float("-inf"))
+    return sim.amax(-1).float().sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations: each returns a zero-argument callable (inputs prepared here, not timed)
+# ----------------------------------------------------------------------------------------------
+
+
+def _import(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.skip(f"{module} is not installed here ({exc})")
+
+
+def prepare(impl: str, case: Case, data: Data):
+    q = data.queries
+    varlen = case.min_len != case.max_len
+    if impl == "ours":
+        if case.candidates:
+            starts, lengths = data.starts[data.pick], data.lengths[data.pick]
+        else:
+            starts, lengths = data.starts, data.lengths
+        out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
+        return lambda: maxsim(q, data.values, starts, lengths, out=out)
+
+    if impl == "eager":
+        if case.candidates:
+            cand, cand_mask = data.padded[data.pick], data.mask[data.pick]
+            return lambda: eager_candidates(q, cand, cand_mask)
+        return lambda: eager_all_pairs(q, data.padded, data.mask)
+
+    if impl == "pylate":
+        scores = _import("pylate.scores")
+        if case.candidates:
+            cand, cand_mask = data.padded[data.pick], data.mask[data.pick].to(q.dtype)
+            kd = scores.colbert_kd_scores
+            return lambda: kd(q, cand, documents_mask=cand_mask)
+        doc_mask = data.mask.to(q.dtype)
+        # colbert_scores materialises [Q, N, Lq, Ld] (plus a masked copy): chunk the documents.
+        step = max(1, (1 << 28) // (case.num_queries * QUERY_LEN * case.max_len))
+
+        def run():
+            return torch.cat([
+                scores.colbert_scores(q, data.padded[lo:lo + step],
+                                      documents_mask=doc_mask[lo:lo + step], backend="torch")
+                for lo in range(0, case.num_docs, step)], dim=1)
+        return run
+
+    if impl == "flash-maxsim":
+        fm = _import("flash_maxsim")
+        if case.candidates:
+            cand = data.padded[data.pick].contiguous()  # [Q, K, Lmax, d]
+            lens = data.lengths[data.pick].reshape(-1).to(torch.int32).contiguous()
+            return lambda: fm.flash_maxsim_batched(q, cand, doc_lengths=lens, shared_docs=False)
+        lens = data.lengths.to(torch.int32)
+        return lambda: fm.flash_maxsim_batched(q, data.padded, doc_lengths=lens, shared_docs=True)
+
+    if impl == "flash-maxsim-rerank":
+        if case.num_queries != 1 or case.candidates:
+            pytest.skip("flash_maxsim_rerank scores a single query")
+        fm = _import("flash_maxsim")
+        cu = torch.zeros(case.num_docs + 1, device=DEVICE, dtype=torch.int32)
+        cu[1:] = torch.cumsum(data.lengths, 0)
+        max_len = int(data.lengths.max())
+        return lambda: fm.flash_maxsim_rerank(q[0], data.values, cu, max_len)[None]
+
+    if impl == "lik":
+        lik = _import("late_interaction_kernels")
+        if case.candidates:
+            cand, cand_mask = data.padded[data.pick].contiguous(), data.mask[data.pick].contiguous()
+            return lambda: lik.maxsim(q, cand, d_mask=cand_mask)
+        return lambda: lik.maxsim(q, data.padded, d_mask=data.mask)
+
+    if impl == "lik-varlen":
+        if not varlen or case.candidates:
+            pytest.skip("maxsim_varlen is the packed-corpus entry point: variable lengths only")
+        lik = _import("late_interaction_kernels")
+        q_packed = q.reshape(-1, case.dim)
+        cu_q = torch.arange(0, case.num_queries + 1, device=DEVICE, dtype=torch.int32) * QUERY_LEN
+        cu_d = torch.zeros(case.num_docs + 1, device=DEVICE, dtype=torch.int32)
+        cu_d[1:] = torch.cumsum(data.lengths, 0)
+        max_len = int(data.lengths.max())
+        return lambda: lik.maxsim_varlen(q_packed, data.values, cu_q, cu_d, QUERY_LEN, max_len)
+
+    raise ValueError(impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def floors(case: Case, data: Data):
+    elem = data.queries.element_size()
+    if case.candidates:
+        doc_rows = int(data.lengths[data.pick].sum())
+        pairs = case.num_queries * case.num_docs
+        flops = 2 * QUERY_LEN * doc_rows * case.dim  # each query against its own rows
+    else:
+        doc_rows = int(data.lengths.sum())
+        pairs = case.num_queries * case.num_docs
+        flops = 2 * case.num_queries * QUERY_LEN * doc_rows * case.dim
+    bytes_moved = (doc_rows * case.dim * elem + case.num_queries * QUERY_LEN * case.dim * elem
+                   + 4 * pairs)
+    return floor_ms(flops=flops, bytes_moved=bytes_moved)
+
+
+def checked(impl: str, case: Case, data: Data):
+    """The implementation's callable, after one run checked against ours (and ours against the
+    fp32 eager reference): a benchmark never times a wrong answer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fn = prepare(impl, case, data)
+        with torch.no_grad():
+            got = fn().float()
+    ours = prepare("ours", case, data)().float() if impl != "ours" else got
+    torch.testing.assert_close(ours, data.reference, atol=1e-2, rtol=1e-3)
+    # Eager and PyLate compute similarities in 16 bits and round them before the max: a looser
+    # tolerance, still far below the error of a wrong mask (a whole row's max, ~0.3 each).
+    atol = 0.15 if impl in ("eager", "pylate") else 2e-2
+    torch.testing.assert_close(got, ours, atol=atol, rtol=2e-2, msg=lambda m: f"{impl}: {m}")
+    return fn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c.ident for c in CASES])
+def test_maxsim(case, impl, measure):
+    data = get_data(case)
+    fn = checked(impl, case, data)
+    floor, kind = floors(case, data)
+
+    def timed():
+        with torch.no_grad():
+            return fn()
+
+    measure(timed, suite=SUITE, shape=case.label, impl=impl, floor_ms=floor, floor_kind=kind,
+            ours=impl == "ours")

@@ -1,0 +1,551 @@
+"""The batched MaxSim kernel (`colbert_triton.kernels.maxsim`) against an fp64 reference.
+
+The reference loops over (query, document) pairs and takes the max over the document's real
+rows only, with the kernel's conventions: an empty document scores 0, ``pad_floor`` adds 0.0
+to every row's max. 16-bit inputs are compared with a reference computed from the same rounded
+values, so the tolerance only covers fp32 accumulation order.
+
+Shapes are small: without CUDA the kernel runs in Triton's interpreter. Tests marked ``gpu`` use
+larger shapes and the compiled kernel cache, and run only where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, require_reference
+
+from colbert_triton.kernels import maxsim as maxsim_module
+from colbert_triton.kernels.maxsim import maxsim
+
+DEV = KERNEL_DEVICE
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and reference
+# ----------------------------------------------------------------------------------------------
+
+
+def unit_rows(*shape, dtype=torch.float32, gen=None, sign=0):
+    """Random unit vectors (ColBERT embeddings are L2-normalised); sign=+1/-1 forces the sign."""
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if sign:
+        x = sign * x.abs()
+    x = x / x.norm(dim=-1, keepdim=True)
+    return x.to(dtype)
+
+
+def packed_docs(lengths, dim, dtype, gen, gap=3, sign=0):
+    """Documents laid out with `gap` junk rows (value 1e3) before each: ranges must be exact."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    starts = torch.cumsum(lengths + gap, 0) - lengths
+    total = int(starts[-1] + lengths[-1]) + gap if len(lengths) else gap
+    values = torch.full((total, dim), 1e3, dtype=torch.float64)
+    for s, n in zip(starts.tolist(), lengths.tolist()):
+        values[s:s + n] = unit_rows(n, dim, gen=gen, dtype=torch.float64, sign=sign)
+    return values.to(dtype), starts, lengths
+
+
+def reference(queries, doc_values, starts, lengths, pad_floor=None):
+    """fp64 loops over the real rows; [N] starts -> [Q, N], [Q, K] starts -> [Q, K]."""
+    q = queries.double().cpu()
+    values = doc_values.double().cpu()
+    num_q = q.shape[0]
+    starts, lengths = starts.cpu(), lengths.cpu()
+    floor = pad_floor.cpu() if pad_floor is not None else None
+    if starts.dim() == 1:
+        starts, lengths = starts.expand(num_q, -1), lengths.expand(num_q, -1)
+        floor = floor.expand(num_q, -1) if floor is not None else None
+    out = torch.zeros(starts.shape, dtype=torch.float64)
+    for i in range(num_q):
+        for k in range(starts.shape[1]):
+            s, n = int(starts[i, k]), int(lengths[i, k])
+            if n == 0:
+                best = torch.zeros(q.shape[1], dtype=torch.float64)
+            else:
+                best = (q[i] @ values[s:s + n].T).amax(dim=1)
+            if floor is not None and bool(floor[i, k]):
+                best = best.clamp(min=0.0)
+            out[i, k] = best.sum()
+    return out
+
+
+def assert_scores(got, queries, doc_values, starts, lengths, pad_floor=None):
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    want = reference(queries, doc_values, starts, lengths, pad_floor)
+    tol = 2e-4 if queries.dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)
+
+
+def to_dev(*tensors):
+    return [t.to(DEV) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# All pairs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [32, 96, 128, 100])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_all_pairs(dtype, dim):
+    gen = torch.Generator().manual_seed(dim)
+    lengths = [37, 0, 1, 150, 64, 5, 129, 0, 20]  # several tiles, exact tile, empty, 1 row
+    values, starts, lens = packed_docs(lengths, dim, dtype, gen)
+    queries = unit_rows(5, 32, dim, dtype=dtype, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens)
+    assert got.shape == (5, len(lengths))
+    assert_scores(got, queries, values, starts, lens)
+
+
+@pytest.mark.parametrize("query_len", [1, 7, 64])
+def test_query_lengths(query_len):
+    gen = torch.Generator().manual_seed(query_len)
+    values, starts, lens = packed_docs([12, 70, 0, 3], 96, torch.float16, gen)
+    queries = unit_rows(3, query_len, 96, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_long_query_is_chunked(dtype):
+    # Lq = 300 pads to 512 rows: processed in LQ_TILE-row chunks summed per document.
+    cfg = maxsim_module._kernel_config(dtype, 64, 300, 2)
+    assert cfg.num_lq_chunks > 1
+    gen = torch.Generator().manual_seed(300)
+    values, starts, lens = packed_docs([40, 0, 90], 64, dtype, gen)
+    queries = unit_rows(2, 300, 64, dtype=dtype, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_many_queries_several_query_blocks(dtype):
+    # 19 queries: more than one query block and not a multiple of the block.
+    num_q = 19
+    cfg = maxsim_module._kernel_config(dtype, 96, 32, num_q)
+    assert 1 < cfg.qb < num_q and num_q % cfg.qb != 0
+    gen = torch.Generator().manual_seed(19)
+    values, starts, lens = packed_docs([33, 2, 0, 71, 18, 40, 9], 96, dtype, gen)
+    queries = unit_rows(num_q, 32, 96, dtype=dtype, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+def test_padded_layout_viewed_as_rows():
+    # A padded [N, Ld, d] batch; padded slots hold large junk that must never be read.
+    gen = torch.Generator().manual_seed(7)
+    num_docs, max_len, dim = 6, 40, 96
+    padded = torch.full((num_docs, max_len, dim), 50.0, dtype=torch.float64)
+    lens = torch.tensor([40, 17, 0, 1, 33, 39])
+    for i, n in enumerate(lens.tolist()):
+        padded[i, :n] = unit_rows(n, dim, gen=gen, dtype=torch.float64)
+    padded = padded.to(torch.float16)
+    values = padded.view(num_docs * max_len, dim)
+    starts = torch.arange(num_docs) * max_len
+    queries = unit_rows(4, 32, dim, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+def test_empty_and_single_row_documents():
+    gen = torch.Generator().manual_seed(1)
+    values, starts, lens = packed_docs([0, 1, 0, 1, 1], 32, torch.float32, gen)
+    queries = unit_rows(3, 32, 32, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens)
+    assert_scores(got, queries, values, starts, lens)
+    assert (got[:, 0] == 0).all() and (got[:, 2] == 0).all()
+
+
+def test_zeroed_query_rows_contribute_nothing():
+    gen = torch.Generator().manual_seed(3)
+    values, starts, lens = packed_docs([25, 60, 4], 96, torch.float32, gen, sign=-1)
+    queries = unit_rows(3, 32, 96, gen=gen)
+    keep = 20
+    masked = queries.clone()
+    masked[0, keep:] = 0  # a short query padded with zero rows
+    masked[1] = 0  # an all-masked query
+    masked, values, starts, lens = to_dev(masked, values, starts, lens)
+    got = maxsim(masked, values, starts, lens)
+    short = maxsim(masked[:1, :keep].contiguous(), values, starts, lens)
+    torch.testing.assert_close(got[0], short[0], atol=1e-5, rtol=1e-5)
+    assert (got[1] == 0).all()
+    assert_scores(got, masked, values, starts, lens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates and pairs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_candidate_mode(dtype):
+    gen = torch.Generator().manual_seed(11)
+    values, doc_starts, doc_lens = packed_docs([30, 0, 7, 90, 1, 45, 66, 12], 96, dtype, gen)
+    # Each query's own 5 candidates, overlapping between queries, with repeats and empties.
+    pick = torch.tensor([[0, 3, 3, 1, 7], [2, 4, 5, 6, 0], [1, 1, 1, 1, 1], [7, 6, 5, 4, 3]])
+    starts, lens = doc_starts[pick], doc_lens[pick]
+    queries = unit_rows(4, 32, 96, dtype=dtype, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens)
+    assert got.shape == (4, 5)
+    assert_scores(got, queries, values, starts, lens)
+
+
+def test_pairwise_is_candidate_mode_with_one_candidate():
+    gen = torch.Generator().manual_seed(12)
+    values, starts, lens = packed_docs([5, 0, 77, 31, 1, 64], 128, torch.float16, gen)
+    queries = unit_rows(6, 32, 128, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts[:, None], lens[:, None])
+    got = maxsim(queries, values, starts, lens)
+    assert got.shape == (6, 1)
+    assert_scores(got, queries, values, starts, lens)
+
+
+# ----------------------------------------------------------------------------------------------
+# pad_floor
+# ----------------------------------------------------------------------------------------------
+
+
+def _negative_and_mixed_docs(dim, dtype, gen):
+    """Queries with positive entries; docs 0..2 all-negative entries (every similarity < 0)."""
+    neg_values, neg_starts, neg_lens = packed_docs([9, 40, 1], dim, dtype, gen, sign=-1)
+    mix_values, mix_starts, mix_lens = packed_docs([21, 0, 70], dim, dtype, gen)
+    values = torch.cat([neg_values, mix_values])
+    starts = torch.cat([neg_starts, mix_starts + neg_values.shape[0]])
+    lens = torch.cat([neg_lens, mix_lens])
+    queries = unit_rows(3, 32, dim, dtype=dtype, gen=gen, sign=1)
+    return queries, values, starts, lens
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_pad_floor_all_pairs(dtype):
+    gen = torch.Generator().manual_seed(5)
+    queries, values, starts, lens = _negative_and_mixed_docs(96, dtype, gen)
+    floor = torch.tensor([True, False, True, True, True, False])
+    queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
+    with_floor = maxsim(queries, values, starts, lens, pad_floor=floor)
+    without = maxsim(queries, values, starts, lens)
+    assert_scores(with_floor, queries, values, starts, lens, floor)
+    assert_scores(without, queries, values, starts, lens)
+    # The data is built so that the floor decides the negative documents' scores.
+    assert (without[:, :3] < 0).all()
+    assert (with_floor[:, 0] == 0).all() and (with_floor[:, 2] == 0).all()
+    torch.testing.assert_close(with_floor[:, 1], without[:, 1])
+
+
+def test_pad_floor_candidate_mode():
+    gen = torch.Generator().manual_seed(6)
+    queries, values, starts, lens = _negative_and_mixed_docs(64, torch.float32, gen)
+    pick = torch.tensor([[0, 1, 3, 5], [2, 2, 4, 0], [5, 4, 3, 1]])
+    floor = torch.tensor([[True, False, True, True], [False, True, True, True],
+                          [True, False, False, True]])
+    queries, values, cand_starts, cand_lens, floor = to_dev(
+        queries, values, starts[pick], lens[pick], floor)
+    got = maxsim(queries, values, cand_starts, cand_lens, pad_floor=floor)
+    assert_scores(got, queries, values, cand_starts, cand_lens, floor)
+
+
+def test_pad_floor_reproduces_pylate_torch_scores():
+    scores = require_reference("pylate.scores")
+    gen = torch.Generator().manual_seed(8)
+    num_docs, max_len, dim = 5, 24, 32
+    lens = torch.tensor([24, 10, 3, 24, 17])
+    padded = torch.zeros(num_docs, max_len, dim)
+    for i, n in enumerate(lens.tolist()):
+        padded[i, :n] = unit_rows(n, dim, gen=gen, sign=-1 if i % 2 else 0)
+    mask = (torch.arange(max_len) < lens[:, None]).float()
+    queries = unit_rows(3, 16, dim, gen=gen, sign=1)
+    want = scores.colbert_scores(queries, padded, documents_mask=mask, backend="torch")
+    floor = lens < max_len  # PyLate's 0 enters the max only where a padded slot exists
+    starts = torch.arange(num_docs) * max_len
+    q, values, starts, lens, floor = to_dev(queries, padded.view(-1, dim), starts, lens, floor)
+    got = maxsim(q, values, starts, lens, pad_floor=floor)
+    torch.testing.assert_close(got.cpu(), want.float(), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts, index dtypes, out, invariance
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_index_dtypes(index_dtype):
+    gen = torch.Generator().manual_seed(2)
+    values, starts, lens = packed_docs([14, 0, 33], 96, torch.float16, gen)
+    queries = unit_rows(2, 32, 96, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts.to(index_dtype),
+                                           lens.to(index_dtype))
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+def test_strided_inputs():
+    # doc_values a column slice of a wider buffer (row stride d + 8), queries a strided view.
+    gen = torch.Generator().manual_seed(4)
+    dim = 96
+    values, starts, lens = packed_docs([20, 45, 0, 8], dim, torch.float32, gen)
+    wide = torch.full((values.shape[0], dim + 8), 7.0)
+    wide[:, :dim] = values
+    queries = unit_rows(3, 2 * 32, dim, gen=gen)[:, ::2]
+    assert not queries.is_contiguous()
+    queries, wide, starts, lens = to_dev(queries, wide, starts, lens)
+    got = maxsim(queries, wide[:, :dim], starts, lens)
+    assert_scores(got, queries, wide[:, :dim], starts, lens)
+
+
+def test_out_is_written_everywhere_and_returned():
+    gen = torch.Generator().manual_seed(9)
+    values, starts, lens = packed_docs([3, 0, 50, 1, 17], 32, torch.float16, gen)
+    queries = unit_rows(3, 32, 32, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    out = torch.full((3, 5), float("nan"), device=DEV)
+    got = maxsim(queries, values, starts, lens, out=out)
+    assert got is out
+    assert_scores(out, queries, values, starts, lens)
+    cand_out = torch.full((3, 2), float("nan"), device=DEV)
+    cand_starts, cand_lens = starts[:2].repeat(3, 1), lens[:2].repeat(3, 1)
+    maxsim(queries, values, cand_starts, cand_lens, out=cand_out)
+    assert_scores(cand_out, queries, values, cand_starts, cand_lens)
+
+
+def test_scores_do_not_depend_on_batch_composition():
+    gen = torch.Generator().manual_seed(10)
+    values, starts, lens = packed_docs([31, 80, 2], 96, torch.float16, gen)
+    queries = unit_rows(9, 32, 96, dtype=torch.float16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    batch = maxsim(queries, values, starts, lens)
+    for i in (0, 8):
+        alone = maxsim(queries[i:i + 1], values, starts[1:], lens[1:])
+        torch.testing.assert_close(alone[0], batch[i, 1:], atol=1e-5, rtol=1e-6)
+
+
+def test_degenerate_sizes():
+    values = torch.zeros(4, 32, device=DEV)
+    starts = torch.tensor([0, 1], device=DEV)
+    lens = torch.tensor([1, 3], device=DEV)
+    assert maxsim(torch.zeros(0, 32, 32, device=DEV), values, starts, lens).shape == (0, 2)
+    empty_n = maxsim(torch.zeros(2, 32, 32, device=DEV), values, starts[:0], lens[:0])
+    assert empty_n.shape == (2, 0)
+    no_tokens = maxsim(torch.zeros(2, 0, 32, device=DEV), values, starts, lens)
+    assert (no_tokens == 0).all()
+    no_rows = maxsim(torch.ones(2, 8, 32, device=DEV), values[:0], starts * 0, lens * 0)
+    assert no_rows.shape == (2, 2) and (no_rows == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Forced block configurations (the heuristic picks one per shape; these reach the other paths)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dim,query_len,cfg",
+    [
+        # Short tiles: several full tiles plus a partial one per document.
+        (96, 32, maxsim_module._Config(2, 32, 1, 16, 32, 3, 4, 2)),
+        # Four d chunks (q3 in use), 16-row query chunks: Lq = 40 runs as 3 chunks.
+        (64, 40, maxsim_module._Config(1, 16, 3, 32, 16, 4, 4, 2)),
+        # d not a multiple of 16: last chunk masked.
+        (50, 32, maxsim_module._Config(4, 32, 1, 32, 16, 4, 4, 2)),
+    ],
+)
+def test_forced_configs(dim, query_len, cfg):
+    gen = torch.Generator().manual_seed(dim)
+    values, starts, lens = packed_docs([16, 0, 47, 1, 32], dim, torch.float32, gen)
+    queries = unit_rows(5, query_len, dim, gen=gen)
+    floor = torch.tensor([True, True, False, False, True])
+    queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
+    out = torch.full((5, 5), float("nan"), device=DEV)
+    maxsim_module._launch(queries, values, starts, lens, floor, out, cfg)
+    assert_scores(out, queries, values, starts, lens, floor)
+
+
+def test_split_dim_heuristic():
+    split = maxsim_module._split_dim
+    assert split(96) == (32, 3)  # no padding to 128
+    assert split(128) == (128, 1)
+    assert split(32) == (32, 1)
+    assert split(384) == (128, 3)
+    assert split(100) == (32, 4)  # not a multiple of 16: masked
+    assert split(768) == (256, 3)
+    assert split(128, 64) == (64, 2)  # fp32: 64-column chunks keep 3xTF32 dots spill-free
+    for dim in range(1, 1025):
+        block_k, num_k = split(dim)
+        assert block_k >= 16 and block_k & (block_k - 1) == 0
+        assert num_k <= 4 and block_k * num_k >= dim
+
+
+def test_bfloat16():
+    # The interpreter computes bf16 tl.dot wrongly; the kernel upcasts operands to fp32 there.
+    gen = torch.Generator().manual_seed(16)
+    values, starts, lens = packed_docs([19, 0, 66], 96, torch.bfloat16, gen)
+    queries = unit_rows(3, 32, 96, dtype=torch.bfloat16, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _good():
+    q = torch.zeros(2, 8, 32, device=DEV)
+    v = torch.zeros(10, 32, device=DEV)
+    s = torch.tensor([0, 4], device=DEV)
+    n = torch.tensor([4, 6], device=DEV)
+    return q, v, s, n
+
+
+BAD_INPUTS = {
+    "queries not a tensor": (lambda q, v, s, n: ([[0.0]], v, s, n, {}), TypeError),
+    "queries 2-D": (lambda q, v, s, n: (q[0], v, s, n, {}), ValueError),
+    "doc_values 3-D": (lambda q, v, s, n: (q, v.view(2, 5, 32), s, n, {}), ValueError),
+    "integer queries": (lambda q, v, s, n: (q.long(), v.long(), s, n, {}), TypeError),
+    "dtype mismatch": (lambda q, v, s, n: (q, v.half(), s, n, {}), TypeError),
+    "dim mismatch": (lambda q, v, s, n: (q, v[:, :16], s, n, {}), ValueError),
+    "float starts": (lambda q, v, s, n: (q, v, s.float(), n, {}), TypeError),
+    "int16 lengths": (lambda q, v, s, n: (q, v, s, n.short(), {}), TypeError),
+    "shape mismatch": (lambda q, v, s, n: (q, v, s, n[:1], {}), ValueError),
+    "3-D starts": (lambda q, v, s, n: (q, v, s.view(1, 1, 2), n.view(1, 1, 2), {}), ValueError),
+    "candidates for wrong Q": (lambda q, v, s, n: (q, v, s[None], n[None], {}), ValueError),
+    "negative length": (lambda q, v, s, n: (q, v, s, n - 5, {}), ValueError),
+    "negative start": (lambda q, v, s, n: (q, v, s - 1, n, {}), ValueError),
+    "range past the rows": (lambda q, v, s, n: (q, v, s + 1, n, {}), ValueError),
+    "pad_floor not bool": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": n}), TypeError),
+    "pad_floor shape": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": (n > 0)[:1]}), ValueError),
+    "out dtype": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 2, dtype=torch.float64,
+                                                                     device=DEV)}), TypeError),
+    "out shape": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 3, device=DEV)}),
+                  ValueError),
+    "dim too large": (lambda q, v, s, n: (q.new_zeros(2, 8, 1040), v.new_zeros(10, 1040), s, n,
+                                          {}), ValueError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_validation_errors(case):
+    build, error = BAD_INPUTS[case]
+    q, v, s, n, kwargs = build(*_good())
+    if case in ("negative length", "negative start", "range past the rows"):
+        kwargs["check_ranges"] = True  # free on the CPU, one sync on a GPU
+    with pytest.raises(error):
+        maxsim(q, v, s, n, **kwargs)
+
+
+def test_device_mismatch_is_rejected():
+    q, v, s, n = _good()
+    other = "cpu" if DEV == "cuda" else "meta"
+    with pytest.raises(ValueError):
+        maxsim(q, v.to(other), s, n)
+    with pytest.raises(ValueError):
+        maxsim(q, v, s.to(other), n.to(other))
+
+
+def test_unchecked_bad_ranges_are_clipped_not_read():
+    gen = torch.Generator().manual_seed(13)
+    values = unit_rows(20, 32, gen=gen)
+    queries = unit_rows(2, 8, 32, gen=gen)
+    starts = torch.tensor([15, -3, 5])
+    lens = torch.tensor([10, 5, -2])
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens, check_ranges=False)
+    clipped_starts = torch.tensor([15, 0, 5], device=DEV)
+    clipped_lens = torch.tensor([5, 2, 0], device=DEV)
+    assert_scores(got, queries, values, clipped_starts, clipped_lens)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: larger shapes, and no recompilation as counts change
+# ----------------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("dim", [96, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_larger_shapes(dtype, dim):
+    gen = torch.Generator().manual_seed(dim)
+    lens = torch.randint(0, 301, (300,), generator=gen)
+    values, starts, lens = packed_docs(lens.tolist(), dim, dtype, gen, gap=0)
+    queries = unit_rows(37, 32, dim, dtype=dtype, gen=gen)
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens)
+    # fp32 torch reference on the GPU from the same rounded inputs (fp64 loops are too slow here).
+    q32, v32 = queries.float(), values.float()
+    want = torch.empty_like(got)
+    for j, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        sim = torch.einsum("qtd,rd->qtr", q32, v32[s:s + n])
+        want[:, j] = sim.amax(-1).sum(-1) if n else 0.0
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    cand = torch.randint(0, 300, (37, 50), generator=gen).to(DEV)
+    got_cand = maxsim(queries, values, starts[cand], lens[cand])
+    torch.testing.assert_close(got_cand, torch.gather(want, 1, cand), atol=2e-3, rtol=1e-4)
+
+
+@gpu
+def test_gpu_rows_past_int32_offsets():
+    # 23M rows x 96 fp16: element offsets of the last documents pass 2^31 (int64 addressing).
+    dim, rows = 96, 23_000_000
+    values = torch.zeros(rows, dim, device=DEV, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.tensor([5, rows - 300, rows - 1, 2**31 // dim + 7])
+    lens = torch.tensor([40, 300, 1, 77])
+    for s, n in zip(starts.tolist(), lens.tolist()):
+        values[s:s + n] = unit_rows(n, dim, dtype=torch.float16, gen=gen).to(DEV)
+    queries = unit_rows(3, 32, dim, dtype=torch.float16, gen=gen).to(DEV)
+    # The reference reads a compact copy of the four ranges (not 23M rows on the host).
+    compact = torch.cat([values[s:s + n] for s, n in zip(starts.tolist(), lens.tolist())])
+    compact_starts = torch.cumsum(lens, 0) - lens
+    starts, lens = starts.to(DEV), lens.to(DEV)
+    got = maxsim(queries, values, starts, lens)
+    assert_scores(got, queries, compact, compact_starts, lens)
+    got_cand = maxsim(queries, values, starts.repeat(3, 1), lens.repeat(3, 1))
+    torch.testing.assert_close(got_cand, got, atol=1e-5, rtol=1e-6)
+
+
+@gpu
+def test_gpu_no_recompilation_when_counts_change():
+    kernel = maxsim_module._maxsim_kernel
+    device = torch.cuda.current_device()
+    gen = torch.Generator().manual_seed(0)
+
+    def run(num_q, lengths, candidates=None):
+        values, starts, lens = packed_docs(lengths, 96, torch.float16, gen)
+        queries = unit_rows(num_q, 32, 96, dtype=torch.float16, gen=gen)
+        queries, values, starts, lens = to_dev(queries, values, starts, lens)
+        if candidates is not None:
+            pick = torch.randint(0, len(lengths), (num_q, candidates), generator=gen).to(DEV)
+            starts, lens = starts[pick], lens[pick]
+        maxsim(queries, values, starts, lens)
+
+    def compiled():
+        return len(kernel.device_caches[device][0])
+
+    run(16, [30, 300, 7])
+    run(3, [30, 5], candidates=4)
+    before = compiled()
+    run(16, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])  # other N and lengths
+    run(40, [299] * 33)  # other Q (same query block size) and N
+    run(9, [64] * 16 + [0])
+    run(5, [30, 5, 9], candidates=17)  # other Q and K in candidate mode
+    run(1000, [3] * 5, candidates=1)
+    assert compiled() == before
+
+
+@gpu
+@pytest.mark.skipif(INTERPRETED, reason="compiled kernels only")
+def test_gpu_launch_does_not_synchronize():
+    values = torch.randn(1000, 96, device=DEV, dtype=torch.float16)
+    queries = torch.randn(1, 32, 96, device=DEV, dtype=torch.float16)
+    starts = torch.arange(10, device=DEV) * 100
+    lens = torch.full((10,), 100, device=DEV)
+    maxsim(queries, values, starts, lens)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        maxsim(queries, values, starts, lens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
