@@ -1,1 +1,8 @@
-"""Hand-written Triton kernels for the packed BERT encoder and the ColBERT head."""
+"""Hand-written Triton kernels and their launchers, one file per op family."""
+
+import os as _os
+
+if _os.environ.get("TRITON_INTERPRET") == "1":
+    from ._interpreter import fix_scalar_loop_bounds
+
+    fix_scalar_loop_bounds()

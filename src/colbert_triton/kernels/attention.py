@@ -43,7 +43,6 @@ compiles at most two variants per dtype, once each.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -58,37 +57,6 @@ _LOG2E = 1.4426950408889634
 
 # Sequences scanned per step when a program looks up its sequence; any B works (the scan loops).
 _BLOCK_B = 1024
-
-
-def _fix_interpreter_scalar_loop_bounds() -> None:
-    """Let the CPU interpreter run loops whose bound is loaded from memory.
-
-    Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``,
-    which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172). The attention
-    loop over keys has such a bound (``key_lens[b]``). Patched only under TRITON_INTERPRET=1 and
-    only when this NumPy refuses; compiled GPU code is untouched.
-    """
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return
-    except TypeError:
-        pass
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_scalar_loop_bounds()
 
 
 @triton.jit(do_not_specialize=["num_seqs"])

@@ -75,14 +75,6 @@ _MAX_DOCS_PER_PROGRAM = 16
 _MAX_GRID = 2**31 - 1
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # The document loop's bound is a loaded length; Triton 3.6's interpreter cannot use such a
-    # value as a loop bound under NumPy >= 2.4 (triton#9171). The attention kernel carries the fix.
-    from .attention import _fix_interpreter_scalar_loop_bounds
-
-    _fix_interpreter_scalar_loop_bounds()
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,32 @@
+"""Workarounds for Triton's CPU interpreter (TRITON_INTERPRET=1); compiled GPU code is untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fix_scalar_loop_bounds() -> None:
+    """Let the CPU interpreter run loops whose bound is loaded from memory.
+
+    Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``,
+    which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172). Our kernels
+    loop over a document's or a sequence's own length, a bound loaded from memory. Applied by
+    `kernels/__init__.py` under TRITON_INTERPRET=1 only, and only when this NumPy refuses.
+    """
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
