@@ -51,7 +51,8 @@ class ColBERT:
     """
 
     def __init__(self, weights: EncoderWeights, tokenizer: ColBERTTokenizer, device: torch.device,
-                 dtype: torch.dtype, backend: str | None = None, source: str = ""):
+                 dtype: torch.dtype, backend: str | None = None, source: str = "",
+                 cuda_graphs: bool = True):
         self.device = device
         self.dtype = dtype
         self.backend = scoring.resolve_backend(device, backend)
@@ -60,18 +61,25 @@ class ColBERT:
         self.tokenizer = tokenizer
         self.settings = tokenizer.settings
         self.source = source
+        self._graphs = None
+        if cuda_graphs and device.type == "cuda" and self.backend == "triton":
+            from .graphs import GraphedEncoder
+
+            # Small batches (one query, a few documents) replay a captured forward: warmed here.
+            self._graphs = GraphedEncoder(self.weights, self.ops, device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, revision: str | None = None,
                         device=None, dtype=None, *, query_maxlen: int | None = None,
                         doc_maxlen: int | None = None, backend: str | None = None,
-                        cache_dir=None, token=None) -> "ColBERT":
+                        cuda_graphs: bool = True, cache_dir=None, token=None) -> "ColBERT":
         """Load a hub id (through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured)
         or a local directory, in the Stanford or the PyLate/sentence-transformers layout.
 
         ``query_maxlen``/``doc_maxlen`` override the checkpoint's lengths. ``dtype`` defaults to
         float16 on CUDA and float32 on the CPU. ``backend`` picks the ops ("torch", "triton");
-        by default the CPU runs the PyTorch path.
+        by default the CPU runs the PyTorch path. With the Triton backend on CUDA, small batches
+        replay CUDA graphs captured here at load (``cuda_graphs=False`` turns them off).
         """
         device = _pick_device(device)
         dtype = _pick_dtype(dtype, device)
@@ -88,7 +96,8 @@ class ColBERT:
             )
         tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.do_lower_case,
                                                 settings, ckpt.config.max_position_embeddings)
-        return cls(weights, tokenizer, device, dtype, backend=backend, source=ckpt.source)
+        return cls(weights, tokenizer, device, dtype, backend=backend, source=ckpt.source,
+                   cuda_graphs=cuda_graphs)
 
     @property
     def dim(self) -> int:
@@ -146,17 +155,21 @@ class ColBERT:
         return result if packed else result.to_list()
 
     def _encode_batch(self, part: TokenizedBatch) -> tuple[torch.Tensor, np.ndarray]:
-        batch = PackedBatch.from_sequences(part.sequences, part.key_lens, self.device)
-        rows = None
+        seq_lens = np.fromiter((len(s) for s in part.sequences), dtype=np.int64, count=len(part))
+        rows_host = None
         if part.keep is None:
-            lengths = batch.seq_lens_host
+            lengths = seq_lens
         else:
-            starts = np.concatenate([[0], np.cumsum(batch.seq_lens_host)[:-1]])
+            starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]])
             lengths = np.array([len(k) for k in part.keep], dtype=np.int64)
             rows_host = np.concatenate([s + k for s, k in zip(starts, part.keep)])
-            rows = torch.from_numpy(rows_host).to(self.device)
-        values = encode_packed(self.weights, batch, self.ops, rows=rows)
-        return values, lengths
+        if self._graphs is not None:
+            values = self._graphs.run(part.sequences, part.key_lens, rows_host)
+            if values is not None:
+                return values, lengths
+        batch = PackedBatch.from_sequences(part.sequences, part.key_lens, self.device)
+        rows = None if rows_host is None else torch.from_numpy(rows_host).to(self.device)
+        return encode_packed(self.weights, batch, self.ops, rows=rows), lengths
 
     # -----------------------------------------------------------------------------------------
     # Scoring
