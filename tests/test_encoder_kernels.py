@@ -563,116 +563,12 @@ def _tiny_bert_as(params, dtype):
 # GPU validity without a GPU: compile every launch of the model's shapes for sm_90
 # --------------------------------------------------------------------------------------------
 
-# Runs in a fresh interpreter without TRITON_INTERPRET (so the kernels are real JITFunctions):
-# each launcher is called on CPU tensors of the model's shapes with its kernels swapped for a
-# recorder, and every recorded launch is compiled by Triton's own pipeline (ptxas included) for
-# an H100 with the specialisation the JIT would use. This catches what the interpreter lets
-# through: tl.dot tiles below 16, non-power-of-two aranges, shared memory over sm_90's 227 KiB,
-# register spills. Prints one JSON line per launch.
-_SM90_COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import native_specialize_impl
-from colbert_triton.kernels import attention, embedding, head, linear
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((args, kwargs))
-
-recorders = {}
-for module, name in [(attention, "_varlen_attention_kernel"), (embedding, "_embed_layernorm_kernel"),
-                     (head, "_project_normalize_kernel"), (linear, "_linear_kernel"),
-                     (linear, "_linear_residual_layernorm_kernel"),
-                     (linear, "_bias_residual_layernorm_kernel"), (linear, "_bias_activation_kernel")]:
-    recorders[name] = Recorder(getattr(module, name))
-    setattr(module, name, recorders[name])
-
-def r(*shape, dtype):
-    return torch.zeros(*shape, dtype=dtype)
-
-T, H = 256, 384
-cu = torch.tensor([0, 100, 256], dtype=torch.int32)
-for dt in (torch.float16, torch.bfloat16, torch.float32):
-    ids = torch.zeros(T, dtype=torch.int64)
-    embedding.embed_layernorm(ids, ids, r(30522, H, dtype=dt), r(512, H, dtype=dt), r(H, dtype=dt),
-                              r(H, dtype=dt), r(H, dtype=dt), 1e-12)
-    for n, k, act in [(3 * H, H, None), (1536, H, "gelu")]:
-        linear.linear(r(T, k, dtype=dt), r(n, k, dtype=dt), r(n, dtype=dt), act)
-    for k in (H, 1536):
-        linear.linear_residual_layernorm(r(T, k, dtype=dt), r(H, k, dtype=dt), r(H, dtype=dt),
-                                         r(T, H, dtype=dt), r(H, dtype=dt), r(H, dtype=dt), 1e-12)
-    linear.bias_residual_layernorm(r(T, H, dtype=dt), r(H, dtype=dt), r(T, H, dtype=dt),
-                                   r(H, dtype=dt), r(H, dtype=dt), 1e-12)
-    for max_len in (32, 300):
-        attention.varlen_attention(r(T, 3 * H, dtype=dt), cu, cu[1:] - cu[:-1], max_len, 12, 32)
-    attention.varlen_attention(r(T, 3 * 768, dtype=dt), cu, cu[1:] - cu[:-1], 300, 12, 64)
-    for d in (96, 128):
-        head.project_normalize(r(T, H, dtype=dt), r(d, H, dtype=dt), None, torch.arange(T))
-dt = torch.float16
-linear.linear(r(T, H, dtype=dt), r(1536, H, dtype=dt), r(1536, dtype=dt), "gelu", backend="torch")
-linear.linear_residual_layernorm(r(T, 3072, dtype=dt), r(768, 3072, dtype=dt), r(768, dtype=dt),
-                                 r(T, 768, dtype=dt), r(768, dtype=dt), r(768, dtype=dt), 1e-12)
-attention.varlen_attention(r(T, 3 * 1536, dtype=dt), cu, cu[1:] - cu[:-1], 300, 12, 128)
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-target = GPUTarget("cuda", 90, 32)
-for name, recorder in recorders.items():
-    kernel = recorder.kernel
-    for args, kwargs in recorder.launches:
-        values = dict(zip(kernel.arg_names, args))
-        values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        signature, constexprs, attrs = {}, {}, {}
-        for index, param in enumerate(kernel.params):
-            value = values[param.name]
-            if param.is_constexpr:
-                signature[param.name], constexprs[param.name] = "constexpr", value
-                continue
-            kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize, True)
-            if kind == "constexpr":
-                signature[param.name], constexprs[param.name] = "constexpr", key
-                continue
-            signature[param.name] = kind
-            if key == "D":
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                  options=options)
-        stack = None
-        if os.path.exists(cuobjdump):
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            os.unlink(f.name)
-            match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            stack = int(match.group(2)) if match else None
-        config = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "NUM", "HEAD", "N", "K", "D"))}
-        dtype = next(v.dtype for v in values.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
-        print(json.dumps({"kernel": name, "dtype": str(dtype),
-                          "config": {**config, **options}, "shared": compiled.metadata.shared,
-                          "spill_bytes": stack}, default=str))
-"""
-
-
 def test_every_launch_compiles_for_sm90():
     """The interpreter enforces no GPU limit: compile what the launchers would launch, for sm_90."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from aot_compile import compile_case
 
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("no ptxas for the CUDA backend on this machine")
-    assert done.returncode == 0, done.stderr[-4000:]
-    launches = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(launches) == 36, done.stdout
+    launches = compile_case("encoder")
+    assert len(launches) == 36, launches
     for launch in launches:
         assert launch["shared"] <= 227 * 1024, launch  # sm_90's per-block shared memory
         assert launch["spill_bytes"] in (0, None), launch
