@@ -182,29 +182,66 @@ def _as_query_list(queries) -> list[torch.Tensor]:
     return [convert_to_tensor(q) for q in queries]
 
 
-def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str | None = None):
+def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str | None = None,
+           backend: str | None = None):
     """PyLate's ``rank.rerank``: per query, its candidates sorted by score, best first.
 
     As in PyLate, each query's candidates are zero-padded to the longest of them and scored
     without a mask, so a shorter candidate's padded slots enter the max as 0. Ties keep the
     candidates' given order (a stable sort; PyLate's order for exact ties is unspecified).
+    On the Triton backend every query and candidate goes into one kernel launch, each
+    candidate gathered in place (no padded copy), its zero padding reproduced by ``pad_floor``.
     """
     queries = _as_query_list(queries_embeddings)
     if isinstance(documents_embeddings, (torch.Tensor, np.ndarray)):
         documents_embeddings = list(convert_to_tensor(documents_embeddings))
-    results = []
+    groups = []
     for query, ids, candidates in zip(queries, documents_ids, documents_embeddings):
         docs = [convert_to_tensor(c) for c in candidates]
         if len(docs) != len(ids):
             raise ValueError(f"{len(ids)} document ids but {len(docs)} document embeddings")
-        if not docs:
+        target = device if device is not None else query.device
+        groups.append((query.to(target), list(ids), [d.to(target) for d in docs]))
+    if not groups:
+        return []
+    if _backend(backend, groups[0][0]) == "triton":
+        scores = _rerank_scores_kernel(groups)
+    else:
+        scores = [colbert_scores(q.unsqueeze(0), torch.nn.utils.rnn.pad_sequence(docs, batch_first=True))[0]
+                  if docs else None for q, _, docs in groups]
+    results = []
+    for (_, ids, _), row in zip(groups, scores):
+        if row is None:
             results.append([])
             continue
-        padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=0)
-        target = device if device is not None else query.device
-        query, padded = query.to(target), padded.to(target)
-        scores = colbert_scores(query.unsqueeze(0), padded)[0]
-        order = torch.sort(scores, descending=True, stable=True)
+        order = torch.sort(row, descending=True, stable=True)
         results.append([RerankResult(id=ids[i], score=s)
                         for i, s in zip(order.indices.tolist(), order.values.cpu().tolist())])
     return results
+
+
+def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
+    """Every query against its own candidates in one MaxSim launch (candidate mode)."""
+    queries = [q for q, _, _ in groups]
+    for q, _, docs in groups:
+        for d in docs:
+            _check_embeddings(q, d, 2, 2)
+    counts = [len(docs) for _, _, docs in groups]
+    width = max(max(counts), 1)
+    lengths = np.zeros((len(groups), width), dtype=np.int64)
+    starts = np.zeros_like(lengths)
+    floor = np.zeros(lengths.shape, dtype=bool)
+    offset = 0
+    for i, (_, _, docs) in enumerate(groups):
+        n = np.array([d.shape[0] for d in docs], dtype=np.int64)
+        lengths[i, : len(n)] = n
+        starts[i, : len(n)] = offset + np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else []
+        floor[i, : len(n)] = n < n.max(initial=0)  # PyLate pads each query's candidates to its longest
+        offset += int(n.sum())
+    device = queries[0].device
+    values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
+    batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True).contiguous()
+    scores = scoring.maxsim(batch, values.contiguous(), torch.from_numpy(starts).to(device),
+                            torch.from_numpy(lengths).to(device), pad_floor=torch.from_numpy(floor).to(device),
+                            backend="triton").to(torch.result_type(batch, values))
+    return [scores[i, :n] if n else None for i, n in enumerate(counts)]
