@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (not on the GPU machine), from the repository root, before a device call.
 # Builds what the GPU machine lacks and cannot download, in folders git ignores:
-#   .whl/    wheels: the MaxSim peers, PyLate 1.6.0 and the exact versions it needs
+#   .whl/    wheels: the MaxSim peers, PyLate 1.6.0 and what it needs beyond the machine's own
+#            packages (its transformers stays: the HF baselines run on the installed one)
 #   .carry/  all-MiniLM-L6-v2 in float16 (the fp32 file is 91 MB, over the 64 MiB carry limit)
 # Then call the device with carry [".whl", ".carry"] and `bash bench/device/run.sh`.
 set -euo pipefail
@@ -10,7 +11,7 @@ rm -rf .whl .carry && mkdir -p .whl .carry
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl flash-maxsim==0.3.0 late-interaction-kernels==0.4.5 pylate==1.6.0 \
-  sentence-transformers==5.3.0 transformers==5.3.0 ujson==5.12.0 datasets dill multiprocess
+  sentence-transformers==5.3.0 ujson==5.12.0 datasets dill multiprocess
 python3 - <<'PY'
 import json, shutil
 from pathlib import Path

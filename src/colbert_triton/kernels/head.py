@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear import accumulate_matmul
+
 __all__ = ["project_normalize", "head_config"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,17 +79,7 @@ def _project_normalize_kernel(
     w_ptrs = w_ptr + (offs_d % D)[None, :] * w_row_stride + offs_k[:, None]  # [BLOCK_K, BLOCK_D]
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = offs_k < K - k_start
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = accumulate_matmul(acc, x_ptrs, w_ptrs, K, BLOCK_K, EVEN_K, DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]

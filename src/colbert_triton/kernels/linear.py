@@ -81,6 +81,26 @@ _MAX_CHUNK_WIDTH = 256
 
 
 @triton.jit
+def accumulate_matmul(acc, x_ptrs, w_ptrs, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """``acc += X @ W`` over K in BLOCK_K steps: x_ptrs [BLOCK_M, BLOCK_K] and w_ptrs
+    [BLOCK_K, BLOCK_N] point at column/row 0 of K; only a ragged K (not EVEN_K) masks loads."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k_start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k < K - k_start
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _gelu(y):
     # Exact GELU, as BERT's "gelu" and torch's F.gelu default: 0.5 * y * (1 + erf(y / sqrt(2))).
     return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
@@ -129,17 +149,7 @@ def _linear_kernel(
     w_ptrs = w_ptr + load_n[None, :] * w_row_stride + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = offs_k < K - k_start
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = accumulate_matmul(acc, x_ptrs, w_ptrs, K, BLOCK_K, EVEN_K, DOT_PRECISION)
 
     n_mask = offs_n < N
     if HAS_BIAS:
