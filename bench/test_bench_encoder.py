@@ -71,7 +71,7 @@ WORKLOADS = _workloads()
 def _hf_runner(checkpoint, attn: str):
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertModel.from_pretrained(str(checkpoint), attn_implementation=attn,
-                                                torch_dtype=torch.float16).cuda().eval()
+                                                dtype=torch.float16).cuda().eval()
 
     def prepare(sequences, key_lens):
         order = np.argsort([-len(s) for s in sequences], kind="stable")
@@ -136,7 +136,7 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
     if impl == "pylate":
         pylate_models = pytest.importorskip("pylate.models")
         pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device="cuda",
-                                   model_kwargs={"torch_dtype": torch.float16})
+                                   model_kwargs={"dtype": torch.float16})
 
         def run():
             pm.encode([text], is_query=is_query, show_progress_bar=False, convert_to_tensor=True)
@@ -159,7 +159,7 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
     if impl == "pylate":
         pylate_models = pytest.importorskip("pylate.models")
         pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device="cuda",
-                                   model_kwargs={"torch_dtype": torch.float16})
+                                   model_kwargs={"dtype": torch.float16})
 
         def run():
             pm.encode(texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False)
