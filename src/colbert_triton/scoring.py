@@ -120,7 +120,6 @@ def as_documents(documents, mask=None) -> DocRows:
         else:
             lengths = _mask_lengths(mask, (n, length), "documents_mask").to(tensor.device)
         rows = DocRows(tensor.reshape(n * length, dim), starts, lengths)
-    _check_finite(rows.values, "documents")
     return rows
 
 
@@ -161,7 +160,6 @@ def as_queries(queries, mask=None) -> torch.Tensor:
             if tuple(mask.shape) != tuple(batch.shape[:2]):
                 raise ValueError(f"queries_mask has shape {tuple(mask.shape)}, expected {tuple(batch.shape[:2])}")
             batch = batch * mask.to(batch.dtype).unsqueeze(-1)
-    _check_finite(batch, "queries")
     return batch.contiguous()
 
 
@@ -174,6 +172,21 @@ def _check_pair(queries: torch.Tensor, docs: DocRows) -> None:
         )
     if queries.device != docs.values.device:
         raise ValueError(f"queries are on {queries.device} but documents are on {docs.values.device}")
+
+
+def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, documents_mask=None):
+    """Queries as [Q, Lq, dim] and documents as rows, checked against each other.
+
+    ``check_inputs`` also rejects NaN/inf values: one pass over both inputs and one device sync,
+    worth skipping (``check_inputs=False``) when scoring a trusted corpus in a hot loop.
+    """
+    q = as_queries(queries, queries_mask)
+    docs = as_documents(documents, documents_mask)
+    _check_pair(q, docs)
+    if check_inputs:
+        _check_finite(q, "queries")
+        _check_finite(docs.values, "documents")
+    return q, docs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,32 +256,28 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, back
 # Public scoring API.
 
 
-def score(queries, documents, *, queries_mask=None, documents_mask=None, backend=None) -> torch.Tensor:
+def score(queries, documents, *, queries_mask=None, documents_mask=None, backend=None,
+          check_inputs: bool = True) -> torch.Tensor:
     """All-pairs scores ``[Q, N]`` (float32)."""
-    q = as_queries(queries, queries_mask)
-    docs = as_documents(documents, documents_mask)
-    _check_pair(q, docs)
+    q, docs = _prepare(queries, documents, check_inputs=check_inputs, queries_mask=queries_mask,
+                       documents_mask=documents_mask)
     return maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)
 
 
-def score_pairwise(queries, documents, *, backend=None) -> torch.Tensor:
+def score_pairwise(queries, documents, *, backend=None, check_inputs: bool = True) -> torch.Tensor:
     """Scores of query i against document i: ``[P]``."""
-    q = as_queries(queries)
-    docs = as_documents(documents)
-    _check_pair(q, docs)
+    q, docs = _prepare(queries, documents, check_inputs=check_inputs)
     if q.shape[0] != len(docs):
         raise ValueError(f"{q.shape[0]} queries but {len(docs)} documents: pairs need equal counts")
     return maxsim(q, docs.values, docs.starts[:, None], docs.lengths[:, None], backend=backend)[:, 0]
 
 
-def score_candidates(queries, corpus, candidates, *, backend=None) -> torch.Tensor:
+def score_candidates(queries, corpus, candidates, *, backend=None, check_inputs: bool = True) -> torch.Tensor:
     """Query i against its own candidates ``candidates[i]`` (indices into ``corpus``): ``[Q, K]``.
 
     An index of -1 marks an unused slot; its score is -inf.
     """
-    q = as_queries(queries)
-    docs = as_documents(corpus)
-    _check_pair(q, docs)
+    q, docs = _prepare(queries, corpus, check_inputs=check_inputs)
     cand = torch.as_tensor(candidates, device=q.device)
     if cand.dim() == 1:
         cand = cand.unsqueeze(0)
@@ -300,7 +309,8 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     return scores.gather(1, order), index.gather(1, order)
 
 
-def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=None):
+def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=None,
+           check_inputs: bool = True):
     """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k], indices [Q, k])``.
 
     The corpus is scored in chunks of ``chunk_size`` documents and merged into a running top-k,
@@ -311,9 +321,7 @@ def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=Non
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
-    q = as_queries(queries)
-    docs = as_documents(corpus)
-    _check_pair(q, docs)
+    q, docs = _prepare(queries, corpus, check_inputs=check_inputs)
     k = min(k, len(docs))
     starts, lengths = docs.starts, docs.lengths
     best_scores = best_index = None
@@ -324,15 +332,13 @@ def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=Non
     return best_scores, best_index
 
 
-def rerank(query, documents, k: int | None = None, *, backend=None) -> list[tuple[int, float]]:
+def rerank(query, documents, k: int | None = None, *, backend=None,
+           check_inputs: bool = True) -> list[tuple[int, float]]:
     """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index."""
-    q = as_queries(query)
+    q, docs = _prepare(query, documents, check_inputs=check_inputs)
     if q.shape[0] != 1:
         raise ValueError(f"rerank takes one query, got {q.shape[0]}")
-    docs = as_documents(documents)
-    _check_pair(q, docs)
     scores = maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)[0]
-    order = torch.sort(scores, descending=True, stable=True).indices
-    if k is not None:
-        order = order[:k]
-    return [(int(i), float(scores[i])) for i in order.tolist()]
+    ranked = torch.sort(scores, descending=True, stable=True)
+    count = len(docs) if k is None else k
+    return list(zip(ranked.indices[:count].tolist(), ranked.values[:count].tolist()))
