@@ -5,11 +5,25 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import require_reference
+from conftest import INTERPRETED, KERNEL_DEVICE, require_reference
 
 from colbert_triton import pylate as dropin
 
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("colbert_triton.kernels.maxsim") else [])
+
+
+def on(backend):
+    """Where a backend's inputs live: the GPU for Triton when there is one (else the interpreter)."""
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+def moved(backend, *tensors):
+    return [None if t is None else t.to(on(backend)) for t in tensors]
+
+
+def close(actual, expected):
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +63,15 @@ def test_colbert_scores(ref, backend, kind):
     q, d, g = _data()
     qmask, dmask = _masks(g, 3, 6, 5, 7, kind)
     expected = ref.colbert_scores(q, d, qmask, dmask, backend="torch")
-    got = dropin.colbert_scores(q, d, qmask, dmask, backend=backend)
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got = dropin.colbert_scores(*moved(backend, q, d, qmask, dmask), backend=backend)
+    assert got.shape == expected.shape
+    close(got, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_colbert_scores_numpy_and_lists(ref, backend):
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("numpy inputs are CPU tensors; the GPU kernel takes CUDA tensors")
     q, d, _ = _data(1)
     expected = ref.colbert_scores(q, d, backend="torch")
     torch.testing.assert_close(dropin.colbert_scores(q.numpy(), list(d), backend=backend), expected,
@@ -73,8 +89,7 @@ def test_colbert_kd_scores(ref, backend, kind):
     qmask, dmask2 = _masks(g, 3, 5, 12, 6, kind)
     dmask = None if dmask2 is None else dmask2.view(3, 4, 6)
     expected = ref.colbert_kd_scores(q, d, qmask, dmask, backend="torch")
-    got = dropin.colbert_kd_scores(q, d, qmask, dmask, backend=backend)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    close(dropin.colbert_kd_scores(*moved(backend, q, d, qmask, dmask), backend=backend), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,8 +98,7 @@ def test_colbert_scores_pairwise(ref, backend):
     qs = [torch.randn(n, 8, generator=g) for n in (4, 1, 6)]
     ds = [torch.randn(n, 8, generator=g) for n in (3, 9, 1)]
     expected = ref.colbert_scores_pairwise(qs, ds, backend="torch")
-    torch.testing.assert_close(dropin.colbert_scores_pairwise(qs, ds, backend=backend), expected,
-                               atol=1e-5, rtol=1e-5)
+    close(dropin.colbert_scores_pairwise(moved(backend, *qs), moved(backend, *ds), backend=backend), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +111,8 @@ def test_rerank(backend):
     queries.append(torch.randn(5, 8, generator=g))
     ids = [["a", "b", "c"], [10], ["w", "x", "y", "z"], []]
     expected = rank.rerank(ids[:-1], queries[:-1], docs[:-1])  # PyLate fails on an empty candidate list
-    got = dropin.rerank(ids, queries, docs, backend=backend)
+    got = dropin.rerank(ids, moved(backend, *queries), [moved(backend, *group) for group in docs],
+                        backend=backend)
     assert got[-1] == []
     for exp, mine in zip(expected, got):
         assert [r["id"] for r in mine] == [r["id"] for r in exp]

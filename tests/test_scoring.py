@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE
+
 from colbert_triton import PackedEmbeddings, rerank, score, score_candidates, score_pairwise, search
 from colbert_triton.scoring import maxsim_torch
 
@@ -18,12 +20,12 @@ def reference(queries, documents):
     for a, q in enumerate(queries):
         for b, d in enumerate(documents):
             if len(d):
-                out[a, b] = (q.double() @ d.double().T).max(1).values.sum()
+                out[a, b] = (q.double().cpu() @ d.double().cpu().T).max(1).values.sum()
     return out
 
 
-def random_docs(generator, lengths, dim, dtype=torch.float32):
-    return [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(dtype)
+def random_docs(generator, lengths, dim, dtype=torch.float32, device="cpu"):
+    return [torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device, dtype)
             for n in lengths]
 
 
@@ -32,63 +34,71 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    """The Triton backend runs on the GPU when there is one, else in the interpreter on the CPU."""
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+def close(actual, expected, **kwargs):
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=1e-4, rtol=1e-5, **kwargs)
+
+
 @pytest.mark.parametrize("dim", [32, 96, 128])
-def test_all_pairs_forms_agree_with_reference(gen, backend, dim):
-    queries = random_docs(gen, [32, 32, 32, 32, 32], dim)
-    docs = random_docs(gen, [1, 7, 0, 33, 20, 64, 5], dim)
+def test_all_pairs_forms_agree_with_reference(gen, backend, device, dim):
+    queries = random_docs(gen, [32, 32, 32, 32, 32], dim, device=device)
+    docs = random_docs(gen, [1, 7, 0, 33, 20, 64, 5], dim, device=device)
     expected = reference(queries, docs).float()
     q = torch.stack(queries)
     as_list = score(q, docs, backend=backend)
-    torch.testing.assert_close(as_list, expected, atol=1e-4, rtol=1e-5)
+    close(as_list, expected)
     packed = score(q, PackedEmbeddings.from_list(docs), backend=backend)
-    torch.testing.assert_close(packed, expected, atol=1e-4, rtol=1e-5)
+    close(packed, expected)
     padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=7.0)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(d)) for d in docs], batch_first=True)
-    torch.testing.assert_close(score(q, padded, documents_mask=mask, backend=backend), expected,
-                               atol=1e-4, rtol=1e-5)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(d), device=device) for d in docs], batch_first=True)
+    close(score(q, padded, documents_mask=mask, backend=backend), expected)
     assert as_list.dtype == torch.float32 and as_list.shape == (5, 7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_query_masks_and_ragged_queries(gen, backend):
-    docs = random_docs(gen, [4, 9], 96)
-    queries = random_docs(gen, [3, 32, 1], 96)
+def test_query_masks_and_ragged_queries(gen, backend, device):
+    docs = random_docs(gen, [4, 9], 96, device=device)
+    queries = random_docs(gen, [3, 32, 1], 96, device=device)
     expected = reference(queries, docs).float()
-    torch.testing.assert_close(score(queries, docs, backend=backend), expected, atol=1e-4, rtol=1e-5)
+    close(score(queries, docs, backend=backend), expected)
     padded = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True, padding_value=5.0)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(q)) for q in queries], batch_first=True)
-    torch.testing.assert_close(score(padded, docs, queries_mask=mask, backend=backend), expected,
-                               atol=1e-4, rtol=1e-5)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(q), device=device) for q in queries], batch_first=True)
+    close(score(padded, docs, queries_mask=mask, backend=backend), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_negative_similarities_are_not_clamped(gen, backend):
-    q = torch.tensor([[[1.0, 0.0]]])
-    docs = [torch.tensor([[-1.0, 0.0], [-0.5, 0.0]]), torch.tensor([[-1.0, 0.0]])]
+def test_negative_similarities_are_not_clamped(gen, backend, device):
+    q = torch.tensor([[[1.0, 0.0]]], device=device)
+    docs = [torch.tensor([[-1.0, 0.0], [-0.5, 0.0]], device=device), torch.tensor([[-1.0, 0.0]], device=device)]
     out = score(q, docs, backend=backend)
-    torch.testing.assert_close(out, torch.tensor([[-0.5, -1.0]]))
+    close(out, torch.tensor([[-0.5, -1.0]]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_candidates_and_pairwise(gen, backend):
-    corpus = random_docs(gen, [5, 0, 12, 3, 8, 1], 64)
-    queries = random_docs(gen, [32, 32, 32], 64)
+def test_candidates_and_pairwise(gen, backend, device):
+    corpus = random_docs(gen, [5, 0, 12, 3, 8, 1], 64, device=device)
+    queries = random_docs(gen, [32, 32, 32], 64, device=device)
     full = reference(queries, corpus).float()
     cand = torch.tensor([[0, 2, 5], [4, 4, 1], [3, -1, 0]])
-    got = score_candidates(queries, PackedEmbeddings.from_list(corpus), cand, backend=backend)
+    got = score_candidates(queries, PackedEmbeddings.from_list(corpus), cand.to(device), backend=backend)
     expected = full.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    close(got, expected)
     pairs = score_pairwise(queries, corpus[:3], backend=backend)
-    torch.testing.assert_close(pairs, full[[0, 1, 2], [0, 1, 2]], atol=1e-4, rtol=1e-5)
+    close(pairs, full[[0, 1, 2], [0, 1, 2]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_search_equals_full_sort_with_ties(gen, backend, chunk_size):
-    base = random_docs(gen, [3, 6, 2, 9, 4], 32)
-    corpus = base + [base[1].clone(), base[3].clone(), base[1].clone(), torch.zeros(0, 32)]
-    queries = random_docs(gen, [8, 8], 32)
+def test_search_equals_full_sort_with_ties(gen, backend, device, chunk_size):
+    base = random_docs(gen, [3, 6, 2, 9, 4], 32, device=device)
+    corpus = base + [base[1].clone(), base[3].clone(), base[1].clone(), torch.zeros(0, 32, device=device)]
+    queries = random_docs(gen, [8, 8], 32, device=device)
     exact = reference(queries, corpus)
     for k in (1, 3, 9, 50):
         scores, index = search(queries, PackedEmbeddings.from_list(corpus), k, chunk_size=chunk_size,
@@ -98,13 +108,12 @@ def test_search_equals_full_sort_with_ties(gen, backend, chunk_size):
             # Full sort: score descending, ties by lower index.
             order = sorted(range(len(corpus)), key=lambda j: (-round(exact[qi, j].item(), 4), j))[:kk]
             assert index[qi].tolist() == order
-            torch.testing.assert_close(scores[qi], exact[qi, order].float(), atol=1e-4, rtol=1e-5)
+            close(scores[qi], exact[qi, order].float())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rerank_orders_best_first(gen, backend):
-    docs = random_docs(gen, [4, 4, 10, 2], 96)
-    query = random_docs(gen, [32], 96)[0]
+def test_rerank_orders_best_first(gen, backend, device):
+    docs = random_docs(gen, [4, 4, 10, 2], 96, device=device)
+    query = random_docs(gen, [32], 96, device=device)[0]
     ranked = rerank(query, docs + [docs[0].clone()], backend=backend)
     exact = reference([query], docs + [docs[0]])[0]
     assert [i for i, _ in ranked] == sorted(range(5), key=lambda j: (-round(exact[j].item(), 4), j))
