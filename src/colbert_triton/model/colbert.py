@@ -9,7 +9,7 @@ import torch
 
 from .. import scoring
 from ..packed import PackedEmbeddings
-from .checkpoint import DEFAULT_MODEL, load_checkpoint
+from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, encode_packed
 from .ops import PackedBatch, get_ops
 from .tokenization import ColBERTTokenizer, TokenizedBatch
@@ -88,8 +88,6 @@ class ColBERT:
         weights = EncoderWeights.from_checkpoint(ckpt.config, ckpt.encoder_tensors, ckpt.head_weight,
                                                  ckpt.head_bias, ckpt.source)
         if ckpt.metadata_dim is not None and int(ckpt.metadata_dim) != weights.dim:
-            from .checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"{ckpt.source}: artifact.metadata says dim {ckpt.metadata_dim} but linear.weight "
                 f"projects to {weights.dim}"
