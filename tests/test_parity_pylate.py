@@ -111,3 +111,29 @@ def test_punctuation_only_document_keeps_special_rows(model):
     d = model.encode_documents(["...!!!???", ""])
     assert d[0].shape == (3, 96) and d[1].shape == (3, 96)
     torch.testing.assert_close(d[0].norm(dim=-1), torch.ones(3))
+
+
+def test_defaults_without_metadata_match_pylate(tmp_path):
+    """A Stanford checkpoint without artifact.metadata: both fall back to the same settings."""
+    from checkpoints import build_stanford
+
+    models = require_reference("pylate.models")
+    path = build_stanford(tmp_path / "no_metadata")
+    (path / "artifact.metadata").unlink()
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    s = ours.settings
+    assert (s.query_prefix, s.document_prefix, s.query_maxlen, s.doc_maxlen, s.attend_to_mask_tokens) == (
+        ref.query_prefix, ref.document_prefix, ref.query_length, ref.document_length,
+        ref.attend_to_expansion_tokens)
+    long_text = "word " * 400
+    assert ours.tokenizer.documents([long_text]).sequences[0].tolist() == \
+        ref.tokenize([long_text], is_query=False)["input_ids"][0].tolist()
+
+
+def test_device_mismatch_is_reported():
+    from colbert_triton import score
+
+    q = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="queries are on cpu but documents are on meta"):
+        score(q, [torch.zeros(3, 8, device="meta")])
