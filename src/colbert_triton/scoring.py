@@ -60,6 +60,15 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contain NaN or infinite values")
 
 
+def _as_tensor_list(items, what: str) -> list[torch.Tensor]:
+    """A non-empty list of [tokens, dim] tensors/arrays sharing dim, dtype and device."""
+    if not items:
+        raise ValueError(f"{what} is empty")
+    tensors = [_as_tensor(x, f"{what}[{i}]") for i, x in enumerate(items)]
+    _check_same(tensors, what)
+    return tensors
+
+
 def _check_same(tensors: list[torch.Tensor], what: str) -> None:
     first = tensors[0]
     for i, t in enumerate(tensors):
@@ -96,11 +105,7 @@ def as_documents(documents, mask=None) -> DocRows:
     a single [L, dim] document.
     """
     if isinstance(documents, (list, tuple)):
-        if not documents:
-            raise ValueError("documents is empty")
-        tensors = [_as_tensor(d, f"documents[{i}]") for i, d in enumerate(documents)]
-        _check_same(tensors, "documents")
-        documents = PackedEmbeddings.from_list(tensors)
+        documents = PackedEmbeddings.from_list(_as_tensor_list(documents, "documents"))
     if isinstance(documents, PackedEmbeddings):
         if mask is not None:
             raise ValueError("a mask goes with padded [N, L, dim] documents, not with a list or packed ones")
@@ -123,7 +128,7 @@ def as_documents(documents, mask=None) -> DocRows:
     return rows
 
 
-def _mask_lengths(mask, shape, what: str) -> list[int]:
+def _mask_lengths(mask, shape, what: str) -> torch.Tensor:
     mask = torch.as_tensor(mask)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
@@ -140,10 +145,7 @@ def as_queries(queries, mask=None) -> torch.Tensor:
     if isinstance(queries, PackedEmbeddings):
         queries = queries.to_list()
     if isinstance(queries, (list, tuple)):
-        if not queries:
-            raise ValueError("queries is empty")
-        tensors = [_as_tensor(q, f"queries[{i}]") for i, q in enumerate(queries)]
-        _check_same(tensors, "queries")
+        tensors = _as_tensor_list(queries, "queries")
         if mask is not None:
             raise ValueError("a mask goes with a padded [Q, Lq, dim] query tensor, not with a list")
         batch = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
@@ -207,9 +209,8 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
     values = doc_values.to(compute)
     starts, lengths = doc_starts.long(), doc_lengths.long()
     floor = None if pad_floor is None else pad_floor.bool()
-    out = torch.empty(tuple(doc_starts.shape), dtype=torch.float32, device=queries.device)
-    if shared:
-        out = torch.empty((num_q, doc_starts.shape[0]), dtype=torch.float32, device=queries.device)
+    out_shape = (num_q, doc_starts.shape[0]) if shared else tuple(doc_starts.shape)
+    out = torch.empty(out_shape, dtype=torch.float32, device=queries.device)
     if out.numel() == 0:
         return out
     max_len = max(int(lengths.max()), 1)

@@ -147,7 +147,9 @@ class ColBERT:
         sorted_starts = np.concatenate([[0], np.cumsum(sorted_lengths)[:-1]])
         starts = np.empty_like(sorted_starts)
         starts[order] = sorted_starts
-        rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+        # Output row r of text i reads row starts[i] + (r - offset_i) of the batch-ordered values.
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        rows = np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
         values = values.index_select(0, torch.from_numpy(rows).to(values.device))
         result = PackedEmbeddings.from_lengths(values, lengths.tolist())
         return result if packed else result.to_list()
