@@ -3,8 +3,9 @@
 #   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh tests", carry=[".whl", ".carry"])
 #   ... then "bash bench/device/run.sh maxsim" and "... encoder" (each fits one 10-minute call)
 # What it does: tests = the whole test suite natively (no interpreter); maxsim / encoder = that
-# benchmark family; all = everything. Logs, benchmark JSON/Markdown and pytest-benchmark JSON land
-# under $OUT; the short table comes last in the output.
+# benchmark family; all = tests and both families; tune [maxsim|encoder|all] = the block-size
+# sweep of bench/device/tune.py (TUNE_BUDGET_S seconds, default 420). Logs, benchmark and
+# sweep JSON/Markdown and pytest-benchmark JSON land under $OUT; the short table comes last.
 set -uo pipefail
 what=${1:-all}
 export PYTHONUNBUFFERED=1
@@ -20,6 +21,11 @@ rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest tests -q --durations=20 -p no:cacheprovider -o addopts="" --timeout=300 \
     -rs 2>&1 | tee "$OUT/tests.log" | tail -60
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [ "$what" = tune ]; then
+  python3 bench/device/tune.py "${2:-all}" --budget-s "${TUNE_BUDGET_S:-420}" \
+    --out "$OUT/results/tune-${2:-all}.json" 2>&1 | tee "$OUT/tune.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 for family in maxsim encoder; do

@@ -72,6 +72,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_K_CHUNKS = 4  # query chunks held in registers (q0..q3 in the kernel)
 _MAX_DIM = 1024
 _MAX_DOCS_PER_PROGRAM = 16
+_PROGRAMS_PER_SM = 8  # grid size target of the document split (bench/device/tune.py sweeps it)
 _MAX_GRID = 2**31 - 1
 
 
@@ -487,9 +488,10 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
     qb = 1 if candidate_mode else cfg.qb
 
     num_qblocks = -(-num_queries // qb)
-    # Documents per program: enough programs for ~8 per SM, at most _MAX_DOCS_PER_PROGRAM
-    # (the query tile is loaded once per program), and never a grid past 2^31 - 1.
-    groups_wanted = max(1, (8 * _num_sms(queries.device)) // num_qblocks)
+    # Documents per program: enough programs for ~_PROGRAMS_PER_SM per SM, at most
+    # _MAX_DOCS_PER_PROGRAM (the query tile is loaded once per program), and never a grid past
+    # 2^31 - 1.
+    groups_wanted = max(1, (_PROGRAMS_PER_SM * _num_sms(queries.device)) // num_qblocks)
     docs_per_program = min(_MAX_DOCS_PER_PROGRAM, -(-docs_per_query // groups_wanted))
     docs_per_program = max(docs_per_program, -(-docs_per_query * num_qblocks // _MAX_GRID), 1)
     num_groups = -(-docs_per_query // docs_per_program)
