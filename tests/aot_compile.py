@@ -86,8 +86,10 @@ def _encoder_case():
             head.project_normalize(r(T, H, dtype=dt), r(d, H, dtype=dt), None, torch.arange(T))
     dt = torch.float16
     linear.linear(r(T, H, dtype=dt), r(1536, H, dtype=dt), r(1536, dtype=dt), "gelu", backend="torch")
-    linear.linear_residual_layernorm(r(T, 3072, dtype=dt), r(768, 3072, dtype=dt), r(768, dtype=dt),
-                                     r(T, 768, dtype=dt), r(768, dtype=dt), r(768, dtype=dt), 1e-12)
+    for hidden in (768, 1024):  # BERT-base and BERT-large checkpoints
+        linear.linear_residual_layernorm(r(T, 4 * hidden, dtype=dt), r(hidden, 4 * hidden, dtype=dt),
+                                         r(hidden, dtype=dt), r(T, hidden, dtype=dt), r(hidden, dtype=dt),
+                                         r(hidden, dtype=dt), 1e-12)
     attention.varlen_attention(r(T, 3 * 1536, dtype=dt), cu, cu[1:] - cu[:-1], 300, 12, 128)
     return recorders
 

@@ -312,6 +312,23 @@ def test_out_is_written_everywhere_and_returned():
     assert_scores(cand_out, queries, values, cand_starts, cand_lens)
 
 
+def test_nan_propagates_like_torch():
+    """A NaN embedding row makes exactly the scores it enters NaN (the GPU's plain max would drop
+    it and return a finite, wrong score)."""
+    gen = torch.Generator().manual_seed(19)
+    values, starts, lens = packed_docs([40, 7, 130, 0], 96, torch.float16, gen)
+    queries = unit_rows(3, 32, 96, dtype=torch.float16, gen=gen)
+    values[starts[2] + 77, 5] = float("nan")  # document 2, inside a full tile
+    values[starts[1] + 6, 0] = float("nan")  # document 1, its last (partial) tile
+    queries[1, 31, 3] = float("nan")  # query 1's last row
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    got = maxsim(queries, values, starts, lens).cpu()
+    expected_nan = torch.zeros(3, 4, dtype=torch.bool)
+    expected_nan[:, 1:3] = True
+    expected_nan[1, :3] = True  # an empty document (3) scores 0 whatever the query holds
+    assert torch.equal(got.isnan(), expected_nan), got
+
+
 def test_scores_do_not_depend_on_batch_composition():
     gen = torch.Generator().manual_seed(10)
     values, starts, lens = packed_docs([31, 80, 2], 96, torch.float16, gen)
@@ -423,6 +440,8 @@ BAD_INPUTS = {
                   ValueError),
     "dim too large": (lambda q, v, s, n: (q.new_zeros(2, 8, 1040), v.new_zeros(10, 1040), s, n,
                                           {}), ValueError),
+    "fp32 dim over 512": (lambda q, v, s, n: (q.new_zeros(2, 8, 520), v.new_zeros(10, 520), s, n,
+                                              {}), ValueError),
 }
 
 

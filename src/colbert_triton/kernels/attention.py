@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device
+
 __all__ = ["varlen_attention", "attention_config", "query_tile_bound"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -248,20 +250,23 @@ def varlen_attention(
     if num_tokens == 0:
         return out
     _check(num_seqs > 0, f"qkv has {num_tokens} rows but cu_seqlens describes no sequence")
+    _check(max_seqlen >= 1, f"qkv has {num_tokens} rows but max_seqlen is {max_seqlen}: it must be "
+                            f"at least the longest sequence's length")
 
     config = attention_config(head_dim, max_seqlen, qkv.dtype)
     num_tiles = query_tile_bound(num_tokens, num_seqs, max_seqlen, config["BLOCK_M"])
     if num_tiles == 0:
         return out
     grid = (num_tiles * num_heads,)
-    _varlen_attention_kernel[grid](
-        qkv, cu_seqlens, key_lens, out,
-        num_seqs,
-        _LOG2E / math.sqrt(head_dim),
-        qkv.stride(0), out.stride(0),
-        HIDDEN=hidden, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_B=_BLOCK_B,
-        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    with on_device(qkv):
+        _varlen_attention_kernel[grid](
+            qkv, cu_seqlens, key_lens, out,
+            num_seqs,
+            _LOG2E / math.sqrt(head_dim),
+            qkv.stride(0), out.stride(0),
+            HIDDEN=hidden, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_B=_BLOCK_B,
+            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
     return out

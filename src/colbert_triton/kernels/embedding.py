@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device
+
 __all__ = ["embed_layernorm", "embedding_config"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -180,11 +182,12 @@ def embed_layernorm(
 
     config = embedding_config(hidden)
     grid = (triton.cdiv(num_tokens, config["BLOCK_T"]),)
-    _embed_layernorm_kernel[grid](
-        input_ids, position_ids, word, position, token_type_row, ln_weight, ln_bias, out,
-        num_tokens, vocab_size, position.shape[0], float(eps),
-        word.stride(0), position.stride(0), out.stride(0),
-        HIDDEN=hidden, BLOCK_T=config["BLOCK_T"], BLOCK_H=config["BLOCK_H"],
-        num_warps=config["num_warps"],
-    )
+    with on_device(out):
+        _embed_layernorm_kernel[grid](
+            input_ids, position_ids, word, position, token_type_row, ln_weight, ln_bias, out,
+            num_tokens, vocab_size, position.shape[0], float(eps),
+            word.stride(0), position.stride(0), out.stride(0),
+            HIDDEN=hidden, BLOCK_T=config["BLOCK_T"], BLOCK_H=config["BLOCK_H"],
+            num_warps=config["num_warps"],
+        )
     return out

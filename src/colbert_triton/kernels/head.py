@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device
 from .linear import accumulate_matmul
 
 __all__ = ["project_normalize", "head_config"]
@@ -175,15 +176,16 @@ def project_normalize(
 
     config = head_config(d, k, x.dtype)
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]),)
-    _project_normalize_kernel[grid](
-        x, rows if rows is not None else x, weight, bias if bias is not None else x, out,
-        num_rows, x.shape[0], x.stride(0), weight.stride(0), out.stride(0),
-        D=d, K=k, HAS_ROWS=rows is not None, HAS_BIAS=bias is not None, NORM_EPS=_NORM_EPS,
-        BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"], BLOCK_K=config["BLOCK_K"],
-        EVEN_K=k % config["BLOCK_K"] == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    with on_device(x):
+        _project_normalize_kernel[grid](
+            x, rows if rows is not None else x, weight, bias if bias is not None else x, out,
+            num_rows, x.shape[0], x.stride(0), weight.stride(0), out.stride(0),
+            D=d, K=k, HAS_ROWS=rows is not None, HAS_BIAS=bias is not None, NORM_EPS=_NORM_EPS,
+            BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"], BLOCK_K=config["BLOCK_K"],
+            EVEN_K=k % config["BLOCK_K"] == 0,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
     return out
 
 

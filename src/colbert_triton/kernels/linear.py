@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device
+
 __all__ = [
     "GEMM_BACKEND",
     "linear",
@@ -401,7 +403,10 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
     BLOCK_M keeps the fp32 accumulators at <= 64 x 512 (128 registers a thread at 8 warps):
     64 rows up to 512 columns, else 32 (16-bit), with 8 warps and 3 stages (hidden 384: 168 KiB
     of shared memory, ~180 registers, no spills on sm_90). fp32 (ieee FMA path): 32 rows and 4
-    warps up to 384 columns, else 16 rows and 8 warps; 2 stages. K steps of 64 (16-bit) or 32 (fp32).
+    warps up to 384 columns, else 16 rows and 8 warps; 2 stages. K steps of 64 (16-bit) or 32
+    (fp32); rows wider than 512 take K steps of 32 in 16-bit too, since each stage holds a
+    whole [N, BLOCK_K] slice of W (hidden 1024 with K steps of 64 needs 264 KiB, over sm_90's
+    227 KiB; with 32, 132 KiB).
     """
     block_n = min(128, _pow2_at_least(n))
     if triton.cdiv(n, block_n) > _MAX_CHUNKS:
@@ -414,7 +419,7 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
         wide = num_chunks * block_n > 384
         block_m, block_k, warps, stages = (16 if wide else 32), 32, (8 if wide else 4), 2
     else:
-        block_m, block_k, warps, stages = (32 if wide else 64), 64, 8, 3
+        block_m, block_k, warps, stages = (32 if wide else 64), (32 if wide else 64), 8, 3
     block_k = min(block_k, _pow2_at_least(k))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "NUM_CHUNKS": num_chunks,
             "num_warps": warps, "num_stages": stages}
@@ -544,15 +549,16 @@ def linear(
 
     config = linear_config(n, k, x.dtype)
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _linear_kernel[grid](
-        x, weight, bias if bias is not None else x, out,
-        num_rows, x.stride(0), weight.stride(0), out.stride(0),
-        N=n, K=k, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], EVEN_K=k % config["BLOCK_K"] == 0,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    with on_device(x):
+        _linear_kernel[grid](
+            x, weight, bias if bias is not None else x, out,
+            num_rows, x.stride(0), weight.stride(0), out.stride(0),
+            N=n, K=k, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            GROUP_M=config["GROUP_M"], EVEN_K=k % config["BLOCK_K"] == 0,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
     return out
 
 
@@ -599,16 +605,17 @@ def linear_residual_layernorm(
         return bias_residual_layernorm(product, bias, residual, ln_weight, ln_bias, eps, out=out)
 
     grid = (triton.cdiv(num_rows, config["BLOCK_M"]),)
-    _linear_residual_layernorm_kernel[grid](
-        x, weight, bias, residual, ln_weight, ln_bias, out,
-        num_rows, float(eps),
-        x.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
-        N=n, K=k,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        NUM_CHUNKS=config["NUM_CHUNKS"], EVEN_K=k % config["BLOCK_K"] == 0,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    with on_device(x):
+        _linear_residual_layernorm_kernel[grid](
+            x, weight, bias, residual, ln_weight, ln_bias, out,
+            num_rows, float(eps),
+            x.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
+            N=n, K=k,
+            BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            NUM_CHUNKS=config["NUM_CHUNKS"], EVEN_K=k % config["BLOCK_K"] == 0,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
     return out
 
 
@@ -644,14 +651,15 @@ def bias_residual_layernorm(
 
     config = layernorm_config(n)
     grid = (triton.cdiv(num_rows, config["BLOCK_T"]),)
-    _bias_residual_layernorm_kernel[grid](
-        x, bias if bias is not None else x, residual if residual is not None else x,
-        ln_weight, ln_bias, out,
-        num_rows, float(eps),
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        N=n, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_T=config["BLOCK_T"], BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"],
-    )
+    with on_device(x):
+        _bias_residual_layernorm_kernel[grid](
+            x, bias if bias is not None else x, residual if residual is not None else x,
+            ln_weight, ln_bias, out,
+            num_rows, float(eps),
+            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            N=n, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            BLOCK_T=config["BLOCK_T"], BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"],
+        )
     return out
 
 
@@ -665,10 +673,11 @@ def _bias_activation_(y: torch.Tensor, bias: torch.Tensor | None, activation: st
     num_rows, n = y.shape
     block_t, block_n = 32, min(128, _pow2_at_least(n))
     grid = (triton.cdiv(num_rows, block_t), triton.cdiv(n, block_n))
-    _bias_activation_kernel[grid](
-        y, bias if bias is not None else y, num_rows, y.stride(0),
-        N=n, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
-        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
-    )
+    with on_device(y):
+        _bias_activation_kernel[grid](
+            y, bias if bias is not None else y, num_rows, y.stride(0),
+            N=n, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
+            BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+        )
     return y
 

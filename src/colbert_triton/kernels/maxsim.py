@@ -65,12 +65,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_device
+
 __all__ = ["maxsim"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_K_CHUNKS = 4  # query chunks held in registers (q0..q3 in the kernel)
 _MAX_DIM = 1024
+_MAX_DIM_FP32 = 512
 _MAX_DOCS_PER_PROGRAM = 16
 _PROGRAMS_PER_SM = 8  # grid size target of the document split (bench/device/tune.py sweeps it)
 _MAX_GRID = 2**31 - 1
@@ -142,6 +145,11 @@ def _load_query_tile(q_ptrs, row_valid, k_offs, dim, q_k_stride, NUM_K: tl.const
 
 
 @triton.jit
+def _max_propagate_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, row_valid, k_offs, dim, doc_k_stride,
                   NUM_K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                   MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
@@ -164,7 +172,10 @@ def _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, row_valid, k_offs, dim, doc_k
     if MASK_ROWS:
         # Rows past the document's end loaded as 0 but must not enter the max (a 0 could win).
         sim = tl.where(row_valid[None, :], sim, float("-inf"))
-    return tl.maximum(row_max, tl.max(sim, axis=1))
+    # NaN-propagating max (max.NaN.f32, full rate): the GPU's plain max drops a NaN operand,
+    # which would hide a NaN embedding (the interpreter and torch.amax propagate it).
+    tile_max = tl.reduce(sim, 1, _max_propagate_nan)
+    return tl.maximum(row_max, tile_max, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit(do_not_specialize=["num_queries", "query_len", "docs_per_query", "docs_per_program",
@@ -212,9 +223,11 @@ def _maxsim_kernel(
     # This program's documents: slots [slot_begin, slot_end) of the query block's list.
     idx_base = qblock.to(tl.int64) * QB * idx_q_stride
     out_q = qblock * QB + tl.arange(0, QB)
-    out_base = out_ptr + out_q.to(tl.int64) * out_q_stride
     slot_begin = group * docs_per_program
     slot_end = tl.minimum(slot_begin + docs_per_program, docs_per_query)
+    # 64-bit offsets: Q * N scores may pass 2^31 elements.
+    out_ptrs = (out_ptr + out_q.to(tl.int64) * out_q_stride
+                + slot_begin.to(tl.int64) * out_doc_stride)
     for slot in range(slot_begin, slot_end):
         start = tl.load(starts_ptr + idx_base + slot).to(tl.int64)
         length = tl.load(lengths_ptr + idx_base + slot).to(tl.int64)
@@ -257,7 +270,8 @@ def _maxsim_kernel(
             # Segmented sum: the QB queries' rows are contiguous LQ_TILE-row segments.
             score += tl.sum(tl.reshape(row_max, (QB, LQ_TILE)), axis=1)
 
-        tl.store(out_base + slot * out_doc_stride, score, mask=out_q < num_queries)
+        tl.store(out_ptrs, score, mask=out_q < num_queries)
+        out_ptrs += out_doc_stride
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +388,10 @@ def _validate(queries, doc_values, doc_starts, doc_lengths, pad_floor, out):
                          f"{doc_values.shape[1]}")
     if dim < 1 or dim > _MAX_DIM:
         raise ValueError(f"embedding dim must be in [1, {_MAX_DIM}], got {dim}")
+    if queries.dtype == torch.float32 and dim > _MAX_DIM_FP32:
+        # 3xTF32 keeps split copies of both operands in shared memory: d > 512 exceeds sm_90's.
+        raise ValueError(f"float32 inputs support embedding dims up to {_MAX_DIM_FP32}, got {dim}: "
+                         f"cast them to float16 or bfloat16")
     device = queries.device
     if doc_values.device != device:
         raise ValueError(f"doc_values is on {doc_values.device}, queries on {device}")
@@ -424,12 +442,16 @@ def _check_ranges(doc_starts, doc_lengths, num_rows):
         return
     lengths = doc_lengths.to(torch.int64)
     starts = doc_starts.to(torch.int64)
-    if bool((lengths < 0).any()):
-        raise ValueError("doc_lengths must be >= 0")
     nonempty = lengths > 0
-    if bool((nonempty & (starts < 0)).any()):
+    # The three checks in one tensor: a single read back to the host.
+    negative_length, negative_start, past_end = torch.stack([
+        (lengths < 0).any(), (nonempty & (starts < 0)).any(),
+        (nonempty & (starts + lengths > num_rows)).any()]).tolist()
+    if negative_length:
+        raise ValueError("doc_lengths must be >= 0")
+    if negative_start:
         raise ValueError("doc_starts must be >= 0")
-    if bool((nonempty & (starts + lengths > num_rows)).any()):
+    if past_end:
         raise ValueError(f"a document range [start, start + length) runs past the {num_rows} "
                          f"rows of doc_values")
 
@@ -502,18 +524,19 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
     precision = "tf32x3" if queries.dtype == torch.float32 else "ieee" if dot_fp32 else "tf32"
     q_strides, doc_strides, out_strides = queries.stride(), doc_values.stride(), out.stride()
     # Grid: one axis (no 65535 limit): num_qblocks x document groups, query block fastest.
-    _maxsim_kernel[(num_qblocks * num_groups,)](
-        queries, doc_values, doc_starts, doc_lengths,
-        pad_floor if pad_floor is not None else doc_lengths, out,
-        num_queries, query_len, dim, docs_per_query, docs_per_program, num_qblocks,
-        doc_values.shape[0],
-        q_strides[0], q_strides[1], q_strides[2],
-        doc_strides[0], doc_strides[1],
-        idx_q_stride,
-        out_strides[0], out_strides[1],
-        QB=qb, LQ_TILE=cfg.lq_tile, NUM_LQ_CHUNKS=cfg.num_lq_chunks,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_K=cfg.num_k,
-        EVEN_K=cfg.block_k * cfg.num_k == dim,
-        HAS_PAD_FLOOR=pad_floor is not None, DOT_FP32=dot_fp32, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with on_device(queries):
+        _maxsim_kernel[(num_qblocks * num_groups,)](
+            queries, doc_values, doc_starts, doc_lengths,
+            pad_floor if pad_floor is not None else doc_lengths, out,
+            num_queries, query_len, dim, docs_per_query, docs_per_program, num_qblocks,
+            doc_values.shape[0],
+            q_strides[0], q_strides[1], q_strides[2],
+            doc_strides[0], doc_strides[1],
+            idx_q_stride,
+            out_strides[0], out_strides[1],
+            QB=qb, LQ_TILE=cfg.lq_tile, NUM_LQ_CHUNKS=cfg.num_lq_chunks,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_K=cfg.num_k,
+            EVEN_K=cfg.block_k * cfg.num_k == dim,
+            HAS_PAD_FLOOR=pad_floor is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )

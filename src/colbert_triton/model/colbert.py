@@ -11,7 +11,7 @@ from .. import scoring
 from ..packed import PackedEmbeddings
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, encode_packed
-from .ops import PackedBatch, get_ops
+from .ops import PackedBatch, get_ops, host_to_device
 from .tokenization import ColBERTTokenizer, TokenizedBatch
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -168,7 +168,7 @@ class ColBERT:
             if values is not None:
                 return values, lengths
         batch = PackedBatch.from_sequences(part.sequences, part.key_lens, self.device)
-        rows = None if rows_host is None else torch.from_numpy(rows_host).to(self.device)
+        rows = None if rows_host is None else host_to_device(rows_host, torch.int64, self.device)
         return encode_packed(self.weights, batch, self.ops, rows=rows), lengths
 
     # -----------------------------------------------------------------------------------------

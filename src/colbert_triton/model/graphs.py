@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..kernels._device import on_device
 from .encoder import EncoderWeights, encode_packed
 from .ops import PackedBatch
 
@@ -89,16 +90,18 @@ class GraphedEncoder:
 
     def __init__(self, weights: EncoderWeights, ops, device: torch.device,
                  buckets=DEFAULT_BUCKETS, capture: bool = True):
-        self.weights, self.ops, self.device = weights, ops, device
+        self.weights, self.ops, self.device = weights, ops, torch.device(device)
         max_len = weights.config.max_position_embeddings
-        self.buckets = [_Bucket(t, s, device) for t, s in sorted(buckets)]
-        for bucket in self.buckets:
-            # A filler batch that uses every slot, so warm-up runs touch realistic shapes.
-            length = max(1, min(max_len, bucket.num_tokens // bucket.num_seqs))
-            filler = [np.full(length, 101, dtype=np.int64)] * bucket.num_seqs
-            bucket.fill(filler, np.full(bucket.num_seqs, length), np.arange(bucket.num_tokens))
-        if capture:
-            self._capture()
+        # Events, streams, captures and replays belong to the current device: make it ours.
+        with on_device(self.device):
+            self.buckets = [_Bucket(t, s, self.device) for t, s in sorted(buckets)]
+            for bucket in self.buckets:
+                # A filler batch that uses every slot, so warm-up runs touch realistic shapes.
+                length = max(1, min(max_len, bucket.num_tokens // bucket.num_seqs))
+                filler = [np.full(length, 101, dtype=np.int64)] * bucket.num_seqs
+                bucket.fill(filler, np.full(bucket.num_seqs, length), np.arange(bucket.num_tokens))
+            if capture:
+                self._capture()
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -126,11 +129,12 @@ class GraphedEncoder:
         if bucket is None:
             return None
         rows = np.arange(total) if rows is None else rows
-        bucket.fill(sequences, key_lens, rows)
-        if bucket.graph is None:  # capture disabled: run the same padded batch eagerly
-            out = bucket.forward(self.weights, self.ops)
-        else:
-            bucket.graph.replay()
-            out = bucket.out
-        # The static output is overwritten by the next replay: hand back a copy.
-        return out[: len(rows)].clone()
+        with on_device(self.device):
+            bucket.fill(sequences, key_lens, rows)
+            if bucket.graph is None:  # capture disabled: run the same padded batch eagerly
+                out = bucket.forward(self.weights, self.ops)
+            else:
+                bucket.graph.replay()
+                out = bucket.out
+            # The static output is overwritten by the next replay: hand back a copy.
+            return out[: len(rows)].clone()

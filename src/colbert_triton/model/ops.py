@@ -17,6 +17,16 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory, so the copy is asynchronous
+    (a pageable copy waits for the GPU to drain, stalling the host's preparation of the next
+    batch)."""
+    tensor = torch.from_numpy(array).to(dtype)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class PackedBatch:
     """A batch of token sequences laid end to end, with the bookkeeping every op needs.
@@ -61,19 +71,11 @@ class PackedBatch:
         np.cumsum(seq_lens, out=cu[1:])
         ids = np.concatenate(sequences).astype(np.int64, copy=False)
         positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], seq_lens)
-        pin = torch.device(device).type == "cuda"
-
-        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            tensor = torch.from_numpy(array).to(dtype)
-            if pin:
-                tensor = tensor.pin_memory()
-            return tensor.to(device, non_blocking=pin)
-
         return cls(
-            input_ids=to_device(ids, torch.int64),
-            position_ids=to_device(positions, torch.int64),
-            cu_seqlens=to_device(cu, torch.int32),
-            key_lens=to_device(key_lens_host, torch.int32),
+            input_ids=host_to_device(ids, torch.int64, device),
+            position_ids=host_to_device(positions, torch.int64, device),
+            cu_seqlens=host_to_device(cu, torch.int32, device),
+            key_lens=host_to_device(key_lens_host, torch.int32, device),
             seq_lens_host=seq_lens,
             key_lens_host=key_lens_host,
             max_seqlen=int(seq_lens.max()),
