@@ -369,15 +369,36 @@ def test_degenerate_sizes():
         (50, 32, maxsim_module._Config(4, 32, 1, 32, 16, 4, 4, 2)),
     ],
 )
-def test_forced_configs(dim, query_len, cfg):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-document"])
+def test_forced_configs(dim, query_len, cfg, flat):
     gen = torch.Generator().manual_seed(dim)
     values, starts, lens = packed_docs([16, 0, 47, 1, 32], dim, torch.float32, gen)
     queries = unit_rows(5, query_len, dim, gen=gen)
     floor = torch.tensor([True, True, False, False, True])
     queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
     out = torch.full((5, 5), float("nan"), device=DEV)
-    maxsim_module._launch(queries, values, starts, lens, floor, out, cfg)
+    maxsim_module._launch(queries, values, starts, lens, floor, out, cfg._replace(flat=flat))
     assert_scores(out, queries, values, starts, lens, floor)
+
+
+@pytest.mark.parametrize("candidates", [False, True], ids=["all-pairs", "candidates"])
+def test_many_documents_per_program(monkeypatch, candidates):
+    """A program with more documents than one flat tile loop holds (a grid capped at its limit)
+    walks them in several steps; empty documents anywhere, one in the last lane of a step."""
+    monkeypatch.setattr(maxsim_module, "_MAX_GRID", 3)
+    monkeypatch.setattr(maxsim_module, "_MAX_DOCS_PER_PROGRAM", 4)
+    gen = torch.Generator().manual_seed(21)
+    doc_lens = torch.randint(0, 40, (45,), generator=gen).tolist()
+    doc_lens[3] = doc_lens[20] = 0
+    values, starts, lens = packed_docs(doc_lens, 32, torch.float32, gen)
+    queries = unit_rows(3, 32, 32, gen=gen)
+    if candidates:
+        pick = torch.randint(0, 45, (3, 14), generator=gen)
+        starts, lens = starts[pick], lens[pick]
+    queries, values, starts, lens = to_dev(queries, values, starts, lens)
+    out = torch.full(tuple(starts.shape) if candidates else (3, 45), float("nan"), device=DEV)
+    maxsim(queries, values, starts, lens, out=out)
+    assert_scores(out, queries, values, starts, lens)
 
 
 def test_split_dim_heuristic():

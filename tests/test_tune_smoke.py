@@ -9,11 +9,17 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "device"))
 
 import tune  # noqa: E402
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the sweep itself runs (bench/device/run.sh tune); its smoke "
+                           "run would only spend device time compiling")
 def test_tune_smoke(tmp_path):
     out = tmp_path / "tune.json"
     assert tune.main(["all", "--smoke", "--workers", "2", "--out", str(out)]) == 0

@@ -21,8 +21,8 @@ How (METHOD.md: warm up, median of many runs, baseline and candidates in the sam
    is a bug in the kernel or the config, printed as ``MISMATCH``.
 3. Time: ``triton.testing.do_bench`` median with an L2 flush, heuristic first, in order of
    priority until ``--budget-s`` is spent (what is left is reported as not timed).
-For MaxSim a second pass sweeps the grid knobs (programs per SM, documents per program) with
-the best block config of the first pass.
+For MaxSim a second pass tries, around the best block config of the first, the per-document
+loop, d padded to one dot, and the grid knobs (programs per SM, documents per program).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def maxsim_cases(smoke: bool) -> list[Case]:
 
 def encoder_cases(smoke: bool) -> list[Case]:
     """Per op of one layer: (lengths seed/kind, N, K) for GEMMs, the batch kind for attention."""
-    batches = ["smoke"] if smoke else ["docs", "queries"]
+    batches = ["smoke"] if smoke else ["docs", "queries", "one-query"]
     cases = []
     for batch in batches:
         cases += [
@@ -116,6 +116,8 @@ def _batch_lengths(kind: str) -> tuple[list[int], list[int]]:
     if kind == "smoke":
         seqs = [1, 17, 40, 5]
         return seqs, seqs
+    if kind == "one-query":  # the smallest CUDA-graph bucket: one query and the filler
+        return [QUERY_LEN, 64 - QUERY_LEN], [10, 1]
     if kind == "queries":  # 512 ColBERT queries: 32 rows, 5-32 of them keys
         return [QUERY_LEN] * 512, rng.integers(5, QUERY_LEN + 1, size=512).tolist()
     lengths, total = [], 0  # documents of 20-300 tokens, ~16k tokens in all
@@ -194,9 +196,8 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
         for block_n in ((16, 32) if smoke else (32, 64, 128, 256)):
             if rows * block_n > 256 * 128:  # the fp32 similarity tile: > 128 registers a thread
                 continue
-            for warps in ((4,) if smoke else (4, 8)):
-                if rows >= 256 and warps == 4:
-                    continue
+            # One warpgroup (4 warps) per 64 rows of M: wgmma's M per warpgroup is 64.
+            for warps in ((4,) if rows <= 64 else (8,)):
                 for stages in ((2,) if smoke else (2, 3, 4)):
                     cfg = {**default, "qb": qb, "lq_tile": lq_tile,
                            "num_lq_chunks": -(-q.shape[1] // lq_tile), "block_n": block_n,
@@ -206,10 +207,18 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
     return configs[:3] if smoke else configs
 
 
-def maxsim_grid_configs(best: dict, smoke: bool) -> list[dict]:
+def maxsim_variant_configs(best: dict, dim: int, smoke: bool) -> list[dict]:
+    """Second pass, around the best block config: the per-document loop instead of the flat
+    one, d padded to one power-of-two dot (one wgmma chain, no waits between chunk dots, for
+    33% more MMA work at d = 96), and the grid knobs (programs per SM, documents per program)."""
+    variants = [{**best, "flat": not best["flat"]}]
+    padded_k = maxsim_mod._next_pow2(dim)
+    if (best["block_k"], best["num_k"]) != (padded_k, 1) and padded_k <= 256:
+        variants.append({**best, "block_k": padded_k, "num_k": 1})
     knobs = [(4, 16), (16, 16), (8, 4), (8, 64), (2, 64)] if not smoke else [(2, 2)]
-    return [{**best, "programs_per_sm": p, "max_docs_per_program": m} for p, m in knobs
-            if (p, m) != (best["programs_per_sm"], best["max_docs_per_program"])]
+    variants += [{**best, "programs_per_sm": p, "max_docs_per_program": m} for p, m in knobs
+                 if (p, m) != (best["programs_per_sm"], best["max_docs_per_program"])]
+    return variants
 
 
 def _linear_default(case: Case) -> dict:
@@ -462,8 +471,8 @@ def sweep_family(sweep: Sweep, cases: list[Case]) -> None:
             default, best = entries[0] if entries else None, _best(entries)
             if best is not None and default.ms is not None:
                 expected = run_once(case, inputs, default.config).float()
-                grid = maxsim_grid_configs(best.config, sweep.smoke)
-                sweep.measure(case, inputs, grid, {}, tolerance, expected=expected)
+                variants = maxsim_variant_configs(best.config, case.params[4], sweep.smoke)
+                sweep.measure(case, inputs, variants, {}, tolerance, expected=expected)
         reference = reference_launcher(case, inputs)
         if reference is not None and time.monotonic() < sweep.deadline:
             reference()
@@ -474,7 +483,8 @@ def sweep_family(sweep: Sweep, cases: list[Case]) -> None:
 
 def _short(config: dict) -> str:
     keys = {"qb": "QB", "lq_tile": "LQ", "block_n": "BN", "num_warps": "w", "num_stages": "s",
-            "programs_per_sm": "pps", "max_docs_per_program": "dpp", "BLOCK_M": "BM",
+            "programs_per_sm": "pps", "max_docs_per_program": "dpp", "flat": "flat",
+            "block_k": "BK", "num_k": "NK", "BLOCK_M": "BM",
             "BLOCK_N": "BN", "BLOCK_K": "BK", "impl": ""}
     return " ".join(f"{keys[k]}{v}" for k, v in config.items() if k in keys)
 

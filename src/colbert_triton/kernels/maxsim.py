@@ -13,11 +13,16 @@ kernels, see ``research/maxsim-peers.md``):
   axis: a segmented sum that yields ``QB`` scores at once. Peers give each program one query
   and re-read every document tile from L2 once per query, which caps the batch case far below
   the tensor-core floor.
-* **Each document loops over its own length.** The tile loop's bound is the document's
-  runtime length, not a padded or maximum length; full tiles load without row masks, only the
-  last partial tile is masked.
-* **The query tile stays resident across documents.** A program scores a query block against
-  ``docs_per_program`` consecutive documents, loading the query rows once.
+* **Each document is read over its own length, in one pipelined stream.** A program scores a
+  query block against up to ``DOCS_PER_STEP`` consecutive documents in ONE loop over all their
+  tiles (``_flat_tile_loop``): each document contributes ``cdiv(length, BLOCK_N)`` tiles, not a
+  padded or maximum length, and tile t finds its document from per-document tile counts held
+  in registers, so the software pipeline prefetches across document boundaries instead of
+  restarting (and loading the partial last tile synchronously) at every document. Every
+  tile is row-masked; only a document's last one has rows past its end. ``FLAT=False`` keeps the simpler loop per document
+  (full tiles unmasked, then the partial one) until a GPU measurement settles which is faster.
+* **The query tile stays resident across documents.** The query rows are loaded once per
+  program, for all its ``docs_per_program`` documents.
 * **No padding of d to a power of two.** The embedding dim is split into ``NUM_K`` chunks of
   ``BLOCK_K`` columns (the largest power of two dividing d: 96 -> 3 x 32, 128 -> 1 x 128) and the
   chunk products accumulate into one fp32 tile, so d = 96 costs 96 columns of MMA work, not
@@ -178,6 +183,87 @@ def _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, row_valid, k_offs, dim, doc_k
     return tl.maximum(row_max, tile_max, propagate_nan=tl.PropagateNan.ALL)
 
 
+@triton.jit
+def _flat_tile_loop(
+    q0, q1, q2, q3, q_row_base, q_rows, m_offs, n_offs, k_offs,
+    doc_ptr, starts_ptr, lengths_ptr, floor_ptr, out_ptr, out_q, step_begin, slot_end,
+    num_queries, query_len, dim, num_doc_rows, q_t_stride, q_k_stride,
+    doc_row_stride, doc_k_stride, out_q_stride, out_doc_stride,
+    QB: tl.constexpr, LQ_TILE: tl.constexpr, NUM_LQ_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_PAD_FLOOR: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOCS_PER_STEP: tl.constexpr,
+):
+    """Scores of the query block against documents [step_begin, min(step_begin + DOCS_PER_STEP,
+    slot_end)) in ONE loop over all their tiles.
+
+    A loop per document restarts the software pipeline at every document: its first tile
+    waits for memory and its partial last tile loads synchronously. Here tile t of the flat
+    sequence finds its document from the per-document tile counts held in registers
+    (DOCS_PER_STEP lanes), so its address depends only on t and the pipeline prefetches across
+    document boundaries. Every tile is row-masked; at a document's last tile its row maxima are
+    summed into that document's lane of ``scores`` and reset. Empty documents own no tile and
+    keep their 0.
+    """
+    BLOCK_M: tl.constexpr = QB * LQ_TILE
+    lanes = tl.arange(0, DOCS_PER_STEP)
+    slots = step_begin + lanes
+    slot_ok = slots < slot_end
+    starts = tl.load(starts_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+    lengths = tl.load(lengths_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+    # Clip to [0, R): a bad range must never read outside doc_values.
+    row_end = tl.minimum(starts + lengths, num_doc_rows)
+    starts = tl.maximum(starts, 0)
+    lengths = tl.maximum(row_end - starts, 0).to(tl.int32)
+    tiles = (lengths + BLOCK_N - 1) // BLOCK_N
+    tile_end = tl.cumsum(tiles, 0)  # flat index one past each document's last tile
+    # Per lane, the document's first row minus its first flat tile's rows, and the row bound in
+    # the same frame: tile t reads rows row_base + t * BLOCK_N + n, valid below row_limit.
+    first_row = (tile_end - tiles).to(tl.int64) * BLOCK_N
+    row_base = starts - first_row
+    row_limit = first_row + lengths
+    num_tiles = tl.sum(tiles, 0)
+    if HAS_PAD_FLOOR:
+        floors = tl.load(floor_ptr + slots, mask=slot_ok, other=0).to(tl.int32)
+
+    scores = tl.zeros([QB, DOCS_PER_STEP], tl.float32)
+    for c in range(NUM_LQ_CHUNKS):
+        if NUM_LQ_CHUNKS > 1:
+            # Long queries: one LQ_TILE-row chunk at a time, the documents re-streamed per chunk.
+            q_valid = (q_rows < num_queries) & (c * LQ_TILE + (m_offs % LQ_TILE) < query_len)
+            q0, q1, q2, q3 = _load_query_tile(q_row_base + c * LQ_TILE * q_t_stride, q_valid,
+                                              k_offs, dim, q_k_stride, NUM_K, BLOCK_K, EVEN_K,
+                                              DOT_FP32)
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for t in range(0, num_tiles):
+            # The tile's document: how many documents end at or before it (lane reductions,
+            # all inside one warp).
+            doc = tl.sum((tile_end <= t).to(tl.int32), 0)
+            this = lanes == doc
+            tile_row = t * BLOCK_N  # < 2^31: the rows of DOCS_PER_STEP documents
+            row0 = tl.sum(tl.where(this, row_base, 0), 0) + tile_row
+            rows_left = tl.sum(tl.where(this, row_limit, 0), 0) - tile_row
+            d_ptrs = (doc_ptr + row0 * doc_row_stride + k_offs[:, None] * doc_k_stride
+                      + n_offs[None, :] * doc_row_stride)
+            row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, n_offs < rows_left, k_offs,
+                                    dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K, True, DOT_FP32,
+                                    PRECISION)
+            if rows_left <= BLOCK_N:  # the document's last tile
+                if HAS_PAD_FLOOR:
+                    floor = tl.sum(tl.where(this, floors, 0), 0) != 0
+                    row_max = tl.where(floor, tl.maximum(row_max, 0.0,
+                                                         propagate_nan=tl.PropagateNan.ALL),
+                                       row_max)
+                # Segmented sum: the QB queries' rows are contiguous LQ_TILE-row segments.
+                doc_scores = tl.sum(tl.reshape(row_max, (QB, LQ_TILE)), axis=1)
+                scores += tl.where(this[None, :], doc_scores[:, None], 0.0)
+                row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+
+    out_ptrs = (out_ptr + out_q.to(tl.int64)[:, None] * out_q_stride
+                + slots.to(tl.int64)[None, :] * out_doc_stride)
+    tl.store(out_ptrs, scores, mask=(out_q < num_queries)[:, None] & slot_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["num_queries", "query_len", "docs_per_query", "docs_per_program",
                                "num_qblocks", "num_doc_rows", "idx_q_stride", "out_q_stride"])
 def _maxsim_kernel(
@@ -197,6 +283,8 @@ def _maxsim_kernel(
     HAS_PAD_FLOOR: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    FLAT: tl.constexpr,  # one tile loop across the program's documents (see _flat_tile_loop)
+    DOCS_PER_STEP: tl.constexpr,  # FLAT: documents per tile loop, a power of two
 ):
     # Grid: axis 0 only (no 65535 limit) = num_qblocks * document groups, query block fastest, so
     # the programs resident at one time share a document group and each document comes from HBM
@@ -214,17 +302,28 @@ def _maxsim_kernel(
     q_row_base = (q_ptr + q_rows.to(tl.int64)[:, None] * q_q_stride
                   + (m_offs % LQ_TILE)[:, None] * q_t_stride + k_offs[None, :] * q_k_stride)
 
-    if NUM_LQ_CHUNKS == 1:
-        # Rows past Lq and queries past Q load as 0: zero rows add exactly 0 to a score.
-        q_valid = (q_rows < num_queries) & ((m_offs % LQ_TILE) < query_len)
-        q0, q1, q2, q3 = _load_query_tile(q_row_base, q_valid, k_offs, dim, q_k_stride,
-                                          NUM_K, BLOCK_K, EVEN_K, DOT_FP32)
+    # Rows past Lq and queries past Q load as 0: zero rows add exactly 0 to a score. Long
+    # queries (NUM_LQ_CHUNKS > 1) reload their chunks inside the document loops.
+    q_valid = (q_rows < num_queries) & ((m_offs % LQ_TILE) < query_len)
+    q0, q1, q2, q3 = _load_query_tile(q_row_base, q_valid, k_offs, dim, q_k_stride,
+                                      NUM_K, BLOCK_K, EVEN_K, DOT_FP32)
 
     # This program's documents: slots [slot_begin, slot_end) of the query block's list.
     idx_base = qblock.to(tl.int64) * QB * idx_q_stride
     out_q = qblock * QB + tl.arange(0, QB)
     slot_begin = group * docs_per_program
     slot_end = tl.minimum(slot_begin + docs_per_program, docs_per_query)
+    if FLAT:
+        for step_begin in range(slot_begin, slot_end, DOCS_PER_STEP):
+            _flat_tile_loop(
+                q0, q1, q2, q3, q_row_base, q_rows, m_offs, n_offs, k_offs,
+                doc_ptr, starts_ptr + idx_base, lengths_ptr + idx_base, floor_ptr + idx_base,
+                out_ptr, out_q, step_begin, slot_end,
+                num_queries, query_len, dim, num_doc_rows, q_t_stride, q_k_stride,
+                doc_row_stride, doc_k_stride, out_q_stride, out_doc_stride,
+                QB, LQ_TILE, NUM_LQ_CHUNKS, BLOCK_N, BLOCK_K, NUM_K, EVEN_K, HAS_PAD_FLOOR,
+                DOT_FP32, PRECISION, DOCS_PER_STEP)
+        return
     # 64-bit offsets: Q * N scores may pass 2^31 elements.
     out_ptrs = (out_ptr + out_q.to(tl.int64) * out_q_stride
                 + slot_begin.to(tl.int64) * out_doc_stride)
@@ -288,6 +387,7 @@ class _Config(NamedTuple):
     num_k: int
     num_warps: int
     num_stages: int
+    flat: bool = True  # one tile loop across a program's documents (_flat_tile_loop)
 
 
 def _next_pow2(n: int) -> int:
@@ -538,5 +638,6 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_K=cfg.num_k,
             EVEN_K=cfg.block_k * cfg.num_k == dim,
             HAS_PAD_FLOOR=pad_floor is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+            FLAT=cfg.flat, DOCS_PER_STEP=_next_pow2(_MAX_DOCS_PER_PROGRAM),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
