@@ -53,6 +53,18 @@ def test_padded_bucket_matches_eager(torch_model, kind):
     assert graphed.run([np.zeros(2, dtype=np.int64)] * 5, np.full(5, 2), None) is None
 
 
+def test_bucket_buffers_are_16_byte_aligned(torch_model):
+    """Triton specialises pointer arguments on 16-byte alignment: bucket views that were not
+    aligned would compile kernel variants of their own at load."""
+    graphed = GraphedEncoder(torch_model.weights, TritonOps(), torch.device(KERNEL_DEVICE),
+                             buckets=((64, 2), (96, 4), (128, 5), (256, 8)), capture=False)
+    for bucket in graphed.buckets:
+        batch = bucket.batch
+        for tensor in (batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.key_lens,
+                       bucket.rows):
+            assert tensor.data_ptr() % 16 == 0, (bucket.num_tokens, bucket.num_seqs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -34,14 +34,18 @@ class _Bucket:
         # int64: ids | positions | rows ; int32: cu_seqlens | key_lens. One copy each per call.
         pin = device.type == "cuda"
         self.host_long = torch.zeros(3 * num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.host_int = torch.zeros(2 * num_seqs + 3, dtype=torch.int32, pin_memory=pin)
+        # key_lens starts on a 16-byte boundary, as a fresh tensor would: Triton specialises
+        # pointers on that alignment, so a misaligned one would compile extra kernel variants.
+        cu_slots = -(-(num_seqs + 2) // 4) * 4
+        self.host_int = torch.zeros(cu_slots + num_seqs + 1, dtype=torch.int32, pin_memory=pin)
         # Set once the asynchronous copies out of the host buffers have run: the next fill waits
         # for it before overwriting them.
         self.copied = torch.cuda.Event() if pin else None
         self.dev_long = torch.zeros_like(self.host_long, device=device)
         self.dev_int = torch.zeros_like(self.host_int, device=device)
         ids, positions, self.rows = self.dev_long.split(num_tokens)
-        cu_seqlens, key_lens = self.dev_int.split([num_seqs + 2, num_seqs + 1])
+        cu_seqlens, _, key_lens = self.dev_int.split([num_seqs + 2, cu_slots - num_seqs - 2,
+                                                      num_seqs + 1])
         self.batch = PackedBatch(
             input_ids=ids, position_ids=positions, cu_seqlens=cu_seqlens, key_lens=key_lens,
             seq_lens_host=np.zeros(num_seqs + 1, dtype=np.int64),
@@ -68,7 +72,7 @@ class _Bucket:
             long[t_b : t_b + total] = np.arange(total) - np.repeat(starts, lens)
         long[2 * t_b : 2 * t_b + len(rows)] = rows
         ints = self.host_int.numpy()
-        cu, keys = ints[: s_b + 2], ints[s_b + 2 :]
+        cu, keys = ints[: s_b + 2], ints[-(s_b + 1) :]
         cu[0] = 0
         cu[1 : n + 1] = np.cumsum(lens)
         cu[n + 1 : s_b + 1] = total  # empty sequence slots
