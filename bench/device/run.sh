@@ -1,40 +1,50 @@
 #!/usr/bin/env bash
-# Run ON the GPU machine from the repository root (after bench/device/prepare.sh here):
-#   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh tests", carry=[".whl", ".carry"])
-#   ... then "bash bench/device/run.sh maxsim" and "... encoder" (each fits one 10-minute call)
-# What it does: tests = the whole test suite natively (no interpreter); maxsim / encoder = that
-# benchmark family; all = tests and both families; tune [maxsim|encoder|all] = the block-size
-# sweep of bench/device/tune.py (TUNE_BUDGET_S seconds, default 420). Logs, benchmark and
-# sweep JSON/Markdown and pytest-benchmark JSON land under $OUT; the short table comes last.
+# Run ON the GPU machine from the repository root (after bench/device/prepare.sh here), e.g.
+#   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh tests maxsim", carry=[".whl", ".carry"])
+#   run(command="BENCH_COMMIT=<sha> TUNE_BUDGET_S=200 bash bench/device/run.sh encoder tune-maxsim", ...)
+# Steps, run in the order given: tests = the whole test suite natively (no interpreter);
+# maxsim | encoder = that benchmark family (encoder = whole encoder + per-op suites);
+# tune-maxsim | tune-encoder | tune = the block-size sweep of bench/device/tune.py for that
+# family (TUNE_BUDGET_S seconds, default 300). Every step gets what is left of DEADLINE_S
+# (default 560 s, inside the device's 600-s limit), so the files under $OUT always come back:
+# logs in $OUT, benchmark and sweep JSON/Markdown in $OUT/results (at most 8 files come back:
+# two steps per call fit). The short tables come last in the output.
 set -uo pipefail
-what=${1:-all}
+[ $# -gt 0 ] || set -- tests maxsim
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/results"
+deadline=$((SECONDS + ${DEADLINE_S:-560}))
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH="$PWD/src:$PWD/tests:/tmp/site" || exit 1
 export COLBERT_TRITON_MINILM_DIR="$PWD/.carry/minilm"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest tests -q --durations=20 -p no:cacheprovider -o addopts="" --timeout=300 \
-    -rs 2>&1 | tee "$OUT/tests.log" | tail -60
-  rc=$((rc | PIPESTATUS[0]))
-fi
-if [ "$what" = tune ]; then
-  python3 bench/device/tune.py "${2:-all}" --budget-s "${TUNE_BUDGET_S:-420}" \
-    --out "$OUT/results/tune-${2:-all}.json" 2>&1 | tee "$OUT/tune.log"
-  rc=$((rc | PIPESTATUS[0]))
-fi
-for family in maxsim encoder; do
-  if [ "$what" = "$family" ] || [ "$what" = all ]; then
-    BENCH_RESULTS_DIR="$OUT/results" python3 -m pytest bench -q -p no:cacheprovider -k "$family" \
-      --benchmark-json="$OUT/results/pytest-benchmark-$family.json" --benchmark-disable-gc \
-      ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$family.log" | tail -150
-    rc=$((rc | PIPESTATUS[0]))
+for step in "$@"; do
+  left=$((deadline - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "run.sh: no time left for $step"; rc=$((rc | 4)); continue
   fi
+  echo "=== $step (${left} s left) ==="
+  case "$step" in
+    tests)
+      timeout "$left" python3 -m pytest tests -q --durations=20 -p no:cacheprovider -o addopts="" \
+        --timeout=300 -rs 2>&1 | tee "$OUT/tests.log" | tail -60 ;;
+    maxsim|encoder)
+      BENCH_RESULTS_DIR="$OUT/results" timeout "$left" python3 -m pytest bench -q -p no:cacheprovider \
+        -k "$step" --benchmark-json="$OUT/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$step.log" | tail -150 ;;
+    tune|tune-maxsim|tune-encoder)
+      family=${step#tune}; family=${family#-}; family=${family:-all}
+      budget=${TUNE_BUDGET_S:-300}; [ "$budget" -lt $((left - 20)) ] || budget=$((left - 20))
+      timeout "$left" python3 bench/device/tune.py "$family" --budget-s "$budget" \
+        --out "$OUT/results/tune-$family.json" 2>&1 | tee "$OUT/tune-$family.log" ;;
+    *)
+      echo "run.sh: unknown step $step"; rc=$((rc | 8)); continue ;;
+  esac
+  rc=$((rc | PIPESTATUS[0]))
 done
-echo "run.sh $what: rc=$rc"
+echo "run.sh $*: rc=$rc"
 exit $rc

@@ -7,8 +7,8 @@ grid of alternatives at the model's real sizes, so that a GPU session can correc
 table. It changes nothing in the package: the heuristics are edited by hand from the table.
 
 On the GPU machine (after ``bash bench/device/prepare.sh`` here):
-    run(command="bash bench/device/run.sh tune", carry=[".whl", ".carry"])
-or ``python3 bench/device/tune.py {maxsim,encoder,all} --budget-s 420 --out $OUT/tune.json``.
+    run(command="bash bench/device/run.sh tune-maxsim tune-encoder", carry=[".whl", ".carry"])
+or ``python3 bench/device/tune.py {maxsim,encoder,all} --budget-s 300 --out $OUT/tune.json``.
 On a CPU, ``--smoke`` runs tiny shapes and two configs per kernel under TRITON_INTERPRET=1, so
 the script itself is tested without a GPU (tests/test_tune_smoke.py).
 
@@ -510,7 +510,7 @@ def _print_case(label: str, entries: list[Entry]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["maxsim", "encoder", "all"], nargs="?", default="all")
-    parser.add_argument("--budget-s", type=float, default=420.0,
+    parser.add_argument("--budget-s", type=float, default=300.0,
                         help="stop timing new configs after this many seconds (compiles included)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two configs each")
