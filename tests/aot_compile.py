@@ -158,7 +158,7 @@ def main(case: str) -> None:
                     attrs[(index,)] = [["tt.divisibility", 16]]
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                       options=options)
-            stack = None
+            stack = registers = None
             if os.path.exists(cuobjdump):
                 with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                     f.write(compiled.asm["cubin"])
@@ -166,10 +166,12 @@ def main(case: str) -> None:
                 os.unlink(f.name)
                 match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                 stack = int(match.group(2)) if match else None
+                registers = int(match.group(1)) if match else None
             config = {k: v for k, v in constexprs.items() if k.isupper()}
             dtype = next(v.dtype for v in values.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
             print(json.dumps({"kernel": name, "dtype": str(dtype), "config": {**config, **options},
-                              "shared": compiled.metadata.shared, "spill_bytes": stack}, default=str))
+                              "shared": compiled.metadata.shared, "registers": registers,
+                              "spill_bytes": stack}, default=str))
 
 
 if __name__ == "__main__":

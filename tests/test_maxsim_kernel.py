@@ -381,6 +381,41 @@ def test_forced_configs(dim, query_len, cfg, flat):
     assert_scores(out, queries, values, starts, lens, floor)
 
 
+@pytest.mark.parametrize("cfg", [
+    maxsim_module._Config(2, 16, 1, 16, 32, 1, 4, 2),  # two queries per tile, 16-row tiles
+    maxsim_module._Config(4, 16, 2, 16, 16, 2, 4, 3),  # a long query in two chunks
+    maxsim_module._Config(1, 32, 1, 32, 16, 3, 4, 2),  # d = 48 in three dots
+], ids=["qb2", "lq-chunks", "d48"])
+@pytest.mark.parametrize("candidates", [False, True], ids=["all-pairs", "candidates"])
+def test_flat_loop_equals_per_document_loop(monkeypatch, cfg, candidates):
+    """The flat tile loop and the per-document loop give bit-identical scores (same dots, same
+    order), on lengths around the tile size, empty documents first and last, documents spread
+    over several steps, all-negative similarities and PyLate's floor."""
+    monkeypatch.setattr(maxsim_module, "_MAX_DOCS_PER_PROGRAM", 4)
+    gen = torch.Generator().manual_seed(cfg.block_n + candidates)
+    bn = cfg.block_n
+    pool = torch.tensor([0, 1, bn - 1, bn, bn + 1, 2 * bn, 3 * bn - 1, 5])
+    lens = pool[torch.randint(0, len(pool), (11,), generator=gen)]
+    lens[0] = lens[-1] = 0
+    dim = cfg.block_k * cfg.num_k
+    values, starts, lens = packed_docs(lens, dim, torch.float32, gen, sign=-1)
+    queries = unit_rows(2 * cfg.qb + 1, cfg.lq_tile * cfg.num_lq_chunks - 3, dim, gen=gen)
+    floor = torch.rand(11, generator=gen) < 0.5
+    if candidates:
+        pick = torch.randint(0, 11, (queries.shape[0], 6), generator=gen)
+        starts, lens, floor = starts[pick], lens[pick], floor[pick]
+    queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
+    shape = tuple(starts.shape) if candidates else (queries.shape[0], 11)
+    for pad_floor in (None, floor):
+        got = {}
+        for flat in (True, False):
+            got[flat] = torch.full(shape, float("nan"), device=DEV)
+            maxsim_module._launch(queries, values, starts, lens, pad_floor, got[flat],
+                                  cfg._replace(flat=flat))
+        assert torch.equal(got[True], got[False])
+        assert_scores(got[True], queries, values, starts, lens, pad_floor)
+
+
 @pytest.mark.parametrize("candidates", [False, True], ids=["all-pairs", "candidates"])
 def test_many_documents_per_program(monkeypatch, candidates):
     """A program with more documents than one flat tile loop holds (a grid capped at its limit)

@@ -18,9 +18,12 @@ kernels, see ``research/maxsim-peers.md``):
   tiles (``_flat_tile_loop``): each document contributes ``cdiv(length, BLOCK_N)`` tiles, not a
   padded or maximum length, and tile t finds its document from per-document tile counts held
   in registers, so the software pipeline prefetches across document boundaries instead of
-  restarting (and loading the partial last tile synchronously) at every document. Every
-  tile is row-masked; only a document's last one has rows past its end. ``FLAT=False`` keeps the simpler loop per document
-  (full tiles unmasked, then the partial one) until a GPU measurement settles which is faster.
+  restarting (and loading the partial last tile synchronously) at every document. No tile
+  is masked: a partial tile's rows past the document's end re-read its last row, and a
+  duplicate cannot change a max (masks cost ~20% of the loop's registers in the sm_90 build,
+  the difference between 1 and 2 resident programs per SM at 256 rows). ``FLAT=False`` keeps
+  the simpler loop per document (full tiles, then the masked partial one) until a GPU
+  measurement settles which is faster.
 * **The query tile stays resident across documents.** The query rows are loaded once per
   program, for all its ``docs_per_program`` documents.
 * **No padding of d to a power of two.** The embedding dim is split into ``NUM_K`` chunks of
@@ -201,9 +204,10 @@ def _flat_tile_loop(
     waits for memory and its partial last tile loads synchronously. Here tile t of the flat
     sequence finds its document from the per-document tile counts held in registers
     (DOCS_PER_STEP lanes), so its address depends only on t and the pipeline prefetches across
-    document boundaries. Every tile is row-masked; at a document's last tile its row maxima are
-    summed into that document's lane of ``scores`` and reset. Empty documents own no tile and
-    keep their 0.
+    document boundaries. Rows past a document's end re-read its last row (no masks); at its
+    last tile the row maxima are summed into the document's lane of ``scores`` and reset.
+    Empty documents own no tile and keep their 0. Every offset stays below one document's
+    length, so no int32 product can wrap.
     """
     BLOCK_M: tl.constexpr = QB * LQ_TILE
     lanes = tl.arange(0, DOCS_PER_STEP)
@@ -215,13 +219,10 @@ def _flat_tile_loop(
     row_end = tl.minimum(starts + lengths, num_doc_rows)
     starts = tl.maximum(starts, 0)
     lengths = tl.maximum(row_end - starts, 0).to(tl.int32)
-    tiles = (lengths + BLOCK_N - 1) // BLOCK_N
+    # No int32 overflow for any length < 2^31 (lengths + BLOCK_N - 1 could wrap).
+    tiles = lengths // BLOCK_N + (lengths % BLOCK_N != 0).to(tl.int32)
     tile_end = tl.cumsum(tiles, 0)  # flat index one past each document's last tile
-    # Per lane, the document's first row minus its first flat tile's rows, and the row bound in
-    # the same frame: tile t reads rows row_base + t * BLOCK_N + n, valid below row_limit.
-    first_row = (tile_end - tiles).to(tl.int64) * BLOCK_N
-    row_base = starts - first_row
-    row_limit = first_row + lengths
+    first_tile = tile_end - tiles
     num_tiles = tl.sum(tiles, 0)
     if HAS_PAD_FLOOR:
         floors = tl.load(floor_ptr + slots, mask=slot_ok, other=0).to(tl.int32)
@@ -236,17 +237,19 @@ def _flat_tile_loop(
                                               DOT_FP32)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for t in range(0, num_tiles):
-            # The tile's document: how many documents end at or before it (lane reductions,
-            # all inside one warp).
-            doc = tl.sum((tile_end <= t).to(tl.int32), 0)
-            this = lanes == doc
-            tile_row = t * BLOCK_N  # < 2^31: the rows of DOCS_PER_STEP documents
-            row0 = tl.sum(tl.where(this, row_base, 0), 0) + tile_row
-            rows_left = tl.sum(tl.where(this, row_limit, 0), 0) - tile_row
-            d_ptrs = (doc_ptr + row0 * doc_row_stride + k_offs[:, None] * doc_k_stride
-                      + n_offs[None, :] * doc_row_stride)
-            row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, n_offs < rows_left, k_offs,
-                                    dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K, True, DOT_FP32,
+            # The tile's document: the lane whose tile range holds t (elementwise, no reduction);
+            # its start, first tile and length by three independent lane reductions.
+            this = (first_tile <= t) & (t < tile_end)
+            start = tl.sum(tl.where(this, starts, 0), 0)
+            off = (t - tl.sum(tl.where(this, first_tile, 0), 0)) * BLOCK_N  # < length < 2^31
+            rows_left = tl.sum(tl.where(this, lengths, 0), 0) - off  # in [1, length]
+            # Rows past the end re-read the document's last row: a duplicate cannot change a
+            # max, so neither the loads nor the similarities need masks.
+            n_rows = tl.minimum(n_offs, rows_left - 1)
+            d_ptrs = (doc_ptr + (start + off) * doc_row_stride + k_offs[:, None] * doc_k_stride
+                      + n_rows[None, :] * doc_row_stride)
+            row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, n_offs < BLOCK_N, k_offs,
+                                    dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K, False, DOT_FP32,
                                     PRECISION)
             if rows_left <= BLOCK_N:  # the document's last tile
                 if HAS_PAD_FLOOR:
