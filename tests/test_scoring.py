@@ -82,6 +82,20 @@ def test_negative_similarities_are_not_clamped(gen, backend, device):
     close(out, torch.tensor([[-0.5, -1.0]]))
 
 
+def test_unchecked_nan_shows_in_exactly_its_scores(gen, backend, device):
+    """check_inputs=False skips the NaN check, but a NaN is never hidden: the scores it enters
+    are NaN on both backends, the others exact, and an empty document still scores 0."""
+    docs = random_docs(gen, [5, 9, 0, 3], 32, device=device)
+    queries = random_docs(gen, [8, 8], 32, device=device)
+    docs[1][4, 7] = float("nan")
+    queries[1][2, 0] = float("nan")
+    out = score(queries, docs, backend=backend, check_inputs=False).cpu()
+    nan = torch.tensor([[False, True, False, False], [True, True, False, True]])
+    assert torch.equal(out.isnan(), nan), out
+    clean = reference([queries[0]], [docs[0], docs[2], docs[3]])
+    close(out[0, [0, 2, 3]], clean[0].float())
+
+
 def test_candidates_and_pairwise(gen, backend, device):
     corpus = random_docs(gen, [5, 0, 12, 3, 8, 1], 64, device=device)
     queries = random_docs(gen, [32, 32, 32], 64, device=device)
