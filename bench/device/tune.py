@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -355,20 +356,32 @@ def run_once(case: Case, inputs: dict, config: dict) -> torch.Tensor:
 
 
 def _compile_worker(jobs: list[tuple[Case, list[dict]]]) -> list[tuple[str, str, str]]:
-    """Launch each (case, config) once so the shared Triton cache holds it; report failures."""
+    """Launch each (case, config) once so the shared Triton cache holds it; report failures.
+
+    A config that cannot compile or launch (shared memory, registers) is a result. An error
+    that kills this process's CUDA context (an illegal address) would make every later launch
+    here fail too: the worker stops and leaves its remaining configs to the timing pass."""
     failures = []
     for case, configs in jobs:
-        inputs = make_inputs(case)
+        try:
+            inputs = make_inputs(case)
+        except Exception:  # noqa: BLE001 - the context is gone
+            return failures
         for config in configs:
             try:
                 run_once(case, inputs, config)
-            except Exception as exc:  # noqa: BLE001 - a config that cannot run is a result
+            except Exception as exc:  # noqa: BLE001
                 failures.append((case.label, json.dumps(config, sort_keys=True), _error(exc)))
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 - a sticky error: stop here
+                    return failures
     return failures
 
 
-def precompile(jobs: list[tuple[Case, list[dict]]], workers: int) -> dict:
-    """Spread the configs over worker processes (each its own CUDA context, one Triton cache)."""
+def precompile(jobs: list[tuple[Case, list[dict]]], workers: int, deadline: float) -> dict:
+    """Spread the configs over worker processes (each its own CUDA context, one Triton cache),
+    waiting at most until the deadline (a worker that dies would otherwise hang the pool)."""
     if workers <= 1:
         return {(label, cfg): err for label, cfg, err in _compile_worker(jobs)}
     shards: list[list[tuple[Case, list[dict]]]] = [[] for _ in range(workers)]
@@ -377,8 +390,16 @@ def precompile(jobs: list[tuple[Case, list[dict]]], workers: int) -> dict:
             part = configs[w::workers]
             if part:
                 shards[w].append((case, part))
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        results = pool.map(_compile_worker, [s for s in shards if s])
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        pending = pool.map_async(_compile_worker, [s for s in shards if s])
+        results = pending.get(timeout=max(1.0, deadline - time.monotonic()))
+    except multiprocessing.TimeoutError:
+        print("precompile: stopped at the deadline (or a worker died); what is left compiles "
+              "in the timing pass", flush=True)
+        return {}
+    finally:
+        pool.terminate()
     return {(label, cfg): err for part in results for label, cfg, err in part}
 
 
@@ -414,8 +435,19 @@ class Sweep:
     deadline: float
     smoke: bool
     workers: int
+    out: Path | None = None
+    meta: dict = field(default_factory=dict)
     entries: list[Entry] = field(default_factory=list)
     skipped: int = 0
+
+    def save(self) -> None:
+        """Write everything measured so far (after every case: a stopped run keeps its data)."""
+        if self.out is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        data = {"meta": {**self.meta, "skipped": self.skipped},
+                "entries": [asdict(e) for e in self.entries]}
+        self.out.write_text(json.dumps(data, indent=1, allow_nan=False))
 
     def measure(self, case: Case, inputs: dict, configs: list[dict], failures: dict,
                 tolerance: float, expected: torch.Tensor | None = None) -> list[Entry]:
@@ -437,7 +469,7 @@ class Sweep:
                     if expected is None:
                         expected = got.float()
                     diff = (got.float() - expected).abs().nan_to_num(float("inf")).max().item()
-                    entry.max_abs_diff = diff
+                    entry.max_abs_diff = diff if math.isfinite(diff) else None  # None: NaN/inf
                     if not diff <= tolerance:
                         entry.note = "MISMATCH"
                     ctx, fn = launcher(case, inputs, config)
@@ -456,12 +488,15 @@ def _best(entries: list[Entry]) -> Entry | None:
 
 
 def sweep_family(sweep: Sweep, cases: list[Case]) -> None:
+    if time.monotonic() >= sweep.deadline:
+        print(f"tune: no time left for {cases[0].family if cases else 'nothing'}...", flush=True)
+        return
     prepared = []
     for case in cases:
         inputs = make_inputs(case)
         prepared.append((case, inputs, configs_for(case, inputs, sweep.smoke)))
     start = time.monotonic()
-    failures = precompile([(c, cfgs) for c, _, cfgs in prepared], sweep.workers)
+    failures = precompile([(c, cfgs) for c, _, cfgs in prepared], sweep.workers, sweep.deadline)
     print(f"compiled {sum(len(cfgs) for *_, cfgs in prepared)} configs in "
           f"{time.monotonic() - start:.0f} s ({len(failures)} failed)", flush=True)
     for case, inputs, configs in prepared:
@@ -469,16 +504,21 @@ def sweep_family(sweep: Sweep, cases: list[Case]) -> None:
         entries = sweep.measure(case, inputs, configs, failures, tolerance)
         if case.family == "maxsim":
             default, best = entries[0] if entries else None, _best(entries)
-            if best is not None and default.ms is not None:
+            if best is not None and default.ms is not None and time.monotonic() < sweep.deadline:
                 expected = run_once(case, inputs, default.config).float()
                 variants = maxsim_variant_configs(best.config, case.params[4], sweep.smoke)
                 sweep.measure(case, inputs, variants, {}, tolerance, expected=expected)
         reference = reference_launcher(case, inputs)
         if reference is not None and time.monotonic() < sweep.deadline:
-            reference()
-            sweep.entries.append(Entry(case.label, case.family, {"impl": "cublas+triton-epilogue"},
-                                       default=False, ms=time_ms(reference, sweep.smoke)))
+            entry = Entry(case.label, case.family, {"impl": "cublas+triton-epilogue"}, default=False)
+            try:
+                reference()
+                entry.ms = time_ms(reference, sweep.smoke)
+            except Exception as exc:  # noqa: BLE001
+                entry.error = _error(exc)
+            sweep.entries.append(entry)
         _print_case(case.label, [e for e in sweep.entries if e.case == case.label])
+        sweep.save()
 
 
 def _short(config: dict) -> str:
@@ -518,22 +558,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if DEVICE != "cuda" and not args.smoke:
         parser.error("no CUDA device: only --smoke runs on the CPU")
-    sweep = Sweep(deadline=time.monotonic() + args.budget_s, smoke=args.smoke, workers=args.workers)
-    if args.what in ("maxsim", "all"):
-        sweep_family(sweep, maxsim_cases(args.smoke))
-    if args.what in ("encoder", "all"):
-        sweep_family(sweep, encoder_cases(args.smoke))
+    meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("BENCH_COMMIT", ""),
+            "budget_s": args.budget_s}
+    sweep = Sweep(deadline=time.monotonic() + args.budget_s, smoke=args.smoke, workers=args.workers,
+                  out=args.out, meta=meta)
+    try:
+        if args.what in ("maxsim", "all"):
+            sweep_family(sweep, maxsim_cases(args.smoke))
+        if args.what in ("encoder", "all"):
+            sweep_family(sweep, encoder_cases(args.smoke))
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - keep what was measured
+        print(f"tune: stopped early: {_error(exc)}", flush=True)
+        sweep.meta["stopped_early"] = _error(exc)
+    finally:
+        sweep.save()
     mismatches = [e for e in sweep.entries if e.note == "MISMATCH"]
     print(f"tune: {len(sweep.entries)} entries, {len(mismatches)} mismatches, "
           f"{sweep.skipped} configs not timed (budget)")
-    if args.out is not None:
-        meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)",
-                "torch": torch.__version__, "triton": __import__("triton").__version__,
-                "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("BENCH_COMMIT", ""),
-                "budget_s": args.budget_s, "skipped": sweep.skipped}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "entries": [asdict(e) for e in sweep.entries]},
-                                       indent=1))
     return 1 if mismatches else 0
 
 
