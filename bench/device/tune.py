@@ -197,8 +197,10 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
         for block_n in ((16, 32) if smoke else (32, 64, 128, 256)):
             if rows * block_n > 256 * 128:  # the fp32 similarity tile: > 128 registers a thread
                 continue
-            # One warpgroup (4 warps) per 64 rows of M: wgmma's M per warpgroup is 64.
-            for warps in ((4,) if rows <= 64 else (8,)):
+            # One warpgroup (4 warps) per 64 rows of M: wgmma's M per warpgroup is 64. Below 64
+            # rows the dots are mma.sync; 2 warps stack along M, so a tile's row max needs no
+            # cross-warp (shared-memory) reduction, which 4 warps split along BLOCK_N do.
+            for warps in ((2, 4) if rows <= 32 else (4,) if rows <= 64 else (8,)):
                 for stages in ((2,) if smoke else (2, 3, 4)):
                     cfg = {**default, "qb": qb, "lq_tile": lq_tile,
                            "num_lq_chunks": -(-q.shape[1] // lq_tile), "block_n": block_n,
