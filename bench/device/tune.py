@@ -258,8 +258,11 @@ def linear_configs(case: Case, smoke: bool) -> list[dict]:
                             continue
                         if bm == 128 and stages > 2:  # 128 x 384 accumulators + 3 stages of x/W
                             continue
+                        # The residual prefetch holds 3 more [BLOCK_M, 128] tiles in registers:
+                        # only up to 64 rows (it spills beyond).
                         cfg = {**default, "BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps,
-                               "num_stages": stages}
+                               "num_stages": stages,
+                               "PREFETCH_RESIDUAL": default["PREFETCH_RESIDUAL"] and bm <= 64}
                         if cfg not in configs:
                             configs.append(cfg)
     return configs
@@ -315,8 +318,12 @@ def launcher(case: Case, inputs: dict, config: dict):
     if case.family == "attention":
         ctx = _patched(attention_mod, attention_config=lambda *_: config)
         b = inputs["batch"]
+        # The model's path: the batch's host-built tile table for this config's tile height.
+        table = attention_mod.attention_tile_table(b.seq_lens_host, b.key_lens_host, config["BLOCK_M"])
+        tiles = attention_mod.AttentionTiles(torch.from_numpy(table).to(DEVICE), config["BLOCK_M"])
         return ctx, lambda: attention_mod.varlen_attention(
-            inputs["qkv"], b.cu_seqlens, b.key_lens, b.max_seqlen, HEADS, HEAD_DIM, out=inputs["out"])
+            inputs["qkv"], b.cu_seqlens, b.key_lens, b.max_seqlen, HEADS, HEAD_DIM, out=inputs["out"],
+            tiles=tiles)
     i = inputs
     if case.family == "linear":
         ctx = _patched(linear_mod, linear_config=lambda *_: config)

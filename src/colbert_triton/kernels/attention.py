@@ -16,13 +16,19 @@ bound comes from the length arrays, so no mask tensor is read; a sequence with
 
 Grid: one program per (query tile, head), with no program spent on padding rows. Query tiles
 of ``BLOCK_M`` rows never straddle two sequences; sequence ``b`` has ``cdiv(len_b, BLOCK_M)`` of
-them. Each program finds its (sequence, tile) pair itself: it rebuilds the prefix sum of the
-per-sequence tile counts from ``cu_seqlens`` with one vectorised scan per 1024 sequences, so there
-is no tile table to build, store or launch a kernel for. The host cannot know the exact tile count
-without a device->host sync, so the grid is the tightest bound it knows from the shapes and
-``max_seqlen``: ``min((T + B * (BLOCK_M - 1)) // BLOCK_M, B * cdiv(max_seqlen, BLOCK_M))``. It is
-exact for batches of equal lengths (ColBERT queries: 32 rows, one tile each) and about B / 2
-tiles too many for mixed documents; the surplus programs return right after the lookup.
+them. Each program needs its (sequence, tile) pair, in one of two ways:
+
+* ``tiles=`` (the model's path): a table built on the host, where the lengths are known anyway
+  (`attention_tile_table`, uploaded once per batch and shared by every layer): one 16-byte
+  load per program, and a grid of exactly the real tiles. Compiled for sm_90, the lookup is 16
+  instructions and no barrier.
+* without it (only device ``cu_seqlens`` known): each program rebuilds the prefix sum of the
+  per-sequence tile counts from ``cu_seqlens`` with one vectorised scan per 1024 sequences
+  (~260 instructions and 13 barriers per program on sm_90). The host cannot know the exact tile
+  count without a device->host sync, so the grid is the tightest bound it knows from the shapes
+  and ``max_seqlen``: ``min((T + B * (BLOCK_M - 1)) // BLOCK_M, B * cdiv(max_seqlen, BLOCK_M))``.
+  It is exact for batches of equal lengths (ColBERT queries: 32 rows, one tile each) and about
+  B / 2 tiles too many for mixed documents; the surplus programs return right after the lookup.
 
 Inside a program: the standard FlashAttention-2 forward (Triton tutorial 06), keys in tiles of
 ``BLOCK_N``, running max and sum in fp32, ``exp2`` with ``log2(e) / sqrt(head_dim)`` folded into
@@ -43,6 +49,7 @@ compiles at most two variants per dtype, once each.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +58,8 @@ import triton.language as tl
 
 from ._device import on_device
 
-__all__ = ["varlen_attention", "attention_config", "query_tile_bound"]
+__all__ = ["AttentionTiles", "attention_config", "attention_tile_table", "query_tile_bound",
+           "varlen_attention"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,6 +74,7 @@ def _varlen_attention_kernel(
     qkv_ptr,  # [T, 3 * HIDDEN]: q | k | v, head-major within each third
     cu_seqlens_ptr,  # [B + 1] int32
     key_lens_ptr,  # [B] int32
+    tiles_ptr,  # [num_tiles, 4] int32 (seq_start, seq_len, key_len, m_start), used with HAS_TABLE
     out_ptr,  # [T, HIDDEN]
     num_seqs,
     qk_scale,  # log2(e) / sqrt(HEAD_DIM): softmax runs in base 2
@@ -78,6 +87,7 @@ def _varlen_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     BLOCK_B: tl.constexpr,  # sequences scanned per step of the tile lookup
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands, "tf32" (unused) for 16-bit ones
+    HAS_TABLE: tl.constexpr,  # tiles_ptr holds the host-built tile table
 ):
     # Heads vary fastest, so the programs of one query tile run side by side and share its
     # qkv rows in L2.
@@ -85,31 +95,39 @@ def _varlen_attention_kernel(
     head_idx = pid % NUM_HEADS
     tile_idx = pid // NUM_HEADS
 
-    # Query tile t belongs to the sequence b with first_tile[b] <= t < first_tile[b + 1], where
-    # first_tile is the exclusive prefix sum of cdiv(len_b, BLOCK_M). Each program rebuilds that
-    # prefix sum from cu_seqlens, BLOCK_B sequences per vectorised scan. first_tile never
-    # decreases, so the owner is the last sequence whose first tile is <= t.
-    owners = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: sequences starting at or before t
-    owner_first = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: the latest such first tile
-    tiles_before = tl.sum(owners, axis=0)  # a scalar 0, typed for the loop-carried sum
-    for b_start in range(0, num_seqs, BLOCK_B):
-        offs_b = b_start + tl.arange(0, BLOCK_B)
-        b_mask = offs_b < num_seqs
-        token_starts = tl.load(cu_seqlens_ptr + offs_b, mask=b_mask, other=0)
-        token_ends = tl.load(cu_seqlens_ptr + offs_b + 1, mask=b_mask, other=0)
-        tiles = (token_ends - token_starts + BLOCK_M - 1) // BLOCK_M
-        first_tile = tiles_before + tl.cumsum(tiles, axis=0) - tiles
-        owns = b_mask & (first_tile <= tile_idx)
-        owners += owns.to(tl.int32)
-        owner_first = tl.maximum(owner_first, tl.where(owns, first_tile, 0))
-        tiles_before += tl.sum(tiles, axis=0)
-    seq_idx = tl.sum(owners, axis=0) - 1
+    if HAS_TABLE:
+        # Host-built table: one 16-byte entry per query tile, a single load round trip.
+        entry = tiles_ptr + tile_idx * 4
+        seq_start = tl.load(entry)
+        seq_len = tl.load(entry + 1)
+        key_len = tl.minimum(tl.maximum(tl.load(entry + 2), 0), seq_len)
+        m_start = tl.load(entry + 3)
+    else:
+        # Query tile t belongs to the sequence b with first_tile[b] <= t < first_tile[b + 1], where
+        # first_tile is the exclusive prefix sum of cdiv(len_b, BLOCK_M). Each program rebuilds that
+        # prefix sum from cu_seqlens, BLOCK_B sequences per vectorised scan. first_tile never
+        # decreases, so the owner is the last sequence whose first tile is <= t.
+        owners = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: sequences starting at or before t
+        owner_first = tl.zeros([BLOCK_B], dtype=tl.int32)  # per lane: the latest such first tile
+        tiles_before = tl.sum(owners, axis=0)  # a scalar 0, typed for the loop-carried sum
+        for b_start in range(0, num_seqs, BLOCK_B):
+            offs_b = b_start + tl.arange(0, BLOCK_B)
+            b_mask = offs_b < num_seqs
+            token_starts = tl.load(cu_seqlens_ptr + offs_b, mask=b_mask, other=0)
+            token_ends = tl.load(cu_seqlens_ptr + offs_b + 1, mask=b_mask, other=0)
+            tiles = (token_ends - token_starts + BLOCK_M - 1) // BLOCK_M
+            first_tile = tiles_before + tl.cumsum(tiles, axis=0) - tiles
+            owns = b_mask & (first_tile <= tile_idx)
+            owners += owns.to(tl.int32)
+            owner_first = tl.maximum(owner_first, tl.where(owns, first_tile, 0))
+            tiles_before += tl.sum(tiles, axis=0)
+        seq_idx = tl.sum(owners, axis=0) - 1
 
-    seq_start = tl.load(cu_seqlens_ptr + seq_idx)
-    seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
-    # Clamped so that a bad key length can neither read past the sequence nor go negative.
-    key_len = tl.minimum(tl.maximum(tl.load(key_lens_ptr + seq_idx), 0), seq_len)
-    m_start = (tile_idx - tl.max(owner_first, axis=0)) * BLOCK_M
+        seq_start = tl.load(cu_seqlens_ptr + seq_idx)
+        seq_len = tl.load(cu_seqlens_ptr + seq_idx + 1) - seq_start
+        # Clamped so that a bad key length can neither read past the sequence nor go negative.
+        key_len = tl.minimum(tl.maximum(tl.load(key_lens_ptr + seq_idx), 0), seq_len)
+        m_start = (tile_idx - tl.max(owner_first, axis=0)) * BLOCK_M
     if m_start >= seq_len:  # past the batch's last tile: the grid is an upper bound
         return
 
@@ -180,7 +198,9 @@ def attention_config(head_dim: int, max_seqlen: int, dtype: torch.dtype) -> dict
     if head_dim >= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     block_m = 64 if max_seqlen <= 64 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4 if block_m == 64 else 8, "num_stages": 2}
+    # 3 stages: the K/V copy of tile i+1 is issued a full iteration before it is waited for
+    # (async_wait num=2); with 2 it is issued at the end of iteration i and waited at once.
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4 if block_m == 64 else 8, "num_stages": 3}
 
 
 def query_tile_bound(num_tokens: int, num_seqs: int, max_seqlen: int, block_m: int) -> int:
@@ -207,6 +227,7 @@ def varlen_attention(
     head_dim: int,
     *,
     out: torch.Tensor | None = None,
+    tiles: AttentionTiles | None = None,
 ) -> torch.Tensor:
     """Self-attention per sequence of a packed batch, keys limited to each sequence's key length.
 
@@ -215,8 +236,10 @@ def varlen_attention(
     ending at T. key_lens: ``[B]`` int32, ``0 <= key_lens[b] <= seq_len[b]`` (values outside are
     clamped in the kernel; they are not checked on the host, which would need a device sync).
     max_seqlen: the longest sequence length, from host data (never read back from the device); it
-    picks the block sizes and bounds the grid, so it must not be smaller than the truth. Returns
-    ``[T, hidden]`` in qkv's dtype (written into ``out`` when given).
+    picks the block sizes and bounds the grid, so it must not be smaller than the truth.
+    tiles: optional `AttentionTiles` of this batch (`attention_tile_table` for the BLOCK_M that
+    ``attention_config(head_dim, max_seqlen, dtype)`` picks): replaces the in-kernel lookup and
+    sets the grid. Returns ``[T, hidden]`` in qkv's dtype (written into ``out`` when given).
     """
     _check(isinstance(qkv, torch.Tensor) and qkv.dim() == 2, "qkv must be a 2-D tensor [T, 3 * hidden]")
     _check(qkv.dtype in _DTYPES, f"qkv dtype {qkv.dtype} is not float16, bfloat16 or float32")
@@ -254,19 +277,62 @@ def varlen_attention(
                             f"at least the longest sequence's length")
 
     config = attention_config(head_dim, max_seqlen, qkv.dtype)
-    num_tiles = query_tile_bound(num_tokens, num_seqs, max_seqlen, config["BLOCK_M"])
+    if tiles is not None:
+        _check(isinstance(tiles, AttentionTiles), "tiles must be an AttentionTiles")
+        _check(tiles.block_m == config["BLOCK_M"],
+               f"tiles were built for {tiles.block_m}-row tiles but this call uses "
+               f"{config['BLOCK_M']} (attention_config of head_dim, max_seqlen and dtype)")
+        table = tiles.table
+        _check(table.dim() == 2 and table.shape[1] == 4 and table.dtype == torch.int32
+               and table.is_contiguous(), "tiles.table must be a contiguous [num_tiles, 4] int32 tensor")
+        _check(table.device == qkv.device, f"tiles.table is on {table.device}, qkv on {qkv.device}")
+        num_tiles = table.shape[0]
+    else:
+        num_tiles = query_tile_bound(num_tokens, num_seqs, max_seqlen, config["BLOCK_M"])
     if num_tiles == 0:
         return out
     grid = (num_tiles * num_heads,)
     with on_device(qkv):
         _varlen_attention_kernel[grid](
-            qkv, cu_seqlens, key_lens, out,
+            qkv, cu_seqlens, key_lens, tiles.table if tiles is not None else cu_seqlens, out,
             num_seqs,
             _LOG2E / math.sqrt(head_dim),
             qkv.stride(0), out.stride(0),
             HIDDEN=hidden, NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_B=_BLOCK_B,
             DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            HAS_TABLE=tiles is not None,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     return out
+
+
+class AttentionTiles(NamedTuple):
+    """A host-built table of a batch's query tiles, for `varlen_attention(..., tiles=...)`."""
+
+    table: torch.Tensor  # [num_tiles, 4] int32 on the device: seq_start, seq_len, key_len, m_start
+    block_m: int  # the tile height it was built for (checked against the launch's)
+
+
+def attention_tile_table(seq_lens, key_lens, block_m: int, num_tiles: int | None = None) -> np.ndarray:
+    """The ``[num_tiles, 4]`` int32 table (seq_start, seq_len, key_len, m_start) of the query tiles
+    of ``block_m`` rows, built on the host from lengths it already knows. Rows past the real
+    tiles (``num_tiles`` larger than their count: a fixed-size buffer) have seq_len 0 and their
+    programs return at once. Key lengths are clamped to [0, seq_len]."""
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    key_lens = np.asarray(key_lens, dtype=np.int64)
+    tiles = -(-seq_lens // block_m)
+    count = int(tiles.sum())
+    if num_tiles is None:
+        num_tiles = count
+    if num_tiles < count:
+        raise ValueError(f"attention_tile_table: {count} tiles do not fit in {num_tiles} rows")
+    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
+    seq = np.repeat(np.arange(len(seq_lens)), tiles)
+    first = np.concatenate([[0], np.cumsum(tiles)[:-1]]).astype(np.int64)
+    table = np.zeros((num_tiles, 4), dtype=np.int32)
+    table[:count, 0] = starts[seq]
+    table[:count, 1] = seq_lens[seq]
+    table[:count, 2] = np.clip(key_lens[seq], 0, seq_lens[seq])
+    table[:count, 3] = (np.arange(count) - first[seq]) * block_m
+    return table

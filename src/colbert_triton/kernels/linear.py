@@ -180,15 +180,21 @@ def _chunk_dot(acc, x, w_ptr, w_row_stride, offs_k, k_start,
 
 
 @triton.jit
-def _chunk_pre_norm(acc, offs_m, m_mask, bias_ptr, residual_ptr, res_row_stride,
+def _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride,
                     CHUNK: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The residual of one chunk, loaded before the K loop so its latency hides behind the GEMM.
+    offs_n = CHUNK * BLOCK_N + tl.arange(0, BLOCK_N)
+    res_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * res_row_stride + offs_n[None, :]
+    return tl.load(res_ptrs, mask=m_mask[:, None] & (offs_n < N)[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_pre_norm(acc, res, bias_ptr, CHUNK: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr):
     # acc + bias + residual for one chunk in fp32; columns past N become 0 (out of the sums).
     offs_n = CHUNK * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    res_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * res_row_stride + offs_n[None, :]
-    res = tl.load(res_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-    return tl.where(n_mask[None, :], acc + bias[None, :] + res, 0.0)
+    return tl.where(n_mask[None, :], acc + bias[None, :] + res.to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -230,6 +236,7 @@ def _linear_residual_layernorm_kernel(
     BLOCK_N: tl.constexpr,  # chunk width; NUM_CHUNKS * BLOCK_N >= N
     BLOCK_K: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,  # 1 to 4 accumulators (384 = 3 x 128)
+    PREFETCH_RESIDUAL: tl.constexpr,  # load the residual before the K loop (register headroom)
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -244,6 +251,14 @@ def _linear_residual_layernorm_kernel(
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH_RESIDUAL:  # issued before the K loop: its latency hides behind the GEMM
+        res0 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 0, N, BLOCK_N)
+        if NUM_CHUNKS > 1:
+            res1 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 1, N, BLOCK_N)
+        if NUM_CHUNKS > 2:
+            res2 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 2, N, BLOCK_N)
+        if NUM_CHUNKS > 3:
+            res3 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 3, N, BLOCK_N)
     for k_start in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -263,32 +278,42 @@ def _linear_residual_layernorm_kernel(
                               EVEN_K, DOT_PRECISION)
         x_ptrs += BLOCK_K
 
-    # Epilogue, all in fp32 registers: pre-norm values, then mean, then centred variance.
-    y0 = _chunk_pre_norm(acc0, offs_m, m_mask, bias_ptr, residual_ptr, res_row_stride, 0, N, BLOCK_N)
-    row_sum = tl.sum(y0, axis=1)
+    if not PREFETCH_RESIDUAL:
+        res0 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 0, N, BLOCK_N)
+        if NUM_CHUNKS > 1:
+            res1 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 1, N, BLOCK_N)
+        if NUM_CHUNKS > 2:
+            res2 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 2, N, BLOCK_N)
+        if NUM_CHUNKS > 3:
+            res3 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 3, N, BLOCK_N)
+    # Epilogue, all in fp32 registers: pre-norm values, then mean, then centred variance. The
+    # chunks are added elementwise first (same layout, no data movement) so that each statistic
+    # is one cross-warp row reduction, not NUM_CHUNKS of them.
+    y0 = _chunk_pre_norm(acc0, res0, bias_ptr, 0, N, BLOCK_N)
+    y_sum = y0
     if NUM_CHUNKS > 1:
-        y1 = _chunk_pre_norm(acc1, offs_m, m_mask, bias_ptr, residual_ptr, res_row_stride, 1, N, BLOCK_N)
-        row_sum += tl.sum(y1, axis=1)
+        y1 = _chunk_pre_norm(acc1, res1, bias_ptr, 1, N, BLOCK_N)
+        y_sum += y1
     if NUM_CHUNKS > 2:
-        y2 = _chunk_pre_norm(acc2, offs_m, m_mask, bias_ptr, residual_ptr, res_row_stride, 2, N, BLOCK_N)
-        row_sum += tl.sum(y2, axis=1)
+        y2 = _chunk_pre_norm(acc2, res2, bias_ptr, 2, N, BLOCK_N)
+        y_sum += y2
     if NUM_CHUNKS > 3:
-        y3 = _chunk_pre_norm(acc3, offs_m, m_mask, bias_ptr, residual_ptr, res_row_stride, 3, N, BLOCK_N)
-        row_sum += tl.sum(y3, axis=1)
-    mean = row_sum / N
+        y3 = _chunk_pre_norm(acc3, res3, bias_ptr, 3, N, BLOCK_N)
+        y_sum += y3
+    mean = tl.sum(y_sum, axis=1) / N
 
     y0 = _chunk_centered(y0, mean, 0, N, BLOCK_N)
-    row_sq = tl.sum(y0 * y0, axis=1)
+    sq_sum = y0 * y0
     if NUM_CHUNKS > 1:
         y1 = _chunk_centered(y1, mean, 1, N, BLOCK_N)
-        row_sq += tl.sum(y1 * y1, axis=1)
+        sq_sum += y1 * y1
     if NUM_CHUNKS > 2:
         y2 = _chunk_centered(y2, mean, 2, N, BLOCK_N)
-        row_sq += tl.sum(y2 * y2, axis=1)
+        sq_sum += y2 * y2
     if NUM_CHUNKS > 3:
         y3 = _chunk_centered(y3, mean, 3, N, BLOCK_N)
-        row_sq += tl.sum(y3 * y3, axis=1)
-    rstd = 1.0 / tl.sqrt(row_sq / N + eps)
+        sq_sum += y3 * y3
+    rstd = 1.0 / tl.sqrt(tl.sum(sq_sum, axis=1) / N + eps)
 
     _chunk_store(y0, rstd, offs_m, m_mask, ln_w_ptr, ln_b_ptr, out_ptr, out_row_stride, 0, N, BLOCK_N)
     if NUM_CHUNKS > 1:
@@ -421,8 +446,10 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
     else:
         block_m, block_k, warps, stages = (32 if wide else 64), (32 if wide else 64), 8, 3
     block_k = min(block_k, _pow2_at_least(k))
+    # Residual prefetch only where it fits without spills (hidden 384, 16-bit: 178 -> 234 regs).
+    prefetch = dtype != torch.float32 and not wide and num_chunks * block_n <= 384
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "NUM_CHUNKS": num_chunks,
-            "num_warps": warps, "num_stages": stages}
+            "PREFETCH_RESIDUAL": prefetch, "num_warps": warps, "num_stages": stages}
 
 
 def layernorm_config(n: int) -> dict:
@@ -612,7 +639,8 @@ def linear_residual_layernorm(
             x.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
             N=n, K=k,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            NUM_CHUNKS=config["NUM_CHUNKS"], EVEN_K=k % config["BLOCK_K"] == 0,
+            NUM_CHUNKS=config["NUM_CHUNKS"], PREFETCH_RESIDUAL=config["PREFETCH_RESIDUAL"],
+            EVEN_K=k % config["BLOCK_K"] == 0,
             DOT_PRECISION=_dot_precision(x.dtype),
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )

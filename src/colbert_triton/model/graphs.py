@@ -21,6 +21,12 @@ import numpy as np
 import torch
 
 from ..kernels._device import on_device
+from ..kernels.attention import (
+    AttentionTiles,
+    attention_config,
+    attention_tile_table,
+    query_tile_bound,
+)
 from .encoder import EncoderWeights, encode_packed
 from .ops import PackedBatch
 
@@ -29,7 +35,8 @@ DEFAULT_BUCKETS = ((64, 2), (128, 4), (256, 8), (512, 16), (1024, 32), (2048, 64
 
 
 class _Bucket:
-    def __init__(self, num_tokens: int, num_seqs: int, device: torch.device):
+    def __init__(self, num_tokens: int, num_seqs: int, device: torch.device, head_dim: int,
+                 dtype: torch.dtype):
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         # int64: ids | positions | rows ; int32: cu_seqlens | key_lens. One copy each per call.
         pin = device.type == "cuda"
@@ -51,6 +58,13 @@ class _Bucket:
             seq_lens_host=np.zeros(num_seqs + 1, dtype=np.int64),
             key_lens_host=np.zeros(num_seqs + 1, dtype=np.int64), max_seqlen=num_tokens,
         )
+        # The attention tile table: a static buffer of the bound on the tile count (unused rows
+        # have seq_len 0 and return at once), rewritten by every fill.
+        self.block_m = attention_config(head_dim, num_tokens, dtype)["BLOCK_M"]
+        num_tiles = query_tile_bound(num_tokens, num_seqs + 1, num_tokens, self.block_m)
+        self.host_tiles = torch.zeros(num_tiles, 4, dtype=torch.int32, pin_memory=pin)
+        self.dev_tiles = torch.zeros_like(self.host_tiles, device=device)
+        self.batch._attention_tiles[(head_dim, dtype)] = AttentionTiles(self.dev_tiles, self.block_m)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
@@ -80,8 +94,12 @@ class _Bucket:
         keys[:] = 0
         keys[:n] = key_lens
         keys[s_b] = 1 if t_b > total else 0
+        seq_lens = np.diff(cu[: s_b + 2])
+        self.host_tiles.numpy()[:] = attention_tile_table(seq_lens, keys, self.block_m,
+                                                          num_tiles=self.host_tiles.shape[0])
         self.dev_long.copy_(self.host_long, non_blocking=True)
         self.dev_int.copy_(self.host_int, non_blocking=True)
+        self.dev_tiles.copy_(self.host_tiles, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
 
@@ -97,8 +115,9 @@ class GraphedEncoder:
         self.weights, self.ops, self.device = weights, ops, torch.device(device)
         max_len = weights.config.max_position_embeddings
         # Events, streams, captures and replays belong to the current device: make it ours.
+        head_dim, dtype = weights.config.head_dim, weights.word.dtype
         with on_device(self.device):
-            self.buckets = [_Bucket(t, s, self.device) for t, s in sorted(buckets)]
+            self.buckets = [_Bucket(t, s, self.device, head_dim, dtype) for t, s in sorted(buckets)]
             for bucket in self.buckets:
                 # A filler batch that uses every slot, so warm-up runs touch realistic shapes.
                 length = max(1, min(max_len, bucket.num_tokens // bucket.num_seqs))

@@ -45,6 +45,8 @@ class PackedBatch:
     key_lens_host: np.ndarray  # [B] int64
     max_seqlen: int
     _padded_index: torch.Tensor | None = field(default=None, repr=False)
+    # Attention tile tables by (head_dim, dtype), built once and shared by every layer.
+    _attention_tiles: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +82,19 @@ class PackedBatch:
             key_lens_host=key_lens_host,
             max_seqlen=int(seq_lens.max()),
         )
+
+    def attention_tiles(self, head_dim: int, dtype: torch.dtype):
+        """The query-tile table of this batch for the Triton attention kernel (host lengths ->
+        one small upload per batch, not per layer)."""
+        key = (head_dim, dtype)
+        if key not in self._attention_tiles:
+            from ..kernels.attention import AttentionTiles, attention_config, attention_tile_table
+
+            block_m = attention_config(head_dim, self.max_seqlen, dtype)["BLOCK_M"]
+            table = attention_tile_table(self.seq_lens_host, self.key_lens_host, block_m)
+            self._attention_tiles[key] = AttentionTiles(
+                host_to_device(table, torch.int32, self.cu_seqlens.device), block_m)
+        return self._attention_tiles[key]
 
     def padded_index(self) -> torch.Tensor:
         """For each packed token, its row in a ``[B * max_seqlen]`` padded layout."""
@@ -156,7 +171,8 @@ class TritonOps:
         from ..kernels.attention import varlen_attention
 
         return varlen_attention(
-            qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, num_heads, head_dim
+            qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, num_heads, head_dim,
+            tiles=batch.attention_tiles(head_dim, qkv.dtype),
         )
 
     def project_normalize(self, x, weight, bias, rows=None):
