@@ -189,6 +189,23 @@ def _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride,
 
 
 @triton.jit
+def _residual_chunks(offs_m, m_mask, residual_ptr, res_row_stride, N: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """The residual rows as NUM_CHUNKS column chunks (unused slots repeat chunk 0)."""
+    res0 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 0, N, BLOCK_N)
+    res1 = res0
+    res2 = res0
+    res3 = res0
+    if NUM_CHUNKS > 1:
+        res1 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 1, N, BLOCK_N)
+    if NUM_CHUNKS > 2:
+        res2 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 2, N, BLOCK_N)
+    if NUM_CHUNKS > 3:
+        res3 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 3, N, BLOCK_N)
+    return res0, res1, res2, res3
+
+
+@triton.jit
 def _chunk_pre_norm(acc, res, bias_ptr, CHUNK: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr):
     # acc + bias + residual for one chunk in fp32; columns past N become 0 (out of the sums).
     offs_n = CHUNK * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,13 +269,8 @@ def _linear_residual_layernorm_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PREFETCH_RESIDUAL:  # issued before the K loop: its latency hides behind the GEMM
-        res0 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 0, N, BLOCK_N)
-        if NUM_CHUNKS > 1:
-            res1 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 1, N, BLOCK_N)
-        if NUM_CHUNKS > 2:
-            res2 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 2, N, BLOCK_N)
-        if NUM_CHUNKS > 3:
-            res3 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 3, N, BLOCK_N)
+        res0, res1, res2, res3 = _residual_chunks(offs_m, m_mask, residual_ptr, res_row_stride,
+                                                  N, BLOCK_N, NUM_CHUNKS)
     for k_start in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -279,13 +291,8 @@ def _linear_residual_layernorm_kernel(
         x_ptrs += BLOCK_K
 
     if not PREFETCH_RESIDUAL:
-        res0 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 0, N, BLOCK_N)
-        if NUM_CHUNKS > 1:
-            res1 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 1, N, BLOCK_N)
-        if NUM_CHUNKS > 2:
-            res2 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 2, N, BLOCK_N)
-        if NUM_CHUNKS > 3:
-            res3 = _chunk_residual(offs_m, m_mask, residual_ptr, res_row_stride, 3, N, BLOCK_N)
+        res0, res1, res2, res3 = _residual_chunks(offs_m, m_mask, residual_ptr, res_row_stride,
+                                                  N, BLOCK_N, NUM_CHUNKS)
     # Epilogue, all in fp32 registers: pre-norm values, then mean, then centred variance. The
     # chunks are added elementwise first (same layout, no data movement) so that each statistic
     # is one cross-warp row reduction, not NUM_CHUNKS of them.
