@@ -38,33 +38,34 @@ class _Bucket:
     def __init__(self, num_tokens: int, num_seqs: int, device: torch.device, head_dim: int,
                  dtype: torch.dtype):
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
-        # int64: ids | positions | rows ; int32: cu_seqlens | key_lens. One copy each per call.
+        # int64: ids | positions | rows ; int32: cu_seqlens | key_lens | attention tile table.
+        # One copy each per call.
         pin = device.type == "cuda"
         self.host_long = torch.zeros(3 * num_tokens, dtype=torch.int64, pin_memory=pin)
-        # key_lens starts on a 16-byte boundary, as a fresh tensor would: Triton specialises
-        # pointers on that alignment, so a misaligned one would compile extra kernel variants.
-        cu_slots = -(-(num_seqs + 2) // 4) * 4
-        self.host_int = torch.zeros(cu_slots + num_seqs + 1, dtype=torch.int32, pin_memory=pin)
+        # The attention tile table: a static buffer of the bound on the tile count (unused rows
+        # have seq_len 0 and return at once), rewritten by every fill.
+        self.block_m = attention_config(head_dim, num_tokens, dtype)["BLOCK_M"]
+        num_tiles = query_tile_bound(num_tokens, num_seqs + 1, num_tokens, self.block_m)
+        # Every int32 part starts on a 16-byte boundary, as a fresh tensor would: Triton
+        # specialises pointers on that alignment, so a misaligned one would compile extra variants.
+        parts = [num_seqs + 2, num_seqs + 1, 4 * num_tiles]
+        slots = [-(-n // 4) * 4 for n in parts]
+        self.host_int = torch.zeros(sum(slots), dtype=torch.int32, pin_memory=pin)
         # Set once the asynchronous copies out of the host buffers have run: the next fill waits
         # for it before overwriting them.
         self.copied = torch.cuda.Event() if pin else None
         self.dev_long = torch.zeros_like(self.host_long, device=device)
         self.dev_int = torch.zeros_like(self.host_int, device=device)
         ids, positions, self.rows = self.dev_long.split(num_tokens)
-        cu_seqlens, _, key_lens = self.dev_int.split([num_seqs + 2, cu_slots - num_seqs - 2,
-                                                      num_seqs + 1])
+        cu_seqlens, key_lens, tiles = (part[:n] for part, n in zip(self.dev_int.split(slots), parts))
+        self._host_parts = [part[:n].numpy() for part, n in zip(self.host_int.split(slots), parts)]
         self.batch = PackedBatch(
             input_ids=ids, position_ids=positions, cu_seqlens=cu_seqlens, key_lens=key_lens,
             seq_lens_host=np.zeros(num_seqs + 1, dtype=np.int64),
             key_lens_host=np.zeros(num_seqs + 1, dtype=np.int64), max_seqlen=num_tokens,
         )
-        # The attention tile table: a static buffer of the bound on the tile count (unused rows
-        # have seq_len 0 and return at once), rewritten by every fill.
-        self.block_m = attention_config(head_dim, num_tokens, dtype)["BLOCK_M"]
-        num_tiles = query_tile_bound(num_tokens, num_seqs + 1, num_tokens, self.block_m)
-        self.host_tiles = torch.zeros(num_tiles, 4, dtype=torch.int32, pin_memory=pin)
-        self.dev_tiles = torch.zeros_like(self.host_tiles, device=device)
-        self.batch._attention_tiles[(head_dim, dtype)] = AttentionTiles(self.dev_tiles, self.block_m)
+        self.batch._attention_tiles[(head_dim, dtype)] = AttentionTiles(tiles.view(num_tiles, 4),
+                                                                        self.block_m)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
@@ -85,8 +86,7 @@ class _Bucket:
             starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
             long[t_b : t_b + total] = np.arange(total) - np.repeat(starts, lens)
         long[2 * t_b : 2 * t_b + len(rows)] = rows
-        ints = self.host_int.numpy()
-        cu, keys = ints[: s_b + 2], ints[-(s_b + 1) :]
+        cu, keys, tiles = self._host_parts
         cu[0] = 0
         cu[1 : n + 1] = np.cumsum(lens)
         cu[n + 1 : s_b + 1] = total  # empty sequence slots
@@ -94,12 +94,10 @@ class _Bucket:
         keys[:] = 0
         keys[:n] = key_lens
         keys[s_b] = 1 if t_b > total else 0
-        seq_lens = np.diff(cu[: s_b + 2])
-        self.host_tiles.numpy()[:] = attention_tile_table(seq_lens, keys, self.block_m,
-                                                          num_tiles=self.host_tiles.shape[0])
+        tiles[:] = attention_tile_table(np.diff(cu), keys, self.block_m,
+                                        num_tiles=len(tiles) // 4).reshape(-1)
         self.dev_long.copy_(self.host_long, non_blocking=True)
         self.dev_int.copy_(self.host_int, non_blocking=True)
-        self.dev_tiles.copy_(self.host_tiles, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
 
