@@ -1,56 +1,84 @@
 #!/usr/bin/env bash
-# Run ON the GPU machine from the repository root (after bench/device/prepare.sh here), e.g.
-#   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh tests maxsim", carry=[".whl", ".carry"])
-#   run(command="BENCH_COMMIT=<sha> TUNE_BUDGET_S=200 bash bench/device/run.sh encoder tune-maxsim", ...)
-# Steps, run in the order given: tests = the whole test suite natively (no interpreter);
-# maxsim | encoder = that benchmark family (encoder = whole encoder + per-op suites);
-# tune-maxsim | tune-encoder | tune = the block-size sweep of bench/device/tune.py for that
-# family (TUNE_BUDGET_S seconds, default 300). Every step gets what is left of DEADLINE_S
-# (default 560 s, inside the device's 600-s limit; lower it with the call's timeout_s) and is
-# stopped with SIGINT, so pytest and tune.py still write what they measured: logs in $OUT,
-# benchmark and sweep JSON/Markdown in $OUT/results (at most 8 files come back: two steps per
-# call fit). Extra pytest options go in PYTEST_ADDOPTS (e.g. "-k 'rerank and d96'").
-# Exit status: the steps' statuses OR-ed (124/130 = a step ran out of time).
+# Run ON the GPU machine from the repository root, after `bash bench/device/prepare.sh` here:
+#   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh", carry=[".whl", ".carry"], timeout_s=600)
+# With no arguments it runs the session plan, sized for a 15-minute device lease (one ~10-min
+# call after a 1-2 min start, so the tool's 30-s warm window still allows one short rerun):
+#   tests:200 precompile:60 maxsim:170 encoder:100       (DEADLINE_S=560)
+# Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
+#   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
+#               pytest-xdist workers: compiling the kernel variants is most of its time, and
+#               the workers compile in parallel into Triton's shared on-disk cache
+#   precompile  the MaxSim benchmark suite with BENCH_DRY=1 over the same workers: every case
+#               prepared, checked and run once, so ours and the peers are compiled (and checked)
+#               before the serial, timed pass
+#   maxsim | encoder   that benchmark family, timed, serially (encoder = whole encoder + per op)
+#   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
+# Every step gets at most what is left of DEADLINE_S and is stopped with SIGINT, so pytest and
+# tune.py still write what they measured. Logs and results go to $OUT/r and are packed at the
+# end into $OUT/run.tgz (the tool returns at most 8 files); a short table is printed last.
+# Extra pytest options go in PYTEST_ADDOPTS (e.g. "-k 'rerank and d96'").
+# Exit status: the steps' statuses OR-ed (124/130 = a step ran out of time; 4 = a step skipped).
 set -uo pipefail
-[ $# -gt 0 ] || set -- tests maxsim
+[ $# -gt 0 ] || set -- tests:200 precompile:60 maxsim:170 encoder:100
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT/results"
+R="$OUT/r"
+mkdir -p "$R/results"
 deadline=$((SECONDS + ${DEADLINE_S:-560}))
+workers=${TEST_WORKERS:-12}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH="$PWD/src:$PWD/tests:/tmp/site" || exit 1
 export COLBERT_TRITON_MINILM_DIR="$PWD/.carry/minilm"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$R/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$R/env.txt"
 # A carried wheel can shadow the machine's packages (PYTHONPATH comes first): the references the
 # benchmarks and parity tests need must still import, or they would be skipped silently.
-python3 -c "import transformers, sentence_transformers, pylate; print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'pylate', pylate.__version__)" \
+python3 -c "import transformers, sentence_transformers, pylate; print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'pylate', pylate.__version__)" 2>&1 | tee -a "$R/env.txt" \
   || echo "run.sh: WARNING: the reference packages do not import (stale .whl? re-run bench/device/prepare.sh)"
+parallel=()
+if python3 -c "import xdist" 2>/dev/null; then parallel=(-n "$workers"); else echo "run.sh: no pytest-xdist: tests run serially"; fi
 
 rc=0
-for step in "$@"; do
+summary=()
+for spec in "$@"; do
+  step=${spec%%:*}
+  cap=${spec#"$step"}; cap=${cap#:}
   left=$((deadline - SECONDS))
-  if [ "$left" -lt 90 ]; then
-    echo "run.sh: no time left for $step"; rc=$((rc | 4)); continue
+  [ -z "$cap" ] || [ "$cap" -ge "$left" ] || left=$cap
+  if [ "$left" -lt 45 ]; then
+    echo "run.sh: no time left for $step"; summary+=("$step: skipped (no time left)"); rc=$((rc | 4)); continue
   fi
-  echo "=== $step (${left} s left) ==="
+  echo "=== $step (${left} s) ==="
+  started=$SECONDS
+  limit=$((left - 10))
   case "$step" in
     tests)
-      timeout -s INT -k 15 "$((left - 15))" python3 -m pytest tests -q --durations=20 -p no:cacheprovider -o addopts="" \
-        --timeout=300 -rs 2>&1 | tee "$OUT/tests.log" | tail -60 ;;
+      timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
+        "${parallel[@]}" --timeout=240 -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
+    precompile)
+      BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
+        -k maxsim "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
     maxsim|encoder)
-      BENCH_RESULTS_DIR="$OUT/results" timeout -s INT -k 15 "$((left - 15))" python3 -m pytest bench -q -p no:cacheprovider \
-        -k "$step" --benchmark-json="$OUT/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
-        2>&1 | tee "$OUT/bench-$step.log" | tail -150 ;;
+      BENCH_RESULTS_DIR="$R/results" timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider \
+        -k "$step" --benchmark-json="$R/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
+        2>&1 | tee "$R/bench-$step.log" | tail -8 ;;
     tune|tune-maxsim|tune-encoder)
       family=${step#tune}; family=${family#-}; family=${family:-all}
-      budget=${TUNE_BUDGET_S:-300}; [ "$budget" -lt $((left - 60)) ] || budget=$((left - 60))
-      timeout -s INT -k 15 "$((left - 15))" python3 bench/device/tune.py "$family" --budget-s "$budget" \
-        --out "$OUT/results/tune-$family.json" 2>&1 | tee "$OUT/tune-$family.log" ;;
+      budget=${TUNE_BUDGET_S:-300}; [ "$budget" -lt $((left - 40)) ] || budget=$((left - 40))
+      timeout -s INT -k 10 "$limit" python3 bench/device/tune.py "$family" --budget-s "$budget" \
+        --out "$R/results/tune-$family.json" 2>&1 | tee "$R/tune-$family.log" | tail -40 ;;
     *)
-      echo "run.sh: unknown step $step"; rc=$((rc | 8)); continue ;;
+      echo "run.sh: unknown step $step"; summary+=("$step: unknown step"); rc=$((rc | 8)); continue ;;
   esac
-  rc=$((rc | PIPESTATUS[0]))
+  status=${PIPESTATUS[0]}
+  rc=$((rc | status))
+  summary+=("$step: rc=$status in $((SECONDS - started)) s (cap $left s)")
 done
+
+echo "=== summary ==="
+printf '%s\n' "${summary[@]}" | tee "$R/steps.txt"
+grep -hE "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$R"/tests.log "$R"/precompile.log "$R"/bench-*.log 2>/dev/null | tail -40
+python3 bench/device/summarize.py "$R/results" 2>&1 | tee "$R/summary.txt"
+tar czf "$OUT/run.tgz" -C "$R" . && cp "$R/summary.txt" "$R/steps.txt" "$OUT/" && rm -rf "$R"
 echo "run.sh $*: rc=$rc"
 exit $rc

@@ -1,0 +1,71 @@
+"""The short table a device call prints last: per benchmark shape, ours against the best peer.
+
+Reads the session reports the benchmark suites write (``bench/conftest.py``: JSON files holding
+``records``) from a folder and prints, per suite and shape, our cold median, the fastest other
+implementation and its median, the ratio (> 1: we are faster), eager PyTorch's ratio where it
+ran, our fraction of the physical floor, and tokens/s where recorded. The full tables stay in
+the Markdown reports next to the JSON.
+
+    python3 bench/device/summarize.py DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BASELINES = ("eager", "ours-torch", "hf-sdpa")
+
+
+def summarize(records: list[dict]) -> list[str]:
+    lines = ["| suite | shape | ours ms | best other | its ms | ours x faster | vs baseline | floor frac | Mtok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["suite"], r["shape"]), []).append(r)
+    for (suite, shape), group in groups.items():
+        ours = next((r for r in group if r["ours"]), None)
+        if ours is None:
+            continue
+        ours_ms = ours["cold"]["median_ms"]
+        others = [r for r in group if not r["ours"]]
+        best = min(others, key=lambda r: r["cold"]["median_ms"], default=None)
+        baseline = next((r for b in BASELINES for r in others if r["impl"] == b), None)
+        floor = ours.get("floor_ms")
+        tps = ours.get("tokens_per_s")
+        lines.append(" | ".join([
+            f"| {suite}", shape, f"{ours_ms:.4f}",
+            best["impl"] if best else "-",
+            f"{best['cold']['median_ms']:.4f}" if best else "-",
+            f"{best['cold']['median_ms'] / ours_ms:.2f}" if best else "-",
+            f"{baseline['impl']} {baseline['cold']['median_ms'] / ours_ms:.2f}" if baseline else "-",
+            f"{floor / ours_ms:.0%}" if floor else "-",
+            f"{tps / 1e6:.2f} |" if tps else "- |",
+        ]))
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    folder = Path(argv[0]) if argv else Path("bench/results")
+    found = False
+    for path in sorted(folder.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"{path.name}: unreadable ({exc})")
+            continue
+        if not isinstance(payload, dict) or "records" not in payload:
+            continue  # pytest-benchmark's own JSON, tune sweeps
+        found = True
+        peaks = payload.get("peaks", {})
+        print(f"\n{path.name}: {payload.get('device')} commit {payload.get('commit')}, "
+              f"ceilings {peaks.get('flops', 0) / 1e12:.0f} TFLOP/s, {peaks.get('bytes', 0) / 1e12:.2f} TB/s")
+        print("\n".join(summarize(payload["records"])))
+    if not found:
+        print(f"no benchmark reports in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""The scripts of a GPU session (bench/device/) work the first time there: device time is short.
+
+run.sh's shell is parsed here, and summarize.py, which prints the table that closes a device
+call, is run on a report shaped like the benchmark suites' (bench/conftest.py).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEVICE_DIR = Path(__file__).resolve().parents[1] / "bench" / "device"
+sys.path.insert(0, str(DEVICE_DIR))
+
+import summarize  # noqa: E402
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_parses():
+    for script in ("run.sh", "prepare.sh"):
+        done = subprocess.run(["bash", "-n", str(DEVICE_DIR / script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def _record(suite, shape, impl, ms, ours=False, **extra):
+    return {"suite": suite, "shape": shape, "impl": impl, "ours": ours,
+            "cold": {"median_ms": ms}, "warm": {"median_ms": ms / 2}, **extra}
+
+
+def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
+    records = [
+        _record("maxsim", "rerank", "ours", 0.02, ours=True, floor_ms=0.017, floor_kind="memory"),
+        _record("maxsim", "rerank", "eager", 0.5),
+        _record("maxsim", "rerank", "flash-maxsim", 0.06),
+        _record("maxsim", "rerank", "lik", 0.08),
+        _record("maxsim", "no ours here", "eager", 1.0),
+        _record("encoder", "docs", "hf-sdpa", 3.0),
+        _record("encoder", "docs", "ours-triton", 1.0, ours=True, tokens_per_s=6e6),
+    ]
+    (tmp_path / "report.json").write_text(json.dumps(
+        {"device": "GPU", "commit": "abc", "peaks": {"flops": 8e14, "bytes": 4.3e12}, "records": records}))
+    (tmp_path / "pytest-benchmark-maxsim.json").write_text(json.dumps({"benchmarks": []}))
+    assert summarize.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| maxsim") or line.startswith("| encoder")]
+    assert len(rows) == 2, out  # the shape without ours is left out
+    rerank = rows[0].split(" | ")
+    assert rerank[3:8] == ["flash-maxsim", "0.0600", "3.00", "eager 25.00", "85%"]
+    docs = rows[1].split(" | ")
+    assert docs[3:6] == ["hf-sdpa", "3.0000", "3.00"] and docs[-1] == "6.00 |"
+
+
+def test_summarize_without_reports(tmp_path, capsys):
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "no benchmark reports" in capsys.readouterr().out
