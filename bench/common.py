@@ -40,8 +40,15 @@ def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0) -> tuple[float, st
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
-def time_cuda(fn, *, flush: bool, warmup_ms: float = 25, rep_ms: float = 200) -> dict:
-    """Median/p20/p80 milliseconds of one call, CUDA events around each call."""
+def time_cuda(fn, *, flush: bool, warmup_ms: float = 25, rep_ms: float = 200,
+              estimate_ms: float | None = None) -> dict:
+    """Median/p20/p80 milliseconds of one call, CUDA events around each call.
+
+    flush: `triton.testing.do_bench`, which zeroes a 256 MB buffer (the L2 flushed) before each
+    call. Otherwise back to back, warm-up first; at least 5 timed calls, more while they fit in
+    rep_ms. estimate_ms (e.g. the flushed median) skips the 5-call estimate: a device session's
+    minutes go to calls that count (an end-to-end encode can take a second).
+    """
     import triton.testing
 
     if flush:
@@ -49,17 +56,19 @@ def time_cuda(fn, *, flush: bool, warmup_ms: float = 25, rep_ms: float = 200) ->
             fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]
         )
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
-    fn()
-    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
+    if estimate_ms is None:
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    n_warm = max(1, int(warmup_ms / estimate))
-    n_rep = max(10, min(2000, int(rep_ms / estimate)))
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = start.elapsed_time(end) / 5
+    estimate_ms = max(estimate_ms, 1e-3)
+    n_warm = max(1, int(warmup_ms / estimate_ms))
+    n_rep = max(5, min(2000, int(rep_ms / estimate_ms)))
     for _ in range(n_warm):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]

@@ -3,14 +3,14 @@
 #   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh", carry=[".whl", ".carry"], timeout_s=600)
 # With no arguments it runs the session plan, sized for a 15-minute device lease (one ~10-min
 # call after a 1-2 min start, so the tool's 30-s warm window still allows one short rerun):
-#   tests:200 precompile:60 maxsim:170 encoder:100       (DEADLINE_S=560)
+#   tests:210 precompile:60 maxsim:170 encoder         (DEADLINE_S=560; encoder gets what is left)
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
 #               pytest-xdist workers: compiling the kernel variants is most of its time, and
 #               the workers compile in parallel into Triton's shared on-disk cache
-#   precompile  the MaxSim benchmark suite with BENCH_DRY=1 over the same workers: every case
+#   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
-#               before the serial, timed pass
+#               before the serial, timed passes
 #   maxsim | encoder   that benchmark family, timed, serially (encoder = whole encoder + per op)
 #   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
 # Every step gets at most what is left of DEADLINE_S and is stopped with SIGINT, so pytest and
@@ -19,7 +19,7 @@
 # Extra pytest options go in PYTEST_ADDOPTS (e.g. "-k 'rerank and d96'").
 # Exit status: the steps' statuses OR-ed (124/130 = a step ran out of time; 4 = a step skipped).
 set -uo pipefail
-[ $# -gt 0 ] || set -- tests:200 precompile:60 maxsim:170 encoder:100
+[ $# -gt 0 ] || set -- tests:210 precompile:60 maxsim:170 encoder
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 R="$OUT/r"
@@ -57,7 +57,7 @@ for spec in "$@"; do
         "${parallel[@]}" --timeout=240 -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
-        -k maxsim "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
+        -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
     maxsim|encoder)
       BENCH_RESULTS_DIR="$R/results" timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider \
         -k "$step" --benchmark-json="$R/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
