@@ -12,6 +12,8 @@ import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
 RECORDS: list[dict] = []
+# A dry pass (BENCH_DRY=1, bench/conftest.py) runs every case once and times nothing.
+DRY_RUN = os.environ.get("BENCH_DRY") == "1"
 
 @functools.lru_cache(maxsize=1)
 def device_peaks() -> dict:
@@ -33,7 +35,7 @@ def device_peaks() -> dict:
 
 def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0) -> tuple[float, str]:
     """The physical floor of a workload: max(compute time, memory time), and which one binds."""
-    if os.environ.get("BENCH_DRY") == "1":  # a dry pass times nothing: skip measuring ceilings
+    if DRY_RUN:  # nothing is timed: skip measuring the ceilings
         return float("nan"), "dry"
     peaks = device_peaks()
     compute, memory = flops / peaks["flops"] * 1e3, bytes_moved / peaks["bytes"] * 1e3

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import RECORDS, RESULTS_DIR, device_peaks, format_report, git_commit, time_cuda, versions
-
-DRY_RUN = os.environ.get("BENCH_DRY") == "1"
+from common import (DRY_RUN, RECORDS, RESULTS_DIR, device_peaks, format_report, git_commit,
+                    time_cuda, versions)
 
 
 def pytest_collection_modifyitems(config, items):

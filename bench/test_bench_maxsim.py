@@ -180,14 +180,18 @@ def _import(module: str):
         pytest.skip(f"{module} is not installed here ({exc})")
 
 
+def our_ranges(case: Case, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row starts and lengths our kernel takes: the corpus [N], or each query's candidates [Q, K]."""
+    if case.candidates:
+        return data.starts[data.pick], data.lengths[data.pick]
+    return data.starts, data.lengths
+
+
 def prepare(impl: str, case: Case, data: Data):
     q = data.queries
     varlen = case.min_len != case.max_len
     if impl == "ours":
-        if case.candidates:
-            starts, lengths = data.starts[data.pick], data.lengths[data.pick]
-        else:
-            starts, lengths = data.starts, data.lengths
+        starts, lengths = our_ranges(case, data)
         out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
         return lambda: maxsim(q, data.values, starts, lengths, out=out)
 
@@ -276,10 +280,7 @@ def floors(case: Case, data: Data):
 def ours_with_zero_padding(case: Case, data: Data) -> torch.Tensor:
     """Our scores under PyLate's semantics for the padded inputs it is given: a document shorter
     than the padded width (case.max_len) also offers 0.0 to every query row's max."""
-    if case.candidates:
-        starts, lengths = data.starts[data.pick], data.lengths[data.pick]
-    else:
-        starts, lengths = data.starts, data.lengths
+    starts, lengths = our_ranges(case, data)
     return maxsim(data.queries, data.values, starts, lengths, pad_floor=lengths < case.max_len).float()
 
 

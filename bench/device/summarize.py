@@ -34,15 +34,16 @@ def summarize(records: list[dict]) -> list[str]:
         baseline = next((r for b in BASELINES for r in others if r["impl"] == b), None)
         floor = ours.get("floor_ms")
         tps = ours.get("tokens_per_s")
-        lines.append(" | ".join([
-            f"| {suite}", shape, f"{ours_ms:.4f}",
+        cells = [
+            suite, shape, f"{ours_ms:.4f}",
             best["impl"] if best else "-",
             f"{best['cold']['median_ms']:.4f}" if best else "-",
             f"{best['cold']['median_ms'] / ours_ms:.2f}" if best else "-",
             f"{baseline['impl']} {baseline['cold']['median_ms'] / ours_ms:.2f}" if baseline else "-",
             f"{floor / ours_ms:.0%}" if floor else "-",
-            f"{tps / 1e6:.2f} |" if tps else "- |",
-        ]))
+            f"{tps / 1e6:.2f}" if tps else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
