@@ -636,3 +636,8 @@ def test_colbert_launches_compile_for_sm90():
         assert launch["shared"] <= 227 * 1024, launch
         if launch["dtype"] != "torch.float32" and launch["config"].get("NUM_LQ_CHUNKS") == 1:
             assert launch["spill_bytes"] in (0, None), launch  # the ColBERT configurations
+            if launch["config"]["num_warps"] == 8 and launch["registers"] is not None:
+                # Many-query tiles: two programs per SM (one's MMAs overlap the other's row
+                # max): 2 x 256 threads x registers <= 64K, 2 x (shared + 1 KiB) <= 228 KiB.
+                assert launch["registers"] <= 128, launch
+                assert 2 * (launch["shared"] + 1024) <= 228 * 1024, launch

@@ -435,7 +435,12 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int) 
       for larger M (the fp32 [M, BLOCK_N] similarity tile stays <= 64 registers per thread),
       32 for fp32 and for d > 256.
     - num_warps: 8 from 128 rows on (two warpgroups share the wgmma M), else 4.
-      num_stages: 3, or 2 for fp32 and d > 256 (shared memory).
+      num_stages: 3, or 2 for fp32 and d > 256 (shared memory), and 2 for 256-row tiles at
+      d = 128: a program's loop is serial (wgmma chain, wait, barrier, row max), so the tensor
+      cores are kept busy by a second resident program whose MMAs overlap this one's row max.
+      With 3 stages that tile takes 136 registers (1 program per SM), with 2 stages 128 (2 per
+      SM: 2 x 256 threads x 128 = the whole register file); tests/test_maxsim_kernel.py checks
+      the 2-per-SM fit of the 256-row configurations in the sm_90 build.
     """
     is_fp32 = dtype == torch.float32
     block_k, num_k = _split_dim(dim, 64 if is_fp32 else 128)
@@ -454,7 +459,7 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int) 
     else:
         block_n = 128 if rows <= 64 and d_eff <= 128 else 64
     num_warps = 8 if rows >= 128 else 4
-    num_stages = 2 if is_fp32 or d_eff > 256 else 3
+    num_stages = 2 if is_fp32 or d_eff > 256 or (rows >= 256 and d_eff > 96) else 3
     return _Config(qb, lq_tile, num_lq_chunks, block_n, block_k, num_k, num_warps, num_stages)
 
 
