@@ -79,6 +79,28 @@ def test_hub_id_through_offline_cache(tmp_path, stanford_dir, monkeypatch):
         ColBERT.from_pretrained("someone/missing-model", device="cpu", cache_dir=cache)
 
 
+def test_unreachable_hub_says_so(tmp_path, monkeypatch):
+    """Offline (or the hub unreachable) and not cached: the error says that, not "missing file"."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*pass a local"):
+        ColBERT.from_pretrained("someone/uncached-model", device="cpu", cache_dir=tmp_path)
+
+
+def test_markers_missing_from_the_vocabulary(tmp_path):
+    """A PyLate checkpoint without its prefixes falls back to "[Q] "/"[D] ", which are not in the
+    vocabulary: a clear error instead of an embedding lookup past the table (or NaN on Triton)."""
+    path = build_pylate(tmp_path / "p")
+    config_file = path / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config.pop("query_prefix"), config.pop("document_prefix")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not in the tokenizer's vocabulary"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+
 def test_missing_local_directory():
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         ColBERT.from_pretrained("./does/not/exist", device="cpu")
@@ -153,6 +175,8 @@ def test_missing_tensors_are_named(tmp_path):
 def test_bad_device_and_dtype(stanford_dir):
     with pytest.raises(ValueError, match="dtype"):
         ColBERT.from_pretrained(stanford_dir, device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="device must be like"):
+        ColBERT.from_pretrained(stanford_dir, device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             ColBERT.from_pretrained(stanford_dir, device="cuda")

@@ -26,7 +26,7 @@ def test_rank_prints_topk_jsonl(stanford_dir, docs_file, tmp_path, capsys, model
                  "--queries", str(queries), "-k", "2", "--no-progress"])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["query_id"] for line in lines] == [0, 1]
+    assert [line["query_id"] for line in lines] == [0, 2]  # line numbers: the blank line keeps its
     assert lines[1]["query"] == "yellow fruit"
     texts = [json.loads(r)["text"] for r in docs_file.read_text().splitlines()]
     for line in lines:
@@ -79,3 +79,27 @@ def test_model_errors(tmp_path, docs_file, capsys):
     assert code == 2 and "no such checkpoint directory" in capsys.readouterr().err
     code = main(["encode", "--model", str(tmp_path), "--input", str(docs_file), "--output", str(tmp_path / "o.st")])
     assert code == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_ids_are_line_numbers(stanford_dir, tmp_path, capsys):
+    """.txt ids are line numbers from 0 (blank lines skipped, not renumbered); a JSONL record
+    without an id gets its line number."""
+    docs = tmp_path / "docs.txt"
+    docs.write_text("bananas are yellow\n\nthe eiffel tower is in paris\n")
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--backend", "torch",
+                 "--documents", str(docs), "--query", "eiffel tower paris", "-k", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["id"] == 2
+    records = tmp_path / "docs.jsonl"
+    records.write_text('{"text": "bananas are yellow"}\n\n{"text": "the eiffel tower is in paris"}\n')
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(records),
+                 "--query", "eiffel tower paris", "-k", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["id"] == 2
+
+
+def test_argument_errors_are_one_line(stanford_dir, docs_file, tmp_path, capsys):
+    code = main(["rank", "--model", str(stanford_dir), "--device", "gpu", "--documents", str(docs_file),
+                 "--query", "x"])
+    assert code == 2 and "device must be like" in capsys.readouterr().err
+    code = main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
+                 "--output", str(tmp_path)])
+    assert code == 2 and "is a directory" in capsys.readouterr().err

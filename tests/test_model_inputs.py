@@ -1,5 +1,6 @@
 """How the model treats bad or unusual text input."""
 
+import numpy as np
 import pytest
 import torch
 from texts import LONG
@@ -44,6 +45,17 @@ def test_score_accepts_texts(model):
     assert sorted(i for i, _ in ranked) == [0, 1]
     scores, index = model.search(["a query", "another"], ["x", "y", "z"], k=2)
     assert scores.shape == index.shape == (2, 2)
+    torch.testing.assert_close(model.score(np.array(["a query"]), np.array(["first doc", "second doc"])),
+                               direct)
+
+
+def test_bad_k_is_rejected_before_encoding(model, monkeypatch):
+    monkeypatch.setattr(model, "encode_documents", lambda *a, **k: pytest.fail("encoded before checking k"))
+    for bad_k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            model.rerank("a query", ["doc"], k=bad_k)
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            model.search(["a query"], ["doc"], k=bad_k)
 
 
 def test_progress_bar_can_be_switched(model, capsys):

@@ -8,6 +8,7 @@ import torch
 from conftest import INTERPRETED, KERNEL_DEVICE, require_reference
 
 from colbert_triton import pylate as dropin
+from colbert_triton import scoring
 
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("colbert_triton.kernels.maxsim") else [])
 
@@ -128,6 +129,57 @@ def test_errors():
     with pytest.raises(ValueError, match="NaN"):
         dropin.colbert_scores(q, d.masked_fill(d > 2, float("nan")))
     with pytest.raises(ValueError, match="backend must be"):
-        dropin.colbert_scores(q, d, backend="flash")
+        dropin.colbert_scores(q, d, backend="cuda")
+    with pytest.raises(TypeError, match="cast one side"):
+        dropin.colbert_scores(q.half(), d)
+    with pytest.raises(ValueError, match="a list of \\[S, H\\] embeddings"):
+        dropin.colbert_scores_pairwise(q[0], d[0])
     with pytest.raises(ValueError, match="document ids"):
         dropin.rerank([["a"]], [q[0]], [[d[0], d[1]]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_keep_pylates_dtype(ref, backend):
+    """numpy's default float64: PyLate returns float64 scores; the kernel path scores in float32."""
+    q, d, g = _data(seed=5)
+    qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
+    q, d = q.double(), d.double()
+    expected = ref.colbert_scores(q, d, qm, dm, backend="torch")
+    got = dropin.colbert_scores(*moved(backend, q, d, qm, dm), backend=backend)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+    pairs = dropin.colbert_scores_pairwise(list(moved(backend, *q)), list(moved(backend, *d[:3])),
+                                           backend=backend)
+    assert pairs.dtype == torch.float64
+    torch.testing.assert_close(pairs.cpu(), ref.colbert_scores_pairwise(list(q), list(d[:3])),
+                               atol=1e-4, rtol=1e-5)
+    ranked = dropin.rerank([[0, 1]], moved(backend, q[0]), [moved(backend, d[0], d[1][:3])], backend=backend)
+    np.testing.assert_allclose([r["score"] for r in ranked[0]],
+                               sorted(ref.colbert_scores(q[:1], torch.stack([d[0], torch.cat(
+                                   [d[1][:3], torch.zeros(4, 16, dtype=torch.float64)])]))[0].tolist(),
+                                      reverse=True), atol=1e-4)
+
+
+def test_backend_names_resolve_as_in_pylate(ref, monkeypatch):
+    """Any letter case; PyLate's "flash" and "lik" pick our kernel; None reads
+    PYLATE_SCORES_BACKEND (default "auto")."""
+    q, d, g = _data(seed=6)
+    qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
+    expected = ref.colbert_scores(q, d, qm, dm, backend="torch")
+    torch_path = []
+    original = dropin._pylate_torch
+    monkeypatch.setattr(dropin, "_pylate_torch", lambda *a: torch_path.append(1) or original(*a))
+    auto_is_torch = scoring.resolve_backend(torch.device(KERNEL_DEVICE), None) == "torch"
+    for name, uses_torch in [("Torch", True), ("AUTO", auto_is_torch), ("flash", False), ("lik", False),
+                             ("triton", False)]:
+        device = "cpu" if name == "Torch" else KERNEL_DEVICE
+        torch_path.clear()
+        close(dropin.colbert_scores(*[t.to(device) for t in (q, d, qm, dm)], backend=name), expected)
+        assert bool(torch_path) == uses_torch, name
+    monkeypatch.setenv("PYLATE_SCORES_BACKEND", "torch")
+    torch_path.clear()
+    close(dropin.colbert_scores(*[t.to(KERNEL_DEVICE) for t in (q, d, qm, dm)]), expected)
+    assert torch_path
+    monkeypatch.setenv("PYLATE_SCORES_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dropin.colbert_scores(q, d)

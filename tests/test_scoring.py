@@ -141,7 +141,7 @@ def test_numpy_inputs(gen):
     torch.testing.assert_close(out, reference(torch.from_numpy(queries), [torch.from_numpy(d) for d in docs]).float())
 
 
-def test_bad_inputs_get_clear_errors(gen):
+def test_bad_inputs_get_clear_errors(gen, monkeypatch):
     docs = random_docs(gen, [3, 4], 16)
     q = random_docs(gen, [4], 16)
     with pytest.raises(ValueError, match="dim"):
@@ -168,14 +168,61 @@ def test_bad_inputs_get_clear_errors(gen):
         score(q, torch.stack([docs[1], docs[1]]), documents_mask=torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="pairs need equal counts"):
         score_pairwise(q, docs)
-    with pytest.raises(ValueError, match="Triton backend needs CUDA"):
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise ValueError("Triton backend needs CUDA (skipped: interpreter on)")
-        score(q, docs, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         score(q, docs, backend="cuda")
+    with pytest.raises(ValueError, match="queries_mask must hold only 0 and 1"):
+        score(torch.stack(q), docs, queries_mask=torch.full((1, 4), 2.0))
+    for bad_k in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            rerank(q, docs, k=bad_k)
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            search(q, docs, bad_k)
+    with monkeypatch.context() as patched:  # CPU tensors without the interpreter
+        patched.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="Triton backend needs CUDA"):
+            score(q, docs, backend="triton")
+
+
+def test_every_document_empty_scores_zero(backend, device):
+    """No rows at all in the corpus (every document empty): 0.0, on every entry point."""
+    q = torch.randn(2, 5, 16, device=device)
+    empty = [torch.zeros(0, 16, device=device), torch.zeros(0, 16, device=device)]
+    assert torch.equal(score(q, empty, backend=backend).cpu(), torch.zeros(2, 2))
+    assert torch.equal(score(q, torch.zeros(2, 0, 16, device=device), backend=backend).cpu(), torch.zeros(2, 2))
+    scores, index = search(q, PackedEmbeddings.from_list(empty), 5, backend=backend)
+    assert torch.equal(scores.cpu(), torch.zeros(2, 2)) and index.tolist() == [[0, 1], [0, 1]]
+    assert rerank(q[:1], empty, backend=backend) == [(0, 0.0), (1, 0.0)]
+    assert torch.equal(score_pairwise(q, empty, backend=backend).cpu(), torch.zeros(2))
+    assert torch.equal(score_candidates(q, empty, [[1], [0]], backend=backend).cpu(), torch.zeros(2, 1))
+
+
+def test_padded_documents_with_masks_on_every_entry_point(gen, backend, device):
+    """Every scoring function takes padded documents with a length mask (padding excluded)."""
+    docs = random_docs(gen, [5, 2, 7], 32, device=device)
+    queries = random_docs(gen, [6, 6, 6], 32, device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=3.0)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(d), device=device) for d in docs], batch_first=True)
+    exact = reference(queries, docs).float()
+    q = torch.stack(queries)
+    scores, _ = search(q, padded, 3, documents_mask=mask, backend=backend)
+    close(scores, exact.sort(dim=1, descending=True, stable=True).values)
+    ranked = rerank(q[:1], padded, documents_mask=mask, backend=backend)
+    close(torch.tensor([s for _, s in ranked]), exact[0].sort(descending=True, stable=True).values)
+    close(score_pairwise(q, padded, documents_mask=mask, backend=backend), exact.diagonal())
+    got = score_candidates(q, padded, [[2, 0], [1, 1], [0, 2]], documents_mask=mask, backend=backend)
+    close(got, exact.gather(1, torch.tensor([[2, 0], [1, 1], [0, 2]])))
+
+
+def test_float64_and_numpy_integer_k(gen, backend, device):
+    """numpy's default float64 is scored in float32 on every backend; numpy integers are ks."""
+    docs = [d.double() for d in random_docs(gen, [3, 8], 16, device=device)]
+    queries = [q.double() for q in random_docs(gen, [4], 16, device=device)]
+    out = score(queries, docs, backend=backend)
+    assert out.dtype == torch.float32
+    close(out, reference(queries, docs).float())
+    _, index = search(queries, docs, np.int64(1), backend=backend)
+    assert index.shape == (1, 1)
+    assert len(rerank(queries, docs, k=np.int32(1), backend=backend)) == 1
 
 
 def test_torch_maxsim_chunks_do_not_change_results(gen):

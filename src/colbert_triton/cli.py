@@ -4,8 +4,9 @@
     colbert-triton rank --documents docs.txt --query "what is late interaction?"
     colbert-triton encode --input docs.txt --kind documents --output docs.safetensors
 
-Inputs are text files with one text per line (ids are line numbers, from 0) or JSONL files
-with an ``id`` and a ``text`` per line (ids default to line numbers). ``rank`` prints one JSON
+Inputs are text files with one text per line (ids are line numbers, from 0; blank lines are
+skipped but keep their numbers) or JSONL files with an ``id`` and a ``text`` per line (ids
+default to line numbers, from 0). ``rank`` prints one JSON
 line per query: ``{"query_id", "query", "results": [{"rank", "id", "score"}, ...]}``.
 """
 
@@ -43,12 +44,12 @@ def read_texts(path: str, what: str) -> tuple[list, list[str]]:
                 raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise InputError(f'{path}:{number}: expected an object with a string "text" field')
-            ids.append(record.get("id", len(ids)))
+            ids.append(record.get("id", number - 1))
             texts.append(record["text"])
     else:
-        for line in lines:
+        for number, line in enumerate(lines):
             if line.strip():
-                ids.append(len(ids))
+                ids.append(number)
                 texts.append(line)
     if not texts:
         raise InputError(f"{path}: no {what} in the file")
@@ -60,6 +61,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    parser.add_argument("--backend", choices=("torch", "triton"), default=None,
+                        help="ops for encoding and scoring (default: torch; triton needs CUDA)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--query-maxlen", type=int, default=None)
     parser.add_argument("--doc-maxlen", type=int, default=None)
@@ -89,7 +92,7 @@ def _load_model(args):
 
     return ColBERT.from_pretrained(args.model, revision=args.revision, device=args.device,
                                    dtype=args.dtype, query_maxlen=args.query_maxlen,
-                                   doc_maxlen=args.doc_maxlen)
+                                   doc_maxlen=args.doc_maxlen, backend=args.backend)
 
 
 def _rank(args, out) -> None:
@@ -116,6 +119,8 @@ def _encode(args) -> None:
 
     ids, texts = read_texts(args.input, args.kind)
     output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"--output {output} is a directory; give a file path")
     if not output.parent.is_dir():
         raise InputError(f"output directory does not exist: {output.parent}")
     model = _load_model(args)

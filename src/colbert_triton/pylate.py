@@ -14,12 +14,18 @@ folded into the rows (the similarity is linear in each row, so multiplying a row
 equals multiplying its similarities), each document loops to its last unmasked slot only, and
 ``pad_floor`` adds the 0.0 that PyLate's trailing padded slots contribute.
 
-``backend`` takes ``None``/``"auto"``, ``"torch"`` or ``"triton"``. The result has PyLate's
-dtype (that of the inputs); the kernel accumulates in float32 before the cast.
+``backend`` is resolved as PyLate resolves it: ``None`` reads ``PYLATE_SCORES_BACKEND``
+(default ``"auto"``), any letter case; ``"auto"`` picks the Triton kernel on CUDA once it is
+the CUDA default (see README, "Status"), ``"torch"`` PyLate's formula, and ``"triton"`` our
+kernel. PyLate's ``"flash"`` and ``"lik"`` name its optional CUDA kernels (flash-maxsim,
+late-interaction-kernels); here they select our kernel, which gives the exact scores they
+approximate. The result has PyLate's dtype (that of the inputs); the kernel accumulates in
+float32 before the cast (float64 inputs are scored in float32 on the kernel path).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TypedDict
 
 import numpy as np
@@ -51,9 +57,16 @@ def convert_to_tensor(x) -> torch.Tensor:
     raise TypeError(f"cannot convert {type(x).__name__} to a tensor")
 
 
+_BACKENDS = {"auto": None, "torch": "torch", "triton": "triton", "flash": "triton", "lik": "triton"}
+
+
 def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
-    if backend == "auto":
-        backend = None
+    if backend is None:
+        backend = os.environ.get("PYLATE_SCORES_BACKEND", "auto")
+    if not isinstance(backend, str) or backend.lower() not in _BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', 'torch', 'triton', 'flash', 'lik' (or None), "
+                         f"got {backend!r}")
+    backend = _BACKENDS[backend.lower()]
     device = tensors[0].device
     for t in tensors[1:]:
         if t.device != device:
@@ -74,6 +87,9 @@ def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: in
     for name, t in (("queries", queries), ("documents", documents)):
         if not t.is_floating_point():
             raise TypeError(f"{name} embeddings must be floating point, got {t.dtype}")
+    if queries.dtype != documents.dtype:
+        raise TypeError(f"queries are {queries.dtype} but documents are {documents.dtype}: cast one side")
+    for name, t in (("queries", queries), ("documents", documents)):
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} embeddings contain NaN or infinite values")
 
@@ -131,11 +147,18 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     dm = _mask(documents_mask, d.shape[:-1], d.device, "documents_mask")
     if _backend(backend, q, d) == "torch":
         return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
+    result_dtype = torch.result_type(q, d)
+    q, d = _kernel_dtype(q), _kernel_dtype(d)
     if qm is not None:
         q = q * qm.to(q.dtype).unsqueeze(-1)
     rows, starts, lengths, floor = _kernel_documents(d, dm)
     return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
-                          backend="triton").to(torch.result_type(q, d))
+                          backend="triton").to(result_dtype)
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
+    """float64 (numpy's default) scored in float32: the kernel takes 32- and 16-bit floats."""
+    return t.float() if t.dtype == torch.float64 else t
 
 
 def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
@@ -148,7 +171,13 @@ def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, 
 
 
 def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: str | None = None) -> torch.Tensor:
-    """Score of query i against document i -> (N,); each pair may have its own lengths, no masks."""
+    """Score of query i against document i -> (N,); each pair may have its own lengths, no masks.
+
+    Unlike PyLate (which zips, dropping the extra ones), unequal counts are an error."""
+    for name, x in (("queries_embeddings", queries_embeddings), ("documents_embeddings", documents_embeddings)):
+        if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim != 3:
+            raise ValueError(f"{name} must be a list of [S, H] embeddings or one [N, S, H] array, got "
+                             f"shape {tuple(x.shape)}")
     queries = [convert_to_tensor(q) for q in queries_embeddings]
     documents = [convert_to_tensor(d) for d in documents_embeddings]
     if len(queries) != len(documents):
@@ -240,8 +269,10 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
         offset += int(n.sum())
     device = queries[0].device
     values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
-    batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True).contiguous()
-    scores = scoring.maxsim(batch, values.contiguous(), torch.from_numpy(starts).to(device),
-                            torch.from_numpy(lengths).to(device), pad_floor=torch.from_numpy(floor).to(device),
-                            backend="triton").to(torch.result_type(batch, values))
+    batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)
+    result_dtype = torch.result_type(batch, values)
+    scores = scoring.maxsim(_kernel_dtype(batch).contiguous(), _kernel_dtype(values).contiguous(),
+                            torch.from_numpy(starts).to(device), torch.from_numpy(lengths).to(device),
+                            pad_floor=torch.from_numpy(floor).to(device),
+                            backend="triton").to(result_dtype)
     return [scores[i, :n] if n else None for i, n in enumerate(counts)]

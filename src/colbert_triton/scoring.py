@@ -16,6 +16,7 @@ plain PyTorch implementation below (also the eager baseline of the benchmarks).
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import NamedTuple
 
@@ -52,6 +53,10 @@ def _as_tensor(x, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{what} must be floating point, got {tensor.dtype}")
+    if tensor.dtype == torch.float64:
+        # Scores are float32 on every backend; numpy's default float64 would otherwise work on
+        # the CPU path and fail in the kernel.
+        tensor = tensor.float()
     return tensor
 
 
@@ -161,6 +166,8 @@ def as_queries(queries, mask=None) -> torch.Tensor:
             mask = torch.as_tensor(mask, device=batch.device)
             if tuple(mask.shape) != tuple(batch.shape[:2]):
                 raise ValueError(f"queries_mask has shape {tuple(mask.shape)}, expected {tuple(batch.shape[:2])}")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("queries_mask must hold only 0 and 1 (or False and True)")
             batch = batch * mask.to(batch.dtype).unsqueeze(-1)
     return batch.contiguous()
 
@@ -213,6 +220,8 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
     out = torch.empty(out_shape, dtype=torch.float32, device=queries.device)
     if out.numel() == 0:
         return out
+    if values.shape[0] == 0:
+        return out.zero_()  # every document empty: each row's max over nothing is 0
     max_len = max(int(lengths.max()), 1)
     per_item = num_q * len_q * max_len if shared else len_q * max_len * doc_starts.shape[1]
     step = max(1, budget_elements // max(per_item, 1))
@@ -265,20 +274,24 @@ def score(queries, documents, *, queries_mask=None, documents_mask=None, backend
     return maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)
 
 
-def score_pairwise(queries, documents, *, backend=None, check_inputs: bool = True) -> torch.Tensor:
+def score_pairwise(queries, documents, *, queries_mask=None, documents_mask=None, backend=None,
+                   check_inputs: bool = True) -> torch.Tensor:
     """Scores of query i against document i: ``[P]``."""
-    q, docs = _prepare(queries, documents, check_inputs=check_inputs)
+    q, docs = _prepare(queries, documents, check_inputs=check_inputs, queries_mask=queries_mask,
+                       documents_mask=documents_mask)
     if q.shape[0] != len(docs):
         raise ValueError(f"{q.shape[0]} queries but {len(docs)} documents: pairs need equal counts")
     return maxsim(q, docs.values, docs.starts[:, None], docs.lengths[:, None], backend=backend)[:, 0]
 
 
-def score_candidates(queries, corpus, candidates, *, backend=None, check_inputs: bool = True) -> torch.Tensor:
+def score_candidates(queries, corpus, candidates, *, queries_mask=None, documents_mask=None,
+                     backend=None, check_inputs: bool = True) -> torch.Tensor:
     """Query i against its own candidates ``candidates[i]`` (indices into ``corpus``): ``[Q, K]``.
 
     An index of -1 marks an unused slot; its score is -inf.
     """
-    q, docs = _prepare(queries, corpus, check_inputs=check_inputs)
+    q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
+                       documents_mask=documents_mask)
     cand = torch.as_tensor(candidates, device=q.device)
     if cand.dim() == 1:
         cand = cand.unsqueeze(0)
@@ -310,19 +323,33 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     return scores.gather(1, order), index.gather(1, order)
 
 
-def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=None,
-           check_inputs: bool = True):
-    """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k], indices [Q, k])``.
+def check_k(k) -> int:
+    """``k`` as a positive Python int (numpy integers accepted), or a clear error."""
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        value = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be a positive integer, got {k!r}") from None
+    if value < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return value
+
+
+def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=None,
+           chunk_size: int = 32768, backend=None, check_inputs: bool = True):
+    """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k'], indices [Q, k'])`` with
+    ``k' = min(k, N)``.
 
     The corpus is scored in chunks of ``chunk_size`` documents and merged into a running top-k,
     so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
-    q, docs = _prepare(queries, corpus, check_inputs=check_inputs)
+    q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
+                       documents_mask=documents_mask)
     k = min(k, len(docs))
     starts, lengths = docs.starts, docs.lengths
     best_scores = best_index = None
@@ -333,13 +360,15 @@ def search(queries, corpus, k: int = 10, *, chunk_size: int = 32768, backend=Non
     return best_scores, best_index
 
 
-def rerank(query, documents, k: int | None = None, *, backend=None,
-           check_inputs: bool = True) -> list[tuple[int, float]]:
-    """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index."""
-    q, docs = _prepare(query, documents, check_inputs=check_inputs)
+def rerank(query, documents, k: int | None = None, *, query_mask=None, documents_mask=None,
+           backend=None, check_inputs: bool = True) -> list[tuple[int, float]]:
+    """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index;
+    the best ``k`` only when ``k`` is given."""
+    count = None if k is None else check_k(k)
+    q, docs = _prepare(query, documents, check_inputs=check_inputs, queries_mask=query_mask,
+                       documents_mask=documents_mask)
     if q.shape[0] != 1:
         raise ValueError(f"rerank takes one query, got {q.shape[0]}")
     scores = maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)[0]
     ranked = torch.sort(scores, descending=True, stable=True)
-    count = len(docs) if k is None else k
     return list(zip(ranked.indices[:count].tolist(), ranked.values[:count].tolist()))

@@ -155,6 +155,7 @@ class _Files:
         self.revision = revision
         self.cache_dir = cache_dir
         self.token = token
+        self.unreachable = False  # set once the hub could not be reached: later files from the cache only
         path = Path(self.name).expanduser()
         if path.exists():
             if not path.is_dir():
@@ -185,6 +186,7 @@ class _Files:
         from huggingface_hub.errors import (
             EntryNotFoundError,
             HFValidationError,
+            LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
@@ -193,15 +195,24 @@ class _Files:
             return Path(
                 hf_hub_download(
                     self.name, relpath, revision=self.revision, cache_dir=self.cache_dir,
-                    token=self.token,
+                    token=self.token, local_files_only=self.unreachable,
                 )
             )
-        except EntryNotFoundError:
-            # Also raised offline (HF_HUB_OFFLINE=1) when the file is not in the cache.
+        except LocalEntryNotFoundError:
+            # Offline (HF_HUB_OFFLINE=1) or the hub unreachable, and the file not in the cache.
+            # The remaining files come from the cache only (each download would retry again).
+            self.unreachable = True
             if required:
                 raise CheckpointError(
-                    f"{self.describe(relpath)}: missing checkpoint file (not in the repository, or "
-                    "not in the local cache while offline)"
+                    f"{self.describe(relpath)}: not in the local Hugging Face cache, and it could not be "
+                    "downloaded (HF_HUB_OFFLINE is set or the hub is unreachable); pass a local "
+                    "checkpoint directory instead"
+                ) from None
+            return None
+        except EntryNotFoundError:
+            if required:
+                raise CheckpointError(
+                    f"{self.describe(relpath)}: missing checkpoint file (not in the repository)"
                 ) from None
             return None
         except RevisionNotFoundError:

@@ -21,7 +21,10 @@ _PROGRESS_MIN_BATCHES = 8
 def _pick_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available")
     return device
@@ -94,6 +97,16 @@ class ColBERT:
             )
         tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.do_lower_case,
                                                 settings, ckpt.config.max_position_embeddings)
+        vocab_rows = weights.word.shape[0]
+        top_id = max([tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, *tokenizer.query_marker,
+                      *tokenizer.doc_marker])
+        if top_id >= vocab_rows:
+            # PyLate would add the marker tokens and grow the embedding with untrained rows.
+            raise CheckpointError(
+                f"{ckpt.source}: the query/document markers ({settings.query_prefix!r}, "
+                f"{settings.document_prefix!r}) are not in the tokenizer's vocabulary (token id "
+                f"{top_id} is past the {vocab_rows}-row embedding); a PyLate checkpoint names them "
+                f"in config_sentence_transformers.json (query_prefix, document_prefix)")
         return cls(weights, tokenizer, device, dtype, backend=backend, source=ckpt.source,
                    cuda_graphs=cuda_graphs)
 
@@ -177,6 +190,8 @@ class ColBERT:
     def _embed(self, items, is_query: bool, batch_size: int):
         if isinstance(items, str):
             items = [items]
+        if isinstance(items, np.ndarray) and items.dtype.kind in "UO":
+            items = items.tolist()
         if isinstance(items, (list, tuple)) and items and all(isinstance(t, str) for t in items):
             encode = self.encode_queries if is_query else self.encode_documents
             return encode(list(items), batch_size, packed=not is_query)
@@ -189,6 +204,8 @@ class ColBERT:
 
     def rerank(self, query, documents, k: int | None = None, *, batch_size: int = 64):
         """Rank documents for one query: ``[(index, score), ...]``, best first, ties by index."""
+        if k is not None:
+            scoring.check_k(k)  # before any encoding
         queries = self._embed(query, True, batch_size)
         if isinstance(queries, list) and len(queries) != 1:
             raise ValueError(f"rerank takes one query, got {len(queries)}")
@@ -196,7 +213,8 @@ class ColBERT:
                               backend=self._score_backend())
 
     def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768):
-        """Exact top-k of a corpus per query: ``(scores [Q, k], indices [Q, k])``."""
+        """Exact top-k of a corpus per query: ``(scores [Q, k'], indices [Q, k'])``, k' = min(k, N)."""
+        scoring.check_k(k)  # before any encoding
         return scoring.search(self._embed(queries, True, batch_size), self._embed(corpus, False, batch_size),
                               k, chunk_size=chunk_size, backend=self._score_backend())
 
