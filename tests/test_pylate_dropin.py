@@ -132,6 +132,8 @@ def test_errors():
         dropin.colbert_scores(q, d, backend="cuda")
     with pytest.raises(TypeError, match="cast one side"):
         dropin.colbert_scores(q.half(), d)
+    with pytest.raises(ValueError, match="different shapes"):
+        dropin.colbert_scores(q, [d[0], d[1][:3]])
     with pytest.raises(ValueError, match="a list of \\[S, H\\] embeddings"):
         dropin.colbert_scores_pairwise(q[0], d[0])
     with pytest.raises(ValueError, match="document ids"):

@@ -53,6 +53,11 @@ def convert_to_tensor(x) -> torch.Tensor:
         if isinstance(x[0], (list, float, int)):
             return torch.tensor(x, dtype=torch.float32)
         if isinstance(x[0], torch.Tensor):
+            shapes = {tuple(t.shape) for t in x}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot stack embeddings of different shapes {sorted(shapes)}: pad them "
+                                 f"to one length (with a mask), or score ragged lists with "
+                                 f"colbert_scores_pairwise or colbert_triton.score")
             return torch.stack(list(x))
     raise TypeError(f"cannot convert {type(x).__name__} to a tensor")
 
