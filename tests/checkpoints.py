@@ -113,3 +113,14 @@ def build_pylate(dst: Path, *, dim: int = 96, num_layers: int | None = None, see
     }
     (dst / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2))
     return dst
+
+
+if __name__ == "__main__":
+    # Try the CLI and the API without the hub: `python tests/checkpoints.py DIR [--pylate]`.
+    import sys
+
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--pylate"]):
+        sys.exit("usage: python tests/checkpoints.py DIR [--pylate]")
+    built = (build_pylate if sys.argv[2:] else build_stanford)(Path(sys.argv[1]))
+    print(f"wrote a test checkpoint (MiniLM encoder, random 384->96 head: rankings are not "
+          f"meaningful) to {built}")
