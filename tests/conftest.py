@@ -25,6 +25,31 @@ def kernel_device():
     return KERNEL_DEVICE
 
 
+_GUARD_ELEMENTS = 4096
+_guarded: list[tuple[torch.Tensor, int]] = []
+
+
+def poisoned(shape, dtype, device=KERNEL_DEVICE) -> torch.Tensor:
+    """An all-NaN output, so an element a kernel does not write fails the comparison, laid at the
+    start of a longer NaN buffer: the guard band after it must stay NaN (checked after each
+    test), so a store past the end (a missing row mask) fails too instead of going unseen."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = torch.full((numel + _GUARD_ELEMENTS,), float("nan"), dtype=dtype, device=device)
+    _guarded.append((buffer, numel))
+    return buffer[:numel].view(shape)
+
+
+@pytest.fixture(autouse=True)
+def _guard_bands_stay_untouched():
+    _guarded.clear()
+    yield
+    for buffer, numel in _guarded:
+        assert bool(buffer[numel:].isnan().all()), "a kernel wrote past the end of its output"
+    _guarded.clear()
+
+
 @pytest.fixture(scope="session")
 def stanford_dir(tmp_path_factory):
     from checkpoints import build_stanford

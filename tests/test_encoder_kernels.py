@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned
 
 from colbert_triton.kernels import attention as attention_mod
 from colbert_triton.kernels import head as head_mod
@@ -62,7 +62,7 @@ def _randn(gen, *shape, scale=1.0, dtype=torch.float32, shift=0.0):
 
 
 def _poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    return poisoned(shape, dtype, DEVICE)
 
 
 def _batch(seq_lens, key_lens, seed=0, vocab=100) -> PackedBatch:
@@ -544,6 +544,8 @@ def test_tiny_bert_end_to_end(dtype):
     assert got.shape == reference.shape and got.dtype == dtype
     cosine = F.cosine_similarity(got.double(), reference.double(), dim=-1)
     assert cosine.min().item() >= 0.9999, cosine.min().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)  # see test_triton_encoder
 
 
 def _tiny_bert_as(params, dtype):
@@ -679,3 +681,89 @@ def test_attention_tile_table_equals_in_kernel_lookup(dtype, extra_len):
     with pytest.raises(ValueError, match="do not fit"):
         attention_tile_table(lens, keys, block_m, num_tiles=1)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths the model's sizes do not reach on the CPU (from a mutation audit: each test below fails
+# on a plausible bug that every other test let through)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1.0])
+def test_layernorm_kernels_use_eps(eps):
+    """Every other test uses BERT's 1e-12, which a hard-coded epsilon would also pass."""
+    gen = _gen(40)
+    x = _randn(gen, 9, 100, scale=0.5)
+    weight, bias = _randn(gen, 100, scale=0.1, shift=1.0), _randn(gen, 100, scale=0.1)
+    want = F.layer_norm(x.double(), (100,), weight.double(), bias.double(), eps)
+    got = bias_residual_layernorm(x, None, None, weight, bias, eps)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    w, inputs = _randn(gen, 100, 24, scale=0.05), _randn(gen, 9, 24)
+    want = F.layer_norm(F.linear(inputs.double(), w.double()) + x.double(), (100,), weight.double(),
+                        bias.double(), eps)
+    got = linear_residual_layernorm(inputs, w, torch.zeros(100, device=DEVICE), x, weight, bias, eps)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_layernorm_of_constant_rows_is_the_bias():
+    """Zero variance: (x - mean) is exactly 0, so the output is the LayerNorm bias, not NaN."""
+    ones, ln_bias = torch.ones(64, device=DEVICE), torch.linspace(-1, 1, 64, device=DEVICE)
+    x = torch.full((5, 64), 3.0, device=DEVICE)
+    assert torch.equal(bias_residual_layernorm(x, None, None, ones, ln_bias, EPS), ln_bias.expand(5, 64))
+    got = linear_residual_layernorm(torch.ones(5, 16, device=DEVICE), torch.zeros(64, 16, device=DEVICE),
+                                    torch.zeros(64, device=DEVICE), x, ones, ln_bias, EPS)
+    assert torch.equal(got, ln_bias.expand(5, 64))
+
+
+def test_fp16_linear_within_one_ulp():
+    """fp32 accumulation: an fp16 GEMM is within one fp16 ulp of the fp64 product (an fp16
+    partial sum would not be)."""
+    gen = _gen(41)
+    x = _randn(gen, 40, 1536, dtype=torch.float16)
+    w = _randn(gen, 384, 1536, scale=0.04, dtype=torch.float16)
+    got = linear(x, w, None, out=_poisoned((40, 384), torch.float16))
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), rtol=2**-10, atol=1e-4)
+
+
+def test_linear_over_several_launch_groups():
+    """More row blocks than one GROUP_M group (real document batches have thousands of rows)."""
+    gen = _gen(43)
+    x = _randn(gen, 64 * 8 + 37, 16)
+    w = _randn(gen, 24, 16, scale=0.1)
+    got = linear(x, w, None, out=_poisoned((x.shape[0], 24), torch.float32))
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), atol=2e-5, rtol=0)
+
+
+def test_attention_sequence_lookup_over_several_scan_blocks(monkeypatch):
+    """The in-kernel lookup scans cu_seqlens in blocks of _BLOCK_B sequences (1024): more
+    sequences than one block must carry the tile count across blocks."""
+    monkeypatch.setattr(attention_mod, "_BLOCK_B", 8)
+    lengths = np.random.default_rng(5).integers(1, 40, size=27).tolist()
+    batch = _batch(lengths, [max(1, n - 3) for n in lengths])
+    qkv = _randn(_gen(42), batch.num_tokens, 3 * 16)
+    got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, 1, 16,
+                           out=_poisoned((batch.num_tokens, 16), torch.float32))
+    want = _attention_reference(qkv, batch.cu_seqlens, batch.key_lens, 1, 16)
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-5, rtol=0)
+
+
+def test_embedding_reaches_the_last_position():
+    gen = _gen(44)
+    positions, hidden = 512, 48
+    ids = torch.arange(positions, device=DEVICE) % 10
+    pos = torch.arange(positions, device=DEVICE)
+    word, position = _randn(gen, 10, hidden, scale=0.05), _randn(gen, positions, hidden, scale=0.02)
+    ones, zeros = torch.ones(hidden, device=DEVICE), torch.zeros(hidden, device=DEVICE)
+    got = embed_layernorm(ids, pos, word, position, zeros, ones, zeros, EPS)
+    want = F.layer_norm((word[ids] + position[pos]).double(), (hidden,), eps=EPS)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_packed_batch_rejects_bad_lengths():
+    sequences = [np.arange(3), np.arange(5)]
+    with pytest.raises(ValueError, match="key lengths"):
+        PackedBatch.from_sequences(sequences, [0, 5], "cpu")
+    with pytest.raises(ValueError, match="key lengths"):
+        PackedBatch.from_sequences(sequences, [3, 6], "cpu")
+    with pytest.raises(ValueError, match="at least one token"):
+        PackedBatch.from_sequences([np.arange(0)], [0], "cpu")

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, require_reference
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned, require_reference
 
 from colbert_triton.kernels import maxsim as maxsim_module
-from colbert_triton.kernels.maxsim import maxsim
+from colbert_triton.kernels.maxsim import maxsim as maxsim_launcher
 
 DEV = KERNEL_DEVICE
+
+
+def maxsim(queries, doc_values, doc_starts, doc_lengths, **kwargs):
+    """The launcher under test, writing into a poisoned output (with a guard band, see
+    conftest.poisoned) unless the test passes its own ``out``."""
+    if kwargs.get("out") is None and all(isinstance(t, torch.Tensor) and t.dim() in (2, 3)
+                                         for t in (queries, doc_values)):
+        if doc_starts.dim() in (1, 2):
+            shape = (queries.shape[0], doc_starts.shape[0]) if doc_starts.dim() == 1 else doc_starts.shape
+            kwargs["out"] = poisoned(tuple(shape), torch.float32, queries.device)
+    return maxsim_launcher(queries, doc_values, doc_starts, doc_lengths, **kwargs)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -75,8 +86,10 @@ def assert_scores(got, queries, doc_values, starts, lengths, pad_floor=None):
     assert got.dtype == torch.float32
     assert torch.isfinite(got).all()
     want = reference(queries, doc_values, starts, lengths, pad_floor)
-    tol = 2e-4 if queries.dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)
+    # The reference multiplies the same (rounded) inputs in fp64, so only the kernel's fp32
+    # accumulation (and 3xTF32 for fp32 inputs) separates them: a few ulp of fp32. Anything
+    # coarser (a 16-bit partial sum, plain TF32) fails this.
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-5, rtol=1e-5)
 
 
 def to_dev(*tensors):
@@ -302,11 +315,11 @@ def test_out_is_written_everywhere_and_returned():
     values, starts, lens = packed_docs([3, 0, 50, 1, 17], 32, torch.float16, gen)
     queries = unit_rows(3, 32, 32, dtype=torch.float16, gen=gen)
     queries, values, starts, lens = to_dev(queries, values, starts, lens)
-    out = torch.full((3, 5), float("nan"), device=DEV)
+    out = poisoned((3, 5), torch.float32)
     got = maxsim(queries, values, starts, lens, out=out)
     assert got is out
     assert_scores(out, queries, values, starts, lens)
-    cand_out = torch.full((3, 2), float("nan"), device=DEV)
+    cand_out = poisoned((3, 2), torch.float32)
     cand_starts, cand_lens = starts[:2].repeat(3, 1), lens[:2].repeat(3, 1)
     maxsim(queries, values, cand_starts, cand_lens, out=cand_out)
     assert_scores(cand_out, queries, values, cand_starts, cand_lens)
@@ -376,7 +389,7 @@ def test_forced_configs(dim, query_len, cfg, flat):
     queries = unit_rows(5, query_len, dim, gen=gen)
     floor = torch.tensor([True, True, False, False, True])
     queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
-    out = torch.full((5, 5), float("nan"), device=DEV)
+    out = poisoned((5, 5), torch.float32)
     maxsim_module._launch(queries, values, starts, lens, floor, out, cfg._replace(flat=flat))
     assert_scores(out, queries, values, starts, lens, floor)
 
@@ -409,7 +422,7 @@ def test_flat_loop_equals_per_document_loop(monkeypatch, cfg, candidates):
     for pad_floor in (None, floor):
         got = {}
         for flat in (True, False):
-            got[flat] = torch.full(shape, float("nan"), device=DEV)
+            got[flat] = poisoned(tuple(shape), torch.float32)
             maxsim_module._launch(queries, values, starts, lens, pad_floor, got[flat],
                                   cfg._replace(flat=flat))
         assert torch.equal(got[True], got[False])
@@ -431,7 +444,7 @@ def test_many_documents_per_program(monkeypatch, candidates):
         pick = torch.randint(0, 45, (3, 14), generator=gen)
         starts, lens = starts[pick], lens[pick]
     queries, values, starts, lens = to_dev(queries, values, starts, lens)
-    out = torch.full(tuple(starts.shape) if candidates else (3, 45), float("nan"), device=DEV)
+    out = poisoned(tuple(starts.shape) if candidates else (3, 45), torch.float32)
     maxsim(queries, values, starts, lens, out=out)
     assert_scores(out, queries, values, starts, lens)
 
@@ -473,42 +486,71 @@ def _good():
     return q, v, s, n
 
 
-BAD_INPUTS = {
-    "queries not a tensor": (lambda q, v, s, n: ([[0.0]], v, s, n, {}), TypeError),
-    "queries 2-D": (lambda q, v, s, n: (q[0], v, s, n, {}), ValueError),
-    "doc_values 3-D": (lambda q, v, s, n: (q, v.view(2, 5, 32), s, n, {}), ValueError),
-    "integer queries": (lambda q, v, s, n: (q.long(), v.long(), s, n, {}), TypeError),
-    "dtype mismatch": (lambda q, v, s, n: (q, v.half(), s, n, {}), TypeError),
-    "dim mismatch": (lambda q, v, s, n: (q, v[:, :16], s, n, {}), ValueError),
-    "float starts": (lambda q, v, s, n: (q, v, s.float(), n, {}), TypeError),
-    "int16 lengths": (lambda q, v, s, n: (q, v, s, n.short(), {}), TypeError),
-    "shape mismatch": (lambda q, v, s, n: (q, v, s, n[:1], {}), ValueError),
-    "3-D starts": (lambda q, v, s, n: (q, v, s.view(1, 1, 2), n.view(1, 1, 2), {}), ValueError),
-    "candidates for wrong Q": (lambda q, v, s, n: (q, v, s[None], n[None], {}), ValueError),
-    "negative length": (lambda q, v, s, n: (q, v, s, n - 5, {}), ValueError),
-    "negative start": (lambda q, v, s, n: (q, v, s - 1, n, {}), ValueError),
-    "range past the rows": (lambda q, v, s, n: (q, v, s + 1, n, {}), ValueError),
-    "pad_floor not bool": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": n}), TypeError),
-    "pad_floor shape": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": (n > 0)[:1]}), ValueError),
-    "out dtype": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 2, dtype=torch.float64,
-                                                                     device=DEV)}), TypeError),
-    "out shape": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 3, device=DEV)}),
-                  ValueError),
-    "dim too large": (lambda q, v, s, n: (q.new_zeros(2, 8, 1040), v.new_zeros(10, 1040), s, n,
-                                          {}), ValueError),
-    "fp32 dim over 512": (lambda q, v, s, n: (q.new_zeros(2, 8, 520), v.new_zeros(10, 520), s, n,
-                                              {}), ValueError),
+BAD_INPUTS = {  # case: (build the arguments from _good(), the error, what its message says)
+    "queries not a tensor": (lambda q, v, s, n: ([[0.0]], v, s, n, {}), TypeError,
+                             "queries must be a torch.Tensor"),
+    "doc_values not a tensor": (lambda q, v, s, n: (q, v.tolist(), s, n, {}), TypeError,
+                                "doc_values must be a torch.Tensor"),
+    "queries 2-D": (lambda q, v, s, n: (q[0], v, s, n, {}), ValueError, r"queries must be \[Q, Lq, d\]"),
+    "doc_values 3-D": (lambda q, v, s, n: (q, v.view(2, 5, 32), s, n, {}), ValueError,
+                       r"doc_values must be \[R, d\]"),
+    "integer queries": (lambda q, v, s, n: (q.long(), v.long(), s, n, {}), TypeError,
+                        "queries must be float32, float16 or bfloat16"),
+    "dtype mismatch": (lambda q, v, s, n: (q, v.half(), s, n, {}), TypeError, "differs from queries dtype"),
+    "dim mismatch": (lambda q, v, s, n: (q, v[:, :16], s, n, {}), ValueError, "embedding dims differ"),
+    "zero dim": (lambda q, v, s, n: (q[..., :0], v[:, :0], s, n, {}), ValueError,
+                 r"embedding dim must be in \[1, 1024\]"),
+    "float starts": (lambda q, v, s, n: (q, v, s.float(), n, {}), TypeError, "doc_starts must be int32 or int64"),
+    "int16 lengths": (lambda q, v, s, n: (q, v, s, n.short(), {}), TypeError, "doc_lengths must be int32 or int64"),
+    "shape mismatch": (lambda q, v, s, n: (q, v, s, n[:1], {}), ValueError, "must have the same shape"),
+    "3-D starts": (lambda q, v, s, n: (q, v, s.view(1, 1, 2), n.view(1, 1, 2), {}), ValueError,
+                   r"\(shared documents\) or \[Q, K\]"),
+    "candidates for wrong Q": (lambda q, v, s, n: (q, v, s[None], n[None], {}), ValueError, "candidate mode"),
+    "negative length": (lambda q, v, s, n: (q, v, s, n - 5, {}), ValueError, "doc_lengths must be >= 0"),
+    "negative start": (lambda q, v, s, n: (q, v, s - 1, n, {}), ValueError, "doc_starts must be >= 0"),
+    "range past the rows": (lambda q, v, s, n: (q, v, s + 1, n, {}), ValueError, "runs past the 10 rows"),
+    "pad_floor not bool": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": n}), TypeError,
+                           "pad_floor must be a bool tensor"),
+    "pad_floor shape": (lambda q, v, s, n: (q, v, s, n, {"pad_floor": (n > 0)[:1]}), ValueError,
+                        "pad_floor shape"),
+    "out not a tensor": (lambda q, v, s, n: (q, v, s, n, {"out": [[0.0, 0.0]] * 2}), TypeError,
+                         "out must be a torch.Tensor"),
+    "out dtype": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 2, dtype=torch.float64, device=DEV)}),
+                  TypeError, "out must be float32"),
+    "out shape": (lambda q, v, s, n: (q, v, s, n, {"out": torch.zeros(2, 3, device=DEV)}), ValueError,
+                  "out has shape"),
+    # 16-bit, so that the float32 limit (512) is not what fires.
+    "dim too large": (lambda q, v, s, n: (q.new_zeros(2, 8, 1040, dtype=torch.float16),
+                                          v.new_zeros(10, 1040, dtype=torch.float16), s, n, {}), ValueError,
+                      r"embedding dim must be in \[1, 1024\]"),
+    "fp32 dim over 512": (lambda q, v, s, n: (q.new_zeros(2, 8, 520), v.new_zeros(10, 520), s, n, {}),
+                          ValueError, "float32 inputs support embedding dims up to 512"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_validation_errors(case):
-    build, error = BAD_INPUTS[case]
+    build, error, match = BAD_INPUTS[case]
     q, v, s, n, kwargs = build(*_good())
     if case in ("negative length", "negative start", "range past the rows"):
         kwargs["check_ranges"] = True  # free on the CPU, one sync on a GPU
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         maxsim(q, v, s, n, **kwargs)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="index tensors must share the queries' device on a GPU")
+def test_cpu_index_tensors_are_range_checked_by_default():
+    """check_ranges=None checks when the index tensors are on the CPU (free there)."""
+    q, v, s, n = _good()
+    with pytest.raises(ValueError, match="runs past the 10 rows"):
+        maxsim(q, v, (s + 1).cpu(), n.cpu())
+
+
+def test_cpu_tensors_need_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.zeros(1, 4, 16)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        maxsim(q, q[0], torch.tensor([0]), torch.tensor([4]))
 
 
 def test_device_mismatch_is_rejected():
@@ -641,3 +683,16 @@ def test_colbert_launches_compile_for_sm90():
                 # max): 2 x 256 threads x registers <= 64K, 2 x (shared + 1 KiB) <= 228 KiB.
                 assert launch["registers"] <= 128, launch
                 assert 2 * (launch["shared"] + 1024) <= 228 * 1024, launch
+
+
+def test_strided_inputs_and_output():
+    """Strides are runtime arguments: column-major queries, documents and scores."""
+    gen = torch.Generator().manual_seed(0)
+    values, starts, lens = packed_docs([5, 0, 40, 1], 48, torch.float32, gen)
+    queries = unit_rows(3, 12, 48, gen=gen)
+    q_strided = queries.transpose(1, 2).contiguous().transpose(1, 2).to(DEV)
+    v_strided = values.t().contiguous().t().to(DEV)
+    out = torch.full((4, 3), float("nan"), device=DEV).t()
+    got = maxsim(q_strided, v_strided, *to_dev(starts, lens), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_scores(got, queries, values, starts, lens)

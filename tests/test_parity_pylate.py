@@ -137,3 +137,45 @@ def test_device_mismatch_is_reported():
     q = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="queries are on cpu but documents are on meta"):
         score(q, [torch.zeros(3, 8, device="meta")])
+
+
+@pytest.mark.parametrize("settings", [{"attend_to_expansion_tokens": True}, {"do_query_expansion": False}])
+def test_query_settings_match_pylate(tmp_path, settings):
+    """The query settings the model's own checkpoint leaves at their defaults."""
+    from checkpoints import build_pylate
+
+    models = require_reference("pylate.models")
+    path = build_pylate(tmp_path / "p", settings=settings)
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    texts = ["what is the capital of france", "a"]
+    theirs, mine = ref.tokenize(texts, is_query=True), ours.tokenizer.queries(texts)
+    for i in range(len(texts)):
+        attended = theirs["attention_mask"][i].bool()
+        ids = theirs["input_ids"][i] if ref.do_query_expansion else theirs["input_ids"][i][attended]
+        assert mine.sequences[i].tolist() == ids.tolist()
+        assert mine.key_lens[i] == int(attended.sum())
+    for a, b in zip(ours.encode_queries(texts), ref.encode(texts, is_query=True)):
+        torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
+
+
+def test_skiplist_word_outside_the_vocabulary_drops_unknown_rows(tmp_path):
+    """As in PyLate, a skiplist word the vocabulary lacks maps to [UNK], so [UNK] rows go."""
+    from checkpoints import build_pylate
+
+    path = build_pylate(tmp_path / "p", settings={"skiplist_words": ["zzzqqqxx"]})
+    tokenizer = ColBERT.from_pretrained(path, device="cpu").tokenizer
+    unknown = tokenizer._doc_tok.token_to_id("[UNK]")
+    tokens = tokenizer.documents(["emoji \U0001F642 here"])
+    assert unknown in tokens.sequences[0].tolist()
+    assert unknown not in tokens.sequences[0][tokens.keep[0]].tolist()
+
+
+def test_stanford_mask_punctuation_false_keeps_punctuation(tmp_path):
+    """A Stanford checkpoint's mask_punctuation: false is honoured as Stanford ColBERT does
+    (PyLate 1.6 drops punctuation regardless; see README, where we differ)."""
+    from checkpoints import build_stanford
+
+    path = build_stanford(tmp_path / "s", metadata={"mask_punctuation": False})
+    tokens = ColBERT.from_pretrained(path, device="cpu").tokenizer.documents(["a, b!"])
+    assert tokens.keep[0].tolist() == list(range(len(tokens.sequences[0])))

@@ -35,6 +35,10 @@ def test_triton_encoder_matches_torch_path(stanford_dir, reference, dtype):
         assert torch.isfinite(ours).all()
         cosine = torch.nn.functional.cosine_similarity(ours.float(), ref, dim=-1)
         assert float(cosine.min()) >= 0.9999
+        if dtype == torch.float32:
+            # Same math in the same precision: fp32 rounding apart, so an approximation in a
+            # kernel (tanh GELU, a TF32 dot) shows here while it passes the cosine bound.
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     # Ranking unchanged: every query's document order is the reference's, up to near-ties.
     ref_scores = ref_model.score(ref_q, ref_d)
     ours_scores = model.score([x.float() for x in q], [x.float() for x in d])
