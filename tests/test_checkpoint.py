@@ -81,7 +81,7 @@ def test_hub_id_through_offline_cache(tmp_path, stanford_dir, monkeypatch):
 
 def test_unreachable_hub_says_so(tmp_path, monkeypatch):
     """Offline (or the hub unreachable) and not cached: the error says that, not "missing file"."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

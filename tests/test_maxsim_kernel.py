@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned, require_reference
+from conftest import (
+    INTERPRETED,
+    KERNEL_DEVICE,
+    KERNEL_DTYPES,
+    poisoned,
+    require_reference,
+)
 
 from colbert_triton.kernels import maxsim as maxsim_module
 from colbert_triton.kernels.maxsim import maxsim as maxsim_launcher
@@ -24,12 +30,14 @@ DEV = KERNEL_DEVICE
 def maxsim(queries, doc_values, doc_starts, doc_lengths, **kwargs):
     """The launcher under test, writing into a poisoned output (with a guard band, see
     conftest.poisoned) unless the test passes its own ``out``."""
-    if kwargs.get("out") is None and all(isinstance(t, torch.Tensor) and t.dim() in (2, 3)
-                                         for t in (queries, doc_values)):
-        if doc_starts.dim() in (1, 2):
-            shape = (queries.shape[0], doc_starts.shape[0]) if doc_starts.dim() == 1 else doc_starts.shape
-            kwargs["out"] = poisoned(tuple(shape), torch.float32, queries.device)
+    well_formed = (isinstance(queries, torch.Tensor) and queries.dim() == 3
+                   and isinstance(doc_starts, torch.Tensor) and doc_starts.dim() in (1, 2))
+    if kwargs.get("out") is None and well_formed:
+        shape = (queries.shape[0], doc_starts.shape[0]) if doc_starts.dim() == 1 else doc_starts.shape
+        kwargs["out"] = poisoned(tuple(shape), torch.float32, queries.device)
     return maxsim_launcher(queries, doc_values, doc_starts, doc_lengths, **kwargs)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
