@@ -767,3 +767,21 @@ def test_packed_batch_rejects_bad_lengths():
         PackedBatch.from_sequences(sequences, [3, 6], "cpu")
     with pytest.raises(ValueError, match="at least one token"):
         PackedBatch.from_sequences([np.arange(0)], [0], "cpu")
+
+
+def test_attention_checks_lengths_it_can_read_for_free():
+    """Lengths on the CPU are checked by default (a short max_seqlen would leave rows unwritten);
+    on a GPU only when asked (check_lengths=True: one sync)."""
+    batch = _batch([5, 12], [5, 7])
+    qkv = _randn(_gen(11), batch.num_tokens, 3 * 64)
+    cu, key_lens = batch.cu_seqlens, batch.key_lens
+    with pytest.raises(ValueError, match="max_seqlen is 11 but a sequence has 12 rows"):
+        varlen_attention(qkv, cu, key_lens, 11, 2, 32, check_lengths=True)
+    with pytest.raises(ValueError, match="must start at 0 and end at the 17 rows"):
+        varlen_attention(qkv, cu - 1, key_lens, 12, 2, 32, check_lengths=True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(qkv, torch.tensor([0, 18, 17], dtype=torch.int32, device=DEVICE), key_lens, 18, 2, 32,
+                         check_lengths=True)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="max_seqlen is 11"):
+            varlen_attention(qkv, cu, key_lens, 11, 2, 32)

@@ -218,6 +218,21 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(f"varlen_attention: {message}")
 
 
+def _check_lengths(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
+    """Data checks of the packed layout: they read cu_seqlens (a sync on a GPU). key_lens need
+    none: values outside [0, sequence length] are clamped in the kernel."""
+    cu = cu_seqlens.to(torch.int64)
+    seq_lens = cu[1:] - cu[:-1]
+    first, last = cu[0].item(), cu[-1].item()
+    _check(first == 0 and last == num_tokens,
+           f"cu_seqlens must start at 0 and end at the {num_tokens} rows of qkv, got {first} ... {last}")
+    if seq_lens.numel() == 0:
+        return
+    _check(bool((seq_lens >= 0).all()), "cu_seqlens must be non-decreasing")
+    longest = int(seq_lens.max())
+    _check(longest <= max_seqlen, f"max_seqlen is {max_seqlen} but a sequence has {longest} rows")
+
+
 def varlen_attention(
     qkv: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -228,6 +243,7 @@ def varlen_attention(
     *,
     out: torch.Tensor | None = None,
     tiles: AttentionTiles | None = None,
+    check_lengths: bool | None = None,
 ) -> torch.Tensor:
     """Self-attention per sequence of a packed batch, keys limited to each sequence's key length.
 
@@ -240,6 +256,10 @@ def varlen_attention(
     tiles: optional `AttentionTiles` of this batch (`attention_tile_table` for the BLOCK_M that
     ``attention_config(head_dim, max_seqlen, dtype)`` picks): replaces the in-kernel lookup and
     sets the grid. Returns ``[T, hidden]`` in qkv's dtype (written into ``out`` when given).
+    check_lengths: whether to check cu_seqlens (0 first, non-decreasing, T last) and max_seqlen
+    against it: None (default) only when cu_seqlens is on the CPU, where it is free; True
+    always (one device sync); False never. Unchecked, a max_seqlen below the longest sequence
+    leaves that sequence's last rows unwritten.
     """
     _check(isinstance(qkv, torch.Tensor) and qkv.dim() == 2, "qkv must be a 2-D tensor [T, 3 * hidden]")
     _check(qkv.dtype in _DTYPES, f"qkv dtype {qkv.dtype} is not float16, bfloat16 or float32")
@@ -275,6 +295,8 @@ def varlen_attention(
     _check(num_seqs > 0, f"qkv has {num_tokens} rows but cu_seqlens describes no sequence")
     _check(max_seqlen >= 1, f"qkv has {num_tokens} rows but max_seqlen is {max_seqlen}: it must be "
                             f"at least the longest sequence's length")
+    if check_lengths or (check_lengths is None and cu_seqlens.device.type == "cpu"):
+        _check_lengths(cu_seqlens, num_tokens, max_seqlen)
 
     config = attention_config(head_dim, max_seqlen, qkv.dtype)
     if tiles is not None:
