@@ -218,6 +218,13 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(f"varlen_attention: {message}")
 
 
+def _host_int(value, name: str) -> int:
+    """A Python or numpy integer (never a bool, a float or a tensor) as an int."""
+    _check(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+           f"{name} must be a host int, got {type(value).__name__}")
+    return int(value)
+
+
 def _check_lengths(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
     """Data checks of the packed layout: they read cu_seqlens (a sync on a GPU). key_lens need
     none: values outside [0, sequence length] are clamped in the kernel."""
@@ -263,8 +270,10 @@ def varlen_attention(
     """
     _check(isinstance(qkv, torch.Tensor) and qkv.dim() == 2, "qkv must be a 2-D tensor [T, 3 * hidden]")
     _check(qkv.dtype in _DTYPES, f"qkv dtype {qkv.dtype} is not float16, bfloat16 or float32")
+    head_dim = _host_int(head_dim, "head_dim")
     _check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
-    _check(isinstance(num_heads, int) and num_heads >= 1, f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = _host_int(num_heads, "num_heads")
+    _check(num_heads >= 1, f"num_heads must be a positive int, got {num_heads!r}")
     hidden = num_heads * head_dim
     num_tokens = qkv.shape[0]
     _check(qkv.shape[1] == 3 * hidden,
@@ -278,9 +287,7 @@ def varlen_attention(
     num_seqs = key_lens.shape[0]
     _check(cu_seqlens.shape[0] == num_seqs + 1,
            f"cu_seqlens has {cu_seqlens.shape[0]} entries, expected len(key_lens) + 1 = {num_seqs + 1}")
-    _check(isinstance(max_seqlen, (int, np.integer)) and not isinstance(max_seqlen, bool),
-           f"max_seqlen must be a host int (it sizes blocks without a device sync), got {type(max_seqlen)}")
-    max_seqlen = int(max_seqlen)
+    max_seqlen = _host_int(max_seqlen, "max_seqlen")  # it sizes blocks: never read from the device
     _check(max_seqlen >= 0, f"max_seqlen must be >= 0, got {max_seqlen}")
     if out is None:
         out = torch.empty((num_tokens, hidden), dtype=qkv.dtype, device=qkv.device)
@@ -305,6 +312,8 @@ def varlen_attention(
                f"tiles were built for {tiles.block_m}-row tiles but this call uses "
                f"{config['BLOCK_M']} (attention_config of head_dim, max_seqlen and dtype)")
         table = tiles.table
+        _check(isinstance(table, torch.Tensor), "tiles.table must be a torch.Tensor (wrap "
+                                                "attention_tile_table's array with torch.from_numpy)")
         _check(table.dim() == 2 and table.shape[1] == 4 and table.dtype == torch.int32
                and table.is_contiguous(), "tiles.table must be a contiguous [num_tiles, 4] int32 tensor")
         _check(table.device == qkv.device, f"tiles.table is on {table.device}, qkv on {qkv.device}")
