@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
+
+
+def check_embedding_list(tensors, what: str) -> None:
+    """A list of [tokens, dim] tensors sharing dim, dtype and device, or a clear error."""
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{what}[{i}] must be 2-D [tokens, dim], got shape {tuple(t.shape)}")
+        first = tensors[0]
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{what}[{i}] has dim {t.shape[1]}, {what}[0] has {first.shape[1]}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{what}[{i}] is {t.dtype}, {what}[0] is {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{what}[{i}] is on {t.device}, {what}[0] is on {first.device}")
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,12 @@ class PackedEmbeddings:
             raise ValueError(
                 f"lengths add up to {sum(self.lengths_host)} rows but values has {self.values.shape[0]}"
             )
+        # Scoring reads offsets, slicing reads lengths_host: they must agree. Checked where it is
+        # free (offsets on the CPU); device offsets come from from_lengths or to(), built right.
+        if self.offsets.device.type == "cpu":
+            expected = torch.tensor((0, *itertools.accumulate(self.lengths_host)), dtype=torch.int64)
+            if not torch.equal(self.offsets.long(), expected):
+                raise ValueError(f"offsets {self.offsets.tolist()} disagree with lengths {list(self.lengths_host)}")
 
     @classmethod
     def from_lengths(cls, values: torch.Tensor, lengths) -> "PackedEmbeddings":
@@ -43,6 +67,7 @@ class PackedEmbeddings:
     def from_list(cls, tensors: list[torch.Tensor]) -> "PackedEmbeddings":
         if not tensors:
             raise ValueError("cannot pack an empty list of embeddings")
+        check_embedding_list(tensors, "embeddings")
         return cls.from_lengths(torch.cat(list(tensors), 0), [t.shape[0] for t in tensors])
 
     def __len__(self) -> int:
@@ -61,6 +86,10 @@ class PackedEmbeddings:
         return self.offsets[1:] - self.offsets[:-1]
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"a PackedEmbeddings index must be an integer, got {type(i).__name__}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i %= len(self)

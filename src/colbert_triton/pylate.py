@@ -48,16 +48,21 @@ def convert_to_tensor(x) -> torch.Tensor:
     if isinstance(x, (list, tuple)):
         if not x:
             return torch.tensor([], dtype=torch.float32)
+        kinds = {type(item) for item in x}
+        if len(kinds) > 1 and not kinds <= {float, int}:
+            raise TypeError(f"cannot convert a list mixing {sorted(k.__name__ for k in kinds)} to a tensor")
+        if isinstance(x[0], (np.ndarray, list, torch.Tensor)):
+            shapes = {tuple(np.shape(item)) if not isinstance(item, torch.Tensor) else tuple(item.shape)
+                      for item in x}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot stack embeddings of different shapes {sorted(shapes)}: pad them "
+                                 f"to one length (with a mask), or score ragged lists with "
+                                 f"colbert_scores_pairwise or colbert_triton.score")
         if isinstance(x[0], np.ndarray):
             return torch.from_numpy(np.array(x, dtype=np.float32))
         if isinstance(x[0], (list, float, int)):
             return torch.tensor(x, dtype=torch.float32)
         if isinstance(x[0], torch.Tensor):
-            shapes = {tuple(t.shape) for t in x}
-            if len(shapes) > 1:
-                raise ValueError(f"cannot stack embeddings of different shapes {sorted(shapes)}: pad them "
-                                 f"to one length (with a mask), or score ragged lists with "
-                                 f"colbert_scores_pairwise or colbert_triton.score")
             return torch.stack(list(x))
     raise TypeError(f"cannot convert {type(x).__name__} to a tensor")
 
@@ -229,6 +234,13 @@ def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str 
     queries = _as_query_list(queries_embeddings)
     if isinstance(documents_embeddings, (torch.Tensor, np.ndarray)):
         documents_embeddings = list(convert_to_tensor(documents_embeddings))
+    # PyLate zips the three and drops what is left over; a count mismatch is a caller's bug.
+    if not len(queries) == len(documents_ids) == len(documents_embeddings):
+        raise ValueError(f"{len(queries)} queries but {len(documents_ids)} lists of document ids and "
+                         f"{len(documents_embeddings)} lists of document embeddings")
+    for query in queries:
+        if query.dim() != 2:
+            raise ValueError(f"each query must be [S, H], got shape {tuple(query.shape)}")
     groups = []
     for query, ids, candidates in zip(queries, documents_ids, documents_embeddings):
         docs = [convert_to_tensor(c) for c in candidates]

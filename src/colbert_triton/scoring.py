@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .packed import PackedEmbeddings
+from .packed import PackedEmbeddings, check_embedding_list
 
 # The backend a CUDA tensor gets when none is named. "torch" until the Triton kernels have been
 # verified natively on a GPU (see README, "Status"); the Triton path is always available by name.
@@ -70,21 +70,8 @@ def _as_tensor_list(items, what: str) -> list[torch.Tensor]:
     if not items:
         raise ValueError(f"{what} is empty")
     tensors = [_as_tensor(x, f"{what}[{i}]") for i, x in enumerate(items)]
-    _check_same(tensors, what)
+    check_embedding_list(tensors, what)
     return tensors
-
-
-def _check_same(tensors: list[torch.Tensor], what: str) -> None:
-    first = tensors[0]
-    for i, t in enumerate(tensors):
-        if t.dim() != 2:
-            raise ValueError(f"{what}[{i}] must be 2-D [tokens, dim], got shape {tuple(t.shape)}")
-        if t.shape[1] != first.shape[1]:
-            raise ValueError(f"{what}[{i}] has dim {t.shape[1]}, {what}[0] has {first.shape[1]}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{what}[{i}] is {t.dtype}, {what}[0] is {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{what}[{i}] is on {t.device}, {what}[0] is on {first.device}")
 
 
 class DocRows(NamedTuple):
@@ -292,7 +279,10 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     """
     q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
                        documents_mask=documents_mask)
-    cand = torch.as_tensor(candidates, device=q.device)
+    try:
+        cand = torch.as_tensor(candidates, device=q.device)
+    except (ValueError, TypeError) as bad:
+        raise ValueError(f"candidates must be a [Q, K] array of indices (pad short rows with -1): {bad}") from None
     if cand.dim() == 1:
         cand = cand.unsqueeze(0)
     if cand.dim() != 2 or cand.shape[0] != q.shape[0]:
@@ -323,17 +313,17 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     return scores.gather(1, order), index.gather(1, order)
 
 
-def check_k(k) -> int:
-    """``k`` as a positive Python int (numpy integers accepted), or a clear error."""
+def positive_int(value, name: str) -> int:
+    """``value`` as a positive Python int (numpy integers accepted), or a clear error."""
     try:
-        if isinstance(k, bool):
+        if isinstance(value, bool):
             raise TypeError
-        value = operator.index(k)
+        number = operator.index(value)
     except TypeError:
-        raise ValueError(f"k must be a positive integer, got {k!r}") from None
-    if value < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return value
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
 
 
 def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=None,
@@ -345,9 +335,8 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     """
-    k = check_k(k)
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
+    k = positive_int(k, "k")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
                        documents_mask=documents_mask)
     k = min(k, len(docs))
@@ -364,7 +353,7 @@ def rerank(query, documents, k: int | None = None, *, query_mask=None, documents
            backend=None, check_inputs: bool = True) -> list[tuple[int, float]]:
     """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index;
     the best ``k`` only when ``k`` is given."""
-    count = None if k is None else check_k(k)
+    count = None if k is None else positive_int(k, "k")
     q, docs = _prepare(query, documents, check_inputs=check_inputs, queries_mask=query_mask,
                        documents_mask=documents_mask)
     if q.shape[0] != 1:

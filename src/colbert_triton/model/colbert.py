@@ -205,7 +205,7 @@ class ColBERT:
     def rerank(self, query, documents, k: int | None = None, *, batch_size: int = 64):
         """Rank documents for one query: ``[(index, score), ...]``, best first, ties by index."""
         if k is not None:
-            scoring.check_k(k)  # before any encoding
+            scoring.positive_int(k, "k")  # before any encoding
         queries = self._embed(query, True, batch_size)
         if isinstance(queries, list) and len(queries) != 1:
             raise ValueError(f"rerank takes one query, got {len(queries)}")
@@ -214,7 +214,8 @@ class ColBERT:
 
     def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768):
         """Exact top-k of a corpus per query: ``(scores [Q, k'], indices [Q, k'])``, k' = min(k, N)."""
-        scoring.check_k(k)  # before any encoding
+        scoring.positive_int(k, "k")  # before any encoding
+        scoring.positive_int(chunk_size, "chunk_size")
         return scoring.search(self._embed(queries, True, batch_size), self._embed(corpus, False, batch_size),
                               k, chunk_size=chunk_size, backend=self._score_backend())
 
