@@ -261,11 +261,11 @@ def _build(layout: str, dst):
 
 
 @pytest.mark.parametrize("layout, token, tokenizer_file, message", [
-    ("stanford", "[MASK]", "tokenizer.json", r"no \[MASK\] token"),
-    ("pylate", "[MASK]", "tokenizer.json", r"no \[MASK\] token"),
-    ("stanford", "[CLS]", "tokenizer.json", r"no \[CLS\] token"),
-    ("stanford", "[SEP]", "tokenizer.json", r"no \[SEP\] token"),
-    ("stanford", "[MASK]", "vocab.txt", r"no \[MASK\] token"),
+    ("stanford", "[MASK]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[MASK\] token"),
+    ("pylate", "[MASK]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[MASK\] token"),
+    ("stanford", "[CLS]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[CLS\] token"),
+    ("stanford", "[SEP]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[SEP\] token"),
+    ("stanford", "[MASK]", "vocab.txt", r"vocab\.txt: the tokenizer has no \[MASK\] token"),
     # The vocab.txt reader itself needs [CLS] and [SEP]; its error names the file.
     ("stanford", "[CLS]", "vocab.txt", r"vocab\.txt: unreadable vocabulary \(cls_token not found"),
 ])

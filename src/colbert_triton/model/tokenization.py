@@ -115,7 +115,10 @@ class ColBERTTokenizer:
                 tokenizer = BertWordPieceTokenizer(vocab, lowercase=lowercase)._tokenizer
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
-        return cls(tokenizer, settings, max_positions)
+        try:
+            return cls(tokenizer, settings, max_positions)
+        except CheckpointError as bad:  # name the file that lacks the token
+            raise CheckpointError(f"{tokenizer_file or vocab_file}: {bad}") from None
 
     def _wordpieces(self, tok: Tokenizer, texts: list[str], budget: int) -> list[list[int]]:
         if budget == 0:
