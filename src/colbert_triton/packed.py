@@ -11,12 +11,12 @@ import torch
 
 def check_embedding_list(tensors, what: str) -> None:
     """A list of [tokens, dim] tensors sharing dim, dtype and device, or a clear error."""
+    first = tensors[0]
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{what}[{i}] must be 2-D [tokens, dim], got shape {tuple(t.shape)}")
-        first = tensors[0]
         if t.shape[1] != first.shape[1]:
             raise ValueError(f"{what}[{i}] has dim {t.shape[1]}, {what}[0] has {first.shape[1]}")
         if t.dtype != first.dtype:

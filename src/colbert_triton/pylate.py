@@ -18,8 +18,8 @@ equals multiplying its similarities), each document loops to its last unmasked s
 (default ``"auto"``), any letter case; ``"auto"`` picks the Triton kernel on CUDA once it is
 the CUDA default (see README, "Status"), ``"torch"`` PyLate's formula, and ``"triton"`` our
 kernel. PyLate's ``"flash"`` and ``"lik"`` name its optional CUDA kernels (flash-maxsim,
-late-interaction-kernels); here they select our kernel, which gives the exact scores they
-approximate. The result has PyLate's dtype (that of the inputs); the kernel accumulates in
+late-interaction-kernels); here they select our kernel, with PyLate's results (its
+zero-padding semantics included). The result has PyLate's dtype (that of the inputs); the kernel accumulates in
 float32 before the cast (float64 inputs are scored in float32 on the kernel path).
 """
 
