@@ -130,38 +130,98 @@ def _maxsim_case():
     return recorders
 
 
-CASES = {"encoder": _encoder_case, "maxsim": _maxsim_case}
+def _maxsim_counts_case():
+    """One model's MaxSim calls with other query counts, document counts and lengths: they must
+    all share the specialisation of their mode (shared documents, candidates)."""
+    import torch
+
+    from colbert_triton.kernels import maxsim as maxsim_mod
+
+    recorders = _record([(maxsim_mod, "_maxsim_kernel")])
+    os.environ["TRITON_INTERPRET"] = "1"  # host code on CPU tensors, as in _maxsim_case
+    docs = _zeros(20_000, 96, dtype=torch.float16)
+    for num_queries, lengths, candidates in [(16, [30, 300, 7], None), (16, list(range(1, 12)), None),
+                                             (40, [299] * 33, None), (9, [64] * 16 + [0], None),
+                                             (3, [30, 5], 4), (5, [30, 5, 9], 17), (1000, [3] * 5, 1)]:
+        lengths = torch.tensor(lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        queries = _zeros(num_queries, 32, 96, dtype=torch.float16)
+        if candidates is not None:
+            pick = torch.arange(num_queries * candidates).view(num_queries, candidates) % len(lengths)
+            starts, lengths = starts[pick], lengths[pick]
+        maxsim_mod.maxsim(queries, docs, starts, lengths)
+    return recorders
+
+
+def _encoder_batches_case():
+    """One layer's launches for batches of other sizes and lengths: per kernel, only the
+    attention's two tile buckets (queries <= 64 tokens, documents) may differ."""
+    import numpy as np
+    import torch
+
+    from colbert_triton.kernels import attention, head, linear
+
+    recorders = _record([(attention, "_varlen_attention_kernel"), (head, "_project_normalize_kernel"),
+                         (linear, "_linear_kernel")])
+    hidden, dt = 384, torch.float16
+    for lengths in ([32, 32], [300, 41, 120], [77], [90] * 16, [1], [32] * 33, [200, 512, 3, 7, 65]):
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+        tokens = int(cu[-1])
+        qkv = linear.linear(_zeros(tokens, hidden, dtype=dt), _zeros(3 * hidden, hidden, dtype=dt),
+                            _zeros(3 * hidden, dtype=dt))
+        ctx = attention.varlen_attention(qkv, cu, cu[1:] - cu[:-1], max(lengths), 12, 32)
+        head.project_normalize(ctx, _zeros(96, hidden, dtype=dt), None, torch.arange(0, tokens, 2))
+    return recorders
+
+
+CASES = {"encoder": _encoder_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
+         "encoder-batches": _encoder_batches_case}
+
+
+def specialization(kernel, args, kwargs):
+    """What Triton's JIT keys a launch's compiled variant on: (signature, constexprs, attrs, options)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    values = dict(zip(kernel.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize, True)
+        if kind == "constexpr":
+            signature[param.name], constexprs[param.name] = "constexpr", key
+            continue
+        signature[param.name] = kind
+        if key == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return values, signature, constexprs, attrs, options
 
 
 def main(case: str) -> None:
     import torch
     import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import native_specialize_impl
 
     recorders = CASES[case]()
+    if case in ("maxsim-counts", "encoder-batches"):  # specialisations only, nothing compiled
+        for name, recorder in recorders.items():
+            for args, kwargs in recorder.launches:
+                _, signature, constexprs, attrs, options = specialization(recorder.kernel, args, kwargs)
+                print(json.dumps({"kernel": name, "key": repr((signature, constexprs, sorted(attrs.items()),
+                                                               options))}))
+        return
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     for name, recorder in recorders.items():
         kernel = recorder.kernel
         for args, kwargs in recorder.launches:
-            values = dict(zip(kernel.arg_names, args))
-            values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
-            options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-            signature, constexprs, attrs = {}, {}, {}
-            for index, param in enumerate(kernel.params):
-                value = values[param.name]
-                if param.is_constexpr:
-                    signature[param.name], constexprs[param.name] = "constexpr", value
-                    continue
-                kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize, True)
-                if kind == "constexpr":
-                    signature[param.name], constexprs[param.name] = "constexpr", key
-                    continue
-                signature[param.name] = kind
-                if key == "D":
-                    attrs[(index,)] = [["tt.divisibility", 16]]
+            values, signature, constexprs, attrs, options = specialization(kernel, args, kwargs)
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                       options=options)
             stack = registers = None

@@ -785,3 +785,15 @@ def test_attention_checks_lengths_it_can_read_for_free():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="max_seqlen is 11"):
             varlen_attention(qkv, cu, key_lens, 11, 2, 32)
+
+
+def test_batches_share_compiled_variants():
+    """The CPU twin of test_no_recompile_when_batch_changes: batches of other T, B and lengths
+    get the same specialisation per kernel; attention has its two tile buckets."""
+    from aot_compile import compile_case
+
+    keys = {}
+    for launch in compile_case("encoder-batches"):
+        keys.setdefault(launch["kernel"], set()).add(launch["key"])
+    counts = {kernel: len(variants) for kernel, variants in keys.items()}
+    assert counts == {"_linear_kernel": 1, "_varlen_attention_kernel": 2, "_project_normalize_kernel": 1}

@@ -704,3 +704,13 @@ def test_strided_inputs_and_output():
     got = maxsim(q_strided, v_strided, *to_dev(starts, lens), out=out)
     assert got.data_ptr() == out.data_ptr()
     assert_scores(got, queries, values, starts, lens)
+
+
+def test_counts_and_lengths_share_one_compiled_variant():
+    """The CPU twin of test_gpu_no_recompilation_when_counts_change: Triton's JIT keys a variant
+    on its specialisation (ints equal to 1 or divisible by 16 included, unless marked
+    do_not_specialize); calls with other Q, N, K and lengths must all get the same one per mode."""
+    from aot_compile import compile_case
+
+    keys = {launch["key"] for launch in compile_case("maxsim-counts")}
+    assert len(keys) == 2, keys  # shared documents, per-query candidates
