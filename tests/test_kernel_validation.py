@@ -175,12 +175,6 @@ ATTENTION_BAD_INPUTS = {  # case: (the defect, applied to _attention_args(), wha
 }
 
 
-@pytest.mark.parametrize("case", list(ATTENTION_BAD_INPUTS))
-def test_varlen_attention_rejects(case):
-    changes, match = ATTENTION_BAD_INPUTS[case]
-    _reject(varlen_attention, _attention_args(), changes, match)
-
-
 def test_varlen_attention_rejects_a_numpy_tile_table():
     """attention_tile_table returns a NumPy array; passed on unconverted it once crashed with an
     AttributeError inside the launcher."""
@@ -238,12 +232,6 @@ LINEAR_BAD_INPUTS = {  # case: (the defect, applied to _linear_args(), what the 
 }
 
 
-@pytest.mark.parametrize("case", list(LINEAR_BAD_INPUTS))
-def test_linear_rejects(case):
-    changes, match = LINEAR_BAD_INPUTS[case]
-    _reject(linear, _linear_args(), changes, match)
-
-
 def _linear_residual_layernorm_args():
     return {"x": _zeros(4, 32), "weight": _zeros(16, 32), "bias": _zeros(16), "residual": _zeros(4, 16),
             "ln_weight": _zeros(16), "ln_bias": _zeros(16), "eps": EPS, "out": _zeros(4, 16)}
@@ -274,12 +262,6 @@ LINEAR_RESIDUAL_LAYERNORM_BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(LINEAR_RESIDUAL_LAYERNORM_BAD_INPUTS))
-def test_linear_residual_layernorm_rejects(case):
-    changes, match = LINEAR_RESIDUAL_LAYERNORM_BAD_INPUTS[case]
-    _reject(linear_residual_layernorm, _linear_residual_layernorm_args(), changes, match)
-
-
 def _bias_residual_layernorm_args():
     return {"x": _zeros(4, 16), "bias": _zeros(16), "residual": _zeros(4, 16), "ln_weight": _zeros(16),
             "ln_bias": _zeros(16), "eps": EPS, "out": _zeros(4, 16)}
@@ -299,12 +281,6 @@ BIAS_RESIDUAL_LAYERNORM_BAD_INPUTS = {
     "out float16": (lambda a: {"out": a["out"].half()}, "out dtype torch.float16 differs"),
     "out column stride 2": (lambda a: {"out": _every_other_column(a["out"])}, "out needs unit stride"),
 }
-
-
-@pytest.mark.parametrize("case", list(BIAS_RESIDUAL_LAYERNORM_BAD_INPUTS))
-def test_bias_residual_layernorm_rejects(case):
-    changes, match = BIAS_RESIDUAL_LAYERNORM_BAD_INPUTS[case]
-    _reject(bias_residual_layernorm, _bias_residual_layernorm_args(), changes, match)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -387,12 +363,6 @@ EMBEDDING_BAD_INPUTS = {  # case: (the defect, applied to _embedding_args(), wha
 }
 
 
-@pytest.mark.parametrize("case", list(EMBEDDING_BAD_INPUTS))
-def test_embed_layernorm_rejects(case):
-    changes, match = EMBEDDING_BAD_INPUTS[case]
-    _reject(embed_layernorm, _embedding_args(), changes, match)
-
-
 # --------------------------------------------------------------------------------------------
 # Bad inputs: project_normalize
 # --------------------------------------------------------------------------------------------
@@ -443,10 +413,22 @@ HEAD_BAD_INPUTS = {  # case: (the defect, applied to _head_args(), what the mess
 }
 
 
-@pytest.mark.parametrize("case", list(HEAD_BAD_INPUTS))
-def test_project_normalize_rejects(case):
-    changes, match = HEAD_BAD_INPUTS[case]
-    _reject(project_normalize, _head_args(), changes, match)
+# Every launcher's table: (launcher, its valid arguments, {case: (defect, message)}).
+BAD_INPUT_TABLES = [
+    (varlen_attention, _attention_args, ATTENTION_BAD_INPUTS),
+    (linear, _linear_args, LINEAR_BAD_INPUTS),
+    (linear_residual_layernorm, _linear_residual_layernorm_args, LINEAR_RESIDUAL_LAYERNORM_BAD_INPUTS),
+    (bias_residual_layernorm, _bias_residual_layernorm_args, BIAS_RESIDUAL_LAYERNORM_BAD_INPUTS),
+    (embed_layernorm, _embedding_args, EMBEDDING_BAD_INPUTS),
+    (project_normalize, _head_args, HEAD_BAD_INPUTS),
+]
+
+
+@pytest.mark.parametrize("launcher, base_args, changes, match", [
+    pytest.param(launcher, base_args, *table[case], id=f"{launcher.__name__}: {case}")
+    for launcher, base_args, table in BAD_INPUT_TABLES for case in table])
+def test_bad_input_is_rejected(launcher, base_args, changes, match):
+    _reject(launcher, base_args(), changes, match)
 
 
 @pytest.mark.parametrize("launcher, base_args", [
