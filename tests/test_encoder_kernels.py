@@ -335,7 +335,8 @@ def test_varlen_attention_reads_strided_qkv():
     gen = _gen(10)
     wide = _randn(gen, batch.num_tokens, 3 * 64 + 16)
     qkv = wide[:, 16:]
-    got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, 2, 32)
+    got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, 2, 32,
+                           out=_poisoned((batch.num_tokens, 64), torch.float32))
     ref = _attention_reference(qkv, batch.cu_seqlens, batch.key_lens, 2, 32)
     _assert_close(got, ref, ATOL[torch.float32])
 

@@ -714,3 +714,13 @@ def test_counts_and_lengths_share_one_compiled_variant():
 
     keys = {launch["key"] for launch in compile_case("maxsim-counts")}
     assert len(keys) == 2, keys  # shared documents, per-query candidates
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float16, 1024), (torch.float32, 512)])
+def test_largest_supported_dims(dtype, dim):
+    """The widest d each dtype takes (four 256- or 128-column chunks)."""
+    gen = torch.Generator().manual_seed(21)
+    values, starts, lens = packed_docs([3, 0, 17], dim, dtype, gen)
+    queries = unit_rows(2, 5, dim, dtype=dtype, gen=gen)
+    got = maxsim(*to_dev(queries, values, starts, lens))
+    assert_scores(got, queries, values, starts, lens)
