@@ -25,6 +25,11 @@ def kernel_device():
     return KERNEL_DEVICE
 
 
+def randn(gen, *shape, scale=1.0, shift=0.0, dtype=torch.float32, device=KERNEL_DEVICE) -> torch.Tensor:
+    """Seeded normal values (drawn in fp32 on the CPU, so every device sees the same numbers)."""
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(device)
+
+
 _GUARD_ELEMENTS = 4096
 _guarded: list[tuple[torch.Tensor, int]] = []
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned, randn
 
 from colbert_triton.kernels import attention as attention_mod
 from colbert_triton.kernels import head as head_mod
@@ -57,10 +57,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _randn(gen, *shape, scale=1.0, dtype=torch.float32, shift=0.0):
-    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(DEVICE)
-
-
 def _poisoned(shape, dtype):
     return poisoned(shape, dtype, DEVICE)
 
@@ -81,7 +77,7 @@ def _assert_close(actual, expected, atol, what=""):
 
 
 def _ln_params(gen, n, dtype):
-    return _randn(gen, n, scale=0.1, shift=1.0, dtype=dtype), _randn(gen, n, scale=0.05, dtype=dtype)
+    return randn(gen, n, scale=0.1, shift=1.0, dtype=dtype), randn(gen, n, scale=0.05, dtype=dtype)
 
 
 def _f64(*tensors):
@@ -102,9 +98,9 @@ def _f64(*tensors):
 def test_embed_layernorm(dtype, seq_lens, hidden):
     gen = _gen(1)
     batch = _batch(seq_lens, seq_lens, vocab=100)
-    word = _randn(gen, 100, hidden, scale=0.05, dtype=dtype)
-    position = _randn(gen, 128, hidden, scale=0.02, dtype=dtype)
-    token_type = _randn(gen, hidden, scale=0.02, dtype=dtype)
+    word = randn(gen, 100, hidden, scale=0.05, dtype=dtype)
+    position = randn(gen, 128, hidden, scale=0.02, dtype=dtype)
+    token_type = randn(gen, hidden, scale=0.02, dtype=dtype)
     ln_w, ln_b = _ln_params(gen, hidden, dtype)
     out = _poisoned((batch.num_tokens, hidden), dtype)
 
@@ -122,8 +118,8 @@ def test_embed_layernorm(dtype, seq_lens, hidden):
 
 def test_embed_layernorm_bad_ids_give_nan_rows():
     gen = _gen(2)
-    word = _randn(gen, 10, 48, scale=0.05)
-    position = _randn(gen, 16, 48, scale=0.02)
+    word = randn(gen, 10, 48, scale=0.05)
+    position = randn(gen, 16, 48, scale=0.02)
     ln_w, ln_b = _ln_params(gen, 48, torch.float32)
     ids = torch.tensor([1, 10, 3, -1, 2], device=DEVICE)
     pos = torch.tensor([0, 1, 16, 3, 4], device=DEVICE)
@@ -163,9 +159,9 @@ BACKENDS = ["triton", "torch"]
 )
 def test_linear(dtype, backend, num_rows, k, n, activation, has_bias):
     gen = _gen(3)
-    x = _randn(gen, num_rows, k, dtype=dtype)
-    weight = _randn(gen, n, k, scale=0.04, dtype=dtype)
-    bias = _randn(gen, n, scale=0.02, dtype=dtype) if has_bias else None
+    x = randn(gen, num_rows, k, dtype=dtype)
+    weight = randn(gen, n, k, scale=0.04, dtype=dtype)
+    bias = randn(gen, n, scale=0.02, dtype=dtype) if has_bias else None
     out = _poisoned((num_rows, n), dtype)
 
     got = linear(x, weight, bias, activation, out=out, backend=backend)
@@ -195,10 +191,10 @@ def test_linear(dtype, backend, num_rows, k, n, activation, has_bias):
 )
 def test_linear_residual_layernorm(dtype, backend, num_rows, k, n):
     gen = _gen(4)
-    x = _randn(gen, num_rows, k, dtype=dtype)
-    weight = _randn(gen, n, k, scale=0.04, dtype=dtype)
-    bias = _randn(gen, n, scale=0.02, dtype=dtype)
-    residual = _randn(gen, num_rows, n, dtype=dtype)
+    x = randn(gen, num_rows, k, dtype=dtype)
+    weight = randn(gen, n, k, scale=0.04, dtype=dtype)
+    bias = randn(gen, n, scale=0.02, dtype=dtype)
+    residual = randn(gen, num_rows, n, dtype=dtype)
     ln_w, ln_b = _ln_params(gen, n, dtype)
     out = _poisoned((num_rows, n), dtype)
 
@@ -225,9 +221,9 @@ def test_fused_layernorm_config_chunks():
 def test_bias_residual_layernorm(dtype, has_bias, has_residual):
     gen = _gen(5)
     num_rows, n = 37, 384
-    x = _randn(gen, num_rows, n, scale=3.0, shift=0.5, dtype=dtype)
-    bias = _randn(gen, n, scale=0.1, dtype=dtype) if has_bias else None
-    residual = _randn(gen, num_rows, n, dtype=dtype) if has_residual else None
+    x = randn(gen, num_rows, n, scale=3.0, shift=0.5, dtype=dtype)
+    bias = randn(gen, n, scale=0.1, dtype=dtype) if has_bias else None
+    residual = randn(gen, num_rows, n, dtype=dtype) if has_residual else None
     ln_w, ln_b = _ln_params(gen, n, dtype)
     out = _poisoned((num_rows, n), dtype)
     if has_bias or has_residual:
@@ -241,7 +237,7 @@ def test_bias_residual_layernorm(dtype, has_bias, has_residual):
 
 def test_layernorm_in_place_and_odd_width():
     gen = _gen(6)
-    x = _randn(gen, 11, 100, scale=2.0)
+    x = randn(gen, 11, 100, scale=2.0)
     ln_w, ln_b = _ln_params(gen, 100, torch.float32)
     ref = F.layer_norm(x.double(), (100,), ln_w.double(), ln_b.double(), EPS)
     got = layernorm(x, ln_w, ln_b, EPS, out=x)
@@ -251,8 +247,8 @@ def test_layernorm_in_place_and_odd_width():
 
 def test_gemm_backend_module_switch(monkeypatch):
     gen = _gen(7)
-    x, weight = _randn(gen, 5, 64), _randn(gen, 48, 64, scale=0.05)
-    bias = _randn(gen, 48, scale=0.02)
+    x, weight = randn(gen, 5, 64), randn(gen, 48, 64, scale=0.05)
+    bias = randn(gen, 48, scale=0.02)
     ref = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
     monkeypatch.setattr(linear_mod, "GEMM_BACKEND", "torch")
     _assert_close(linear(x, weight, bias, "gelu"), ref, ATOL[torch.float32])
@@ -302,7 +298,7 @@ def test_varlen_attention(dtype, case):
     gen = _gen(8)
     hidden = num_heads * head_dim
     # Realistic logits: q.k / sqrt(d) of a few units.
-    qkv = _randn(gen, batch.num_tokens, 3 * hidden, scale=1.5, dtype=dtype)
+    qkv = randn(gen, batch.num_tokens, 3 * hidden, scale=1.5, dtype=dtype)
     out = _poisoned((batch.num_tokens, hidden), dtype)
 
     got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, num_heads,
@@ -321,7 +317,7 @@ def test_varlen_attention_zero_key_lengths_give_zeros(dtype):
     cu = torch.tensor(np.concatenate([[0], np.cumsum(seq_lens)]), dtype=torch.int32, device=DEVICE)
     kl = torch.tensor(key_lens, dtype=torch.int32, device=DEVICE)
     gen = _gen(9)
-    qkv = _randn(gen, sum(seq_lens), 3 * 64, dtype=dtype)
+    qkv = randn(gen, sum(seq_lens), 3 * 64, dtype=dtype)
     got = varlen_attention(qkv, cu, kl, max(seq_lens), 2, 32, out=_poisoned((sum(seq_lens), 64), dtype))
     assert torch.isfinite(got).all()
     assert got[0:3].abs().max().item() == 0.0 and got[8:9].abs().max().item() == 0.0
@@ -333,7 +329,7 @@ def test_varlen_attention_reads_strided_qkv():
     # qkv as a column slice of a wider matrix: only the row stride differs.
     batch = _batch([5, 12], [5, 7])
     gen = _gen(10)
-    wide = _randn(gen, batch.num_tokens, 3 * 64 + 16)
+    wide = randn(gen, batch.num_tokens, 3 * 64 + 16)
     qkv = wide[:, 16:]
     got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, 2, 32,
                            out=_poisoned((batch.num_tokens, 64), torch.float32))
@@ -359,7 +355,7 @@ def test_varlen_attention_empty_sequences_and_generous_max_seqlen():
     seq_lens, key_lens = [0, 70, 0, 0, 3, 0], [0, 50, 0, 0, 3, 0]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(seq_lens)]), dtype=torch.int32, device=DEVICE)
     kl = torch.tensor(key_lens, dtype=torch.int32, device=DEVICE)
-    qkv = _randn(_gen(19), sum(seq_lens), 3 * 64)
+    qkv = randn(_gen(19), sum(seq_lens), 3 * 64)
     for max_seqlen in (70, 200):
         got = varlen_attention(qkv, cu, kl, max_seqlen, 2, 32, out=_poisoned((73, 64), torch.float32))
         _assert_close(got, _attention_reference(qkv, cu, kl, 2, 32), ATOL[torch.float32])
@@ -384,9 +380,9 @@ def test_varlen_attention_empty_sequences_and_generous_max_seqlen():
 )
 def test_project_normalize(dtype, num_rows, hidden, dim, has_bias, rows):
     gen = _gen(12)
-    x = _randn(gen, num_rows, hidden, dtype=dtype)
-    weight = _randn(gen, dim, hidden, scale=0.05, dtype=dtype)
-    bias = _randn(gen, dim, scale=0.02, dtype=dtype) if has_bias else None
+    x = randn(gen, num_rows, hidden, dtype=dtype)
+    weight = randn(gen, dim, hidden, scale=0.05, dtype=dtype)
+    bias = randn(gen, dim, scale=0.02, dtype=dtype) if has_bias else None
     rows_t = torch.tensor(rows, dtype=torch.int64, device=DEVICE) if rows is not None else None
     num_out = num_rows if rows is None else len(rows)
     out = _poisoned((num_out, dim), dtype)
@@ -501,16 +497,16 @@ def test_validation_errors():
 def _tiny_bert(gen, dtype, *, hidden=64, heads=2, ffn=128, layers=2, vocab=120, positions=64,
                dim=24):
     def lin(n, k):
-        return _randn(gen, n, k, scale=0.05, dtype=dtype), _randn(gen, n, scale=0.02, dtype=dtype)
+        return randn(gen, n, k, scale=0.05, dtype=dtype), randn(gen, n, scale=0.02, dtype=dtype)
 
     params = {
-        "word": _randn(gen, vocab, hidden, scale=0.05, dtype=dtype),
-        "position": _randn(gen, positions, hidden, scale=0.02, dtype=dtype),
-        "token_type": _randn(gen, hidden, scale=0.02, dtype=dtype),
+        "word": randn(gen, vocab, hidden, scale=0.05, dtype=dtype),
+        "position": randn(gen, positions, hidden, scale=0.02, dtype=dtype),
+        "token_type": randn(gen, hidden, scale=0.02, dtype=dtype),
         "emb_ln": _ln_params(gen, hidden, dtype),
         "heads": heads,
         "head_dim": hidden // heads,
-        "proj": _randn(gen, dim, hidden, scale=0.05, dtype=dtype),
+        "proj": randn(gen, dim, hidden, scale=0.05, dtype=dtype),
         "layers": [],
     }
     for _ in range(layers):
@@ -593,13 +589,13 @@ def test_no_recompile_when_batch_changes():
     compiled the two attention buckets, no new batch compiles anything."""
     gen = _gen(16)
     hidden, heads = 384, 12
-    w_qkv = _randn(gen, 3 * hidden, hidden, scale=0.04, dtype=torch.float16)
-    b_qkv = _randn(gen, 3 * hidden, scale=0.02, dtype=torch.float16)
-    w_head = _randn(gen, 96, hidden, scale=0.05, dtype=torch.float16)
+    w_qkv = randn(gen, 3 * hidden, hidden, scale=0.04, dtype=torch.float16)
+    b_qkv = randn(gen, 3 * hidden, scale=0.02, dtype=torch.float16)
+    w_head = randn(gen, 96, hidden, scale=0.05, dtype=torch.float16)
 
     def run(seq_lens, key_lens):
         batch = _batch(seq_lens, key_lens)
-        x = _randn(gen, batch.num_tokens, hidden, dtype=torch.float16)
+        x = randn(gen, batch.num_tokens, hidden, dtype=torch.float16)
         qkv = linear(x, w_qkv, b_qkv)
         ctx = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, heads, 32)
         rows = torch.arange(0, batch.num_tokens, 2, device=DEVICE)
@@ -663,7 +659,7 @@ def test_attention_tile_table_equals_in_kernel_lookup(dtype, extra_len):
     lens = np.array([1, 33, 64, 65, 0, 130, 7, 300, 128], dtype=np.int64)
     keys = np.minimum(lens, [1, 20, 64, 3, 0, 130, 0, 250, 128])
     num_tokens, heads = int(lens.sum()), 2
-    qkv = _randn(gen, num_tokens, 3 * heads * 32, dtype=dtype)
+    qkv = randn(gen, num_tokens, 3 * heads * 32, dtype=dtype)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=DEVICE)
     key_lens = torch.tensor(keys, dtype=torch.int32, device=DEVICE)
     max_seqlen = int(lens.max()) + extra_len
@@ -694,12 +690,12 @@ def test_attention_tile_table_equals_in_kernel_lookup(dtype, extra_len):
 def test_layernorm_kernels_use_eps(eps):
     """Every other test uses BERT's 1e-12, which a hard-coded epsilon would also pass."""
     gen = _gen(40)
-    x = _randn(gen, 9, 100, scale=0.5)
-    weight, bias = _randn(gen, 100, scale=0.1, shift=1.0), _randn(gen, 100, scale=0.1)
+    x = randn(gen, 9, 100, scale=0.5)
+    weight, bias = randn(gen, 100, scale=0.1, shift=1.0), randn(gen, 100, scale=0.1)
     want = F.layer_norm(x.double(), (100,), weight.double(), bias.double(), eps)
     got = bias_residual_layernorm(x, None, None, weight, bias, eps)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
-    w, inputs = _randn(gen, 100, 24, scale=0.05), _randn(gen, 9, 24)
+    w, inputs = randn(gen, 100, 24, scale=0.05), randn(gen, 9, 24)
     want = F.layer_norm(F.linear(inputs.double(), w.double()) + x.double(), (100,), weight.double(),
                         bias.double(), eps)
     got = linear_residual_layernorm(inputs, w, torch.zeros(100, device=DEVICE), x, weight, bias, eps)
@@ -720,8 +716,8 @@ def test_fp16_linear_within_one_ulp():
     """fp32 accumulation: an fp16 GEMM is within one fp16 ulp of the fp64 product (an fp16
     partial sum would not be)."""
     gen = _gen(41)
-    x = _randn(gen, 40, 1536, dtype=torch.float16)
-    w = _randn(gen, 384, 1536, scale=0.04, dtype=torch.float16)
+    x = randn(gen, 40, 1536, dtype=torch.float16)
+    w = randn(gen, 384, 1536, scale=0.04, dtype=torch.float16)
     got = linear(x, w, None, out=_poisoned((40, 384), torch.float16))
     torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), rtol=2**-10, atol=1e-4)
 
@@ -729,8 +725,8 @@ def test_fp16_linear_within_one_ulp():
 def test_linear_over_several_launch_groups():
     """More row blocks than one GROUP_M group (real document batches have thousands of rows)."""
     gen = _gen(43)
-    x = _randn(gen, 64 * 8 + 37, 16)
-    w = _randn(gen, 24, 16, scale=0.1)
+    x = randn(gen, 64 * 8 + 37, 16)
+    w = randn(gen, 24, 16, scale=0.1)
     got = linear(x, w, None, out=_poisoned((x.shape[0], 24), torch.float32))
     torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), atol=2e-5, rtol=0)
 
@@ -741,7 +737,7 @@ def test_attention_sequence_lookup_over_several_scan_blocks(monkeypatch):
     monkeypatch.setattr(attention_mod, "_BLOCK_B", 8)
     lengths = np.random.default_rng(5).integers(1, 40, size=27).tolist()
     batch = _batch(lengths, [max(1, n - 3) for n in lengths])
-    qkv = _randn(_gen(42), batch.num_tokens, 3 * 16)
+    qkv = randn(_gen(42), batch.num_tokens, 3 * 16)
     got = varlen_attention(qkv, batch.cu_seqlens, batch.key_lens, batch.max_seqlen, 1, 16,
                            out=_poisoned((batch.num_tokens, 16), torch.float32))
     want = _attention_reference(qkv, batch.cu_seqlens, batch.key_lens, 1, 16)
@@ -753,7 +749,7 @@ def test_embedding_reaches_the_last_position():
     positions, hidden = 512, 48
     ids = torch.arange(positions, device=DEVICE) % 10
     pos = torch.arange(positions, device=DEVICE)
-    word, position = _randn(gen, 10, hidden, scale=0.05), _randn(gen, positions, hidden, scale=0.02)
+    word, position = randn(gen, 10, hidden, scale=0.05), randn(gen, positions, hidden, scale=0.02)
     ones, zeros = torch.ones(hidden, device=DEVICE), torch.zeros(hidden, device=DEVICE)
     got = embed_layernorm(ids, pos, word, position, zeros, ones, zeros, EPS)
     want = F.layer_norm((word[ids] + position[pos]).double(), (hidden,), eps=EPS)
@@ -774,7 +770,7 @@ def test_attention_checks_lengths_it_can_read_for_free():
     """Lengths on the CPU are checked by default (a short max_seqlen would leave rows unwritten);
     on a GPU only when asked (check_lengths=True: one sync)."""
     batch = _batch([5, 12], [5, 7])
-    qkv = _randn(_gen(11), batch.num_tokens, 3 * 64)
+    qkv = randn(_gen(11), batch.num_tokens, 3 * 64)
     cu, key_lens = batch.cu_seqlens, batch.key_lens
     with pytest.raises(ValueError, match="max_seqlen is 11 but a sequence has 12 rows"):
         varlen_attention(qkv, cu, key_lens, 11, 2, 32, check_lengths=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE, poisoned
+from conftest import KERNEL_DEVICE, poisoned, randn
 
 from colbert_triton.kernels.attention import (
     AttentionTiles,
@@ -72,10 +72,6 @@ def _every_other_element(t: torch.Tensor) -> torch.Tensor:
     wide = t.new_zeros(2 * t.shape[0])
     wide[::2] = t
     return wide[::2]
-
-
-def _randn(gen, *shape, scale=1.0, shift=0.0, dtype=F32):
-    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(DEVICE)
 
 
 def _f64(t):
@@ -457,7 +453,7 @@ def test_base_arguments_are_valid(launcher, base_args):
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_linear_empty_batch(backend, activation):
     gen = torch.Generator().manual_seed(1)
-    x, weight, bias = _zeros(0, 40), _randn(gen, 24, 40, scale=0.05), _randn(gen, 24, scale=0.02)
+    x, weight, bias = _zeros(0, 40), randn(gen, 24, 40, scale=0.05), randn(gen, 24, scale=0.02)
     out = poisoned((0, 24), F32, DEVICE)
     got = linear(x, weight, bias, activation, out=out, backend=backend)
     _assert_matches(got, F.linear(_f64(x), _f64(weight), _f64(bias)), 0.0, out)
@@ -469,8 +465,8 @@ def test_linear_empty_batch(backend, activation):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_linear_residual_layernorm_empty_batch(backend):
     gen = torch.Generator().manual_seed(2)
-    x, weight, bias = _zeros(0, 40), _randn(gen, 24, 40, scale=0.05), _randn(gen, 24, scale=0.02)
-    residual, ln_weight, ln_bias = _zeros(0, 24), _randn(gen, 24, shift=1.0), _randn(gen, 24)
+    x, weight, bias = _zeros(0, 40), randn(gen, 24, 40, scale=0.05), randn(gen, 24, scale=0.02)
+    residual, ln_weight, ln_bias = _zeros(0, 24), randn(gen, 24, shift=1.0), randn(gen, 24)
     out = poisoned((0, 24), F32, DEVICE)
     got = linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, EPS, out=out,
                                     backend=backend)
@@ -487,11 +483,11 @@ def test_bias_residual_layernorm_empty_and_single_row(num_rows, dtype, has_bias,
     """T = 1: one program, BLOCK_T - 1 masked rows (their stores must not land: guard band)."""
     gen = torch.Generator().manual_seed(3)
     n = 100
-    x = _randn(gen, num_rows, n, scale=2.0, shift=0.5, dtype=dtype)
-    bias = _randn(gen, n, scale=0.1, dtype=dtype) if has_bias else None
-    residual = _randn(gen, num_rows, n, dtype=dtype) if has_residual else None
-    ln_weight = _randn(gen, n, scale=0.1, shift=1.0, dtype=dtype)
-    ln_bias = _randn(gen, n, scale=0.05, dtype=dtype)
+    x = randn(gen, num_rows, n, scale=2.0, shift=0.5, dtype=dtype)
+    bias = randn(gen, n, scale=0.1, dtype=dtype) if has_bias else None
+    residual = randn(gen, num_rows, n, dtype=dtype) if has_residual else None
+    ln_weight = randn(gen, n, scale=0.1, shift=1.0, dtype=dtype)
+    ln_bias = randn(gen, n, scale=0.05, dtype=dtype)
     out = poisoned((num_rows, n), dtype, DEVICE)
     got = bias_residual_layernorm(x, bias, residual, ln_weight, ln_bias, EPS, out=out)
     y = _f64(x) + (_f64(bias) if has_bias else 0) + (_f64(residual) if has_residual else 0)
@@ -500,8 +496,8 @@ def test_bias_residual_layernorm_empty_and_single_row(num_rows, dtype, has_bias,
 
 def test_embed_layernorm_empty_batch():
     gen = torch.Generator().manual_seed(4)
-    word, position = _randn(gen, 10, 48, scale=0.05), _randn(gen, 16, 48, scale=0.02)
-    rows = [_randn(gen, 48, scale=0.02), _randn(gen, 48, shift=1.0), _randn(gen, 48)]
+    word, position = randn(gen, 10, 48, scale=0.05), randn(gen, 16, 48, scale=0.02)
+    rows = [randn(gen, 48, scale=0.02), randn(gen, 48, shift=1.0), randn(gen, 48)]
     no_ids = _ints([])
     out = poisoned((0, 48), F32, DEVICE)
     got = embed_layernorm(no_ids, no_ids, word, position, *rows, EPS, out=out)
@@ -526,7 +522,7 @@ def test_varlen_attention_empty_batch(seq_lens, dtype):
 
 
 def test_project_normalize_empty_batch():
-    weight = _randn(torch.Generator().manual_seed(5), 16, 32, scale=0.05)
+    weight = randn(torch.Generator().manual_seed(5), 16, 32, scale=0.05)
     for rows in (None, _ints([])):  # every row of an empty x; no row of it
         out = poisoned((0, 16), F32, DEVICE)
         got = project_normalize(_zeros(0, 32), weight, None, rows, out=out)
@@ -542,7 +538,7 @@ def test_project_normalize_empty_batch():
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["float32", "float16"])
 def test_linear_gelu_without_bias(backend, dtype):
     gen = torch.Generator().manual_seed(6)
-    x, weight = _randn(gen, 37, 24, dtype=dtype), _randn(gen, 40, 24, scale=0.3, dtype=dtype)
+    x, weight = randn(gen, 37, 24, dtype=dtype), randn(gen, 40, 24, scale=0.3, dtype=dtype)
     out = poisoned((37, 40), dtype, DEVICE)
     got = linear(x, weight, None, "gelu", out=out, backend=backend)
     _assert_matches(got, F.gelu(F.linear(_f64(x), _f64(weight))), ATOL[dtype], out)
@@ -553,8 +549,8 @@ def test_linear_gelu_without_bias(backend, dtype):
 def test_linear_fp32_bias_with_fp16_activations(backend, activation):
     """The module docstring: bias may be fp32 whatever the activation dtype."""
     gen = torch.Generator().manual_seed(7)
-    x, weight = _randn(gen, 9, 48, dtype=F16), _randn(gen, 40, 48, scale=0.1, dtype=F16)
-    bias = _randn(gen, 40, scale=0.5)
+    x, weight = randn(gen, 9, 48, dtype=F16), randn(gen, 40, 48, scale=0.1, dtype=F16)
+    bias = randn(gen, 40, scale=0.5)
     out = poisoned((9, 40), F16, DEVICE)
     got = linear(x, weight, bias, activation, out=out, backend=backend)
     want = F.linear(_f64(x), _f64(weight), _f64(bias))
@@ -568,10 +564,10 @@ def test_linear_residual_layernorm_fp32_params_with_fp16_activations(backend, n)
     N = 1100 takes the unfused path (Triton GEMM + bias_residual_layernorm)."""
     gen = torch.Generator().manual_seed(8)
     num_rows, k = 5, 40
-    x, weight = _randn(gen, num_rows, k, dtype=F16), _randn(gen, n, k, scale=0.05, dtype=F16)
-    residual = _randn(gen, num_rows, n, dtype=F16)
-    bias, ln_bias = _randn(gen, n, scale=0.1), _randn(gen, n, scale=0.1)
-    ln_weight = _randn(gen, n, scale=0.1, shift=1.0)
+    x, weight = randn(gen, num_rows, k, dtype=F16), randn(gen, n, k, scale=0.05, dtype=F16)
+    residual = randn(gen, num_rows, n, dtype=F16)
+    bias, ln_bias = randn(gen, n, scale=0.1), randn(gen, n, scale=0.1)
+    ln_weight = randn(gen, n, scale=0.1, shift=1.0)
     out = poisoned((num_rows, n), F16, DEVICE)
     got = linear_residual_layernorm(x, weight, bias, residual, ln_weight, ln_bias, EPS, out=out,
                                     backend=backend)
@@ -583,9 +579,9 @@ def test_linear_residual_layernorm_fp32_params_with_fp16_activations(backend, n)
 def test_embed_layernorm_fp32_rows_with_fp16_tables():
     """The docstring: token_type_row, ln_weight and ln_bias may be any float dtype."""
     gen = torch.Generator().manual_seed(9)
-    word, position = _randn(gen, 20, 72, scale=0.05, dtype=F16), _randn(gen, 16, 72, scale=0.02, dtype=F16)
-    token_type, ln_bias = _randn(gen, 72, scale=0.02), _randn(gen, 72, scale=0.1)
-    ln_weight = _randn(gen, 72, scale=0.1, shift=1.0)
+    word, position = randn(gen, 20, 72, scale=0.05, dtype=F16), randn(gen, 16, 72, scale=0.02, dtype=F16)
+    token_type, ln_bias = randn(gen, 72, scale=0.02), randn(gen, 72, scale=0.1)
+    ln_weight = randn(gen, 72, scale=0.1, shift=1.0)
     ids, pos = _ints([19, 0, 5, 5, 11, 2, 7]), _ints([0, 1, 2, 3, 4, 15, 6])
     out = poisoned((7, 72), F16, DEVICE)
     got = embed_layernorm(ids, pos, word, position, token_type, ln_weight, ln_bias, EPS, out=out)
@@ -607,8 +603,8 @@ def test_embed_layernorm_fp32_rows_with_fp16_tables():
 ], ids=["D1", "D1-fp16-gather", "D300-gather", "D300-fp16", "D1024"])
 def test_project_normalize_head_widths(dim, dtype, has_bias, rows):
     gen = torch.Generator().manual_seed(10 + dim)
-    x, weight = _randn(gen, 10, 40, dtype=dtype), _randn(gen, dim, 40, scale=0.05, dtype=dtype)
-    bias = _randn(gen, dim, scale=0.02, dtype=dtype) if has_bias else None
+    x, weight = randn(gen, 10, 40, dtype=dtype), randn(gen, dim, 40, scale=0.05, dtype=dtype)
+    bias = randn(gen, dim, scale=0.02, dtype=dtype) if has_bias else None
     rows_t = _ints(rows) if rows is not None else None
     out = poisoned((10 if rows is None else len(rows), dim), dtype, DEVICE)
     got = project_normalize(x, weight, bias, rows_t, out=out)
