@@ -5,11 +5,12 @@
     queries = model.encode_queries(["..."])
     corpus = model.encode_documents(texts, packed=True)
     scores, indices = model.search(queries, corpus, k=10)
+    model.save_embeddings("corpus.safetensors", corpus)   # later: model.load_embeddings(...)
 """
 
 from .model.checkpoint import CheckpointError, ColBERTSettings
 from .model.colbert import ColBERT
-from .packed import PackedEmbeddings
+from .packed import EmbeddingsFile, PackedEmbeddings, load_embeddings, save_embeddings
 from .scoring import rerank, score, score_candidates, score_pairwise, search
 
 __version__ = "0.1.0"
@@ -18,8 +19,11 @@ __all__ = [
     "CheckpointError",
     "ColBERT",
     "ColBERTSettings",
+    "EmbeddingsFile",
     "PackedEmbeddings",
+    "load_embeddings",
     "rerank",
+    "save_embeddings",
     "score",
     "score_candidates",
     "score_pairwise",

@@ -3,10 +3,12 @@
     colbert-triton rank --documents docs.jsonl --queries queries.txt -k 5 > results.jsonl
     colbert-triton rank --documents docs.txt --query "what is late interaction?"
     colbert-triton encode --input docs.txt --kind documents --output docs.safetensors
+    colbert-triton rank --documents docs.safetensors --queries queries.txt   # encoded once
 
 Inputs are text files with one text per line (ids are line numbers, from 0; blank lines are
 skipped but keep their numbers) or JSONL files with an ``id`` and a ``text`` per line (ids
-default to line numbers, from 0). ``rank`` prints one JSON
+default to line numbers, from 0); ``rank`` also takes the documents as a ``.safetensors`` file
+written by ``encode`` (checked to come from the same model). ``rank`` prints one JSON
 line per query: ``{"query_id", "query", "results": [{"rank", "id", "score"}, ...]}``.
 """
 
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .model.checkpoint import DEFAULT_MODEL, CheckpointError
+from .packed import check_output_path
 
 
 class InputError(ValueError):
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     rank = commands.add_parser("rank", help="top-k documents per query, as JSONL")
     _add_model_args(rank)
-    rank.add_argument("--documents", required=True, help="documents: .txt (one per line) or .jsonl")
+    rank.add_argument("--documents", required=True,
+                      help="documents: .txt (one per line), .jsonl, or .safetensors from `encode`")
     source = rank.add_mutually_exclusive_group(required=True)
     source.add_argument("--queries", help="queries: .txt (one per line) or .jsonl")
     source.add_argument("--query", action="append", help="a query text (repeatable)")
@@ -98,14 +102,21 @@ def _load_model(args):
 def _rank(args, out) -> None:
     if args.top_k < 1:
         raise InputError("-k must be at least 1")
-    doc_ids, docs = read_texts(args.documents, "documents")
+    encoded_corpus = Path(args.documents).suffix == ".safetensors"
+    if encoded_corpus and not Path(args.documents).is_file():
+        raise InputError(f"documents file not found: {args.documents}")
+    if not encoded_corpus:
+        doc_ids, docs = read_texts(args.documents, "documents")
     if args.queries:
         query_ids, queries = read_texts(args.queries, "queries")
     else:
         query_ids, queries = list(range(len(args.query))), args.query
     model = _load_model(args)
     progress = False if args.no_progress else None
-    corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress)
+    if encoded_corpus:
+        corpus, doc_ids, _ = model.load_embeddings(args.documents, kind="documents")
+    else:
+        corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress)
     encoded = model.encode_queries(queries, args.batch_size, show_progress=progress)
     scores, indices = model.search(encoded, corpus, k=args.top_k)
     for qi, (qid, text) in enumerate(zip(query_ids, queries)):
@@ -115,22 +126,14 @@ def _rank(args, out) -> None:
 
 
 def _encode(args) -> None:
-    from safetensors.torch import save_file
-
     ids, texts = read_texts(args.input, args.kind)
     output = Path(args.output)
-    if output.is_dir():
-        raise InputError(f"--output {output} is a directory; give a file path")
-    if not output.parent.is_dir():
-        raise InputError(f"output directory does not exist: {output.parent}")
+    check_output_path(output)  # before the model is loaded and the texts encoded
     model = _load_model(args)
     encode = model.encode_documents if args.kind == "documents" else model.encode_queries
     packed = encode(texts, args.batch_size, packed=True,
                     show_progress=False if args.no_progress else None)
-    metadata = {"kind": args.kind, "model": str(args.model), "dim": str(model.dim),
-                "ids": json.dumps(ids), "layout": "values[offsets[i]:offsets[i+1]] is item i"}
-    save_file({"values": packed.values.contiguous().cpu(), "offsets": packed.offsets.cpu()},
-              str(output), metadata=metadata)
+    model.save_embeddings(output, packed, ids=ids, kind=args.kind)
     print(f"wrote {len(texts)} {args.kind} ({packed.values.shape[0]} vectors of dim {model.dim}) to {output}",
           file=sys.stderr)
 

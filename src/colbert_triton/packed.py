@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -102,3 +105,97 @@ class PackedEmbeddings:
     def to(self, *args, **kwargs) -> "PackedEmbeddings":
         values = self.values.to(*args, **kwargs)
         return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: safetensors with ``values [T, dim]``, ``offsets [n + 1]`` and string metadata (the ids
+# as a JSON list, and whatever the writer adds: the ColBERT model writes its identity there).
+
+_LAYOUT = "values[offsets[i]:offsets[i+1]] is item i"
+
+
+class EmbeddingsFile(NamedTuple):
+    embeddings: PackedEmbeddings
+    ids: list  # one per item: the writer's ids, or 0 .. n - 1
+    metadata: dict[str, str]
+
+
+def check_output_path(path) -> None:
+    """A path a file can be written to (checked before any costly work that ends in writing it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"output directory does not exist: {path.parent}")
+
+
+def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write packed embeddings (on any device; stored as they are, dtype kept) to a safetensors file.
+
+    ``ids``: one JSON-serialisable id per item (default 0 .. n - 1). ``metadata``: extra string
+    entries; "ids" and "layout" are reserved.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(embeddings, PackedEmbeddings):
+        raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
+    ids = list(range(len(embeddings))) if ids is None else list(ids)
+    if len(ids) != len(embeddings):
+        raise ValueError(f"{len(ids)} ids for {len(embeddings)} items")
+    extra = dict(metadata or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map strings to strings, got {key!r}: {value!r}")
+        if key in ("ids", "layout"):
+            raise ValueError(f"metadata key {key!r} is reserved")
+    try:
+        ids_json = json.dumps(ids)
+    except TypeError as bad:
+        raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
+    check_output_path(path)
+    tensors = {"values": embeddings.values.detach().contiguous().cpu(),
+               "offsets": embeddings.offsets.to(torch.int64).cpu()}
+    save_file(tensors, str(path), metadata={**extra, "ids": ids_json, "layout": _LAYOUT})
+
+
+def load_embeddings(path, *, device="cpu") -> EmbeddingsFile:
+    """Read a file written by `save_embeddings` (or ``colbert-triton encode``), checked whole:
+    a file that is not such a file, or whose offsets, values and ids disagree, is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"embeddings file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as file:
+            names = set(file.keys())
+            missing = {"values", "offsets"} - names
+            if missing:
+                raise ValueError(f"{path}: not an embeddings file (no {', '.join(sorted(missing))} tensor)")
+            values, offsets = file.get_tensor("values"), file.get_tensor("offsets")
+            metadata = dict(file.metadata() or {})
+    except SafetensorError as bad:
+        raise ValueError(f"{path}: not a safetensors file ({bad})") from None
+    if values.dim() != 2 or not values.is_floating_point():
+        raise ValueError(f"{path}: values must be a floating-point [T, dim] tensor, got "
+                         f"{values.dtype} of shape {tuple(values.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{path}: offsets must be a 1-D integer tensor [n + 1], got "
+                         f"{offsets.dtype} of shape {tuple(offsets.shape)}")
+    offsets = offsets.to(torch.int64)
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    if offsets[0] != 0 or offsets[-1] != values.shape[0] or any(n < 0 for n in lengths):
+        raise ValueError(f"{path}: offsets must rise from 0 to the {values.shape[0]} rows of values")
+    if "ids" in metadata:
+        try:
+            ids = json.loads(metadata["ids"])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: the ids in its metadata are not JSON") from None
+        if not isinstance(ids, list) or len(ids) != len(lengths):
+            raise ValueError(f"{path}: its metadata holds {len(ids) if isinstance(ids, list) else 'no list of'} "
+                             f"ids for {len(lengths)} items")
+    else:
+        ids = list(range(len(lengths)))
+    embeddings = PackedEmbeddings(values, offsets, tuple(lengths)).to(device)
+    return EmbeddingsFile(embeddings, ids, metadata)

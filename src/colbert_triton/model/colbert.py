@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import numpy as np
 import torch
 
 from .. import scoring
-from ..packed import PackedEmbeddings
+from ..packed import EmbeddingsFile, PackedEmbeddings, load_embeddings, save_embeddings
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
@@ -44,6 +45,21 @@ def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _fingerprint(weights: EncoderWeights) -> str:
+    """A short hash of the weights that any training step changes (the head and every
+    LayerNorm), taken in float32 before the cast to the run dtype: the same checkpoint gives
+    the same fingerprint in either layout, on any device and in any dtype."""
+    digest = hashlib.sha256()
+    parts = [weights.head_weight, weights.emb_ln_weight, weights.emb_ln_bias]
+    if weights.head_bias is not None:
+        parts.append(weights.head_bias)
+    for layer in weights.layers:
+        parts += [layer.attn_ln_weight, layer.attn_ln_bias, layer.ffn_ln_weight, layer.ffn_ln_bias]
+    for tensor in parts:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class ColBERT:
     """A BERT ColBERT checkpoint ready to encode and score.
 
@@ -60,6 +76,7 @@ class ColBERT:
         self.dtype = dtype
         self.backend = scoring.resolve_backend(device, backend)
         self.ops = get_ops(self.backend)
+        self.fingerprint = _fingerprint(weights)
         self.weights = weights.to(device, dtype)
         self.tokenizer = tokenizer
         self.settings = tokenizer.settings
@@ -185,6 +202,33 @@ class ColBERT:
         return encode_packed(self.weights, batch, self.ops, rows=rows), lengths
 
     # -----------------------------------------------------------------------------------------
+    # Embeddings on disk: encode a corpus once, search it later
+
+    def save_embeddings(self, path, embeddings: PackedEmbeddings, *, ids=None,
+                        kind: str = "documents") -> None:
+        """Write packed embeddings (``encode_documents(..., packed=True)``) to a safetensors
+        file with their ids and this model's identity, for `load_embeddings` or the CLI."""
+        _check_kind(kind)
+        save_embeddings(path, embeddings, ids=ids, metadata={
+            "kind": kind, "model": self.source, "fingerprint": self.fingerprint, "dim": str(self.dim)})
+
+    def load_embeddings(self, path, *, kind: str = "documents") -> EmbeddingsFile:
+        """Read a file of `save_embeddings` onto this model's device and dtype, refusing one
+        made by another model (fingerprint), of another dim, or of the other kind."""
+        _check_kind(kind)
+        saved = load_embeddings(path)
+        meta = saved.metadata
+        if meta.get("kind", kind) != kind:
+            raise ValueError(f"{path} holds {meta['kind']}, not {kind}")
+        if saved.embeddings.dim != self.dim:
+            raise ValueError(f"{path} holds {saved.embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
+        if meta.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise ValueError(f"{path} was encoded by another model ({meta.get('model', 'unnamed')}, "
+                             f"fingerprint {meta['fingerprint']}) than {self.source} "
+                             f"(fingerprint {self.fingerprint}): its scores would mean nothing")
+        return saved._replace(embeddings=saved.embeddings.to(device=self.device, dtype=self.dtype))
+
+    # -----------------------------------------------------------------------------------------
     # Scoring
 
     def _embed(self, items, is_query: bool, batch_size: int):
@@ -221,3 +265,8 @@ class ColBERT:
 
     def _score_backend(self) -> str | None:
         return self.backend if self.backend == "triton" else None
+
+
+def _check_kind(kind) -> None:
+    if kind not in ("documents", "queries"):
+        raise ValueError(f"kind must be 'documents' or 'queries', got {kind!r}")

@@ -1,0 +1,159 @@
+"""Embeddings on disk: save_embeddings/load_embeddings, the model's identity check, and the CLI's
+encode-once-then-rank path."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from colbert_triton import ColBERT, PackedEmbeddings, load_embeddings, save_embeddings
+from colbert_triton.cli import main
+
+
+def _packed(lengths, dim=8, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(sum(lengths), dim, generator=gen).to(dtype)
+    return PackedEmbeddings.from_lengths(values, lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_keeps_values_lengths_ids_and_metadata(tmp_path, dtype):
+    packed = _packed([3, 0, 1, 5], dtype=dtype)  # an empty item in the middle
+    path = tmp_path / "e.safetensors"
+    save_embeddings(path, packed, ids=["a", 7, None, {"k": 1}], metadata={"note": "x"})
+    saved = load_embeddings(path)
+    assert saved.embeddings.lengths_host == (3, 0, 1, 5)
+    assert saved.embeddings.values.dtype == dtype
+    assert torch.equal(saved.embeddings.values, packed.values)
+    assert torch.equal(saved.embeddings.offsets, packed.offsets)
+    assert saved.ids == ["a", 7, None, {"k": 1}]
+    assert saved.metadata["note"] == "x"
+
+
+def test_default_ids_are_positions(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_embeddings(path, _packed([2, 2, 1]))
+    assert load_embeddings(path).ids == [0, 1, 2]
+    # A file without ids in its metadata (another writer) gets positions too.
+    save_file({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 1, 3])}, str(path))
+    assert load_embeddings(path).ids == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(ids=[1, 2]), ValueError, "2 ids for 3 items"),
+    (dict(ids=[object(), 1, 2]), TypeError, "JSON-serialisable"),
+    (dict(metadata={"ids": "x"}), ValueError, "reserved"),
+    (dict(metadata={"n": 1}), TypeError, "strings to strings"),
+])
+def test_save_errors(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        save_embeddings(tmp_path / "e.safetensors", _packed([1, 1, 1]), **kwargs)
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_save_path_errors(tmp_path):
+    with pytest.raises(TypeError, match="PackedEmbeddings"):
+        save_embeddings(tmp_path / "e.safetensors", [torch.zeros(2, 4)])
+    with pytest.raises(ValueError, match="is a directory"):
+        save_embeddings(tmp_path, _packed([1]))
+    with pytest.raises(ValueError, match="directory does not exist"):
+        save_embeddings(tmp_path / "no" / "e.safetensors", _packed([1]))
+
+
+@pytest.mark.parametrize("tensors, metadata, message", [
+    ({"values": torch.zeros(3, 4)}, None, "no offsets tensor"),
+    ({"values": torch.zeros(3), "offsets": torch.tensor([0, 3])}, None, "floating-point"),
+    ({"values": torch.zeros(3, 4, dtype=torch.int32), "offsets": torch.tensor([0, 3])}, None, "floating-point"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0.0, 3.0])}, None, "1-D integer"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([1, 3])}, None, "rise from 0"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2])}, None, "rise from 0"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2, 1, 3])}, None, "rise from 0"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3])}, {"ids": "[1, 2]"}, "2 ids for 1 items"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3])}, {"ids": "{"}, "not JSON"),
+])
+def test_load_rejects_inconsistent_files(tmp_path, tensors, metadata, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=message):
+        load_embeddings(path)
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_embeddings(tmp_path / "none.safetensors")
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_embeddings(garbage)
+
+
+def test_model_round_trip_scores_like_fresh_embeddings(model, tmp_path):
+    texts = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "!!!"]
+    corpus = model.encode_documents(texts, packed=True)
+    path = tmp_path / "corpus.safetensors"
+    model.save_embeddings(path, corpus, ids=["e", "b", "p"])
+    saved = model.load_embeddings(path)
+    assert saved.ids == ["e", "b", "p"]
+    assert saved.metadata["kind"] == "documents" and saved.metadata["fingerprint"] == model.fingerprint
+    queries = model.encode_queries(["where is the eiffel tower"])
+    torch.testing.assert_close(model.score(queries, saved.embeddings), model.score(queries, corpus),
+                               rtol=0, atol=0)
+
+
+def test_fingerprint_is_the_checkpoint_not_the_layout_or_dtype(model, stanford_dir, pylate_dir, tmp_path):
+    from checkpoints import build_stanford
+
+    assert ColBERT.from_pretrained(pylate_dir, device="cpu").fingerprint == model.fingerprint
+    assert ColBERT.from_pretrained(stanford_dir, device="cpu", dtype="bfloat16").fingerprint == model.fingerprint
+    other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
+    assert other.fingerprint != model.fingerprint
+
+
+def test_model_refuses_other_models_dims_and_kinds(model, tmp_path):
+    from checkpoints import build_stanford
+
+    path = tmp_path / "corpus.safetensors"
+    other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
+    other.save_embeddings(path, other.encode_documents(["a text"], packed=True))
+    with pytest.raises(ValueError, match="encoded by another model"):
+        model.load_embeddings(path)
+    narrow = ColBERT.from_pretrained(build_stanford(tmp_path / "narrow", dim=32), device="cpu")
+    narrow.save_embeddings(path, narrow.encode_documents(["a text"], packed=True))
+    with pytest.raises(ValueError, match="32-d embeddings; this model makes 96-d"):
+        model.load_embeddings(path)
+    model.save_embeddings(path, model.encode_queries(["a query"], packed=True), kind="queries")
+    with pytest.raises(ValueError, match="holds queries, not documents"):
+        model.load_embeddings(path)
+    assert len(model.load_embeddings(path, kind="queries").embeddings) == 1
+    with pytest.raises(ValueError, match="kind must be"):
+        model.load_embeddings(path, kind="docs")
+
+
+def test_cli_ranks_a_saved_corpus_like_its_texts(stanford_dir, tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(
+        ["The Eiffel Tower is in Paris.", "Bananas are a yellow fruit.", "ColBERT uses MaxSim."])))
+    common = ["--model", str(stanford_dir), "--device", "cpu", "--no-progress"]
+    encoded = tmp_path / "docs.safetensors"
+    assert main(["encode", *common, "--input", str(docs), "--output", str(encoded)]) == 0
+    query = ["--query", "yellow fruit", "--query", "paris", "-k", "3"]
+    assert main(["rank", *common, "--documents", str(docs), *query]) == 0
+    from_texts = capsys.readouterr().out
+    assert main(["rank", *common, "--documents", str(encoded), *query]) == 0
+    from_file = capsys.readouterr().out
+    assert from_file == from_texts
+    assert json.loads(from_file.splitlines()[0])["results"][0]["id"] in ("d0", "d1", "d2")
+
+
+def test_cli_saved_corpus_errors(stanford_dir, tmp_path, capsys):
+    common = ["--model", str(stanford_dir), "--device", "cpu", "--no-progress", "--query", "x"]
+    assert main(["rank", *common, "--documents", str(tmp_path / "none.safetensors")]) == 2
+    assert "documents file not found" in capsys.readouterr().err
+    queries = tmp_path / "q.txt"
+    queries.write_text("a query\n")
+    encoded = tmp_path / "q.safetensors"
+    assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--no-progress",
+                 "--kind", "queries", "--input", str(queries), "--output", str(encoded)]) == 0
+    assert main(["rank", *common, "--documents", str(encoded)]) == 2
+    assert "holds queries, not documents" in capsys.readouterr().err
