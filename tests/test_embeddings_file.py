@@ -41,10 +41,10 @@ def test_default_ids_are_positions(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(ids=[1, 2]), ValueError, "2 ids for 3 items"),
-    (dict(ids=[object(), 1, 2]), TypeError, "JSON-serialisable"),
-    (dict(metadata={"ids": "x"}), ValueError, "reserved"),
-    (dict(metadata={"n": 1}), TypeError, "strings to strings"),
+    ({"ids": [1, 2]}, ValueError, "2 ids for 3 items"),
+    ({"ids": [object(), 1, 2]}, TypeError, "JSON-serialisable"),
+    ({"metadata": {"ids": "x"}}, ValueError, "reserved"),
+    ({"metadata": {"n": 1}}, TypeError, "strings to strings"),
 ])
 def test_save_errors(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
