@@ -226,6 +226,26 @@ def test_model_search_checks_chunk_size_before_encoding(model, monkeypatch):
         model.search(["a query"], ["a document"], k=1, chunk_size=0)
 
 
+@pytest.mark.parametrize("method", ["score", "rerank", "search"])
+def test_model_scoring_checks_inputs_unless_told_not_to(model, method):
+    """NaN embeddings are refused by default; check_inputs=False reaches the scorer, where
+    the NaN shows in exactly the scores it enters."""
+    docs = model.encode_documents(["a document", "another document"])
+    docs[1] = docs[1].clone()
+    docs[1][0, 0] = float("nan")
+    call = getattr(model, method)
+    query = ["a query"]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        call(query, docs)
+    if method == "score":
+        scores = call(query, docs, check_inputs=False)[0]
+    elif method == "rerank":
+        scores = torch.tensor([s for _, s in sorted(call(query, docs, check_inputs=False))])
+    else:
+        scores = call(query, docs, k=2, check_inputs=False)[0][0]
+    assert int(scores.isnan().sum()) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.float64], ids=str)
 def test_model_dtype_must_be_a_supported_float(stanford_dir, dtype):
     # Checked before the checkpoint is read, so this costs no loading.

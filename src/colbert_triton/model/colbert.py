@@ -241,12 +241,17 @@ class ColBERT:
             return encode(list(items), batch_size, packed=not is_query)
         return items
 
-    def score(self, queries, documents, *, batch_size: int = 64) -> torch.Tensor:
-        """All-pairs scores ``[Q, N]``; texts are encoded first, embeddings are used as given."""
-        return scoring.score(self._embed(queries, True, batch_size),
-                             self._embed(documents, False, batch_size), backend=self._score_backend())
+    def score(self, queries, documents, *, batch_size: int = 64, check_inputs: bool = True) -> torch.Tensor:
+        """All-pairs scores ``[Q, N]``; texts are encoded first, embeddings are used as given.
 
-    def rerank(self, query, documents, k: int | None = None, *, batch_size: int = 64):
+        ``check_inputs`` (here, in `rerank` and in `search`) rejects NaN/inf embeddings: one
+        read of both inputs and a device sync, worth skipping for a trusted corpus."""
+        return scoring.score(self._embed(queries, True, batch_size),
+                             self._embed(documents, False, batch_size), backend=self._score_backend(),
+                             check_inputs=check_inputs)
+
+    def rerank(self, query, documents, k: int | None = None, *, batch_size: int = 64,
+               check_inputs: bool = True):
         """Rank documents for one query: ``[(index, score), ...]``, best first, ties by index."""
         if k is not None:
             scoring.positive_int(k, "k")  # before any encoding
@@ -254,14 +259,16 @@ class ColBERT:
         if isinstance(queries, list) and len(queries) != 1:
             raise ValueError(f"rerank takes one query, got {len(queries)}")
         return scoring.rerank(queries, self._embed(documents, False, batch_size), k,
-                              backend=self._score_backend())
+                              backend=self._score_backend(), check_inputs=check_inputs)
 
-    def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768):
+    def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768,
+               check_inputs: bool = True):
         """Exact top-k of a corpus per query: ``(scores [Q, k'], indices [Q, k'])``, k' = min(k, N)."""
         scoring.positive_int(k, "k")  # before any encoding
         scoring.positive_int(chunk_size, "chunk_size")
         return scoring.search(self._embed(queries, True, batch_size), self._embed(corpus, False, batch_size),
-                              k, chunk_size=chunk_size, backend=self._score_backend())
+                              k, chunk_size=chunk_size, backend=self._score_backend(),
+                              check_inputs=check_inputs)
 
     def _score_backend(self) -> str | None:
         return self.backend if self.backend == "triton" else None
