@@ -99,6 +99,9 @@ def test_model_round_trip_scores_like_fresh_embeddings(model, tmp_path):
     queries = model.encode_queries(["where is the eiffel tower"])
     torch.testing.assert_close(model.score(queries, saved.embeddings), model.score(queries, corpus),
                                rtol=0, atol=0)
+    assert model.load_embeddings(path, device="cpu").embeddings.values.device.type == "cpu"
+    with pytest.raises(ValueError, match="device must be like"):
+        model.load_embeddings(path, device="gpu")
 
 
 def test_fingerprint_is_the_checkpoint_not_the_layout_or_dtype(model, stanford_dir, pylate_dir, tmp_path):

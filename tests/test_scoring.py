@@ -238,3 +238,80 @@ def test_torch_maxsim_chunks_do_not_change_results(gen):
         torch.stack([(q @ d.T).max(1).values.clamp(min=0 if f else -9).sum() if len(d) else torch.tensor(0.0)
                      for d, f in zip(docs, floor)]) for q in queries])
     torch.testing.assert_close(floored, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_search_of_an_empty_corpus_gives_empty_results(backend, device):
+    empty = PackedEmbeddings.from_lengths(torch.zeros(0, 16, device=device), [])
+    scores, index = search(torch.randn(3, 4, 16).to(device), empty, 5, backend=backend)
+    assert scores.shape == index.shape == (3, 0)
+    assert scores.dtype == torch.float32 and index.dtype == torch.int64
+
+
+@pytest.mark.parametrize("lengths, chunk_size, max_rows", [
+    ([3, 0, 5, 1, 0, 7, 2], 3, 8),
+    ([3, 0, 5, 1, 0, 7, 2], 100, 4),  # a document longer than max_rows gets a chunk of its own
+    ([0, 0, 4], 1, 1),
+    ([9], 5, 100),
+])
+def test_chunk_bounds_cover_every_document_within_the_row_budget(lengths, chunk_size, max_rows):
+    from colbert_triton.scoring import _chunk_bounds
+
+    ends = np.cumsum(lengths)
+    begins = ends - np.array(lengths)
+    bounds = _chunk_bounds(begins, ends, chunk_size, max_rows)
+    assert [lo for lo, *_ in bounds] == [0] + [hi for _, hi, *_ in bounds[:-1]]
+    assert bounds[-1][1] == len(lengths)
+    for lo, hi, begin, end in bounds:
+        assert 1 <= hi - lo <= chunk_size
+        assert begin <= begins[lo:hi].min() and end >= ends[lo:hi].max()
+        assert end - begin <= max_rows or hi - lo == 1
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Route search through the host-corpus streaming path on any device, in 64-byte blocks
+    (two 8-d fp32 rows): the CUDA copies are skipped off a GPU, the chunking is not."""
+    from colbert_triton import scoring
+
+    monkeypatch.setattr(scoring, "_streams_host_corpus", lambda q, docs: True)
+    monkeypatch.setattr(scoring, "_STREAM_BYTES", 64)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+def test_search_streaming_a_corpus_in_row_blocks_equals_full_sort(gen, backend, device, streamed, chunk_size):
+    corpus = random_docs(gen, [3, 0, 1, 5, 2, 0, 4, 1], 8, device=device)
+    queries = random_docs(gen, [4, 4, 4], 8, device=device)
+    exact = reference(queries, corpus)
+    scores, index = search(queries, PackedEmbeddings.from_list(corpus), 8, chunk_size=chunk_size,
+                           backend=backend)
+    for qi in range(len(queries)):
+        order = sorted(range(len(corpus)), key=lambda j: (-round(exact[qi, j].item(), 4), j))
+        assert index[qi].tolist() == order
+        close(scores[qi], exact[qi, order].float())
+    # A padded corpus with a mask: rows of padding lie between documents.
+    padded = torch.nn.utils.rnn.pad_sequence(corpus, batch_first=True)
+    mask = torch.arange(padded.shape[1])[None, :] < torch.tensor([len(d) for d in corpus])[:, None]
+    scores_padded, index_padded = search(queries, padded, 8, documents_mask=mask.to(device),
+                                         chunk_size=chunk_size, backend=backend)
+    assert torch.equal(index_padded.cpu(), index.cpu())
+    close(scores_padded, scores)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pin", [False, True])
+def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin):
+    from colbert_triton import scoring
+
+    monkeypatch.setattr(scoring, "_STREAM_BYTES", 96 * 2 * 700)  # ~700 rows a block: many blocks
+    corpus = random_docs(gen, torch.randint(0, 300, (400,), generator=gen).tolist(), 96,
+                         dtype=torch.float16)
+    queries = torch.stack(random_docs(gen, [32] * 5, 96, dtype=torch.float16)).cuda()
+    host = PackedEmbeddings.from_list(corpus)
+    if pin:
+        host = PackedEmbeddings(host.values.pin_memory(), host.offsets, host.lengths_host)
+    on_gpu = host.to("cuda")
+    want = search(queries, on_gpu, 20, chunk_size=64, backend=backend)
+    got = search(queries, host, 20, chunk_size=64, backend=backend)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    with pytest.raises(ValueError, match="only search"):
+        score(queries, host, backend=backend)

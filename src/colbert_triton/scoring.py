@@ -159,18 +159,25 @@ def as_queries(queries, mask=None) -> torch.Tensor:
     return batch.contiguous()
 
 
-def _check_pair(queries: torch.Tensor, docs: DocRows) -> None:
+def _streams_host_corpus(queries: torch.Tensor, docs: DocRows) -> bool:
+    """CUDA queries and a corpus in host memory: `search` streams the corpus to the GPU."""
+    return queries.device.type == "cuda" and docs.values.device.type == "cpu"
+
+
+def _check_pair(queries: torch.Tensor, docs: DocRows, host_corpus_ok: bool = False) -> None:
     if queries.shape[-1] != docs.dim:
         raise ValueError(f"queries have dim {queries.shape[-1]} but documents have dim {docs.dim}")
     if queries.dtype != docs.values.dtype:
         raise TypeError(
             f"queries are {queries.dtype} but documents are {docs.values.dtype}: cast one side"
         )
-    if queries.device != docs.values.device:
-        raise ValueError(f"queries are on {queries.device} but documents are on {docs.values.device}")
+    if queries.device != docs.values.device and not (host_corpus_ok and _streams_host_corpus(queries, docs)):
+        raise ValueError(f"queries are on {queries.device} but documents are on {docs.values.device}"
+                         f" (only search() takes a corpus in host memory with CUDA queries)")
 
 
-def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, documents_mask=None):
+def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, documents_mask=None,
+             host_corpus_ok: bool = False):
     """Queries as [Q, Lq, dim] and documents as rows, checked against each other.
 
     ``check_inputs`` also rejects NaN/inf values: one pass over both inputs and one device sync,
@@ -178,7 +185,7 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
     """
     q = as_queries(queries, queries_mask)
     docs = as_documents(documents, documents_mask)
-    _check_pair(q, docs)
+    _check_pair(q, docs, host_corpus_ok)
     if check_inputs:
         _check_finite(q, "queries")
         _check_finite(docs.values, "documents")
@@ -306,9 +313,8 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     """
     index = torch.arange(first_index, first_index + scores.shape[1], device=scores.device)
     index = index.expand(scores.shape[0], -1)
-    if best_scores is not None:
-        scores = torch.cat([best_scores, scores], 1)
-        index = torch.cat([best_index, index], 1)
+    scores = torch.cat([best_scores, scores], 1)
+    index = torch.cat([best_index, index], 1)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, order), index.gather(1, order)
 
@@ -326,6 +332,86 @@ def positive_int(value, name: str) -> int:
     return number
 
 
+# A corpus in host memory goes to the GPU in copies of at most this many bytes (two in flight).
+_STREAM_BYTES = 256 << 20
+
+
+def _device_chunks(docs: DocRows, chunk_size: int):
+    """(first index, rows, starts, lengths) of each chunk of a corpus already on the device."""
+    for lo in range(0, len(docs), chunk_size):
+        hi = min(len(docs), lo + chunk_size)
+        yield lo, docs.values, docs.starts[lo:hi], docs.lengths[lo:hi]
+
+
+def _chunk_bounds(begins: np.ndarray, ends: np.ndarray, chunk_size: int, max_rows: int):
+    """[(lo, hi, row_begin, row_end)]: consecutive documents, at most ``chunk_size`` of them,
+    whose rows lie in [row_begin, row_end), a span of at most ``max_rows`` rows unless a single
+    document is longer. Packed and padded corpora have non-decreasing begins and ends."""
+    bounds, lo, n = [], 0, len(begins)
+    while lo < n:
+        hi = min(n, lo + chunk_size)
+        hi = min(hi, int(np.searchsorted(ends, begins[lo] + max_rows, side="right")))
+        hi = max(hi, lo + 1)
+        bounds.append((lo, hi, int(begins[lo]), int(ends[lo:hi].max())))
+        lo = hi
+    return bounds
+
+
+def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device):
+    """The chunks of a corpus in host memory, each copied to ``device`` as one block of rows.
+
+    On CUDA the copies run on their own stream from pinned memory (the corpus itself if it is
+    pinned, else a pinned staging buffer), two buffers deep: chunk i + 1 is copied while
+    chunk i is scored. The caller enqueues its work on a chunk before asking for the next one.
+    """
+    if len(docs) == 0:
+        return
+    starts = docs.starts.numpy()
+    lengths = docs.lengths.numpy()
+    nonempty = lengths > 0
+    # Row spans made non-decreasing (they already are for packed and padded corpora): ends as a
+    # running max, begins as a suffix min; an empty document begins where the rows before end.
+    ends = np.maximum.accumulate(np.where(nonempty, starts + lengths, 0))
+    begins = np.where(nonempty, starts, np.concatenate([[0], ends[:-1]]))
+    begins = np.minimum.accumulate(begins[::-1])[::-1]
+    row_bytes = docs.values.element_size() * docs.dim
+    bounds = _chunk_bounds(begins, ends, chunk_size, max(1, _STREAM_BYTES // row_bytes))
+    chunk_of_doc = np.repeat(np.arange(len(bounds)), [hi - lo for lo, hi, _, _ in bounds])
+    first_row = np.array([begin for _, _, begin, _ in bounds], dtype=np.int64)
+    relative_starts = torch.from_numpy(np.where(nonempty, starts - first_row[chunk_of_doc], 0))
+    # Index tensors move once, whole (16 bytes a document).
+    relative_starts = relative_starts.to(device)
+    lengths_dev = docs.lengths.to(device)
+    max_rows = max(end - begin for _, _, begin, end in bounds)
+    if device.type != "cuda":
+        for lo, hi, begin, end in bounds:
+            yield lo, docs.values[begin:end].to(device), relative_starts[lo:hi], lengths_dev[lo:hi]
+        return
+    compute = torch.cuda.current_stream(device)
+    copier = torch.cuda.Stream(device)
+    shape = (max_rows, docs.dim)
+    on_gpu = [torch.empty(shape, dtype=docs.values.dtype, device=device) for _ in range(2)]
+    pinned = docs.values.is_pinned()
+    staging = None if pinned else [torch.empty(shape, dtype=docs.values.dtype, pin_memory=True)
+                                   for _ in range(2)]
+    copied = [torch.cuda.Event() for _ in range(2)]
+    scored: list[torch.cuda.Event | None] = [None, None]
+    for i, (lo, hi, begin, end) in enumerate(bounds):
+        slot, rows = i % 2, end - begin
+        if scored[slot] is not None:
+            scored[slot].synchronize()  # chunk i - 2 is scored: its buffers are free
+        source = docs.values[begin:end]
+        if staging is not None:
+            source = staging[slot][:rows].copy_(source)
+        with torch.cuda.stream(copier):
+            on_gpu[slot][:rows].copy_(source, non_blocking=True)
+            copied[slot].record(copier)
+        compute.wait_event(copied[slot])
+        yield lo, on_gpu[slot][:rows], relative_starts[lo:hi], lengths_dev[lo:hi]
+        scored[slot] = torch.cuda.Event()
+        scored[slot].record(compute)
+
+
 def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=None,
            chunk_size: int = 32768, backend=None, check_inputs: bool = True):
     """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k'], indices [Q, k'])`` with
@@ -334,17 +420,24 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     The corpus is scored in chunks of ``chunk_size`` documents and merged into a running top-k,
     so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
+    With CUDA queries the corpus may stay in host memory (larger than the GPU's): it is then
+    streamed to the GPU once, in blocks of at most 256 MB, each copied while the previous one
+    is scored (pin the corpus, ``values.pin_memory()``, to skip a staging copy).
     """
     k = positive_int(k, "k")
     chunk_size = positive_int(chunk_size, "chunk_size")
     q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
-                       documents_mask=documents_mask)
+                       documents_mask=documents_mask, host_corpus_ok=True)
     k = min(k, len(docs))
-    starts, lengths = docs.starts, docs.lengths
-    best_scores = best_index = None
-    for lo in range(0, len(docs), chunk_size):
-        hi = min(len(docs), lo + chunk_size)
-        block = maxsim(q, docs.values, starts[lo:hi], lengths[lo:hi], backend=backend)
+    if _streams_host_corpus(q, docs):
+        chunks = _host_chunks(docs, chunk_size, q.device)
+    else:
+        chunks = _device_chunks(docs, chunk_size)
+    # An empty corpus gives [Q, 0] results.
+    best_scores = torch.empty(q.shape[0], 0, dtype=torch.float32, device=q.device)
+    best_index = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
+    for lo, values, starts, lengths in chunks:
+        block = maxsim(q, values, starts, lengths, backend=backend)
         best_scores, best_index = merge_topk(best_scores, best_index, block, lo, k)
     return best_scores, best_index
 

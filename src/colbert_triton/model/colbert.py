@@ -212,9 +212,11 @@ class ColBERT:
         save_embeddings(path, embeddings, ids=ids, metadata={
             "kind": kind, "model": self.source, "fingerprint": self.fingerprint, "dim": str(self.dim)})
 
-    def load_embeddings(self, path, *, kind: str = "documents") -> EmbeddingsFile:
-        """Read a file of `save_embeddings` onto this model's device and dtype, refusing one
-        made by another model (fingerprint), of another dim, or of the other kind."""
+    def load_embeddings(self, path, *, kind: str = "documents", device=None) -> EmbeddingsFile:
+        """Read a file of `save_embeddings` in this model's dtype, onto its device (or onto
+        ``device``: "cpu" keeps a corpus larger than the GPU in host memory, which `search`
+        streams), refusing one made by another model (fingerprint), of another dim, or of the
+        other kind."""
         _check_kind(kind)
         saved = load_embeddings(path)
         meta = saved.metadata
@@ -226,7 +228,8 @@ class ColBERT:
             raise ValueError(f"{path} was encoded by another model ({meta.get('model', 'unnamed')}, "
                              f"fingerprint {meta['fingerprint']}) than {self.source} "
                              f"(fingerprint {self.fingerprint}): its scores would mean nothing")
-        return saved._replace(embeddings=saved.embeddings.to(device=self.device, dtype=self.dtype))
+        device = self.device if device is None else _pick_device(device)
+        return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
 
     # -----------------------------------------------------------------------------------------
     # Scoring
