@@ -200,7 +200,10 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
             # One warpgroup (4 warps) per 64 rows of M: wgmma's M per warpgroup is 64. Below 64
             # rows the dots are mma.sync; 2 warps stack along M, so a tile's row max needs no
             # cross-warp (shared-memory) reduction, which 4 warps split along BLOCK_N do.
-            for warps in ((2, 4) if rows <= 32 else (4,) if rows <= 64 else (8,)):
+            # 16 warps at 256 x 128: half the shared-memory reads per MMA of 256 x 64 (NOTES.md,
+            # session 4), 64 similarity registers a thread, one program per SM.
+            wide = rows >= 256 and block_n >= 128
+            for warps in ((2, 4) if rows <= 32 else (4,) if rows <= 64 else (8, 16) if wide else (8,)):
                 for stages in ((2,) if smoke else (2, 3, 4)):
                     cfg = {**default, "qb": qb, "lq_tile": lq_tile,
                            "num_lq_chunks": -(-q.shape[1] // lq_tile), "block_n": block_n,
