@@ -160,3 +160,12 @@ def test_cli_saved_corpus_errors(stanford_dir, tmp_path, capsys):
                  "--kind", "queries", "--input", str(queries), "--output", str(encoded)]) == 0
     assert main(["rank", *common, "--documents", str(encoded)]) == 2
     assert "holds queries, not documents" in capsys.readouterr().err
+
+
+def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch):
+    from colbert_triton import cli
+
+    assert cli._fits_on_device(1 << 40, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    assert cli._fits_on_device(500, torch.device("cuda"))
+    assert not cli._fits_on_device(501, torch.device("cuda"))

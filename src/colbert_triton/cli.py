@@ -114,7 +114,12 @@ def _rank(args, out) -> None:
     model = _load_model(args)
     progress = False if args.no_progress else None
     if encoded_corpus:
-        corpus, doc_ids, _ = model.load_embeddings(args.documents, kind="documents")
+        corpus, doc_ids, _ = model.load_embeddings(args.documents, kind="documents", device="cpu")
+        if _fits_on_device(corpus.values.numel() * corpus.values.element_size(), model.device):
+            corpus = corpus.to(model.device)
+        else:
+            print(f"colbert-triton: the corpus ({corpus.values.shape[0]} vectors) stays in host memory "
+                  f"and is streamed to {model.device} for the search", file=sys.stderr)
     else:
         corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress)
     encoded = model.encode_queries(queries, args.batch_size, show_progress=progress)
@@ -123,6 +128,17 @@ def _rank(args, out) -> None:
         results = [{"rank": r + 1, "id": doc_ids[i], "score": round(s, 6)}
                    for r, (i, s) in enumerate(zip(indices[qi].tolist(), scores[qi].tolist()))]
         out.write(json.dumps({"query_id": qid, "query": text, "results": results}) + "\n")
+
+
+def _fits_on_device(num_bytes: int, device) -> bool:
+    """Whether a corpus of ``num_bytes`` should move to ``device``: always off CUDA; on CUDA if
+    it takes at most half the free memory (the rest is for the queries and the scoring)."""
+    import torch
+
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return num_bytes <= free // 2
 
 
 def _encode(args) -> None:
