@@ -280,6 +280,40 @@ def test_layernorm_in_place_and_odd_width():
     _assert_close(got, ref, ATOL[torch.float32])
 
 
+@pytest.mark.parametrize("erf", ["libdevice", "rational"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_over_its_whole_range(monkeypatch, backend, erf):
+    """GELU of pre-activations from -12 to 12 (both tails, the kink at 0), in fp32 against fp64:
+    both erf forms within 5e-7 (1 + |y|)."""
+    monkeypatch.setattr(linear_mod, "GELU_ERF", erf)
+    y = torch.linspace(-12, 12, 16 * 257).view(16, 257)
+    x = torch.cat([y, torch.ones(16, 1)], 1).to(DEVICE)  # x @ [I | 0]^T + 0 = y
+    weight = torch.cat([torch.eye(257), torch.zeros(257, 1)], 1).to(DEVICE)
+    got = linear(x, weight, None, "gelu", out=_poisoned((16, 257), torch.float32), backend=backend)
+    ref = F.gelu(y.double())
+    err = (got.double().cpu() - ref).abs()
+    assert bool((err <= 5e-7 * (1 + ref.abs())).all()), err.max().item()
+    assert abs(got[0, 0].item()) < 1e-30  # GELU(-12) ~ -2e-32: 0 or a denormal-free tiny value
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([] if INTERPRETED else [torch.bfloat16]), ids=_dtype_id)
+def test_gelu_rational_erf_rounds_like_the_exact_one(monkeypatch, dtype):
+    monkeypatch.setattr(linear_mod, "GELU_ERF", "rational")
+    gen = _gen(13)
+    x = randn(gen, 9, 384, dtype=dtype)
+    weight = randn(gen, 1536, 384, scale=0.08, dtype=dtype)
+    bias = randn(gen, 1536, scale=0.02, dtype=dtype)
+    got = linear(x, weight, bias, "gelu", out=_poisoned((9, 1536), dtype), backend="triton")
+    x64, w64, b64 = _f64(x, weight, bias)
+    _assert_rounded(got, F.gelu(F.linear(x64, w64, b64)), "vs fp64")
+
+
+def test_gelu_erf_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setattr(linear_mod, "GELU_ERF", "tanh")
+    with pytest.raises(ValueError, match="unknown GELU_ERF 'tanh'"):
+        linear(torch.ones(2, 16, device=DEVICE), torch.ones(16, 16, device=DEVICE), None, "gelu")
+
+
 def test_gemm_backend_module_switch(monkeypatch):
     gen = _gen(7)
     x, weight = randn(gen, 5, 64), randn(gen, 48, 64, scale=0.05)

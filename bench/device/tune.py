@@ -237,6 +237,10 @@ def _linear_default(case: Case) -> dict:
 def linear_configs(case: Case, smoke: bool) -> list[dict]:
     default = _linear_default(case)
     configs = [default]
+    if case.family == "linear" and case.params[3] == "gelu":
+        # The same tile with GELU's erf as a rational approximation (linear.GELU_ERF): whether
+        # the exact-erf epilogue limits FFN-up (bench/NOTES.md, session 4).
+        configs.append({**default, "ERF": "rational"})
     if smoke:
         alt = {**default, "BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
         return configs + [alt] if alt != default else configs
@@ -329,7 +333,8 @@ def launcher(case: Case, inputs: dict, config: dict):
             tiles=tiles)
     i = inputs
     if case.family == "linear":
-        ctx = _patched(linear_mod, linear_config=lambda *_: config)
+        ctx = _patched(linear_mod, linear_config=lambda *_: config,
+                       GELU_ERF=config.get("ERF", linear_mod.GELU_ERF))
         return ctx, lambda: linear_mod.linear(i["x"], i["weight"], i["bias"], case.params[3] or None,
                                               out=i["out"], backend="triton")
     ctx = _patched(linear_mod, fused_layernorm_config=lambda *_: config)
@@ -537,7 +542,7 @@ def _short(config: dict) -> str:
     keys = {"qb": "QB", "lq_tile": "LQ", "block_n": "BN", "num_warps": "w", "num_stages": "s",
             "programs_per_sm": "pps", "max_docs_per_program": "dpp", "flat": "flat",
             "block_k": "BK", "num_k": "NK", "BLOCK_M": "BM",
-            "BLOCK_N": "BN", "BLOCK_K": "BK", "impl": ""}
+            "BLOCK_N": "BN", "BLOCK_K": "BK", "impl": "", "ERF": "erf"}
     return " ".join(f"{keys[k]}{v}" for k, v in config.items() if k in keys)
 
 

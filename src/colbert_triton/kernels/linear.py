@@ -5,11 +5,11 @@ Design
 Every linear layer of a BERT block ends in an elementwise or row-wise epilogue, and each is fused
 into the GEMM that feeds it, so the ``[T, N]`` product never makes a round trip through memory:
 
-- ``linear``: ``y = x @ W^T + b``, optionally followed by exact (erf) GELU. Used for the QKV
-  projection (N = 3 * hidden) and the FFN up-projection (N = 4 * hidden, GELU). A tiled GEMM in
-  the style of Triton tutorial 03: ``BLOCK_M x BLOCK_N`` output tiles, a K loop of
-  ``BLOCK_K`` steps, fp32 accumulation, tiles launched in groups of ``GROUP_M`` row blocks so
-  that consecutive programs share weight tiles in L2.
+- ``linear``: ``y = x @ W^T + b``, optionally followed by exact (erf) GELU (see ``GELU_ERF``).
+  Used for the QKV projection (N = 3 * hidden) and the FFN up-projection (N = 4 * hidden,
+  GELU). A tiled GEMM in the style of Triton tutorial 03: ``BLOCK_M x BLOCK_N`` output tiles,
+  a K loop of ``BLOCK_K`` steps, fp32 accumulation, tiles launched in groups of ``GROUP_M``
+  row blocks so that consecutive programs share weight tiles in L2.
 - ``linear_residual_layernorm``: ``LayerNorm(x @ W^T + b + residual)``, the attention output
   projection and the FFN down-projection of a post-LN block. LayerNorm needs whole rows, so a
   program owns ``BLOCK_M`` full rows: the N columns are split into at most four chunks of
@@ -60,6 +60,7 @@ from ._device import on_device
 
 __all__ = [
     "GEMM_BACKEND",
+    "GELU_ERF",
     "linear",
     "linear_residual_layernorm",
     "bias_residual_layernorm",
@@ -70,6 +71,11 @@ __all__ = [
 ]
 
 GEMM_BACKEND = os.environ.get("COLBERT_TRITON_GEMM_BACKEND", "triton")
+# How GELU's erf is evaluated: "libdevice" (tl.erf) or "rational" (Abramowitz & Stegun 7.1.26,
+# within 4.2e-7 of exact GELU in fp32, as close as the libdevice form; a third of its
+# instructions). Kept at "libdevice" until a GPU has timed both (bench/device/tune.py).
+GELU_ERF = "libdevice"
+_GELU_ERFS = ("libdevice", "rational")
 _BACKENDS = ("triton", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The fused residual+LayerNorm GEMM keeps a row in at most this many accumulators.
@@ -103,9 +109,20 @@ def accumulate_matmul(acc, x_ptrs, w_ptrs, K, BLOCK_K: tl.constexpr, EVEN_K: tl.
 
 
 @triton.jit
-def _gelu(y):
+def _gelu(y, ERF: tl.constexpr):
     # Exact GELU, as BERT's "gelu" and torch's F.gelu default: 0.5 * y * (1 + erf(y / sqrt(2))).
-    return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    if ERF == "rational":
+        # Abramowitz & Stegun 7.1.26: erfc(z) = t (a1 + t (a2 + ... a5 t)) exp(-z^2), t = 1/(1 + p z)
+        # for z >= 0, |error| <= 1.5e-7; ~16 instructions an element against libdevice erff's ~50,
+        # and 1 + erf(-z) = erfc(z) computed without cancellation in the negative tail.
+        z = tl.abs(y) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                                + t * 1.061405429))))
+        erfc_z = poly * tl.exp2(-(z * z) * 1.4426950408889634)
+        return 0.5 * y * tl.where(y >= 0, 2.0 - erfc_z, erfc_z)
+    else:
+        return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -122,6 +139,7 @@ def _linear_kernel(
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "" or "gelu"
+    ERF: tl.constexpr,  # GELU_ERF
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -157,7 +175,7 @@ def _linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":
-        acc = _gelu(acc)
+        acc = _gelu(acc, ERF)
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
     out_mask = (offs_m < num_rows)[:, None] & n_mask[None, :]
@@ -384,6 +402,7 @@ def _bias_activation_kernel(
     N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    ERF: tl.constexpr,  # GELU_ERF
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -397,7 +416,7 @@ def _bias_activation_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":
-        y = _gelu(y)
+        y = _gelu(y, ERF)
     tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -566,6 +585,8 @@ def linear(
         _check_vector(fn, "bias", bias, n, x.device)
     if activation not in (None, "gelu"):
         _fail(fn, f"unsupported activation {activation!r}: expected None or 'gelu'")
+    if GELU_ERF not in _GELU_ERFS:
+        _fail(fn, f"unknown GELU_ERF {GELU_ERF!r}: expected one of {_GELU_ERFS}")
     backend = _resolve_backend(fn, backend)
     num_rows = x.shape[0]
     out = _prepare_out(fn, out, num_rows, n, x)
@@ -587,7 +608,7 @@ def linear(
         _linear_kernel[grid](
             x, weight, bias if bias is not None else x, out,
             num_rows, x.stride(0), weight.stride(0), out.stride(0),
-            N=n, K=k, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
+            N=n, K=k, HAS_BIAS=bias is not None, ACTIVATION=activation or "", ERF=GELU_ERF,
             BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             GROUP_M=config["GROUP_M"], EVEN_K=k % config["BLOCK_K"] == 0,
             DOT_PRECISION=_dot_precision(x.dtype),
@@ -711,7 +732,7 @@ def _bias_activation_(y: torch.Tensor, bias: torch.Tensor | None, activation: st
     with on_device(y):
         _bias_activation_kernel[grid](
             y, bias if bias is not None else y, num_rows, y.stride(0),
-            N=n, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
+            N=n, HAS_BIAS=bias is not None, ACTIVATION=activation or "", ERF=GELU_ERF,
             BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
         )
     return y
