@@ -390,14 +390,18 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device):
     compute = torch.cuda.current_stream(device)
     copier = torch.cuda.Stream(device)
     shape = (max_rows, docs.dim)
-    on_gpu = [torch.empty(shape, dtype=docs.values.dtype, device=device) for _ in range(2)]
+    depth = min(2, len(bounds))
+    on_gpu = [torch.empty(shape, dtype=docs.values.dtype, device=device) for _ in range(depth)]
     pinned = docs.values.is_pinned()
     staging = None if pinned else [torch.empty(shape, dtype=docs.values.dtype, pin_memory=True)
-                                   for _ in range(2)]
-    copied = [torch.cuda.Event() for _ in range(2)]
-    scored: list[torch.cuda.Event | None] = [None, None]
+                                   for _ in range(depth)]
+    copied = [torch.cuda.Event() for _ in range(depth)]
+    scored: list[torch.cuda.Event | None] = [None] * depth
+    # The buffers were allocated for the compute stream, whose earlier work may still read the
+    # memory they reuse: the copies start after it.
+    copier.wait_stream(compute)
     for i, (lo, hi, begin, end) in enumerate(bounds):
-        slot, rows = i % 2, end - begin
+        slot, rows = i % depth, end - begin
         if scored[slot] is not None:
             scored[slot].synchronize()  # chunk i - 2 is scored: its buffers are free
         source = docs.values[begin:end]
