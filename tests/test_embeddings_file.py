@@ -31,6 +31,15 @@ def test_round_trip_keeps_values_lengths_ids_and_metadata(tmp_path, dtype):
     assert saved.metadata["note"] == "x"
 
 
+def test_numpy_and_tensor_ids_are_stored_as_numbers(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "e.safetensors"
+    for ids in (np.arange(10, 13), torch.tensor([4, 5, 6]), [np.int64(1), np.int32(2), "x"]):
+        save_embeddings(path, _packed([1, 2, 1]), ids=ids)
+        assert load_embeddings(path).ids == (ids.tolist() if hasattr(ids, "tolist") else [1, 2, "x"])
+
+
 def test_default_ids_are_positions(tmp_path):
     path = tmp_path / "e.safetensors"
     save_embeddings(path, _packed([2, 2, 1]))

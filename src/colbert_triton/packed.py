@@ -140,7 +140,12 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
 
     if not isinstance(embeddings, PackedEmbeddings):
         raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
-    ids = list(range(len(embeddings))) if ids is None else list(ids)
+    if ids is None:
+        ids = list(range(len(embeddings)))
+    elif hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars for JSON
+        ids = ids.tolist()
+    else:
+        ids = [i.item() if hasattr(i, "item") and not isinstance(i, (str, bytes)) else i for i in ids]
     if len(ids) != len(embeddings):
         raise ValueError(f"{len(ids)} ids for {len(embeddings)} items")
     extra = dict(metadata or {})
