@@ -147,18 +147,34 @@ def test_bench_linear(measure, batches, case, dtype):
     x = _randn(t, k, dtype=dtype)
     weight, bias = _randn(n, k, scale=0.04, dtype=dtype), _randn(n, scale=0.02, dtype=dtype)
     out = torch.empty(t, n, device="cuda", dtype=dtype)
+    impls = {
+        "triton": lambda: linear_mod.linear(x, weight, bias, activation, out=out, backend="triton"),
+        "cublas+triton-epilogue": lambda: linear_mod.linear(x, weight, bias, activation, out=out,
+                                                            backend="torch"),
+        "TorchOps": lambda: TorchOps().linear(x, weight, bias, activation),
+    }
+    if activation == "gelu":
+        # The same fused GEMM with GELU's erf as a rational approximation (linear.GELU_ERF):
+        # decides whether the exact-erf epilogue limits FFN-up (bench/NOTES.md).
+        impls["triton-rational-erf"] = _with_gelu_erf("rational", impls["triton"])
     _measure_all(
         measure,
-        {
-            "triton": lambda: linear_mod.linear(x, weight, bias, activation, out=out, backend="triton"),
-            "cublas+triton-epilogue": lambda: linear_mod.linear(x, weight, bias, activation, out=out,
-                                                                backend="torch"),
-            "TorchOps": lambda: TorchOps().linear(x, weight, bias, activation),
-        },
+        impls,
         shape=f"{case} {label} {_name(dtype)}",
         floor=_gemm_floor(t, n, k),
         ours="triton", tokens=t,
     )
+
+
+def _with_gelu_erf(erf: str, fn):
+    def run():
+        saved, linear_mod.GELU_ERF = linear_mod.GELU_ERF, erf
+        try:
+            return fn()
+        finally:
+            linear_mod.GELU_ERF = saved
+
+    return run
 
 
 LN_CASES = {
