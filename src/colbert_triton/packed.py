@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import operator
@@ -96,8 +97,13 @@ class PackedEmbeddings:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i %= len(self)
-        start = sum(self.lengths_host[:i])
+        start = self._host_starts[i]
         return self.values[start : start + self.lengths_host[i]]
+
+    @functools.cached_property
+    def _host_starts(self) -> tuple[int, ...]:
+        # Indexing item i is O(1) after one O(n) pass (a loop over a large corpus stays linear).
+        return (0, *itertools.accumulate(self.lengths_host))
 
     def to_list(self) -> list[torch.Tensor]:
         return list(torch.split(self.values, list(self.lengths_host), 0))

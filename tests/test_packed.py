@@ -1,0 +1,22 @@
+"""PackedEmbeddings: items, lengths and offsets agree with the list they were packed from
+(its input checks are in test_api_errors.py, its files in test_embeddings_file.py)."""
+
+import torch
+
+from colbert_triton import PackedEmbeddings
+
+
+def test_items_offsets_and_lengths_match_the_packed_list():
+    gen = torch.Generator().manual_seed(0)
+    items = [torch.randn(n, 5, generator=gen) for n in (2, 0, 3, 1, 0, 4)]
+    packed = PackedEmbeddings.from_list(items)
+    assert len(packed) == 6 and packed.dim == 5
+    assert packed.offsets.tolist() == [0, 2, 2, 5, 6, 6, 10]
+    assert packed.starts.tolist() == [0, 2, 2, 5, 6, 6]
+    assert packed.lengths.tolist() == [2, 0, 3, 1, 0, 4]
+    for i, item in enumerate(items):
+        assert torch.equal(packed[i], item)
+        assert torch.equal(packed[i - len(items)], item)  # negative indices, as a list's
+    assert all(torch.equal(a, b) for a, b in zip(packed.to_list(), items))
+    as_half = packed.to(torch.float16)
+    assert as_half.values.dtype == torch.float16 and as_half.lengths_host == packed.lengths_host
