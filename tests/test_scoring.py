@@ -315,3 +315,18 @@ def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     with pytest.raises(ValueError, match="only search"):
         score(queries, host, backend=backend)
+
+
+@pytest.mark.parametrize("where", [0, 37, 4 * 50 * 8 - 1])
+def test_finite_check_reads_every_block(monkeypatch, where):
+    """The NaN/inf check runs in row blocks (no corpus-sized temporary): a bad value in any
+    block, first, middle or last, is found."""
+    from colbert_triton import scoring
+
+    monkeypatch.setattr(scoring, "_FINITE_CHUNK", 3 * 8)  # 3 rows of 8 a block: 67 blocks
+    values = torch.zeros(4, 50, 8)
+    assert scoring.all_finite(values)
+    values.view(-1)[where] = float("inf")
+    assert not scoring.all_finite(values)
+    assert not scoring.all_finite(values.transpose(0, 1))  # non-contiguous, every element
+    assert scoring.all_finite(torch.zeros(0, 8)) and scoring.all_finite(torch.tensor(1.0))

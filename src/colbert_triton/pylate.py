@@ -100,7 +100,7 @@ def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: in
     if queries.dtype != documents.dtype:
         raise TypeError(f"queries are {queries.dtype} but documents are {documents.dtype}: cast one side")
     for name, t in (("queries", queries), ("documents", documents)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not scoring.all_finite(t):
             raise ValueError(f"{name} embeddings contain NaN or infinite values")
 
 
