@@ -11,7 +11,8 @@
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
 #               before the serial, timed passes
-#   maxsim | encoder   that benchmark family, timed, serially (encoder = whole encoder + per op)
+#   maxsim | encoder | search   that benchmark family, timed, serially (encoder = whole encoder +
+#               per op; search = a host-memory corpus streamed to the GPU, not in the default plan)
 #   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
 # Every step gets at most what is left of DEADLINE_S and is stopped with SIGINT, so pytest and
 # tune.py still write what they measured. Logs and results go to $OUT/r and are packed at the
@@ -58,7 +59,7 @@ for spec in "$@"; do
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
         -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
-    maxsim|encoder)
+    maxsim|encoder|search)
       BENCH_RESULTS_DIR="$R/results" timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider \
         -k "$step" --benchmark-json="$R/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
         2>&1 | tee "$R/bench-$step.log" | tail -8 ;;

@@ -1,0 +1,79 @@
+"""Exact top-k search over a corpus in host memory, streamed to the GPU (`scoring.search`).
+
+A corpus larger than the GPU stays in host memory; `search` copies it to the GPU once, in
+blocks of at most 256 MB, each copied while the previous one is scored. This suite measures
+that path against the same search with the corpus already on the GPU, on 64 queries x 32 rows
+and a packed corpus of ~2 GiB (d = 96, fp16, documents of 20-300 rows):
+
+- ``host-pinned``: the corpus in pinned memory (``values.pin_memory()``): copies straight from it;
+- ``host-pageable``: the corpus in ordinary memory: each block goes through a pinned staging copy;
+- ``on-device``: the corpus on the GPU: what streaming adds is the difference.
+
+Floor: the corpus bytes over the host-to-device bandwidth measured here (a pinned 1 GiB copy),
+or the MaxSim compute floor if higher. Not in bench/device/run.sh's default plan: run it as
+the ``search`` step or by name. Skipped without CUDA (bench/conftest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from common import DRY_RUN, floor_ms
+
+from colbert_triton import PackedEmbeddings, search
+
+SUITE = "search"
+QUERIES, QUERY_LEN, DIM, K = 64, 32, 96, 10
+CORPUS_BYTES = 2 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def _host_to_device_bytes_per_s() -> float:
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    ms = triton.testing.do_bench(lambda: dst.copy_(src, non_blocking=True), warmup=50, rep=300)
+    return (1 << 30) / (ms * 1e-3)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng = np.random.default_rng(0)
+    rows_wanted = CORPUS_BYTES // (DIM * 2)
+    lengths = rng.integers(20, 301, size=rows_wanted // 160 + 1)
+    lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), rows_wanted)) + 1]
+    values = torch.randn(int(lengths.sum()), DIM, device="cuda")
+    values = (values / values.norm(dim=-1, keepdim=True)).half()
+    on_device = PackedEmbeddings.from_lengths(values, lengths.tolist())
+    pageable = on_device.to("cpu")
+    pinned = PackedEmbeddings(pageable.values.pin_memory(), pageable.offsets, pageable.lengths_host)
+    return {"on-device": on_device, "host-pinned": pinned, "host-pageable": pageable}
+
+
+def test_bench_search_host_corpus(measure, corpus):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    queries = torch.randn(QUERIES, QUERY_LEN, DIM, device="cuda", generator=gen)
+    queries = (queries / queries.norm(dim=-1, keepdim=True)).half()
+    runs = {name: functools.partial(search, queries, docs, K, backend="triton", check_inputs=False)
+            for name, docs in corpus.items()}
+    want = runs["on-device"]()
+    for name, run in runs.items():  # never time a wrong answer
+        scores, index = run()
+        assert torch.equal(index, want[1]) and torch.equal(scores, want[0]), name
+    values = corpus["on-device"].values
+    corpus_bytes = values.numel() * values.element_size()
+    if DRY_RUN:
+        floor_value, floor_kind = float("nan"), "dry"
+    else:
+        compute, _ = floor_ms(flops=2.0 * QUERIES * QUERY_LEN * values.shape[0] * DIM)
+        pcie = corpus_bytes / _host_to_device_bytes_per_s() * 1e3
+        floor_value, floor_kind = (pcie, "host-to-device") if pcie >= compute else (compute, "compute")
+    shape = (f"search top-{K}: Q{QUERIES} x Lq{QUERY_LEN} over {len(corpus['on-device'])} docs "
+             f"(20-300 rows, {corpus_bytes / 2**30:.2f} GiB fp16, d{DIM})")
+    for name, run in runs.items():
+        measure(run, suite=SUITE, shape=shape, impl=name, floor_ms=floor_value,
+                floor_kind=floor_kind, ours=name == "host-pinned", corpus_bytes=corpus_bytes)
