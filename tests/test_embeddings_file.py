@@ -40,6 +40,18 @@ def test_numpy_and_tensor_ids_are_stored_as_numbers(tmp_path):
         assert load_embeddings(path).ids == (ids.tolist() if hasattr(ids, "tolist") else [1, 2, "x"])
 
 
+@pytest.mark.parametrize("make_id", [int, lambda i: f"doc-{i:08d}"], ids=["int", "str"])
+def test_ids_stay_out_of_the_header(tmp_path, make_id):
+    """Ids live in tensors: the safetensors header (capped at 100 MB, ~10M ids) stays small
+    however many items there are."""
+    path = tmp_path / "e.safetensors"
+    ids = [make_id(i) for i in range(200_000)]
+    save_embeddings(path, PackedEmbeddings.from_lengths(torch.zeros(0, 4), [0] * len(ids)), ids=ids)
+    header_bytes = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_bytes < 4096
+    assert load_embeddings(path).ids == ids
+
+
 def test_default_ids_are_positions(tmp_path):
     path = tmp_path / "e.safetensors"
     save_embeddings(path, _packed([2, 2, 1]))
@@ -52,7 +64,7 @@ def test_default_ids_are_positions(tmp_path):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"ids": [1, 2]}, ValueError, "2 ids for 3 items"),
     ({"ids": [object(), 1, 2]}, TypeError, "JSON-serialisable"),
-    ({"metadata": {"ids": "x"}}, ValueError, "reserved"),
+    ({"metadata": {"layout": "x"}}, ValueError, "reserved"),
     ({"metadata": {"n": 1}}, TypeError, "strings to strings"),
 ])
 def test_save_errors(tmp_path, kwargs, error, message):
@@ -72,14 +84,24 @@ def test_save_path_errors(tmp_path):
 
 @pytest.mark.parametrize("tensors, metadata, message", [
     ({"values": torch.zeros(3, 4)}, None, "no offsets tensor"),
-    ({"values": torch.zeros(3), "offsets": torch.tensor([0, 3])}, None, "floating-point"),
-    ({"values": torch.zeros(3, 4, dtype=torch.int32), "offsets": torch.tensor([0, 3])}, None, "floating-point"),
-    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0.0, 3.0])}, None, "1-D integer"),
+    ({"values": torch.zeros(3), "offsets": torch.tensor([0, 3])}, None, r"must be \[T, dim\]"),
+    ({"values": torch.zeros(3, 4, dtype=torch.int32), "offsets": torch.tensor([0, 3])}, None, "floating point"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0.0, 3.0])}, None, "offsets must be integers"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([[0, 3]])}, None, r"offsets must be \[n \+ 1\]"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([1, 3])}, None, "rise from 0"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2])}, None, "rise from 0"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2, 1, 3])}, None, "rise from 0"),
+    # Ids as the first version wrote them, in the header:
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3])}, {"ids": "[1, 2]"}, "2 ids for 1 items"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3])}, {"ids": "{"}, "not JSON"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3])}, {"ids": "{}"}, "not a JSON list"),
+    # ... and as tensors:
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]), "ids": torch.tensor([1, 2])}, None,
+     "2 ids for 1 items"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]), "ids": torch.tensor([1.0])}, None,
+     "1-D int64"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]),
+      "ids_json": torch.tensor(list(b"[1"), dtype=torch.uint8)}, None, "not JSON"),
 ])
 def test_load_rejects_inconsistent_files(tmp_path, tensors, metadata, message):
     path = tmp_path / "bad.safetensors"
@@ -108,18 +130,35 @@ def test_model_round_trip_scores_like_fresh_embeddings(model, tmp_path):
     queries = model.encode_queries(["where is the eiffel tower"])
     torch.testing.assert_close(model.score(queries, saved.embeddings), model.score(queries, corpus),
                                rtol=0, atol=0)
+    # The file object itself also goes where embeddings go.
+    torch.testing.assert_close(model.score(queries, saved), model.score(queries, corpus), rtol=0, atol=0)
     assert model.load_embeddings(path, device="cpu").embeddings.values.device.type == "cpu"
     with pytest.raises(ValueError, match="device must be like"):
         model.load_embeddings(path, device="gpu")
 
 
 def test_fingerprint_is_the_checkpoint_not_the_layout_or_dtype(model, stanford_dir, pylate_dir, tmp_path):
+    import shutil
+
     from checkpoints import build_stanford
+    from safetensors.torch import load_file
 
     assert ColBERT.from_pretrained(pylate_dir, device="cpu").fingerprint == model.fingerprint
     assert ColBERT.from_pretrained(stanford_dir, device="cpu", dtype="bfloat16").fingerprint == model.fingerprint
+    # The same checkpoint stored in float16.
+    half = shutil.copytree(stanford_dir, tmp_path / "half")
+    state = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(half / "model.safetensors"))
+    assert ColBERT.from_pretrained(half, device="cpu").fingerprint == model.fingerprint
+    # Another head; the same head with one attention weight changed.
     other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
     assert other.fingerprint != model.fingerprint
+    tuned = shutil.copytree(stanford_dir, tmp_path / "tuned")
+    state = load_file(str(tuned / "model.safetensors"))
+    name = next(k for k in state if k.endswith("attention.self.query.weight"))
+    state[name][0, 0] += 0.01
+    save_file(state, str(tuned / "model.safetensors"))
+    assert ColBERT.from_pretrained(tuned, device="cpu").fingerprint != model.fingerprint
 
 
 def test_model_refuses_other_models_dims_and_kinds(model, tmp_path):
@@ -140,6 +179,21 @@ def test_model_refuses_other_models_dims_and_kinds(model, tmp_path):
     assert len(model.load_embeddings(path, kind="queries").embeddings) == 1
     with pytest.raises(ValueError, match="kind must be"):
         model.load_embeddings(path, kind="docs")
+    with pytest.raises(ValueError, match="32-d embeddings; this model makes 96-d"):
+        model.save_embeddings(path, narrow.encode_documents(["a text"], packed=True))
+
+
+def test_model_checks_the_header_before_reading_the_values(model, tmp_path, monkeypatch):
+    from checkpoints import build_stanford
+
+    from colbert_triton.model import colbert
+
+    path = tmp_path / "corpus.safetensors"
+    other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
+    other.save_embeddings(path, other.encode_documents(["a text"], packed=True))
+    monkeypatch.setattr(colbert, "load_embeddings", lambda *a, **k: pytest.fail("values read"))
+    with pytest.raises(ValueError, match="encoded by another model"):
+        model.load_embeddings(path)
 
 
 def test_cli_ranks_a_saved_corpus_like_its_texts(stanford_dir, tmp_path, capsys):
@@ -178,3 +232,13 @@ def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
     assert cli._fits_on_device(500, torch.device("cuda"))
     assert not cli._fits_on_device(501, torch.device("cuda"))
+
+
+def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from colbert_triton import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("model loaded first"))
+    garbage = tmp_path / "docs.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert main(["rank", "--documents", str(garbage), "--query", "x"]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .model.checkpoint import DEFAULT_MODEL, CheckpointError
-from .packed import check_output_path
+from .packed import check_output_path, embeddings_file_info
 
 
 class InputError(ValueError):
@@ -103,9 +103,11 @@ def _rank(args, out) -> None:
     if args.top_k < 1:
         raise InputError("-k must be at least 1")
     encoded_corpus = Path(args.documents).suffix == ".safetensors"
-    if encoded_corpus and not Path(args.documents).is_file():
-        raise InputError(f"documents file not found: {args.documents}")
-    if not encoded_corpus:
+    if encoded_corpus:
+        if not Path(args.documents).is_file():
+            raise InputError(f"documents file not found: {args.documents}")
+        embeddings_file_info(args.documents)  # not an embeddings file: say so before the model loads
+    else:
         doc_ids, docs = read_texts(args.documents, "documents")
     if args.queries:
         query_ids, queries = read_texts(args.queries, "queries")

@@ -112,18 +112,35 @@ class PackedEmbeddings:
         values = self.values.to(*args, **kwargs)
         return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host)
 
+    def pin_memory(self) -> "PackedEmbeddings":
+        """A copy in pinned host memory (needs CUDA): `search` then streams it to the GPU
+        without a staging copy per block."""
+        return PackedEmbeddings(self.values.pin_memory(), self.offsets.cpu(), self.lengths_host)
+
 
 # ---------------------------------------------------------------------------------------------
-# Files: safetensors with ``values [T, dim]``, ``offsets [n + 1]`` and string metadata (the ids
-# as a JSON list, and whatever the writer adds: the ColBERT model writes its identity there).
+# Files: safetensors holding ``values [T, dim]``, ``offsets [n + 1]`` and the ids as a tensor
+# (``ids`` int64 when every id is an integer, else ``ids_json``, the UTF-8 bytes of a JSON list:
+# never in the header, which safetensors caps at 100 MB, ~10M ids), with string metadata from
+# the writer (the ColBERT model writes its identity there).
 
 _LAYOUT = "values[offsets[i]:offsets[i+1]] is item i"
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class EmbeddingsFile(NamedTuple):
     embeddings: PackedEmbeddings
     ids: list  # one per item: the writer's ids, or 0 .. n - 1
     metadata: dict[str, str]
+
+
+class EmbeddingsFileInfo(NamedTuple):
+    """What a file's header says, read without its tensors."""
+
+    metadata: dict[str, str]
+    num_items: int
+    num_rows: int
+    dim: int
 
 
 def check_output_path(path) -> None:
@@ -135,20 +152,31 @@ def check_output_path(path) -> None:
         raise ValueError(f"output directory does not exist: {path.parent}")
 
 
+def _ids_tensor(ids: list) -> tuple[str, torch.Tensor]:
+    if all(type(i) is int and _INT64[0] <= i <= _INT64[1] for i in ids):
+        return "ids", torch.tensor(ids, dtype=torch.int64)
+    try:
+        text = json.dumps(ids)
+    except TypeError as bad:
+        raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
+    return "ids_json", torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
 def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
                     metadata: dict[str, str] | None = None) -> None:
     """Write packed embeddings (on any device; stored as they are, dtype kept) to a safetensors file.
 
     ``ids``: one JSON-serialisable id per item (default 0 .. n - 1). ``metadata``: extra string
-    entries; "ids" and "layout" are reserved.
+    entries; "layout" is reserved.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if not isinstance(embeddings, PackedEmbeddings):
         raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
     if ids is None:
         ids = list(range(len(embeddings)))
-    elif hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars for JSON
+    elif hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars
         ids = ids.tolist()
     else:
         ids = [i.item() if hasattr(i, "item") and not isinstance(i, (str, bytes)) else i for i in ids]
@@ -158,55 +186,94 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
     for key, value in extra.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map strings to strings, got {key!r}: {value!r}")
-        if key in ("ids", "layout"):
+        if key == "layout":
             raise ValueError(f"metadata key {key!r} is reserved")
-    try:
-        ids_json = json.dumps(ids)
-    except TypeError as bad:
-        raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
+    ids_name, ids_tensor = _ids_tensor(ids)
     check_output_path(path)
     tensors = {"values": embeddings.values.detach().contiguous().cpu(),
-               "offsets": embeddings.offsets.to(torch.int64).cpu()}
-    save_file(tensors, str(path), metadata={**extra, "ids": ids_json, "layout": _LAYOUT})
+               "offsets": embeddings.offsets.to(torch.int64).contiguous().cpu(), ids_name: ids_tensor}
+    try:
+        save_file(tensors, str(path), metadata={**extra, "layout": _LAYOUT})
+    except SafetensorError as bad:
+        raise ValueError(f"could not write {path}: {bad}") from None
+
+
+def _open(path):
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"embeddings file not found: {path}")
+    return safe_open(str(path), "pt")
+
+
+def embeddings_file_info(path) -> EmbeddingsFileInfo:
+    """The metadata and sizes of an embeddings file, from its header alone (cheap for any size)."""
+    from safetensors import SafetensorError
+
+    try:
+        with _open(path) as file:
+            missing = {"values", "offsets"} - set(file.keys())
+            if missing:
+                raise ValueError(f"{path}: not an embeddings file (no {', '.join(sorted(missing))} tensor)")
+            values_shape = file.get_slice("values").get_shape()
+            offsets_shape = file.get_slice("offsets").get_shape()
+            metadata = dict(file.metadata() or {})
+    except SafetensorError as bad:
+        raise ValueError(f"{path}: not a safetensors file ({bad})") from None
+    if len(values_shape) != 2:
+        raise ValueError(f"{path}: values must be [T, dim], got shape {tuple(values_shape)}")
+    if len(offsets_shape) != 1 or offsets_shape[0] < 1:
+        raise ValueError(f"{path}: offsets must be [n + 1], got shape {tuple(offsets_shape)}")
+    return EmbeddingsFileInfo(metadata, offsets_shape[0] - 1, values_shape[0], values_shape[1])
 
 
 def load_embeddings(path, *, device="cpu") -> EmbeddingsFile:
     """Read a file written by `save_embeddings` (or ``colbert-triton encode``), checked whole:
     a file that is not such a file, or whose offsets, values and ids disagree, is an error."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"embeddings file not found: {path}")
+    info = embeddings_file_info(path)
     try:
-        with safe_open(str(path), "pt") as file:
+        with _open(path) as file:
             names = set(file.keys())
-            missing = {"values", "offsets"} - names
-            if missing:
-                raise ValueError(f"{path}: not an embeddings file (no {', '.join(sorted(missing))} tensor)")
             values, offsets = file.get_tensor("values"), file.get_tensor("offsets")
-            metadata = dict(file.metadata() or {})
+            stored_ids = next((file.get_tensor(n) for n in ("ids", "ids_json") if n in names), None)
+            ids_kind = next((n for n in ("ids", "ids_json") if n in names), None)
     except SafetensorError as bad:
         raise ValueError(f"{path}: not a safetensors file ({bad})") from None
-    if values.dim() != 2 or not values.is_floating_point():
-        raise ValueError(f"{path}: values must be a floating-point [T, dim] tensor, got "
-                         f"{values.dtype} of shape {tuple(values.shape)}")
-    if offsets.dim() != 1 or offsets.shape[0] < 1 or offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{path}: offsets must be a 1-D integer tensor [n + 1], got "
-                         f"{offsets.dtype} of shape {tuple(offsets.shape)}")
+    if not values.is_floating_point():
+        raise ValueError(f"{path}: values must be floating point, got {values.dtype}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{path}: offsets must be integers, got {offsets.dtype}")
     offsets = offsets.to(torch.int64)
     lengths = (offsets[1:] - offsets[:-1]).tolist()
     if offsets[0] != 0 or offsets[-1] != values.shape[0] or any(n < 0 for n in lengths):
         raise ValueError(f"{path}: offsets must rise from 0 to the {values.shape[0]} rows of values")
-    if "ids" in metadata:
-        try:
-            ids = json.loads(metadata["ids"])
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: the ids in its metadata are not JSON") from None
-        if not isinstance(ids, list) or len(ids) != len(lengths):
-            raise ValueError(f"{path}: its metadata holds {len(ids) if isinstance(ids, list) else 'no list of'} "
-                             f"ids for {len(lengths)} items")
-    else:
+    ids = _read_ids(path, ids_kind, stored_ids, info.metadata)
+    if ids is None:
         ids = list(range(len(lengths)))
+    elif len(ids) != len(lengths):
+        raise ValueError(f"{path}: it holds {len(ids)} ids for {len(lengths)} items")
     embeddings = PackedEmbeddings(values, offsets, tuple(lengths)).to(device)
-    return EmbeddingsFile(embeddings, ids, metadata)
+    return EmbeddingsFile(embeddings, ids, info.metadata)
+
+
+def _read_ids(path, kind, tensor, metadata) -> list | None:
+    if kind == "ids":
+        if tensor.dim() != 1 or tensor.dtype != torch.int64:
+            raise ValueError(f"{path}: ids must be a 1-D int64 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        return tensor.tolist()
+    if kind == "ids_json":
+        text = bytes(tensor.numpy()).decode("utf-8", errors="replace")
+    elif "ids" in metadata:  # files of the first version kept them in the header
+        text = metadata["ids"]
+    else:
+        return None
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: its ids are not JSON") from None
+    if not isinstance(ids, list):
+        raise ValueError(f"{path}: its ids are not a JSON list")
+    return ids

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .packed import PackedEmbeddings, check_embedding_list
+from .packed import EmbeddingsFile, PackedEmbeddings, check_embedding_list
 
 # The backend a CUDA tensor gets when none is named. "torch" until the Triton kernels have been
 # verified natively on a GPU (see README, "Status"); the Triton path is always available by name.
@@ -112,6 +112,8 @@ def as_documents(documents, mask=None) -> DocRows:
     tensor/array with an optional [N, L] mask whose ones come first in each row (lengths);
     a single [L, dim] document.
     """
+    if isinstance(documents, EmbeddingsFile):  # as load_embeddings returns it
+        documents = documents.embeddings
     if isinstance(documents, (list, tuple)):
         documents = PackedEmbeddings.from_list(_as_tensor_list(documents, "documents"))
     if isinstance(documents, PackedEmbeddings):
@@ -150,6 +152,8 @@ def _mask_lengths(mask, shape, what: str) -> torch.Tensor:
 
 def as_queries(queries, mask=None) -> torch.Tensor:
     """Any accepted query form as a zero-padded [Q, Lq, dim] tensor (masked rows zeroed)."""
+    if isinstance(queries, EmbeddingsFile):
+        queries = queries.embeddings
     if isinstance(queries, PackedEmbeddings):
         queries = queries.to_list()
     if isinstance(queries, (list, tuple)):

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
 
 from .. import scoring
-from ..packed import EmbeddingsFile, PackedEmbeddings, load_embeddings, save_embeddings
+from ..packed import (
+    EmbeddingsFile,
+    PackedEmbeddings,
+    embeddings_file_info,
+    load_embeddings,
+    save_embeddings,
+)
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
-from .encoder import EncoderWeights, encode_packed
+from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
 from .tokenization import ColBERTTokenizer, TokenizedBatch
 
@@ -46,17 +53,23 @@ def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def _fingerprint(weights: EncoderWeights) -> str:
-    """A short hash of the weights that any training step changes (the head and every
-    LayerNorm), taken in float32 before the cast to the run dtype: the same checkpoint gives
-    the same fingerprint in either layout, on any device and in any dtype."""
+    """A short hash of every weight, each rounded to float16 first: the same checkpoint stored
+    in float32 or float16, in either layout, loaded on any device in any dtype, gives the same
+    fingerprint; any training step changes it."""
     digest = hashlib.sha256()
-    parts = [weights.head_weight, weights.emb_ln_weight, weights.emb_ln_bias]
-    if weights.head_bias is not None:
-        parts.append(weights.head_bias)
-    for layer in weights.layers:
-        parts += [layer.attn_ln_weight, layer.attn_ln_bias, layer.ffn_ln_weight, layer.ffn_ln_bias]
-    for tensor in parts:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        elif isinstance(value, LayerWeights):
+            for field in fields(value):
+                add(getattr(value, field.name))
+        elif isinstance(value, list):
+            for item in value:
+                add(item)
+
+    for field in fields(weights):
+        add(getattr(weights, field.name))
     return digest.hexdigest()[:16]
 
 
@@ -209,6 +222,8 @@ class ColBERT:
         """Write packed embeddings (``encode_documents(..., packed=True)``) to a safetensors
         file with their ids and this model's identity, for `load_embeddings` or the CLI."""
         _check_kind(kind)
+        if isinstance(embeddings, PackedEmbeddings) and embeddings.dim != self.dim:
+            raise ValueError(f"these are {embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
         save_embeddings(path, embeddings, ids=ids, metadata={
             "kind": kind, "model": self.source, "fingerprint": self.fingerprint, "dim": str(self.dim)})
 
@@ -218,18 +233,25 @@ class ColBERT:
         streams), refusing one made by another model (fingerprint), of another dim, or of the
         other kind."""
         _check_kind(kind)
+        device = self.device if device is None else _pick_device(device)
+        self.check_embeddings_file(path, kind=kind)  # the header only: before reading the values
         saved = load_embeddings(path)
-        meta = saved.metadata
+        return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
+
+    def check_embeddings_file(self, path, *, kind: str = "documents") -> None:
+        """Refuse, from its header alone, a file of the other kind, of another dim, or made by
+        another model (fingerprint)."""
+        _check_kind(kind)
+        info = embeddings_file_info(path)
+        meta = info.metadata
         if meta.get("kind", kind) != kind:
             raise ValueError(f"{path} holds {meta['kind']}, not {kind}")
-        if saved.embeddings.dim != self.dim:
-            raise ValueError(f"{path} holds {saved.embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
+        if info.dim != self.dim:
+            raise ValueError(f"{path} holds {info.dim}-d embeddings; this model makes {self.dim}-d ones")
         if meta.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise ValueError(f"{path} was encoded by another model ({meta.get('model', 'unnamed')}, "
                              f"fingerprint {meta['fingerprint']}) than {self.source} "
                              f"(fingerprint {self.fingerprint}): its scores would mean nothing")
-        device = self.device if device is None else _pick_device(device)
-        return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
 
     # -----------------------------------------------------------------------------------------
     # Scoring
