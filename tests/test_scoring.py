@@ -268,18 +268,20 @@ def test_chunk_bounds_cover_every_document_within_the_row_budget(lengths, chunk_
 
 
 @pytest.fixture
-def streamed(monkeypatch):
-    """Route search through the host-corpus streaming path on any device, in 64-byte blocks
-    (two 8-d fp32 rows): the CUDA copies are skipped off a GPU, the chunking is not."""
+def streamed(monkeypatch, device):
+    """Search streams a corpus in host memory in 64-byte blocks (two 8-d fp32 rows). With CUDA
+    queries that is the real path (streams, events, pinned staging); with CPU queries the same
+    code runs with synchronous copies, routed there by hand."""
     from colbert_triton import scoring
 
-    monkeypatch.setattr(scoring, "_streams_host_corpus", lambda q, docs: True)
+    if device == "cpu":
+        monkeypatch.setattr(scoring, "_streams_host_corpus", lambda q, docs: True)
     monkeypatch.setattr(scoring, "_STREAM_BYTES", 64)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 100])
 def test_search_streaming_a_corpus_in_row_blocks_equals_full_sort(gen, backend, device, streamed, chunk_size):
-    corpus = random_docs(gen, [3, 0, 1, 5, 2, 0, 4, 1], 8, device=device)
+    corpus = random_docs(gen, [3, 0, 1, 5, 2, 0, 4, 1], 8)  # in host memory
     queries = random_docs(gen, [4, 4, 4], 8, device=device)
     exact = reference(queries, corpus)
     scores, index = search(queries, PackedEmbeddings.from_list(corpus), 8, chunk_size=chunk_size,
@@ -291,15 +293,29 @@ def test_search_streaming_a_corpus_in_row_blocks_equals_full_sort(gen, backend, 
     # A padded corpus with a mask: rows of padding lie between documents.
     padded = torch.nn.utils.rnn.pad_sequence(corpus, batch_first=True)
     mask = torch.arange(padded.shape[1])[None, :] < torch.tensor([len(d) for d in corpus])[:, None]
-    scores_padded, index_padded = search(queries, padded, 8, documents_mask=mask.to(device),
+    scores_padded, index_padded = search(queries, padded, 8, documents_mask=mask,
                                          chunk_size=chunk_size, backend=backend)
     assert torch.equal(index_padded.cpu(), index.cpu())
     close(scores_padded, scores)
 
 
+def test_search_streaming_checks_each_block_for_nan(gen, backend, device, streamed):
+    corpus = random_docs(gen, [3, 2, 5, 1], 8)
+    corpus[2][4, 1] = float("nan")  # in the last block of its document's rows
+    queries = random_docs(gen, [4, 4], 8, device=device)
+    with pytest.raises(ValueError, match="documents contain NaN"):
+        search(queries, PackedEmbeddings.from_list(corpus), 2, backend=backend)
+    scores, index = search(queries, PackedEmbeddings.from_list(corpus), 4, backend=backend,
+                           check_inputs=False)
+    # Unchecked, the NaN shows in exactly the scores it enters (document 2, for every query).
+    assert bool(scores.isnan().any(1).all()) and int(scores.isnan().sum()) == len(queries)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pin", [False, True])
 def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin):
+    """Many blocks of a realistic corpus; every scoring call first stalls the GPU (~1 ms), so a
+    copy that overwrote a buffer still being read, or a read before its copy, changes results."""
     from colbert_triton import scoring
 
     monkeypatch.setattr(scoring, "_STREAM_BYTES", 96 * 2 * 700)  # ~700 rows a block: many blocks
@@ -308,25 +324,33 @@ def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin)
     queries = torch.stack(random_docs(gen, [32] * 5, 96, dtype=torch.float16)).cuda()
     host = PackedEmbeddings.from_list(corpus)
     if pin:
-        host = PackedEmbeddings(host.values.pin_memory(), host.offsets, host.lengths_host)
+        host = host.pin_memory()
     on_gpu = host.to("cuda")
     want = search(queries, on_gpu, 20, chunk_size=64, backend=backend)
+    maxsim = scoring.maxsim
+
+    def stalled(*args, **kwargs):
+        torch.cuda._sleep(2_000_000)
+        return maxsim(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "maxsim", stalled)
     got = search(queries, host, 20, chunk_size=64, backend=backend)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     with pytest.raises(ValueError, match="only search"):
         score(queries, host, backend=backend)
 
 
-@pytest.mark.parametrize("where", [0, 37, 4 * 50 * 8 - 1])
-def test_finite_check_reads_every_block(monkeypatch, where):
-    """The NaN/inf check runs in row blocks (no corpus-sized temporary): a bad value in any
-    block, first, middle or last, is found."""
+def test_finite_check_reads_every_block(monkeypatch):
+    """The NaN/inf check runs in blocks (no input-sized temporary): a bad value in any block,
+    first, middle or last, contiguous or not, is found."""
     from colbert_triton import scoring
 
-    monkeypatch.setattr(scoring, "_FINITE_CHUNK", 3 * 8)  # 3 rows of 8 a block: 67 blocks
-    values = torch.zeros(4, 50, 8)
-    assert scoring.all_finite(values)
-    values.view(-1)[where] = float("inf")
-    assert not scoring.all_finite(values)
-    assert not scoring.all_finite(values.transpose(0, 1))  # non-contiguous, every element
+    monkeypatch.setattr(scoring, "_FINITE_CHUNK", 24)  # 200 x 8 values: 67 blocks
+    values = torch.zeros(200, 8)
+    assert scoring.all_finite(values) and scoring.all_finite(values.t())
+    for where in (0, 24 * 33 + 5, 200 * 8 - 1):
+        bad = values.clone()
+        bad.view(-1)[where] = float("inf")
+        assert not scoring.all_finite(bad)
+        assert not scoring.all_finite(bad.t())  # not contiguous: blocks of whole rows
     assert scoring.all_finite(torch.zeros(0, 8)) and scoring.all_finite(torch.tensor(1.0))

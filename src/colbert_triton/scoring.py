@@ -16,6 +16,8 @@ plain PyTorch implementation below (also the eager baseline of the benchmarks).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import os
 from typing import NamedTuple
@@ -65,15 +67,20 @@ def _as_tensor(x, what: str) -> torch.Tensor:
 _FINITE_CHUNK = 1 << 24
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite: read once in row blocks, one device sync."""
+def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A bool scalar on the tensor's device, True when every value is finite; no sync. Read in
+    blocks of at most _FINITE_CHUNK elements (whole rows, or flat when contiguous)."""
     if tensor.numel() == 0:
-        return True
-    if tensor.dim() == 0:
-        return bool(torch.isfinite(tensor))
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    if tensor.is_contiguous() or tensor.dim() < 2:
+        tensor = tensor.reshape(-1)
     rows = max(1, _FINITE_CHUNK // max(1, tensor.numel() // tensor.shape[0]))
-    checks = [torch.isfinite(block).all() for block in tensor.split(rows, 0)]
-    return bool(torch.stack(checks).all())
+    return torch.stack([torch.isfinite(block).all() for block in tensor.split(rows, 0)]).all()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite: read once in blocks, one device sync."""
+    return bool(_finite_flag(tensor))
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -191,9 +198,12 @@ def _check_pair(queries: torch.Tensor, docs: DocRows, host_corpus_ok: bool = Fal
         raise TypeError(
             f"queries are {queries.dtype} but documents are {docs.values.dtype}: cast one side"
         )
-    if queries.device != docs.values.device and not (host_corpus_ok and _streams_host_corpus(queries, docs)):
-        raise ValueError(f"queries are on {queries.device} but documents are on {docs.values.device}"
-                         f" (only search() takes a corpus in host memory with CUDA queries)")
+    if queries.device != docs.values.device:
+        streams = _streams_host_corpus(queries, docs)
+        if not (host_corpus_ok and streams):
+            hint = " (only search() takes a corpus in host memory with CUDA queries)" if streams else ""
+            raise ValueError(f"queries are on {queries.device} but documents are on "
+                             f"{docs.values.device}{hint}")
 
 
 def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, documents_mask=None,
@@ -208,7 +218,8 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
     _check_pair(q, docs, host_corpus_ok)
     if check_inputs:
         _check_finite(q, "queries")
-        _check_finite(docs.values, "documents")
+        if not (host_corpus_ok and _streams_host_corpus(q, docs)):  # search checks it on the GPU
+            _check_finite(docs.values, "documents")
     return q, docs
 
 
@@ -217,7 +228,7 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
 
 
 def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None,
-                 budget_elements: int = 1 << 25) -> torch.Tensor:
+                 budget_elements: int = 1 << 25, max_length: int | None = None) -> torch.Tensor:
     """Plain PyTorch MaxSim with the kernel's signature (see `kernels.maxsim.maxsim`).
 
     Documents are gathered into padded blocks, sized so that the similarity block holds at most
@@ -236,7 +247,8 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
         return out
     if values.shape[0] == 0:
         return out.zero_()  # every document empty: each row's max over nothing is 0
-    max_len = max(int(lengths.max()), 1)
+    # The longest document sizes the padded blocks; a caller that knows it saves a device sync.
+    max_len = max(int(lengths.max()) if max_length is None else max_length, 1)
     per_item = num_q * len_q * max_len if shared else len_q * max_len * doc_starts.shape[1]
     step = max(1, budget_elements // max(per_item, 1))
     total = doc_starts.shape[0]
@@ -267,13 +279,16 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
     return out
 
 
-def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, backend=None) -> torch.Tensor:
-    """Dispatch to the Triton kernel or the PyTorch implementation; arguments as the kernel's."""
+def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, backend=None,
+           max_length: int | None = None) -> torch.Tensor:
+    """Dispatch to the Triton kernel or the PyTorch implementation; arguments as the kernel's
+    (``max_length``: the longest document if the caller knows it, else None)."""
     if resolve_backend(queries.device, backend) == "triton":
         from .kernels.maxsim import maxsim as maxsim_triton
 
         return maxsim_triton(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
-    return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
+    return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
+                        max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +372,10 @@ _STREAM_BYTES = 256 << 20
 
 
 def _device_chunks(docs: DocRows, chunk_size: int):
-    """(first index, rows, starts, lengths) of each chunk of a corpus already on the device."""
+    """(first index, rows, starts, lengths, None) of each chunk of a corpus already on the device."""
     for lo in range(0, len(docs), chunk_size):
         hi = min(len(docs), lo + chunk_size)
-        yield lo, docs.values, docs.starts[lo:hi], docs.lengths[lo:hi]
+        yield lo, docs.values, docs.starts[lo:hi], docs.lengths[lo:hi], None
 
 
 def _chunk_bounds(begins: np.ndarray, ends: np.ndarray, chunk_size: int, max_rows: int):
@@ -377,12 +392,32 @@ def _chunk_bounds(begins: np.ndarray, ends: np.ndarray, chunk_size: int, max_row
     return bounds
 
 
-def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device):
-    """The chunks of a corpus in host memory, each copied to ``device`` as one block of rows.
+class _Synchronous:
+    """Stands in for CUDA streams and events off a GPU, where every copy has finished on return."""
 
-    On CUDA the copies run on their own stream from pinned memory (the corpus itself if it is
-    pinned, else a pinned staging buffer), two buffers deep: chunk i + 1 is copied while
-    chunk i is scored. The caller enqueues its work on a chunk before asking for the next one.
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+
+def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_finite: bool):
+    """The chunks of a corpus in host memory, each copied to ``device`` as one block of rows:
+    (first index, rows, starts, lengths, longest length).
+
+    On CUDA the copies run on a stream of their own from pinned memory (the corpus itself if it
+    is pinned, else a pinned staging buffer), two buffers deep: block i + 1 is copied while
+    block i is scored. The caller enqueues its work on a block before asking for the next one.
+    ``check_finite``: each block is checked for NaN/inf on ``device`` once copied, and a
+    ValueError raised after the last one (one sync, not a pass over the corpus on the host).
+    Off CUDA the same code runs with synchronous copies.
     """
     if len(docs) == 0:
         return
@@ -403,37 +438,47 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device):
     relative_starts = relative_starts.to(device)
     lengths_dev = docs.lengths.to(device)
     max_rows = max(end - begin for _, _, begin, end in bounds)
-    if device.type != "cuda":
-        for lo, hi, begin, end in bounds:
-            yield lo, docs.values[begin:end].to(device), relative_starts[lo:hi], lengths_dev[lo:hi]
-        return
-    compute = torch.cuda.current_stream(device)
-    copier = torch.cuda.Stream(device)
-    shape = (max_rows, docs.dim)
+    cuda = device.type == "cuda"
     depth = min(2, len(bounds))
-    on_gpu = [torch.empty(shape, dtype=docs.values.dtype, device=device) for _ in range(depth)]
-    pinned = docs.values.is_pinned()
-    staging = None if pinned else [torch.empty(shape, dtype=docs.values.dtype, pin_memory=True)
-                                   for _ in range(depth)]
-    copied = [torch.cuda.Event() for _ in range(depth)]
-    scored: list[torch.cuda.Event | None] = [None] * depth
+    shape, dtype = (max_rows, docs.dim), docs.values.dtype
+    on_device = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+    staging = None if cuda and docs.values.is_pinned() else [
+        torch.empty(shape, dtype=dtype, pin_memory=cuda) for _ in range(depth)]
+    if cuda:
+        compute, copier = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        new_event, on_copier = torch.cuda.Event, functools.partial(torch.cuda.stream, copier)
+    else:
+        compute = copier = _Synchronous()
+        new_event, on_copier = _Synchronous, contextlib.nullcontext
+    copied = [new_event() for _ in range(depth)]
+    scored: list = [None] * depth
+    flags = []
     # The buffers were allocated for the compute stream, whose earlier work may still read the
     # memory they reuse: the copies start after it.
     copier.wait_stream(compute)
     for i, (lo, hi, begin, end) in enumerate(bounds):
         slot, rows = i % depth, end - begin
-        if scored[slot] is not None:
-            scored[slot].synchronize()  # chunk i - 2 is scored: its buffers are free
         source = docs.values[begin:end]
         if staging is not None:
+            if i >= depth:
+                copied[slot].synchronize()  # the staging buffer's previous copy has run
             source = staging[slot][:rows].copy_(source)
-        with torch.cuda.stream(copier):
-            on_gpu[slot][:rows].copy_(source, non_blocking=True)
+        with on_copier():
+            if scored[slot] is not None:
+                copier.wait_event(scored[slot])  # block i - depth is scored: its buffer is free
+            on_device[slot][:rows].copy_(source, non_blocking=cuda)
             copied[slot].record(copier)
         compute.wait_event(copied[slot])
-        yield lo, on_gpu[slot][:rows], relative_starts[lo:hi], lengths_dev[lo:hi]
-        scored[slot] = torch.cuda.Event()
+        block = on_device[slot][:rows]
+        if check_finite:
+            flags.append(_finite_flag(block))
+        yield lo, block, relative_starts[lo:hi], lengths_dev[lo:hi], int(lengths[lo:hi].max())
+        scored[slot] = new_event()
         scored[slot].record(compute)
+    for event in copied:  # a pinned corpus is the caller's memory: no copy reads it after return
+        event.synchronize()
+    if flags and not bool(torch.stack(flags).all()):
+        raise ValueError("documents contain NaN or infinite values")
 
 
 def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=None,
@@ -446,7 +491,8 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     With CUDA queries the corpus may stay in host memory (larger than the GPU's): it is then
     streamed to the GPU once, in blocks of at most 256 MB, each copied while the previous one
-    is scored (pin the corpus, ``values.pin_memory()``, to skip a staging copy).
+    is scored and checked for NaN/inf there (``corpus.pin_memory()`` first skips a staging copy
+    per block).
     """
     k = positive_int(k, "k")
     chunk_size = positive_int(chunk_size, "chunk_size")
@@ -454,14 +500,14 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
                        documents_mask=documents_mask, host_corpus_ok=True)
     k = min(k, len(docs))
     if _streams_host_corpus(q, docs):
-        chunks = _host_chunks(docs, chunk_size, q.device)
+        chunks = _host_chunks(docs, chunk_size, q.device, check_finite=check_inputs)
     else:
         chunks = _device_chunks(docs, chunk_size)
     # An empty corpus gives [Q, 0] results.
     best_scores = torch.empty(q.shape[0], 0, dtype=torch.float32, device=q.device)
     best_index = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
-    for lo, values, starts, lengths in chunks:
-        block = maxsim(q, values, starts, lengths, backend=backend)
+    for lo, values, starts, lengths, max_length in chunks:
+        block = maxsim(q, values, starts, lengths, backend=backend, max_length=max_length)
         best_scores, best_index = merge_topk(best_scores, best_index, block, lo, k)
     return best_scores, best_index
 
