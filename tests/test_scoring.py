@@ -305,7 +305,7 @@ def test_search_streaming_checks_each_block_for_nan(gen, backend, device, stream
     queries = random_docs(gen, [4, 4], 8, device=device)
     with pytest.raises(ValueError, match="documents contain NaN"):
         search(queries, PackedEmbeddings.from_list(corpus), 2, backend=backend)
-    scores, index = search(queries, PackedEmbeddings.from_list(corpus), 4, backend=backend,
+    scores, _ = search(queries, PackedEmbeddings.from_list(corpus), 4, backend=backend,
                            check_inputs=False)
     # Unchecked, the NaN shows in exactly the scores it enters (document 2, for every query).
     assert bool(scores.isnan().any(1).all()) and int(scores.isnan().sum()) == len(queries)
