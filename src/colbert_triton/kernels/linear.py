@@ -72,8 +72,10 @@ __all__ = [
 
 GEMM_BACKEND = os.environ.get("COLBERT_TRITON_GEMM_BACKEND", "triton")
 # How GELU's erf is evaluated: "libdevice" (tl.erf) or "rational" (Abramowitz & Stegun 7.1.26,
-# within 4.2e-7 of exact GELU in fp32, as close as the libdevice form; a third of its
-# instructions). Kept at "libdevice" until a GPU has timed both (bench/device/tune.py).
+# within 4.2e-7 of exact GELU in fp32 over [-12, 12], about as close as the libdevice form; a
+# third of its instructions). Kept at "libdevice" until a GPU has timed both (bench/NOTES.md).
+# Read at every launch; set it before loading a model, whose CUDA graphs keep the value they
+# were captured with.
 GELU_ERF = "libdevice"
 _GELU_ERFS = ("libdevice", "rational")
 _BACKENDS = ("triton", "torch")
@@ -113,8 +115,9 @@ def _gelu(y, ERF: tl.constexpr):
     # Exact GELU, as BERT's "gelu" and torch's F.gelu default: 0.5 * y * (1 + erf(y / sqrt(2))).
     if ERF == "rational":
         # Abramowitz & Stegun 7.1.26: erfc(z) = t (a1 + t (a2 + ... a5 t)) exp(-z^2), t = 1/(1 + p z)
-        # for z >= 0, |error| <= 1.5e-7; ~16 instructions an element against libdevice erff's ~50,
-        # and 1 + erf(-z) = erfc(z) computed without cancellation in the negative tail.
+        # for z >= 0, |error| <= 1.5e-7 (absolute: in the far negative tail, where GELU < 1e-3,
+        # its relative error grows, as libdevice's 1 + erf cancels); ~16 instructions an
+        # element against libdevice erff's ~50.
         z = tl.abs(y) * 0.7071067811865476
         t = 1.0 / (1.0 + 0.3275911 * z)
         poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
