@@ -72,8 +72,10 @@ def test_bench_search_host_corpus(measure, corpus):
             "torch": search(queries, corpus["on-device"], K, backend="torch")}
     for name, run in runs.items():
         scores, index = run()
-        expected = want["torch" if name.endswith("-torch") else "triton"]
-        assert torch.equal(index, expected[1]) and torch.equal(scores, expected[0]), name
+        if name.endswith("-torch"):  # blocks change the einsum batching: rounding, near-ties
+            torch.testing.assert_close(scores, want["torch"][0], atol=2e-3, rtol=0, msg=name)
+        else:
+            assert torch.equal(index, want["triton"][1]) and torch.equal(scores, want["triton"][0]), name
     values = corpus["on-device"].values
     corpus_bytes = values.numel() * values.element_size()
     if DRY_RUN:
