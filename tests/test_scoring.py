@@ -335,7 +335,10 @@ def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin)
 
     monkeypatch.setattr(scoring, "maxsim", stalled)
     got = search(queries, host, 20, chunk_size=64, backend=backend)
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    if backend == "triton":  # each document's score is computed the same way whatever the blocks
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    else:  # the blocks change the einsum batching, so rounding (and near-tie order) may differ
+        torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="only search"):
         score(queries, host, backend=backend)
 
