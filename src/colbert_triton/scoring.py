@@ -79,8 +79,8 @@ def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite: read once in blocks, one device sync."""
-    return bool(_finite_flag(tensor))
+    """Whether every value is finite: read once in blocks, one device sync (none if empty)."""
+    return tensor.numel() == 0 or bool(_finite_flag(tensor))
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
