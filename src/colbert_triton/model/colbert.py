@@ -185,17 +185,19 @@ class ColBERT:
         if progress is not None:
             progress.close()
         values = torch.cat(outputs, 0) if len(outputs) > 1 else outputs[0]
-        # Rows are in batch order; put them back in input order with one gather.
-        sorted_lengths = lengths[order]
-        sorted_starts = np.concatenate([[0], np.cumsum(sorted_lengths)[:-1]])
-        starts = np.empty_like(sorted_starts)
-        starts[order] = sorted_starts
-        # Output row r of text i reads row starts[i] + (r - offset_i) of the batch-ordered values.
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        rows = np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
-        values = values.index_select(0, torch.from_numpy(rows).to(values.device))
-        result = PackedEmbeddings.from_lengths(values, lengths.tolist())
-        return result if packed else result.to_list()
+        if not np.array_equal(order, np.arange(len(order))):
+            # Rows are in batch order; put them back in input order with one gather.
+            sorted_lengths = lengths[order]
+            sorted_starts = np.concatenate([[0], np.cumsum(sorted_lengths)[:-1]])
+            starts = np.empty_like(sorted_starts)
+            starts[order] = sorted_starts
+            # Output row r of text i reads row starts[i] + (r - offset_i) of the batch-ordered values.
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            rows = np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
+            values = values.index_select(0, torch.from_numpy(rows).to(values.device))
+        if not packed:  # a list needs no offsets tensor (nor its copy to the device)
+            return list(torch.split(values, lengths.tolist(), 0))
+        return PackedEmbeddings.from_lengths(values, lengths.tolist())
 
     def _encode_batch(self, part: TokenizedBatch) -> tuple[torch.Tensor, np.ndarray]:
         seq_lens = np.fromiter((len(s) for s in part.sequences), dtype=np.int64, count=len(part))
