@@ -240,11 +240,20 @@ def test_torch_maxsim_chunks_do_not_change_results(gen):
     torch.testing.assert_close(floored, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_search_of_an_empty_corpus_gives_empty_results(backend, device):
-    empty = PackedEmbeddings.from_lengths(torch.zeros(0, 16, device=device), [])
-    scores, index = search(torch.randn(3, 4, 16).to(device), empty, 5, backend=backend)
+@pytest.mark.parametrize("form", ["packed", "padded"])
+def test_an_empty_corpus_gives_empty_results(backend, device, form):
+    """An empty corpus in a form that knows its dim (packed, padded) scores to nothing; an
+    empty list, which does not, is an error (test_api_errors.py)."""
+    if form == "packed":
+        empty = PackedEmbeddings.from_lengths(torch.zeros(0, 16, device=device), [])
+    else:
+        empty = torch.zeros(0, 7, 16, device=device)
+    queries = torch.randn(3, 4, 16).to(device)
+    scores, index = search(queries, empty, 5, backend=backend)
     assert scores.shape == index.shape == (3, 0)
     assert scores.dtype == torch.float32 and index.dtype == torch.int64
+    assert score(queries, empty, backend=backend).shape == (3, 0)
+    assert rerank(queries[0], empty, backend=backend) == []
 
 
 @pytest.mark.parametrize("lengths, chunk_size, max_rows", [

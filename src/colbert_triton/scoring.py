@@ -134,8 +134,7 @@ def as_documents(documents, mask=None) -> DocRows:
         if tensor.dim() != 3:
             raise ValueError(f"documents must be [N, L, dim] or [L, dim], got shape {tuple(tensor.shape)}")
         n, length, dim = tensor.shape
-        if n == 0:
-            raise ValueError("documents is empty")
+        # n == 0 is an empty corpus, as an empty PackedEmbeddings is: no scores, no results.
         starts = torch.arange(n, device=tensor.device) * length
         if mask is None:
             lengths = torch.full((n,), length, device=tensor.device)
