@@ -59,7 +59,7 @@ class PackedEmbeddings:
                 raise ValueError(f"offsets {self.offsets.tolist()} disagree with lengths {list(self.lengths_host)}")
 
     @classmethod
-    def from_lengths(cls, values: torch.Tensor, lengths) -> "PackedEmbeddings":
+    def from_lengths(cls, values: torch.Tensor, lengths) -> PackedEmbeddings:
         lengths = tuple(int(n) for n in lengths)
         if any(n < 0 for n in lengths):
             raise ValueError("lengths must be >= 0")
@@ -68,7 +68,7 @@ class PackedEmbeddings:
         return cls(values, offsets.to(values.device), lengths)
 
     @classmethod
-    def from_list(cls, tensors: list[torch.Tensor]) -> "PackedEmbeddings":
+    def from_list(cls, tensors: list[torch.Tensor]) -> PackedEmbeddings:
         if not tensors:
             raise ValueError("cannot pack an empty list of embeddings")
         check_embedding_list(tensors, "embeddings")
@@ -108,11 +108,11 @@ class PackedEmbeddings:
     def to_list(self) -> list[torch.Tensor]:
         return list(torch.split(self.values, list(self.lengths_host), 0))
 
-    def to(self, *args, **kwargs) -> "PackedEmbeddings":
+    def to(self, *args, **kwargs) -> PackedEmbeddings:
         values = self.values.to(*args, **kwargs)
         return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host)
 
-    def pin_memory(self) -> "PackedEmbeddings":
+    def pin_memory(self) -> PackedEmbeddings:
         """A copy in pinned host memory (needs CUDA): `search` then streams it to the GPU
         without a staging copy per block."""
         return PackedEmbeddings(self.values.pin_memory(), self.offsets.cpu(), self.lengths_host)
