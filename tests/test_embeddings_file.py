@@ -50,6 +50,12 @@ def test_ids_stay_out_of_the_header(tmp_path, make_id):
     header_bytes = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_bytes < 4096
     assert load_embeddings(path).ids == ids
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # integers as int64, anything else as JSON bytes
+        assert set(f.keys()) == {"values", "offsets", "ids" if make_id is int else "ids_json"}
+        if make_id is int:
+            assert f.get_tensor("ids").dtype == torch.int64
 
 
 def test_default_ids_are_positions(tmp_path):
@@ -102,6 +108,8 @@ def test_save_path_errors(tmp_path):
      "1-D int64"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]),
       "ids_json": torch.tensor(list(b"[1"), dtype=torch.uint8)}, None, "not JSON"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]),
+      "ids_json": torch.tensor([0x5B, 0xFF, 0x5D], dtype=torch.uint8)}, None, "not UTF-8"),
 ])
 def test_load_rejects_inconsistent_files(tmp_path, tensors, metadata, message):
     path = tmp_path / "bad.safetensors"
@@ -181,6 +189,11 @@ def test_model_refuses_other_models_dims_and_kinds(model, tmp_path):
         model.load_embeddings(path, kind="docs")
     with pytest.raises(ValueError, match="32-d embeddings; this model makes 96-d"):
         model.save_embeddings(path, narrow.encode_documents(["a text"], packed=True))
+    # A file whose fingerprint was taken another way (an older version): say so.
+    corpus = model.encode_documents(["a text"], packed=True)
+    save_embeddings(path, corpus, metadata={"kind": "documents", "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="another version of colbert-triton"):
+        model.load_embeddings(path)
 
 
 def test_model_checks_the_header_before_reading_the_values(model, tmp_path, monkeypatch):
@@ -225,13 +238,26 @@ def test_cli_saved_corpus_errors(stanford_dir, tmp_path, capsys):
     assert "holds queries, not documents" in capsys.readouterr().err
 
 
-def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch):
+def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch, stanford_dir, tmp_path,
+                                                                  capsys):
     from colbert_triton import cli
 
     assert cli._fits_on_device(1 << 40, torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
     assert cli._fits_on_device(500, torch.device("cuda"))
     assert not cli._fits_on_device(501, torch.device("cuda"))
+    # The host-memory branch of rank: same results, and it says what it does.
+    docs = tmp_path / "docs.txt"
+    docs.write_text("The Eiffel Tower is in Paris.\nBananas are yellow.\n")
+    common = ["--model", str(stanford_dir), "--device", "cpu", "--no-progress"]
+    encoded = tmp_path / "docs.safetensors"
+    assert main(["encode", *common, "--input", str(docs), "--output", str(encoded)]) == 0
+    assert main(["rank", *common, "--documents", str(encoded), "--query", "paris"]) == 0
+    in_memory = capsys.readouterr().out
+    monkeypatch.setattr(cli, "_fits_on_device", lambda num_bytes, device: False)
+    assert main(["rank", *common, "--documents", str(encoded), "--query", "paris"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == in_memory and "stays in host memory" in captured.err
 
 
 def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, monkeypatch):

@@ -320,11 +320,61 @@ def test_search_streaming_checks_each_block_for_nan(gen, backend, device, stream
     assert bool(scores.isnan().any(1).all()) and int(scores.isnan().sum()) == len(queries)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 100])
+@pytest.mark.parametrize("nan_in", ["first", "last"])
+def test_streamed_nan_check_reads_padding_as_the_on_device_one_does(gen, backend, device, streamed,
+                                                                      chunk_size, nan_in):
+    """Masked padding with a NaN is refused by the on-device check; streamed blocks tile every
+    row, so it is refused whatever the block boundaries (the padding after a block's last
+    document, and after the corpus's last, included)."""
+    corpus = random_docs(gen, [3, 1, 4, 2], 8)
+    padded = torch.nn.utils.rnn.pad_sequence(corpus, batch_first=True)
+    mask = torch.arange(4)[None, :] < torch.tensor([3, 1, 4, 2])[:, None]
+    padded[0 if nan_in == "first" else 3, 3, 0] = float("nan")  # a masked slot
+    queries = random_docs(gen, [4], 8, device=device)
+    with pytest.raises(ValueError, match="documents contain NaN"):
+        search(queries, padded, 2, documents_mask=mask, chunk_size=chunk_size, backend=backend)
+
+
+def test_stopping_a_stream_early_releases_it(gen, device, monkeypatch):
+    """An error mid-search closes the block generator (its buffers freed, its copies waited
+    for) instead of leaving it suspended in the traceback."""
+    from colbert_triton import scoring
+
+    monkeypatch.setattr(scoring, "_STREAM_BYTES", 64)
+    if device == "cpu":
+        monkeypatch.setattr(scoring, "_streams_host_corpus", lambda q, docs: True)
+    closed = []
+    host_chunks = scoring._host_chunks
+
+    def tracked(*args, **kwargs):
+        try:
+            yield from host_chunks(*args, **kwargs)
+        finally:
+            closed.append(True)
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory, say")
+        return scoring.maxsim_torch(*args[:4])
+
+    monkeypatch.setattr(scoring, "_host_chunks", tracked)
+    monkeypatch.setattr(scoring, "maxsim", failing)
+    corpus = PackedEmbeddings.from_list(random_docs(gen, [3, 2, 5, 1], 8))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        search(random_docs(gen, [4], 8, device=device), corpus, 2, chunk_size=1)
+    assert closed == [True]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pin", [False, True])
 def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin):
-    """Many blocks of a realistic corpus; every scoring call first stalls the GPU (~1 ms), so a
-    copy that overwrote a buffer still being read, or a read before its copy, changes results."""
+    """Many blocks of a realistic corpus. Every scoring call first stalls the compute stream
+    (~1 ms), so a copy that overwrote a buffer still being read changes results; every copy
+    first stalls the copy stream, so a read before its copy has landed changes them too."""
     from colbert_triton import scoring
 
     monkeypatch.setattr(scoring, "_STREAM_BYTES", 96 * 2 * 700)  # ~700 rows a block: many blocks
@@ -342,8 +392,18 @@ def test_search_streams_a_host_corpus_to_the_gpu(gen, backend, monkeypatch, pin)
         torch.cuda._sleep(2_000_000)
         return maxsim(*args, **kwargs)
 
+    copy_rows = scoring._copy_rows
+
+    def stalled_copy(*args, **kwargs):
+        torch.cuda._sleep(2_000_000)  # on the current stream: the copy stream
+        return copy_rows(*args, **kwargs)
+
     monkeypatch.setattr(scoring, "maxsim", stalled)
     got = search(queries, host, 20, chunk_size=64, backend=backend)
+    monkeypatch.setattr(scoring, "maxsim", maxsim)
+    monkeypatch.setattr(scoring, "_copy_rows", stalled_copy)
+    got_late_copies = search(queries, host, 20, chunk_size=64, backend=backend)
+    assert torch.equal(got_late_copies[0], got[0]) and torch.equal(got_late_copies[1], got[1])
     if backend == "triton":  # each document's score is computed the same way whatever the blocks
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     else:  # the blocks change the einsum batching, so rounding (and near-tie order) may differ

@@ -114,7 +114,9 @@ class PackedEmbeddings:
 
     def pin_memory(self) -> PackedEmbeddings:
         """A copy in pinned host memory (needs CUDA): `search` then streams it to the GPU
-        without a staging copy per block."""
+        without a staging copy per block. PyTorch rounds a pinned allocation up to a power of
+        two bytes (70 GB pins 128 GB): for a corpus near the host's memory, keep it unpinned
+        (`search` then stages each block through a small pinned buffer)."""
         return PackedEmbeddings(self.values.pin_memory(), self.offsets.cpu(), self.lengths_host)
 
 
@@ -265,7 +267,10 @@ def _read_ids(path, kind, tensor, metadata) -> list | None:
             raise ValueError(f"{path}: ids must be a 1-D int64 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
         return tensor.tolist()
     if kind == "ids_json":
-        text = bytes(tensor.numpy()).decode("utf-8", errors="replace")
+        try:
+            text = bytes(tensor.numpy()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: its ids are not UTF-8 JSON") from None
     elif "ids" in metadata:  # files of the first version kept them in the header
         text = metadata["ids"]
     else:

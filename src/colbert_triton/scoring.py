@@ -391,6 +391,11 @@ def _chunk_bounds(begins: np.ndarray, ends: np.ndarray, chunk_size: int, max_row
     return bounds
 
 
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    """One block's copy to the device, on the current stream (tests wrap it to stall it)."""
+    dst.copy_(src, non_blocking=non_blocking)
+
+
 class _Synchronous:
     """Stands in for CUDA streams and events off a GPU, where every copy has finished on return."""
 
@@ -430,6 +435,12 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
     begins = np.minimum.accumulate(begins[::-1])[::-1]
     row_bytes = docs.values.element_size() * docs.dim
     bounds = _chunk_bounds(begins, ends, chunk_size, max(1, _STREAM_BYTES // row_bytes))
+    # The blocks tile all R rows (padding between and after documents included), so the NaN/inf
+    # check reads what the on-device path reads, whatever the block boundaries.
+    num_rows = docs.values.shape[0]
+    bounds = [(lo, hi, 0 if j == 0 else begin,
+               num_rows if j == len(bounds) - 1 else max(end, bounds[j + 1][2]))
+              for j, (lo, hi, begin, end) in enumerate(bounds)]
     chunk_of_doc = np.repeat(np.arange(len(bounds)), [hi - lo for lo, hi, _, _ in bounds])
     first_row = np.array([begin for _, _, begin, _ in bounds], dtype=np.int64)
     relative_starts = torch.from_numpy(np.where(nonempty, starts - first_row[chunk_of_doc], 0))
@@ -449,33 +460,40 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
     else:
         compute = copier = _Synchronous()
         new_event, on_copier = _Synchronous, contextlib.nullcontext
-    copied = [new_event() for _ in range(depth)]
+    # blocking: the host sleeps, not spins, while it waits for a staging buffer's copy.
+    copied = [new_event(blocking=True) if cuda else new_event() for _ in range(depth)]
     scored: list = [None] * depth
     flags = []
     # The buffers were allocated for the compute stream, whose earlier work may still read the
     # memory they reuse: the copies start after it.
     copier.wait_stream(compute)
-    for i, (lo, hi, begin, end) in enumerate(bounds):
-        slot, rows = i % depth, end - begin
-        source = docs.values[begin:end]
-        if staging is not None:
-            if i >= depth:
-                copied[slot].synchronize()  # the staging buffer's previous copy has run
-            source = staging[slot][:rows].copy_(source)
-        with on_copier():
-            if scored[slot] is not None:
-                copier.wait_event(scored[slot])  # block i - depth is scored: its buffer is free
-            on_device[slot][:rows].copy_(source, non_blocking=cuda)
-            copied[slot].record(copier)
-        compute.wait_event(copied[slot])
-        block = on_device[slot][:rows]
-        if check_finite:
-            flags.append(_finite_flag(block))
-        yield lo, block, relative_starts[lo:hi], lengths_dev[lo:hi], int(lengths[lo:hi].max())
-        scored[slot] = new_event()
-        scored[slot].record(compute)
-    for event in copied:  # a pinned corpus is the caller's memory: no copy reads it after return
-        event.synchronize()
+    try:
+        for i, (lo, hi, begin, end) in enumerate(bounds):
+            slot, rows = i % depth, end - begin
+            source = docs.values[begin:end]
+            if staging is not None:
+                if i >= depth:
+                    copied[slot].synchronize()  # the staging buffer's previous copy has run
+                source = staging[slot][:rows].copy_(source)
+            with on_copier():
+                if scored[slot] is not None:
+                    copier.wait_event(scored[slot])  # block i - depth is scored: buffer free
+                _copy_rows(on_device[slot][:rows], source, non_blocking=cuda)
+                copied[slot].record(copier)
+            compute.wait_event(copied[slot])
+            block = on_device[slot][:rows]
+            if check_finite:
+                flags.append(_finite_flag(block))
+            yield lo, block, relative_starts[lo:hi], lengths_dev[lo:hi], int(lengths[lo:hi].max())
+            scored[slot] = new_event()
+            scored[slot].record(compute)
+    finally:
+        # Also on an early stop or an error: the buffers go back to the compute stream only
+        # after every copy into them, and a pinned corpus (the caller's memory) is not read
+        # after this returns.
+        compute.wait_stream(copier)
+        for event in copied:
+            event.synchronize()
     if flags and not bool(torch.stack(flags).all()):
         raise ValueError("documents contain NaN or infinite values")
 
@@ -490,8 +508,9 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     With CUDA queries the corpus may stay in host memory (larger than the GPU's): it is then
     streamed to the GPU once, in blocks of at most 256 MB, each copied while the previous one
-    is scored and checked for NaN/inf there (``corpus.pin_memory()`` first skips a staging copy
-    per block).
+    is scored and checked for NaN/inf there. A pinned corpus skips a staging copy per block,
+    but ``corpus.pin_memory()`` makes a pinned copy, which PyTorch rounds up to a power of two
+    bytes: for a corpus near the host's memory keep the default (staged) path.
     """
     k = positive_int(k, "k")
     chunk_size = positive_int(chunk_size, "chunk_size")
@@ -505,9 +524,10 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     # An empty corpus gives [Q, 0] results.
     best_scores = torch.empty(q.shape[0], 0, dtype=torch.float32, device=q.device)
     best_index = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
-    for lo, values, starts, lengths, max_length in chunks:
-        block = maxsim(q, values, starts, lengths, backend=backend, max_length=max_length)
-        best_scores, best_index = merge_topk(best_scores, best_index, block, lo, k)
+    with contextlib.closing(chunks):  # an error mid-way releases the stream's buffers at once
+        for lo, values, starts, lengths, max_length in chunks:
+            block = maxsim(q, values, starts, lengths, backend=backend, max_length=max_length)
+            best_scores, best_index = merge_topk(best_scores, best_index, block, lo, k)
     return best_scores, best_index
 
 

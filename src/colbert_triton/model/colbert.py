@@ -52,6 +52,11 @@ def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+# Named in every file's metadata, so a later change of how the fingerprint is taken can tell an
+# older file from another model's.
+FINGERPRINT_METHOD = "sha256-of-all-weights-in-float16"
+
+
 def _fingerprint(weights: EncoderWeights) -> str:
     """A short hash of every weight, each rounded to float16 first: the same checkpoint stored
     in float32 or float16, in either layout, loaded on any device in any dtype, gives the same
@@ -227,7 +232,8 @@ class ColBERT:
         if isinstance(embeddings, PackedEmbeddings) and embeddings.dim != self.dim:
             raise ValueError(f"these are {embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
         save_embeddings(path, embeddings, ids=ids, metadata={
-            "kind": kind, "model": self.source, "fingerprint": self.fingerprint, "dim": str(self.dim)})
+            "kind": kind, "model": self.source, "fingerprint": self.fingerprint,
+            "fingerprint_method": FINGERPRINT_METHOD, "dim": str(self.dim)})
 
     def load_embeddings(self, path, *, kind: str = "documents", device=None) -> EmbeddingsFile:
         """Read a file of `save_embeddings` in this model's dtype, onto its device (or onto
@@ -250,6 +256,11 @@ class ColBERT:
             raise ValueError(f"{path} holds {meta['kind']}, not {kind}")
         if info.dim != self.dim:
             raise ValueError(f"{path} holds {info.dim}-d embeddings; this model makes {self.dim}-d ones")
+        method = meta.get("fingerprint_method")
+        if "fingerprint" in meta and method != FINGERPRINT_METHOD:
+            raise ValueError(f"{path} was written by another version of colbert-triton (fingerprint "
+                             f"method {method or 'unnamed'}, this one uses {FINGERPRINT_METHOD}): "
+                             f"encode it again")
         if meta.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise ValueError(f"{path} was encoded by another model ({meta.get('model', 'unnamed')}, "
                              f"fingerprint {meta['fingerprint']}) than {self.source} "
