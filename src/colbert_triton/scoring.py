@@ -399,6 +399,9 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None
 class _Synchronous:
     """Stands in for CUDA streams and events off a GPU, where every copy has finished on return."""
 
+    def __init__(self, **options):  # takes an event's options (blocking=...) and ignores them
+        pass
+
     def record(self, stream=None):
         pass
 
@@ -461,7 +464,7 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
         compute = copier = _Synchronous()
         new_event, on_copier = _Synchronous, contextlib.nullcontext
     # blocking: the host sleeps, not spins, while it waits for a staging buffer's copy.
-    copied = [new_event(blocking=True) if cuda else new_event() for _ in range(depth)]
+    copied = [new_event(blocking=True) for _ in range(depth)]
     scored: list = [None] * depth
     flags = []
     # The buffers were allocated for the compute stream, whose earlier work may still read the
