@@ -3,6 +3,8 @@
 One run compares, per shape, every implementation that is installed:
 
 - ``ours``: `colbert_triton.kernels.maxsim.maxsim` on the packed corpus (rows + starts/lengths).
+- ``ours-qregs``: the same kernel and tile with the query tile held in registers as wgmma's A
+  operand (``q_in_regs``; several-query shapes only), a candidate default measured beside it.
 - ``eager``: a careful eager PyTorch implementation on padded documents: one matmul per chunk
   of documents in the input dtype, padded slots filled with -inf, max, sum in fp32.
 - ``pylate``: `pylate.scores.colbert_scores(..., backend="torch")` (einsum, masks multiplied in),
@@ -31,6 +33,7 @@ import pytest
 import torch
 from common import floor_ms
 
+from colbert_triton.kernels import maxsim as maxsim_module
 from colbert_triton.kernels.maxsim import maxsim
 
 SUITE = "maxsim"
@@ -86,7 +89,7 @@ def _cases():
 
 
 CASES = list(_cases())
-IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
+IMPLS = ["ours", "ours-qregs", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +197,21 @@ def prepare(impl: str, case: Case, data: Data):
         starts, lengths = our_ranges(case, data)
         out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
         return lambda: maxsim(q, data.values, starts, lengths, out=out)
+
+    if impl == "ours-qregs":
+        # Our kernel with the same tile and the query tile as wgmma's register operand
+        # (maxsim._Config.q_in_regs): a candidate default, timed beside it (bench/NOTES.md).
+        if case.candidates or case.num_queries < 2:
+            pytest.skip("q_in_regs is for tiles of several queries (>= 64 rows: wgmma)")
+        cfg = maxsim_module._kernel_config(q.dtype, case.dim, QUERY_LEN, case.num_queries)
+        starts, lengths = our_ranges(case, data)
+        out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
+        cfg = cfg._replace(q_in_regs=True)
+
+        def run():
+            maxsim_module._launch(q, data.values, starts, lengths, None, out, cfg)
+            return out
+        return run
 
     if impl == "eager":
         if case.candidates:
@@ -314,5 +332,6 @@ def test_maxsim(case, impl, measure):
         with torch.no_grad():
             return fn()
 
+    # A variant is another configuration of our kernel: reported beside ours, never as a peer.
     measure(timed, suite=SUITE, shape=case.label, impl=impl, floor_ms=floor, floor_kind=kind,
-            ours=impl == "ours")
+            ours=impl == "ours", variant=impl == "ours-qregs")

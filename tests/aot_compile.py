@@ -130,6 +130,27 @@ def _maxsim_case():
     return recorders
 
 
+def _maxsim_query_registers_case():
+    """The launches of `_maxsim_case` that feed wgmma (tiles of >= 64 rows, 16-bit) with the
+    query tile in registers (``q_in_regs``), and the same at 128 rows on one warpgroup."""
+    recorders = _maxsim_case()
+    launches = recorders["_maxsim_kernel"].launches
+    picked = {}
+    for args, kwargs in launches:
+        rows = kwargs["QB"] * kwargs["LQ_TILE"]
+        if rows < 64 or kwargs["PRECISION"] == "tf32x3" or kwargs["HAS_PAD_FLOOR"]:
+            continue
+        variants = [{**kwargs, "Q_IN_REGS": True}]
+        if kwargs["QB"] == 8:
+            variants.append({**kwargs, "Q_IN_REGS": True, "QB": 4, "num_warps": 4})
+        for variant in variants:  # 8 and 64 queries give the same launch: compile it once
+            picked.setdefault(repr(sorted((k, v) for k, v in variant.items() if k.isupper() or
+                                          k.startswith("num_")) + [("dtype", str(args[0].dtype))]),
+                              (args, variant))
+    launches[:] = picked.values()
+    return recorders
+
+
 def _maxsim_counts_case():
     """One model's MaxSim calls with other query counts, document counts and lengths: they must
     all share the specialisation of their mode (shared documents, candidates)."""
@@ -175,7 +196,7 @@ def _encoder_batches_case():
 
 
 CASES = {"encoder": _encoder_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
-         "encoder-batches": _encoder_batches_case}
+         "maxsim-query-registers": _maxsim_query_registers_case, "encoder-batches": _encoder_batches_case}
 
 
 def specialization(kernel, args, kwargs):
@@ -233,11 +254,15 @@ def main(case: str) -> None:
                 match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                 stack = int(match.group(2)) if match else None
                 registers = int(match.group(1)) if match else None
+            # wgmma instructions, and those whose A operand is a register list rather than a
+            # shared-memory descriptor: "{acc...}, {a...}, desc_b" vs "{acc...}, desc_a, desc_b".
+            wgmma = re.findall(r"wgmma\.mma_async\S* (\{[^}]*\}, \{)?", compiled.asm["ptx"])
             config = {k: v for k, v in constexprs.items() if k.isupper()}
             dtype = next(v.dtype for v in values.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
             print(json.dumps({"kernel": name, "dtype": str(dtype), "config": {**config, **options},
                               "shared": compiled.metadata.shared, "registers": registers,
-                              "spill_bytes": stack}, default=str))
+                              "spill_bytes": stack, "wgmma": len(wgmma),
+                              "wgmma_register_a": sum(1 for m in wgmma if m)}, default=str))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ def test_maxsim_benchmark_checks_pass(bench, impl):
         assert fn().shape == data.reference.shape
 
 
+def test_query_registers_variant_matches_ours(bench):
+    """ours-qregs (the kernel with q_in_regs) is checked like a peer and gives our scores exactly;
+    single-query and candidate shapes (one query a tile, no wgmma) skip it."""
+    rerank, batch, candidates = _tiny_cases(bench)
+    data = bench.get_data(batch)
+    fn = bench.checked("ours-qregs", batch, data)
+    assert torch.equal(fn(), bench.prepare("ours", batch, data)())
+    for case in (rerank, candidates):
+        with pytest.raises(pytest.skip.Exception, match="q_in_regs"):
+            bench.checked("ours-qregs", case, bench.get_data(case))
+
+
 def test_pylate_check_uses_zero_padding(bench):
     """PyLate's scores differ from the exact ones on short documents, and the check knows it."""
     require_reference("pylate.scores")
@@ -68,4 +80,4 @@ def test_pylate_check_uses_zero_padding(bench):
 
 
 def test_every_implementation_is_covered(bench):
-    assert set(bench.IMPLS) == {"ours", "eager", "pylate"} | set(PEERS) | CUDA_ONLY
+    assert set(bench.IMPLS) == {"ours", "ours-qregs", "eager", "pylate"} | set(PEERS) | CUDA_ONLY

@@ -36,6 +36,7 @@ def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
         _record("maxsim", "rerank", "eager", 0.5),
         _record("maxsim", "rerank", "flash-maxsim", 0.06),
         _record("maxsim", "rerank", "lik", 0.08),
+        _record("maxsim", "rerank", "ours-qregs", 0.01, variant=True),  # faster, but no peer
         _record("maxsim", "no ours here", "eager", 1.0),
         _record("encoder", "docs", "hf-sdpa", 3.0),
         _record("encoder", "docs", "ours-triton", 1.0, ours=True, tokens_per_s=6e6),
@@ -49,8 +50,9 @@ def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
     assert len(rows) == 2, out  # the shape without ours is left out
     rerank = rows[0].split(" | ")
     assert rerank[3:8] == ["flash-maxsim", "0.0600", "3.00", "eager 25.00", "85%"]
+    assert rerank[-1] == "ours-qregs 0.0100 |"
     docs = rows[1].split(" | ")
-    assert docs[3:6] == ["hf-sdpa", "3.0000", "3.00"] and docs[-1] == "6.00 |"
+    assert docs[3:6] == ["hf-sdpa", "3.0000", "3.00"] and docs[-2:] == ["6.00", "- |"]
 
 
 def test_summarize_without_reports(tmp_path, capsys):

@@ -457,6 +457,57 @@ def test_many_documents_per_program(monkeypatch, candidates):
     assert_scores(out, queries, values, starts, lens)
 
 
+_D96 = maxsim_module._Config(2, 32, 1, 16, 32, 3, 4, 2)  # d = 96 in three dots, 2 queries a tile
+_D50_LQ40 = maxsim_module._Config(4, 16, 3, 32, 16, 4, 4, 2)  # d = 50 masked, Lq = 40 in 3 chunks
+_D128 = maxsim_module._Config(1, 32, 1, 32, 64, 2, 4, 3)  # d = 128 in two dots
+
+
+@pytest.mark.parametrize("cfg, dim, dtype, flat, candidates", [
+    (_D96, 96, torch.float16, True, False),
+    (_D96, 96, torch.bfloat16, True, True),
+    (_D96, 96, torch.float16, False, False),
+    (_D50_LQ40, 50, torch.bfloat16, True, False),
+    (_D50_LQ40, 50, torch.float16, False, True),
+    (_D128, 128, torch.float16, True, True),
+], ids=["d96-fp16", "d96-bf16-candidates", "d96-per-document", "d50-lq-chunks-bf16",
+        "d50-lq-chunks-per-document-candidates", "d128-candidates"])
+def test_query_tile_in_registers(cfg, dim, dtype, flat, candidates):
+    """q_in_regs multiplies each query chunk by the identity once (so Triton feeds it to wgmma
+    from registers): exact for 16-bit inputs, so the scores equal the default path's bit for
+    bit, with and without PyLate's floor, on the flat and per-document loops."""
+    query_len = 40 if cfg.num_lq_chunks > 1 else 29
+    gen = torch.Generator().manual_seed(dim + candidates)
+    lens = [0, 1, cfg.block_n, cfg.block_n + 1, 2 * cfg.block_n - 1, 7, 0]
+    values, starts, lens = packed_docs(lens, dim, dtype, gen)
+    # Large and tiny magnitudes: an inexact identity product (a rounded or flushed value) shows.
+    queries = unit_rows(cfg.qb + 1, query_len, dim, gen=gen) * 2.0 ** torch.randint(
+        -20, 8, (1, 1, dim), generator=gen)
+    queries = queries.to(dtype)
+    floor = torch.rand(len(lens), generator=gen) < 0.5
+    if candidates:
+        pick = torch.randint(0, len(lens), (queries.shape[0], 5), generator=gen)
+        starts, lens, floor = starts[pick], lens[pick], floor[pick]
+    queries, values, starts, lens, floor = to_dev(queries, values, starts, lens, floor)
+    shape = tuple(starts.shape) if candidates else (queries.shape[0], len(lens))
+    for pad_floor in (None, floor):
+        got = {}
+        for q_in_regs in (False, True):
+            got[q_in_regs] = poisoned(shape, torch.float32)
+            maxsim_module._launch(queries, values, starts, lens, pad_floor, got[q_in_regs],
+                                  cfg._replace(flat=flat, q_in_regs=q_in_regs))
+        assert torch.equal(got[True], got[False])
+        assert_scores(got[True], queries, values, starts, lens, pad_floor)
+
+
+def test_query_tile_in_registers_needs_16_bit_inputs():
+    gen = torch.Generator().manual_seed(0)
+    values, starts, lens = to_dev(*packed_docs([5, 9], 32, torch.float32, gen))
+    queries = unit_rows(2, 8, 32, gen=gen).to(DEV)
+    cfg = maxsim_module._Config(1, 16, 1, 16, 32, 1, 4, 2, q_in_regs=True)
+    with pytest.raises(ValueError, match="q_in_regs needs float16 or bfloat16"):
+        maxsim_module._launch(queries, values, starts, lens, None, torch.empty(2, 2, device=DEV), cfg)
+
+
 def test_split_dim_heuristic():
     split = maxsim_module._split_dim
     assert split(96) == (32, 3)  # no padding to 128
@@ -611,6 +662,24 @@ def test_gpu_larger_shapes(dtype, dim):
 
 
 @gpu
+@pytest.mark.parametrize("dim", [96, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_query_tile_in_registers(dtype, dim):
+    """The compiled q_in_regs tiles (wgmma with the queries in registers) against the default
+    path: the same products in the same order, so equal up to fp32 accumulation noise."""
+    gen = torch.Generator().manual_seed(dim)
+    lens = torch.randint(0, 301, (200,), generator=gen)
+    values, starts, lens = to_dev(*packed_docs(lens.tolist(), dim, dtype, gen, gap=0))
+    queries = unit_rows(45, 32, dim, dtype=dtype, gen=gen).to(DEV)
+    want = maxsim(queries, values, starts, lens)
+    default = maxsim_module._kernel_config(dtype, dim, 32, 45)
+    for cfg in (default, default._replace(qb=4, num_warps=4, num_stages=2)):
+        got = poisoned(tuple(want.shape), torch.float32, DEV)
+        maxsim_module._launch(queries, values, starts, lens, None, got, cfg._replace(q_in_regs=True))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+
+
+@gpu
 def test_gpu_rows_past_int32_offsets():
     # 23M rows x 96 fp16: element offsets of the last documents pass 2^31 (int64 addressing).
     dim, rows = 96, 23_000_000
@@ -691,6 +760,27 @@ def test_colbert_launches_compile_for_sm90():
                 # max): 2 x 256 threads x registers <= 64K, 2 x (shared + 1 KiB) <= 228 KiB.
                 assert launch["registers"] <= 128, launch
                 assert 2 * (launch["shared"] + 1024) <= 228 * 1024, launch
+            if launch["config"]["QB"] * launch["config"]["LQ_TILE"] >= 64:
+                # wgmma tiles read both operands from shared memory unless q_in_regs says
+                # otherwise (test_query_tile_in_registers_compiles_to_register_operands).
+                assert launch["wgmma"] > 0 and launch["wgmma_register_a"] == 0, launch
+
+
+def test_query_tile_in_registers_compiles_to_register_operands():
+    """q_in_regs on the wgmma tiles (>= 64 rows, 16-bit) of the ColBERT launches, and at 128
+    rows on one warpgroup: every tile-loop wgmma takes the query chunk from registers (half of
+    all wgmma instructions: the other half is the identity products, once per program), no
+    spills for Lq <= 256."""
+    from aot_compile import compile_case
+
+    launches = compile_case("maxsim-query-registers")
+    assert len(launches) == 12, launches
+    for launch in launches:
+        assert launch["config"]["Q_IN_REGS"], launch
+        assert launch["wgmma"] > 0 and 2 * launch["wgmma_register_a"] == launch["wgmma"], launch
+        assert launch["shared"] <= 227 * 1024, launch
+        if launch["config"]["NUM_LQ_CHUNKS"] == 1:
+            assert launch["spill_bytes"] in (0, None), launch
 
 
 def test_strided_inputs_and_output():

@@ -34,6 +34,8 @@ def test_tune_smoke(tmp_path):
         assert sum(e["default"] for e in configs) == 1
         assert len({json.dumps(e["config"], sort_keys=True) for e in configs}) >= 2
         assert all(e["ms"] is not None and e["max_abs_diff"] is not None for e in configs)
+    # The several-query case also times the query tile in registers.
+    assert any(e["config"].get("q_in_regs") for e in entries if e["case"] == "smoke Q3 N5 d96")
 
 
 def test_tune_configs_are_distinct_and_valid():
@@ -47,6 +49,10 @@ def test_tune_configs_are_distinct_and_valid():
         for c in configs:
             assert c["qb"] * c["lq_tile"] >= 16 and c["block_n"] >= 16
             assert c["qb"] * c["lq_tile"] * c["block_n"] <= 256 * 128
+            if c["q_in_regs"]:
+                assert c["qb"] * c["lq_tile"] >= 64  # wgmma tiles only
+        several_queries = case.params[0] > 1 and not case.params[5]
+        assert any(c["q_in_regs"] for c in configs) == several_queries, case
     for case in tune.encoder_cases(smoke=False):
         if case.family in ("linear", "linear_ln"):
             for c in tune.linear_configs(case, smoke=False):

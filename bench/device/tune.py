@@ -22,7 +22,8 @@ How (METHOD.md: warm up, median of many runs, baseline and candidates in the sam
 3. Time: ``triton.testing.do_bench`` median with an L2 flush, heuristic first, in order of
    priority until ``--budget-s`` is spent (what is left is reported as not timed).
 For MaxSim a second pass tries, around the best block config of the first, the per-document
-loop, d padded to one dot, and the grid knobs (programs per SM, documents per program).
+loop, the query tile in registers or not, d padded to one dot, and the grid knobs (programs per
+SM, documents per program).
 """
 
 from __future__ import annotations
@@ -210,14 +211,31 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
                            "num_warps": warps, "num_stages": stages}
                     if cfg not in configs:
                         configs.append(cfg)
-    return configs[:3] if smoke else configs
+    # The query tile as wgmma's register operand (maxsim._Config.q_in_regs, 16-bit only): half
+    # the shared-memory reads per MMA for +48 registers a thread at d = 96 (sm_90 build: 176 at
+    # 128 x 64 on one warpgroup, two programs per SM; 176 at 256 x 64, one). Tiles of >= 64 rows
+    # (wgmma); the smoke run takes one small tile to exercise the path.
+    register_tiles = [(32, 16, 2)] if smoke else [(128, 32, 4), (128, 64, 4), (128, 64, 8),
+                                                  (128, 128, 8), (256, 32, 8), (256, 64, 8)]
+    register_configs = []
+    for rows, block_n, warps in register_tiles if q.dtype != torch.float32 else []:
+        lq_tile = min(lq_pad, rows)
+        if rows // lq_tile > qb_cap:
+            continue
+        for stages in ((2,) if smoke else (2, 3)):
+            register_configs.append({**default, "qb": rows // lq_tile, "lq_tile": lq_tile,
+                                     "num_lq_chunks": -(-q.shape[1] // lq_tile), "block_n": block_n,
+                                     "num_warps": warps, "num_stages": stages, "q_in_regs": True})
+    return configs[:2] + register_configs[:1] if smoke else configs + register_configs
 
 
 def maxsim_variant_configs(best: dict, dim: int, smoke: bool) -> list[dict]:
     """Second pass, around the best block config: the per-document loop instead of the flat
-    one, d padded to one power-of-two dot (one wgmma chain, no waits between chunk dots, for
+    one, the query tile in registers or not (q_in_regs, tiles of >= 64 rows), d padded to one power-of-two dot (one wgmma chain, no waits between chunk dots, for
     33% more MMA work at d = 96), and the grid knobs (programs per SM, documents per program)."""
     variants = [{**best, "flat": not best["flat"]}]
+    if best["q_in_regs"] or best["qb"] * best["lq_tile"] >= 64:  # the MaxSim cases are fp16
+        variants.append({**best, "q_in_regs": not best["q_in_regs"]})
     padded_k = maxsim_mod._next_pow2(dim)
     if (best["block_k"], best["num_k"]) != (padded_k, 1) and padded_k <= 256:
         variants.append({**best, "block_k": padded_k, "num_k": 1})

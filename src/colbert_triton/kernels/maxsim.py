@@ -26,6 +26,15 @@ kernels, see ``research/maxsim-peers.md``):
   measurement settles which is faster.
 * **The query tile stays resident across documents.** The query rows are loaded once per
   program, for all its ``docs_per_program`` documents.
+* **The query tile can be wgmma's register operand** (``_Config.q_in_regs``, 16-bit inputs).
+  Triton's sm_90 pipeline stages both dot operands in shared memory unless the A operand is
+  the result of another MMA (its ``MMAV3UseRegOperand`` pattern, made for FlashAttention's P),
+  and at 256 x 64 tiles every wgmma then reads 4 KB of shared memory per 32 tensor-core
+  clocks, the SM's whole shared-memory bandwidth (bench/NOTES.md). Multiplying each query
+  chunk by the identity once per program (exact in fp32 accumulation) makes it an MMA result,
+  so the tile loop's wgmmas read only the document tile from shared memory, for +48 registers
+  a thread at d = 96 (176: one 256-row program per SM, or two 128-row ones on one warpgroup).
+  Off by default until a GPU measurement says which wins (bench ``ours-qregs``, tune.py).
 * **No padding of d to a power of two.** The embedding dim is split into ``NUM_K`` chunks of
   ``BLOCK_K`` columns (the largest power of two dividing d: 96 -> 3 x 32, 128 -> 1 x 128) and the
   chunk products accumulate into one fp32 tile, so d = 96 costs 96 columns of MMA work, not
@@ -94,7 +103,8 @@ _MAX_GRID = 2**31 - 1
 
 @triton.jit
 def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                      Q_IN_REGS: tl.constexpr, PRECISION: tl.constexpr):
     """Columns [CHUNK * BLOCK_K, (CHUNK + 1) * BLOCK_K) of the query rows: [BLOCK_M, BLOCK_K]."""
     if EVEN_K:
         mask = row_valid[:, None]
@@ -104,6 +114,13 @@ def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.cons
     if DOT_FP32:
         # The interpreter multiplies bf16 dot operands as raw bits; fp32 holds bf16 exactly.
         x = x.to(tl.float32)
+    if Q_IN_REGS:
+        # x @ I, exact for 16-bit x (fp32 sums of x_ij * 1 and zeros), once per program: the
+        # chunk becomes an MMA result, the one kind of operand Triton's sm_90 pipeline
+        # (MMAV3UseRegOperand) feeds to wgmma from registers, so the tile loop's dots read
+        # only the document tile from shared memory (see the module docstring).
+        eye = (k_offs[:, None] == k_offs[None, :]).to(x.dtype)
+        x = tl.dot(x, eye, input_precision=PRECISION).to(x.dtype)
     return x
 
 
@@ -133,22 +150,23 @@ def _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, CHUNK: tl.cons
 
 @triton.jit
 def _load_query_tile(q_ptrs, row_valid, k_offs, dim, q_k_stride, NUM_K: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                     Q_IN_REGS: tl.constexpr, PRECISION: tl.constexpr):
     """The query rows as NUM_K column chunks kept on chip (unused slots repeat chunk 0)."""
     q0 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 0, BLOCK_K, EVEN_K,
-                           DOT_FP32)
+                           DOT_FP32, Q_IN_REGS, PRECISION)
     q1 = q0
     q2 = q0
     q3 = q0
     if NUM_K > 1:
         q1 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 1, BLOCK_K, EVEN_K,
-                               DOT_FP32)
+                               DOT_FP32, Q_IN_REGS, PRECISION)
     if NUM_K > 2:
         q2 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 2, BLOCK_K, EVEN_K,
-                               DOT_FP32)
+                               DOT_FP32, Q_IN_REGS, PRECISION)
     if NUM_K > 3:
         q3 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 3, BLOCK_K, EVEN_K,
-                               DOT_FP32)
+                               DOT_FP32, Q_IN_REGS, PRECISION)
     return q0, q1, q2, q3
 
 
@@ -195,7 +213,7 @@ def _flat_tile_loop(
     QB: tl.constexpr, LQ_TILE: tl.constexpr, NUM_LQ_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_PAD_FLOOR: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    DOCS_PER_STEP: tl.constexpr,
+    DOCS_PER_STEP: tl.constexpr, Q_IN_REGS: tl.constexpr,
 ):
     """Scores of the query block against documents [step_begin, min(step_begin + DOCS_PER_STEP,
     slot_end)) in ONE loop over all their tiles.
@@ -234,7 +252,7 @@ def _flat_tile_loop(
             q_valid = (q_rows < num_queries) & (c * LQ_TILE + (m_offs % LQ_TILE) < query_len)
             q0, q1, q2, q3 = _load_query_tile(q_row_base + c * LQ_TILE * q_t_stride, q_valid,
                                               k_offs, dim, q_k_stride, NUM_K, BLOCK_K, EVEN_K,
-                                              DOT_FP32)
+                                              DOT_FP32, Q_IN_REGS, PRECISION)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for t in range(0, num_tiles):
             # The tile's document: the lane whose tile range holds t (elementwise, no reduction);
@@ -288,6 +306,7 @@ def _maxsim_kernel(
     PRECISION: tl.constexpr,
     FLAT: tl.constexpr,  # one tile loop across the program's documents (see _flat_tile_loop)
     DOCS_PER_STEP: tl.constexpr,  # FLAT: documents per tile loop, a power of two
+    Q_IN_REGS: tl.constexpr,  # the query tile as wgmma's register operand (16-bit inputs)
 ):
     # Grid: axis 0 only (no 65535 limit) = num_qblocks * document groups, query block fastest, so
     # the programs resident at one time share a document group and each document comes from HBM
@@ -309,7 +328,7 @@ def _maxsim_kernel(
     # queries (NUM_LQ_CHUNKS > 1) reload their chunks inside the document loops.
     q_valid = (q_rows < num_queries) & ((m_offs % LQ_TILE) < query_len)
     q0, q1, q2, q3 = _load_query_tile(q_row_base, q_valid, k_offs, dim, q_k_stride,
-                                      NUM_K, BLOCK_K, EVEN_K, DOT_FP32)
+                                      NUM_K, BLOCK_K, EVEN_K, DOT_FP32, Q_IN_REGS, PRECISION)
 
     # This program's documents: slots [slot_begin, slot_end) of the query block's list.
     idx_base = qblock.to(tl.int64) * QB * idx_q_stride
@@ -325,7 +344,7 @@ def _maxsim_kernel(
                 num_queries, query_len, dim, num_doc_rows, q_t_stride, q_k_stride,
                 doc_row_stride, doc_k_stride, out_q_stride, out_doc_stride,
                 QB, LQ_TILE, NUM_LQ_CHUNKS, BLOCK_N, BLOCK_K, NUM_K, EVEN_K, HAS_PAD_FLOOR,
-                DOT_FP32, PRECISION, DOCS_PER_STEP)
+                DOT_FP32, PRECISION, DOCS_PER_STEP, Q_IN_REGS)
         return
     # 64-bit offsets: Q * N scores may pass 2^31 elements.
     out_ptrs = (out_ptr + out_q.to(tl.int64) * out_q_stride
@@ -353,7 +372,7 @@ def _maxsim_kernel(
                 q_valid = (q_rows < num_queries) & (q_tok < query_len)
                 q0, q1, q2, q3 = _load_query_tile(q_row_base + c * LQ_TILE * q_t_stride, q_valid,
                                                   k_offs, dim, q_k_stride, NUM_K, BLOCK_K,
-                                                  EVEN_K, DOT_FP32)
+                                                  EVEN_K, DOT_FP32, Q_IN_REGS, PRECISION)
             row_max = row_max_init
             d_ptrs = doc_base + k_offs[:, None] * doc_k_stride + n_offs[None, :] * doc_row_stride
             # Full tiles: the loop runs over this document's own length, no row masks.
@@ -391,6 +410,7 @@ class _Config(NamedTuple):
     num_warps: int
     num_stages: int
     flat: bool = True  # one tile loop across a program's documents (_flat_tile_loop)
+    q_in_regs: bool = False  # the query tile as the dots' register operand (16-bit inputs)
 
 
 def _next_pow2(n: int) -> int:
@@ -616,6 +636,10 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
         pad_floor = pad_floor.contiguous().view(torch.uint8)
     idx_q_stride = doc_starts.stride(0) if candidate_mode else 0
     qb = 1 if candidate_mode else cfg.qb
+    if cfg.q_in_regs and queries.dtype == torch.float32:
+        # The identity dot that moves the queries into registers is exact for 16-bit inputs
+        # only (3xTF32 drops low bits of the fp32 residual).
+        raise ValueError("q_in_regs needs float16 or bfloat16 inputs")
 
     num_qblocks = -(-num_queries // qb)
     # Documents per program: enough programs for ~_PROGRAMS_PER_SM per SM, at most
@@ -647,5 +671,6 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
             EVEN_K=cfg.block_k * cfg.num_k == dim,
             HAS_PAD_FLOOR=pad_floor is not None, DOT_FP32=dot_fp32, PRECISION=precision,
             FLAT=cfg.flat, DOCS_PER_STEP=_next_pow2(_MAX_DOCS_PER_PROGRAM),
+            Q_IN_REGS=cfg.q_in_regs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
