@@ -3,8 +3,9 @@
 One run compares, per shape, every implementation that is installed:
 
 - ``ours``: `colbert_triton.kernels.maxsim.maxsim` on the packed corpus (rows + starts/lengths).
-- ``ours-qregs``: the same kernel and tile with the query tile held in registers as wgmma's A
-  operand (``q_in_regs``; several-query shapes only), a candidate default measured beside it.
+- ``ours-qregs``, ``ours-qregs-128``: the same kernel with the query tile held in registers as
+  wgmma's A operand (``q_in_regs``; several-query shapes only), on the heuristic's tile and on
+  128 rows with one warpgroup: candidate defaults measured beside it.
 - ``eager``: a careful eager PyTorch implementation on padded documents: one matmul per chunk
   of documents in the input dtype, padded slots filled with -inf, max, sum in fp32.
 - ``pylate``: `pylate.scores.colbert_scores(..., backend="torch")` (einsum, masks multiplied in),
@@ -89,7 +90,7 @@ def _cases():
 
 
 CASES = list(_cases())
-IMPLS = ["ours", "ours-qregs", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
+IMPLS = ["ours", "ours-qregs", "ours-qregs-128", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,15 +199,19 @@ def prepare(impl: str, case: Case, data: Data):
         out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
         return lambda: maxsim(q, data.values, starts, lengths, out=out)
 
-    if impl == "ours-qregs":
-        # Our kernel with the same tile and the query tile as wgmma's register operand
-        # (maxsim._Config.q_in_regs): a candidate default, timed beside it (bench/NOTES.md).
+    if impl in ("ours-qregs", "ours-qregs-128"):
+        # Our kernel with the query tile as wgmma's register operand (maxsim._Config.q_in_regs),
+        # candidate defaults timed beside it (bench/NOTES.md): the heuristic's tile, and 128
+        # rows on one warpgroup (at d <= 96 capped at 168 registers: three programs per SM).
         if case.candidates or case.num_queries < 2:
             pytest.skip("q_in_regs is for tiles of several queries (>= 64 rows: wgmma)")
         cfg = maxsim_module._kernel_config(q.dtype, case.dim, QUERY_LEN, case.num_queries)
+        cfg = cfg._replace(q_in_regs=True)
+        if impl == "ours-qregs-128":
+            cfg = cfg._replace(qb=max(1, 128 // cfg.lq_tile), num_warps=4,
+                               maxnreg=168 if case.dim <= 96 else None)
         starts, lengths = our_ranges(case, data)
         out = torch.empty(data.reference.shape, device=DEVICE, dtype=torch.float32)
-        cfg = cfg._replace(q_in_regs=True)
 
         def run():
             maxsim_module._launch(q, data.values, starts, lengths, None, out, cfg)
@@ -334,4 +339,4 @@ def test_maxsim(case, impl, measure):
 
     # A variant is another configuration of our kernel: reported beside ours, never as a peer.
     measure(timed, suite=SUITE, shape=case.label, impl=impl, floor_ms=floor, floor_kind=kind,
-            ours=impl == "ours", variant=impl == "ours-qregs")
+            ours=impl == "ours", variant=impl.startswith("ours-qregs"))

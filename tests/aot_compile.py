@@ -142,10 +142,12 @@ def _maxsim_query_registers_case():
             continue
         variants = [{**kwargs, "Q_IN_REGS": True}]
         if kwargs["QB"] == 8:
-            variants.append({**kwargs, "Q_IN_REGS": True, "QB": 4, "num_warps": 4})
+            # d <= 96: capped at 168 registers, three 128-thread programs fit an SM.
+            cap = {"maxnreg": 168} if kwargs["BLOCK_K"] * kwargs["NUM_K"] <= 96 else {}
+            variants.append({**kwargs, "Q_IN_REGS": True, "QB": 4, "num_warps": 4, **cap})
         for variant in variants:  # 8 and 64 queries give the same launch: compile it once
             picked.setdefault(repr(sorted((k, v) for k, v in variant.items() if k.isupper() or
-                                          k.startswith("num_")) + [("dtype", str(args[0].dtype))]),
+                                          k.startswith(("num_", "max"))) + [("dtype", str(args[0].dtype))]),
                               (args, variant))
     launches[:] = picked.values()
     return recorders
@@ -206,7 +208,7 @@ def specialization(kernel, args, kwargs):
 
     values = dict(zip(kernel.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = values[param.name]

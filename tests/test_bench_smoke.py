@@ -61,11 +61,12 @@ def test_query_registers_variant_matches_ours(bench):
     single-query and candidate shapes (one query a tile, no wgmma) skip it."""
     rerank, batch, candidates = _tiny_cases(bench)
     data = bench.get_data(batch)
-    fn = bench.checked("ours-qregs", batch, data)
-    assert torch.equal(fn(), bench.prepare("ours", batch, data)())
-    for case in (rerank, candidates):
-        with pytest.raises(pytest.skip.Exception, match="q_in_regs"):
-            bench.checked("ours-qregs", case, bench.get_data(case))
+    for impl in ("ours-qregs", "ours-qregs-128"):
+        fn = bench.checked(impl, batch, data)
+        assert torch.equal(fn(), bench.prepare("ours", batch, data)())
+        for case in (rerank, candidates):
+            with pytest.raises(pytest.skip.Exception, match="q_in_regs"):
+                bench.checked(impl, case, bench.get_data(case))
 
 
 def test_pylate_check_uses_zero_padding(bench):
@@ -80,4 +81,5 @@ def test_pylate_check_uses_zero_padding(bench):
 
 
 def test_every_implementation_is_covered(bench):
-    assert set(bench.IMPLS) == {"ours", "ours-qregs", "eager", "pylate"} | set(PEERS) | CUDA_ONLY
+    assert set(bench.IMPLS) == ({"ours", "ours-qregs", "ours-qregs-128", "eager", "pylate"} | set(PEERS)
+                                | CUDA_ONLY)

@@ -463,7 +463,7 @@ _D128 = maxsim_module._Config(1, 32, 1, 32, 64, 2, 4, 3)  # d = 128 in two dots
 
 
 @pytest.mark.parametrize("cfg, dim, dtype, flat, candidates", [
-    (_D96, 96, torch.float16, True, False),
+    (_D96._replace(maxnreg=168), 96, torch.float16, True, False),  # maxnreg: a launch option
     (_D96, 96, torch.bfloat16, True, True),
     (_D96, 96, torch.float16, False, False),
     (_D50_LQ40, 50, torch.bfloat16, True, False),
@@ -673,7 +673,8 @@ def test_gpu_query_tile_in_registers(dtype, dim):
     queries = unit_rows(45, 32, dim, dtype=dtype, gen=gen).to(DEV)
     want = maxsim(queries, values, starts, lens)
     default = maxsim_module._kernel_config(dtype, dim, 32, 45)
-    for cfg in (default, default._replace(qb=4, num_warps=4, num_stages=2)):
+    for cfg in (default, default._replace(qb=4, num_warps=4, num_stages=2),
+                default._replace(qb=4, num_warps=4, maxnreg=168)):
         got = poisoned(tuple(want.shape), torch.float32, DEV)
         maxsim_module._launch(queries, values, starts, lens, None, got, cfg._replace(q_in_regs=True))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
@@ -781,6 +782,12 @@ def test_query_tile_in_registers_compiles_to_register_operands():
         assert launch["shared"] <= 227 * 1024, launch
         if launch["config"]["NUM_LQ_CHUNKS"] == 1:
             assert launch["spill_bytes"] in (0, None), launch
+        if launch["config"].get("maxnreg") and launch["registers"] is not None:
+            # 128-row tiles on one warpgroup at d = 96: three programs per SM.
+            assert launch["registers"] <= launch["config"]["maxnreg"], launch
+            assert 3 * 128 * launch["registers"] <= 65536, launch
+            assert 3 * (launch["shared"] + 1024) <= 228 * 1024, launch
+    assert sum(1 for launch in launches if launch["config"].get("maxnreg")) == 2  # fp16, bf16
 
 
 def test_strided_inputs_and_output():

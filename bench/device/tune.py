@@ -213,19 +213,21 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
                         configs.append(cfg)
     # The query tile as wgmma's register operand (maxsim._Config.q_in_regs, 16-bit only): half
     # the shared-memory reads per MMA for +48 registers a thread at d = 96 (sm_90 build: 176 at
-    # 128 x 64 on one warpgroup, two programs per SM; 176 at 256 x 64, one). Tiles of >= 64 rows
-    # (wgmma); the smoke run takes one small tile to exercise the path.
-    register_tiles = [(32, 16, 2)] if smoke else [(128, 32, 4), (128, 64, 4), (128, 64, 8),
-                                                  (128, 128, 8), (256, 32, 8), (256, 64, 8)]
+    # 256 x 64, one program per SM; 168 under a maxnreg cap at 128 x 64 on one warpgroup, three).
+    # Tiles of >= 64 rows (wgmma); the smoke run takes one small tile to exercise the path.
+    register_tiles = [(32, 16, 2, None)] if smoke else [
+        (128, 32, 4, None), (128, 64, 4, None), (128, 64, 4, 168), (128, 64, 8, None),
+        (128, 128, 8, None), (256, 32, 8, None), (256, 64, 8, None)]
     register_configs = []
-    for rows, block_n, warps in register_tiles if q.dtype != torch.float32 else []:
+    for rows, block_n, warps, maxnreg in register_tiles if q.dtype != torch.float32 else []:
         lq_tile = min(lq_pad, rows)
         if rows // lq_tile > qb_cap:
             continue
         for stages in ((2,) if smoke else (2, 3)):
             register_configs.append({**default, "qb": rows // lq_tile, "lq_tile": lq_tile,
                                      "num_lq_chunks": -(-q.shape[1] // lq_tile), "block_n": block_n,
-                                     "num_warps": warps, "num_stages": stages, "q_in_regs": True})
+                                     "num_warps": warps, "num_stages": stages, "q_in_regs": True,
+                                     "maxnreg": maxnreg})
     return configs[:2] + register_configs[:1] if smoke else configs + register_configs
 
 

@@ -411,6 +411,7 @@ class _Config(NamedTuple):
     num_stages: int
     flat: bool = True  # one tile loop across a program's documents (_flat_tile_loop)
     q_in_regs: bool = False  # the query tile as the dots' register operand (16-bit inputs)
+    maxnreg: int | None = None  # register cap a thread (ptxas), to fit one more program per SM
 
 
 def _next_pow2(n: int) -> int:
@@ -673,4 +674,5 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
             FLAT=cfg.flat, DOCS_PER_STEP=_next_pow2(_MAX_DOCS_PER_PROGRAM),
             Q_IN_REGS=cfg.q_in_regs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
