@@ -129,7 +129,7 @@ def format_report(records: list[dict]) -> str:
                 frac = f"{floor / r['cold']['median_ms']:.0%}" if floor else "-"
                 floor_txt = f"{floor:.4f} ({r.get('floor_kind')})" if floor else "-"
                 lines.append(
-                    f"| {shape} | {r['impl']}{' (ours)' if r['ours'] else ''} | "
+                    f"| {shape} | {r['impl']}{' (ours)' if r['ours'] else ' (variant)' if r.get('variant') else ''} | "
                     f"{r['cold']['median_ms']:.4f} | {r['warm']['median_ms']:.4f} | {ratio} | "
                     f"{floor_txt} | {frac} |"
                 )

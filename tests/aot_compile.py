@@ -131,25 +131,36 @@ def _maxsim_case():
 
 
 def _maxsim_query_registers_case():
-    """The launches of `_maxsim_case` that feed wgmma (tiles of >= 64 rows, 16-bit) with the
-    query tile in registers (``q_in_regs``), and the same at 128 rows on one warpgroup."""
-    recorders = _maxsim_case()
-    launches = recorders["_maxsim_kernel"].launches
-    picked = {}
-    for args, kwargs in launches:
-        rows = kwargs["QB"] * kwargs["LQ_TILE"]
-        if rows < 64 or kwargs["PRECISION"] == "tf32x3" or kwargs["HAS_PAD_FLOOR"]:
-            continue
-        variants = [{**kwargs, "Q_IN_REGS": True}]
-        if kwargs["QB"] == 8:
-            # d <= 96: capped at 168 registers, three 128-thread programs fit an SM.
-            cap = {"maxnreg": 168} if kwargs["BLOCK_K"] * kwargs["NUM_K"] <= 96 else {}
-            variants.append({**kwargs, "Q_IN_REGS": True, "QB": 4, "num_warps": 4, **cap})
-        for variant in variants:  # 8 and 64 queries give the same launch: compile it once
-            picked.setdefault(repr(sorted((k, v) for k, v in variant.items() if k.isupper() or
-                                          k.startswith(("num_", "max"))) + [("dtype", str(args[0].dtype))]),
-                              (args, variant))
-    launches[:] = picked.values()
+    """``q_in_regs`` tiles through the launcher, as a benchmark or a future default would run
+    them: the heuristic's many-query tile (64 queries, Lq 32, 16-bit, d 96 and 128) with the
+    switch on, and 128 rows on one warpgroup (d 96 under a 168-register cap), on the flat and
+    the per-document loop; and a 300-token query (two 256-row chunks, each reloaded)."""
+    import torch
+
+    from colbert_triton.kernels import maxsim as maxsim_mod
+
+    recorders = _record([(maxsim_mod, "_maxsim_kernel")])
+    os.environ["TRITON_INTERPRET"] = "1"  # host code on CPU tensors, as in _maxsim_case
+    for dt in (torch.float16, torch.bfloat16):
+        for d in (96, 128):
+            docs = _zeros(4000, d, dtype=dt)
+            starts, lengths = torch.arange(10) * 300, torch.full((10,), 300)
+            queries = _zeros(64, 32, d, dtype=dt)
+            out = torch.empty(64, 10)
+            heuristic = maxsim_mod._kernel_config(dt, d, 32, 64)._replace(q_in_regs=True)
+            one_warpgroup = heuristic._replace(qb=4, num_warps=4, maxnreg=168 if d <= 96 else None)
+            for cfg in (heuristic, one_warpgroup):
+                for flat in (True, False):
+                    maxsim_mod._launch(queries, docs, starts, lengths, None, out, cfg._replace(flat=flat))
+            if dt == torch.float16 and d == 96:  # a long query: its chunks reloaded in the loops
+                long_queries = _zeros(4, 300, d, dtype=dt)
+                cfg = maxsim_mod._kernel_config(dt, d, 300, 4)._replace(q_in_regs=True)
+                for flat in (True, False):
+                    maxsim_mod._launch(long_queries, docs, starts, lengths, None, torch.empty(4, 10),
+                                       cfg._replace(flat=flat))
+    for _, kwargs in recorders["_maxsim_kernel"].launches:  # as in _maxsim_case
+        if kwargs.get("DOT_FP32"):
+            kwargs["DOT_FP32"], kwargs["PRECISION"] = False, "tf32"
     return recorders
 
 
@@ -256,15 +267,18 @@ def main(case: str) -> None:
                 match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
                 stack = int(match.group(2)) if match else None
                 registers = int(match.group(1)) if match else None
-            # wgmma instructions, and those whose A operand is a register list rather than a
-            # shared-memory descriptor: "{acc...}, {a...}, desc_b" vs "{acc...}, desc_a, desc_b".
-            wgmma = re.findall(r"wgmma\.mma_async\S* (\{[^}]*\}, \{)?", compiled.asm["ptx"])
+            # wgmma instructions by tile width N, and whether the A operand is a register list
+            # or a shared-memory descriptor: "{acc...}, {a...}, desc_b" vs "{acc...}, desc_a, desc_b".
+            wgmma = {}
+            for n, register_a in re.findall(r"wgmma\.mma_async\.\S*\.m64n(\d+)k\d+\S* (\{[^}]*\}, \{)?",
+                                            compiled.asm["ptx"]):
+                key = f"n{n} {'registers' if register_a else 'shared'}"
+                wgmma[key] = wgmma.get(key, 0) + 1
             config = {k: v for k, v in constexprs.items() if k.isupper()}
             dtype = next(v.dtype for v in values.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
             print(json.dumps({"kernel": name, "dtype": str(dtype), "config": {**config, **options},
                               "shared": compiled.metadata.shared, "registers": registers,
-                              "spill_bytes": stack, "wgmma": len(wgmma),
-                              "wgmma_register_a": sum(1 for m in wgmma if m)}, default=str))
+                              "spill_bytes": stack, "wgmma": wgmma}, default=str))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ kernels, see ``research/maxsim-peers.md``):
   the result of another MMA (its ``MMAV3UseRegOperand`` pattern, made for FlashAttention's P),
   and at 256 x 64 tiles every wgmma then reads 4 KB of shared memory per 32 tensor-core
   clocks, the SM's whole shared-memory bandwidth (bench/NOTES.md). Multiplying each query
-  chunk by the identity once per program (exact in fp32 accumulation) makes it an MMA result,
-  so the tile loop's wgmmas read only the document tile from shared memory, for +48 registers
-  a thread at d = 96 (176: one 256-row program per SM, or two 128-row ones on one warpgroup).
-  Off by default until a GPU measurement says which wins (bench ``ours-qregs``, tune.py).
+  chunk by the identity when it is loaded (once per program, or per chunk of a long query;
+  exact for finite 16-bit values in fp32 accumulation) makes it an MMA result, so the tile
+  loop's wgmmas read only the document tile from shared memory, for ~50 more registers a
+  thread at d = 96 (176: one 256-row program per SM; 128 rows on one warpgroup under a
+  ``maxnreg`` cap of 168: three). Off by default until a GPU measurement says which wins
+  (bench ``ours-qregs*``, tune.py).
 * **No padding of d to a power of two.** The embedding dim is split into ``NUM_K`` chunks of
   ``BLOCK_K`` columns (the largest power of two dividing d: 96 -> 3 x 32, 128 -> 1 x 128) and the
   chunk products accumulate into one fp32 tile, so d = 96 costs 96 columns of MMA work, not
@@ -67,6 +69,10 @@ Conventions (the contract tests/test_maxsim_kernel.py checks against an fp64 ref
   slot takes part in the max as 0 (it matters when all of a row's real similarities are < 0).
 * An empty document (length 0) scores 0.0: each row's max over no rows is taken as 0, the
   convention of late-interaction-kernels (flash-maxsim returns -inf). Never -inf or NaN.
+* Non-finite inputs: a NaN makes exactly the scores it enters NaN. With ``q_in_regs`` an inf
+  in a query chunk turns that chunk of its row into NaN (inf * 0 in the identity product), so
+  such a query scores NaN where the default path may give +-inf; the public API refuses
+  non-finite embeddings before they reach the kernel.
 * Rows outside ``doc_values`` are never read: a range ``[start, start + length)`` is clipped to
   ``[0, R)`` inside the kernel. The launcher raises on such ranges when checking them is free
   (index tensors on the CPU) or when asked to (``check_ranges=True``, one device sync).
@@ -115,8 +121,8 @@ def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.cons
         # The interpreter multiplies bf16 dot operands as raw bits; fp32 holds bf16 exactly.
         x = x.to(tl.float32)
     if Q_IN_REGS:
-        # x @ I, exact for 16-bit x (fp32 sums of x_ij * 1 and zeros), once per program: the
-        # chunk becomes an MMA result, the one kind of operand Triton's sm_90 pipeline
+        # x @ I, exact for finite 16-bit x (fp32 sums of x_ij * 1 and zeros; an inf gives
+        # inf * 0 = NaN across its row), once per load: the chunk becomes an MMA result, the one kind of operand Triton's sm_90 pipeline
         # (MMAV3UseRegOperand) feeds to wgmma from registers, so the tile loop's dots read
         # only the document tile from shared memory (see the module docstring).
         eye = (k_offs[:, None] == k_offs[None, :]).to(x.dtype)
