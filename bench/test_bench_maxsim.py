@@ -90,7 +90,8 @@ def _cases():
 
 
 CASES = list(_cases())
-IMPLS = ["ours", "ours-qregs", "ours-qregs-128", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen"]
+IMPLS = ["ours", "ours-qregs", "ours-qregs-128", "eager", "pylate", "flash-maxsim",
+         "flash-maxsim-rerank", "lik", "lik-varlen"]
 
 
 # ----------------------------------------------------------------------------------------------

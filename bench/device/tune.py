@@ -212,7 +212,7 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
                     if cfg not in configs:
                         configs.append(cfg)
     # The query tile as wgmma's register operand (maxsim._Config.q_in_regs, 16-bit only): half
-    # the shared-memory reads per MMA for +48 registers a thread at d = 96 (sm_90 build: 176 at
+    # the shared-memory reads per MMA for ~50 more registers a thread at d = 96 (sm_90: 176 at
     # 256 x 64, one program per SM; 168 under a maxnreg cap at 128 x 64 on one warpgroup, three).
     # Tiles of >= 64 rows (wgmma); the smoke run takes one small tile to exercise the path.
     # Most likely first (the budget may not reach the end of a case's list): the same tile as
@@ -237,8 +237,9 @@ def maxsim_block_configs(case: Case, inputs: dict, smoke: bool) -> list[dict]:
 
 def maxsim_variant_configs(best: dict, dim: int, smoke: bool) -> list[dict]:
     """Second pass, around the best block config: the per-document loop instead of the flat
-    one, the query tile in registers or not (q_in_regs, tiles of >= 64 rows), d padded to one power-of-two dot (one wgmma chain, no waits between chunk dots, for
-    33% more MMA work at d = 96), and the grid knobs (programs per SM, documents per program)."""
+    one, the query tile in registers or not (q_in_regs, tiles of >= 64 rows), d padded to one
+    power-of-two dot (one wgmma chain, no waits between chunk dots, for 33% more MMA work at
+    d = 96), and the grid knobs (programs per SM, documents per program)."""
     variants = [{**best, "flat": not best["flat"]}]
     if best["q_in_regs"] or best["qb"] * best["lq_tile"] >= 64:  # the MaxSim cases are fp16
         variants.append({**best, "q_in_regs": not best["q_in_regs"]})

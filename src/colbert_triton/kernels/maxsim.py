@@ -122,9 +122,9 @@ def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.cons
         x = x.to(tl.float32)
     if Q_IN_REGS:
         # x @ I, exact for finite 16-bit x (fp32 sums of x_ij * 1 and zeros; an inf gives
-        # inf * 0 = NaN across its row), once per load: the chunk becomes an MMA result, the one kind of operand Triton's sm_90 pipeline
-        # (MMAV3UseRegOperand) feeds to wgmma from registers, so the tile loop's dots read
-        # only the document tile from shared memory (see the module docstring).
+        # inf * 0 = NaN across its row), once per load: the chunk becomes an MMA result, the
+        # one kind of operand Triton's sm_90 pipeline (MMAV3UseRegOperand) feeds to wgmma from
+        # registers, so the tile loop's dots read only the document tile from shared memory.
         eye = (k_offs[:, None] == k_offs[None, :]).to(x.dtype)
         x = tl.dot(x, eye, input_precision=PRECISION).to(x.dtype)
     return x
