@@ -240,8 +240,8 @@ def load_embeddings(path, *, device="cpu") -> EmbeddingsFile:
         with _open(path) as file:
             names = set(file.keys())
             values, offsets = file.get_tensor("values"), file.get_tensor("offsets")
-            stored_ids = next((file.get_tensor(n) for n in ("ids", "ids_json") if n in names), None)
             ids_kind = next((n for n in ("ids", "ids_json") if n in names), None)
+            stored_ids = file.get_tensor(ids_kind) if ids_kind else None
     except SafetensorError as bad:
         raise ValueError(f"{path}: not a safetensors file ({bad})") from None
     if not values.is_floating_point():
