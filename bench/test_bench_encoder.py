@@ -26,20 +26,22 @@ from common import floor_ms  # noqa: E402
 
 SUITE = "encoder"
 PAD_BATCH = 64
+# Module constants so tests/test_bench_smoke.py can dry-run the cases on the CPU.
+DEVICE, DTYPE, NUM_LAYERS = "cuda", torch.float16, 12
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from checkpoints import build_stanford
 
-    return build_stanford(tmp_path_factory.mktemp("bench") / "answerai-shape", num_layers=12, dim=96)
+    return build_stanford(tmp_path_factory.mktemp("bench") / "answerai-shape", num_layers=NUM_LAYERS, dim=96)
 
 
 @pytest.fixture(scope="module")
 def models(checkpoint):
     from colbert_triton import ColBERT
 
-    return {name: ColBERT.from_pretrained(checkpoint, device="cuda", dtype=torch.float16, backend=name)
+    return {name: ColBERT.from_pretrained(checkpoint, device=DEVICE, dtype=DTYPE, backend=name)
             for name in ("triton", "torch")}
 
 
@@ -51,27 +53,29 @@ def _flops(seq_lens, cfg) -> float:
     return gemm * tokens + attention
 
 
-def _workloads():
+def make_workloads(num_docs=1024, doc_lens=(20, 300), num_full=64, full_len=512, num_queries=1024):
     rng = np.random.default_rng(0)
     vocab = np.arange(1999, 29000)
-    docs = [np.concatenate([[101, 2], rng.choice(vocab, n - 3), [102]]) for n in rng.integers(20, 301, 1024)]
-    full = [np.concatenate([[101, 2], rng.choice(vocab, 509), [102]]) for _ in range(64)]
-    q_keys = rng.integers(5, 33, 1024)
+    docs = [np.concatenate([[101, 2], rng.choice(vocab, n - 3), [102]])
+            for n in rng.integers(doc_lens[0], doc_lens[1] + 1, num_docs)]
+    full = [np.concatenate([[101, 2], rng.choice(vocab, full_len - 3), [102]]) for _ in range(num_full)]
+    q_keys = rng.integers(5, 33, num_queries)
     queries = [np.concatenate([[101, 1], rng.choice(vocab, k - 3), [102], [103] * (32 - k)]) for k in q_keys]
     return {
-        "docs 1024 x 20-300 tok": (docs, [len(s) for s in docs]),
-        "docs 64 x 512 tok": (full, [512] * 64),
-        "queries 1024 x 32 tok": (queries, list(q_keys)),
+        f"docs {num_docs} x {doc_lens[0]}-{doc_lens[1]} tok": (docs, [len(s) for s in docs]),
+        f"docs {num_full} x {full_len} tok": (full, [full_len] * num_full),
+        f"queries {num_queries} x 32 tok": (queries, list(q_keys)),
     }
 
 
-WORKLOADS = _workloads()
+WORKLOADS = make_workloads()
+E2E_TEXTS, E2E_WORDS = 1024, (15, 290)  # test_documents_end_to_end's texts and their lengths
 
 
 def _hf_runner(checkpoint, attn: str):
     transformers = pytest.importorskip("transformers")
     hf = transformers.BertModel.from_pretrained(str(checkpoint), attn_implementation=attn,
-                                                dtype=torch.float16).cuda().eval()
+                                                dtype=DTYPE).to(DEVICE).eval()
 
     def prepare(sequences, key_lens):
         order = np.argsort([-len(s) for s in sequences], kind="stable")
@@ -80,7 +84,7 @@ def _hf_runner(checkpoint, attn: str):
             idx = order[lo : lo + PAD_BATCH]
             ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(sequences[i]) for i in idx], batch_first=True)
             mask = (torch.arange(ids.shape[1])[None] < torch.tensor([key_lens[i] for i in idx])[:, None]).long()
-            batches.append((ids.cuda(), mask.cuda()))
+            batches.append((ids.to(DEVICE), mask.to(DEVICE)))
 
         def run():
             with torch.inference_mode():
@@ -105,7 +109,7 @@ def test_encoder_throughput(measure, models, checkpoint, workload, impl):
     floor, kind = floor_ms(flops=_flops(seq_lens, model.weights.config))
     if impl.startswith("ours"):
         m = models[impl.split("-")[1]]
-        batch = PackedBatch.from_sequences(sequences, key_lens, "cuda")
+        batch = PackedBatch.from_sequences(sequences, key_lens, DEVICE)
         with torch.inference_mode():
             ref = encode_packed(models["torch"].weights, batch, models["torch"].ops)
             got = encode_packed(m.weights, batch, m.ops)
@@ -135,8 +139,8 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
     text, is_query = LATENCY_TEXTS[case]
     if impl == "pylate":
         pylate_models = pytest.importorskip("pylate.models")
-        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device="cuda",
-                                   model_kwargs={"dtype": torch.float16})
+        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE,
+                                   model_kwargs={"dtype": DTYPE})
 
         def run():
             pm.encode([text], is_query=is_query, show_progress_bar=False, convert_to_tensor=True)
@@ -155,11 +159,11 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
     rng = np.random.default_rng(1)
     words = ["retrieval", "late", "interaction", "token", "vector", "document", "query", "paris",
              "model", "index", "score", "kernel", "memory", "bandwidth", "fast", "exact"]
-    texts = [" ".join(rng.choice(words, n)) for n in rng.integers(15, 290, 1024)]
+    texts = [" ".join(rng.choice(words, n)) for n in rng.integers(*E2E_WORDS, E2E_TEXTS)]
     if impl == "pylate":
         pylate_models = pytest.importorskip("pylate.models")
-        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device="cuda",
-                                   model_kwargs={"dtype": torch.float16})
+        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE,
+                                   model_kwargs={"dtype": DTYPE})
 
         def run():
             pm.encode(texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False)
@@ -168,4 +172,4 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
 
         def run():
             m.encode_documents(texts, batch_size=PAD_BATCH, packed=True, show_progress=False)
-    measure(run, suite=SUITE + "-e2e", shape="1024 texts 15-290 words", impl=impl, ours=impl == "ours-triton")
+    measure(run, suite=SUITE + "-e2e", shape=f"{E2E_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words", impl=impl, ours=impl == "ours-triton")

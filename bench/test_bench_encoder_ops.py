@@ -40,6 +40,7 @@ HIDDEN, HEADS, HEAD_DIM, FFN, DIM, VOCAB, POSITIONS = 384, 12, 32, 1536, 96, 305
 EPS = 1e-12
 TARGET_TOKENS = 16384
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+DEVICE = "cuda"  # a module constant so tests/test_bench_smoke.py can dry-run the cases on the CPU
 
 
 def _doc_lengths() -> list[int]:
@@ -60,21 +61,25 @@ def _query_lengths() -> tuple[list[int], list[int]]:
 def _make_batch(seq_lens, key_lens) -> PackedBatch:
     rng = np.random.default_rng(2)
     sequences = [rng.integers(1000, VOCAB, size=n) for n in seq_lens]
-    return PackedBatch.from_sequences(sequences, key_lens, "cuda")
+    return PackedBatch.from_sequences(sequences, key_lens, DEVICE)
 
 
-@pytest.fixture(scope="module")
-def batches():
+def make_batches() -> dict[str, PackedBatch]:
     docs = _doc_lengths()
     query_lens, query_keys = _query_lengths()
     return {
         f"docs T={sum(docs)} ({len(docs)} x 20-300)": _make_batch(docs, docs),
-        f"queries T={len(query_lens) * 32} (512 x 32, 5-32 keys)": _make_batch(query_lens, query_keys),
+        f"queries T={sum(query_lens)} ({len(query_lens)} x 32, 5-32 keys)": _make_batch(query_lens, query_keys),
     }
 
 
+@pytest.fixture(scope="module")
+def batches():
+    return make_batches()
+
+
 def _randn(*shape, scale=1.0, shift=0.0, dtype=torch.float16):
-    return (torch.randn(*shape, device="cuda") * scale + shift).to(dtype)
+    return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -116,7 +121,7 @@ def test_bench_embed_layernorm(measure, batches, dtype):
     word, position = _randn(VOCAB, HIDDEN, scale=0.05, dtype=dtype), _randn(POSITIONS, HIDDEN, scale=0.02, dtype=dtype)
     token_type = _randn(HIDDEN, scale=0.02, dtype=dtype)
     ln_w, ln_b = _randn(HIDDEN, scale=0.1, shift=1.0, dtype=dtype), _randn(HIDDEN, scale=0.05, dtype=dtype)
-    out = torch.empty(batch.num_tokens, HIDDEN, device="cuda", dtype=dtype)
+    out = torch.empty(batch.num_tokens, HIDDEN, device=DEVICE, dtype=dtype)
     t = batch.num_tokens
     _measure_all(
         measure,
@@ -146,7 +151,7 @@ def test_bench_linear(measure, batches, case, dtype):
     t = batch.num_tokens
     x = _randn(t, k, dtype=dtype)
     weight, bias = _randn(n, k, scale=0.04, dtype=dtype), _randn(n, scale=0.02, dtype=dtype)
-    out = torch.empty(t, n, device="cuda", dtype=dtype)
+    out = torch.empty(t, n, device=DEVICE, dtype=dtype)
     impls = {
         "triton": lambda: linear_mod.linear(x, weight, bias, activation, out=out, backend="triton"),
         "cublas+triton-epilogue": lambda: linear_mod.linear(x, weight, bias, activation, out=out,
@@ -193,7 +198,7 @@ def test_bench_linear_residual_layernorm(measure, batches, case, dtype):
     weight, bias = _randn(n, k, scale=0.04, dtype=dtype), _randn(n, scale=0.02, dtype=dtype)
     residual = _randn(t, n, dtype=dtype)
     ln_w, ln_b = _randn(n, scale=0.1, shift=1.0, dtype=dtype), _randn(n, scale=0.05, dtype=dtype)
-    out = torch.empty(t, n, device="cuda", dtype=dtype)
+    out = torch.empty(t, n, device=DEVICE, dtype=dtype)
     args = (x, weight, bias, residual, ln_w, ln_b, EPS)
     _measure_all(
         measure,
@@ -215,7 +220,7 @@ def _padded_qkv(qkv, batch):
     b, s = batch.num_seqs, batch.max_seqlen
     padded = qkv.new_zeros(b * s, 3 * HIDDEN).index_copy_(0, index, qkv)
     q, k, v = padded.view(b, s, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-    keys = torch.arange(s, device="cuda")[None, :] < batch.key_lens[:, None]
+    keys = torch.arange(s, device=DEVICE)[None, :] < batch.key_lens[:, None]
     return q, k, v, keys[:, None, None, :]
 
 
@@ -225,7 +230,7 @@ def test_bench_varlen_attention(measure, batches, which, dtype):
     label, batch = next((k, v) for k, v in batches.items() if k.startswith(which))
     t = batch.num_tokens
     qkv = _randn(t, 3 * HIDDEN, scale=1.5, dtype=dtype)
-    out = torch.empty(t, HIDDEN, device="cuda", dtype=dtype)
+    out = torch.empty(t, HIDDEN, device=DEVICE, dtype=dtype)
     q, k, v, key_mask = _padded_qkv(qkv, batch)
     pairs = float(np.sum(batch.seq_lens_host * batch.key_lens_host))
     impls = {
@@ -250,10 +255,10 @@ def test_bench_project_normalize(measure, batches, dtype):
     x = _randn(t, HIDDEN, dtype=dtype)
     weight = _randn(DIM, HIDDEN, scale=0.05, dtype=dtype)
     # Punctuation filter: keep about 88% of the rows.
-    keep = torch.rand(t, device="cuda", generator=None) < 0.88
+    keep = torch.rand(t, device=DEVICE, generator=None) < 0.88
     rows = keep.nonzero().squeeze(1)
     r = rows.shape[0]
-    out = torch.empty(r, DIM, device="cuda", dtype=dtype)
+    out = torch.empty(r, DIM, device=DEVICE, dtype=dtype)
     _measure_all(
         measure,
         {

@@ -1,11 +1,13 @@
-"""The MaxSim benchmark's preparation and checks run on tiny shapes without a GPU.
+"""The benchmarks' preparation and checks run on tiny shapes without a GPU.
 
 A device session has minutes: a benchmark that breaks there (a peer's call signature, a
-reference with the wrong padding semantics) costs a whole run. Here every implementation of
-bench/test_bench_maxsim.py is prepared and checked against ours exactly as before timing, on
-the CPU (our kernel under the interpreter), at odd sizes with short documents, where PyLate's
-zero-padding visibly differs from excluding padded slots. The peers run when installed; their
-CUDA-only entry points are skipped.
+reference with the wrong padding semantics, a baseline's loading arguments) costs a whole run.
+Here every implementation of bench/test_bench_maxsim.py is prepared and checked against ours
+exactly as before timing, on the CPU (our kernel under the interpreter), at odd sizes with short
+documents, where PyLate's zero-padding visibly differs from excluding padded slots. The peers
+run when installed; their CUDA-only entry points are skipped. The encoder suites
+(bench/test_bench_encoder.py, bench/test_bench_encoder_ops.py) run every case once, in float16,
+on a few short sequences and a 2-layer model, with a `measure` that only calls.
 """
 
 import sys
@@ -83,3 +85,93 @@ def test_pylate_check_uses_zero_padding(bench):
 def test_every_implementation_is_covered(bench):
     assert set(bench.IMPLS) == ({"ours", "ours-qregs", "ours-qregs-128", "eager", "pylate"} | set(PEERS)
                                 | CUDA_ONLY)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder suites
+
+
+def _call_once(fn, **record):
+    """`measure` without timing (bench/conftest.py's dry pass): one call, a made-up median."""
+    fn()
+    return {**record, "cold": None, "warm": {"median_ms": 1.0}}
+
+
+def _dry_floor(**work):
+    return float("nan"), "dry"
+
+
+@pytest.fixture
+def encoder_ops_bench(monkeypatch):
+    import test_bench_encoder_ops as ops_bench
+
+    monkeypatch.setattr(ops_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(ops_bench, "floor_ms", _dry_floor)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    # A few documents and queries with odd lengths (one query with a single key) instead of 16k tokens.
+    monkeypatch.setattr(ops_bench, "_doc_lengths", lambda: [37, 20, 3])
+    monkeypatch.setattr(ops_bench, "_query_lengths", lambda: ([32] * 3, [5, 32, 1]))
+    return ops_bench
+
+
+def test_encoder_ops_benchmark_checks_pass(encoder_ops_bench):
+    """Every per-op case prepares, runs its implementations and passes its check against TorchOps."""
+    bench, dtype = encoder_ops_bench, torch.float16
+    batches = bench.make_batches()
+    assert [batch.num_tokens for batch in batches.values()] == [60, 96]
+    bench.test_bench_embed_layernorm(_call_once, batches, dtype)
+    for case in bench.LINEAR_CASES:
+        bench.test_bench_linear(_call_once, batches, case, dtype)
+    for case in bench.LN_CASES:
+        bench.test_bench_linear_residual_layernorm(_call_once, batches, case, dtype)
+    for which in ("docs", "queries"):
+        bench.test_bench_varlen_attention(_call_once, batches, which, dtype)
+    bench.test_bench_project_normalize(_call_once, batches, dtype)
+    bench.test_bench_encoder_layer(_call_once, batches, dtype)
+
+
+def test_encoder_ops_benchmark_check_fails_on_a_wrong_row(encoder_ops_bench):
+    """The check the timed implementations pass would catch one wrong row."""
+    reference = torch.randn(10, 384)
+    wrong = reference.clone()
+    wrong[7] = torch.randn(384)
+    with pytest.raises(AssertionError, match="wrong-one is off TorchOps"):
+        encoder_ops_bench._measure_all(_call_once, {"TorchOps": lambda: reference, "wrong-one": lambda: wrong},
+                                       shape="rows", floor=(None, None), ours="wrong-one")
+
+
+@pytest.fixture
+def encoder_bench(monkeypatch, tmp_path):
+    import test_bench_encoder as encoder_bench
+    from checkpoints import build_stanford
+
+    from colbert_triton import ColBERT
+
+    monkeypatch.setattr(encoder_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(encoder_bench, "NUM_LAYERS", 2)
+    monkeypatch.setattr(encoder_bench, "floor_ms", _dry_floor)
+    # Short sequences: the interpreter runs every kernel of our encoder on the CPU.
+    monkeypatch.setattr(encoder_bench, "WORKLOADS", encoder_bench.make_workloads(3, (5, 40), 1, 40, 3))
+    monkeypatch.setattr(encoder_bench, "E2E_TEXTS", 3)
+    monkeypatch.setattr(encoder_bench, "E2E_WORDS", (1, 30))
+    monkeypatch.setitem(encoder_bench.LATENCY_TEXTS, "1 document ~200 tok", ("late interaction, " * 9, False))
+    checkpoint = build_stanford(tmp_path / "answerai-shape", num_layers=2, dim=96)
+    models = {name: ColBERT.from_pretrained(checkpoint, device="cpu", dtype=encoder_bench.DTYPE, backend=name)
+              for name in ("triton", "torch")}
+    return encoder_bench, checkpoint, models
+
+
+def test_encoder_benchmark_cases_run(encoder_bench):
+    """Whole-encoder throughput (ours checked against the torch path; HF BertModel eager and sdpa
+    loaded as the suite loads them), latency and end-to-end cases, with PyLate's encode."""
+    bench, checkpoint, models = encoder_bench
+    require_reference("transformers")
+    require_reference("pylate.models")
+    assert list(bench.WORKLOADS) == ["docs 3 x 5-40 tok", "docs 1 x 40 tok", "queries 3 x 32 tok"]
+    for workload in bench.WORKLOADS:
+        for impl in ("ours-triton", "ours-torch", "hf-sdpa", "hf-eager"):
+            bench.test_encoder_throughput(_call_once, models, checkpoint, workload, impl)
+    for impl in ("ours-triton", "ours-torch", "pylate"):
+        for case in bench.LATENCY_TEXTS:
+            bench.test_latency_end_to_end(_call_once, models, checkpoint, case, impl)
+        bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
