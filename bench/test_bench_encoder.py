@@ -27,14 +27,14 @@ from common import floor_ms  # noqa: E402
 SUITE = "encoder"
 PAD_BATCH = 64
 # Module constants so tests/test_bench_smoke.py can dry-run the cases on the CPU.
-DEVICE, DTYPE, NUM_LAYERS = "cuda", torch.float16, 12
+DEVICE, DTYPE = "cuda", torch.float16
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from checkpoints import build_stanford
 
-    return build_stanford(tmp_path_factory.mktemp("bench") / "answerai-shape", num_layers=NUM_LAYERS, dim=96)
+    return build_stanford(tmp_path_factory.mktemp("bench") / "answerai-shape", num_layers=12, dim=96)
 
 
 @pytest.fixture(scope="module")

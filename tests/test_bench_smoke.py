@@ -148,7 +148,6 @@ def encoder_bench(monkeypatch, tmp_path):
     from colbert_triton import ColBERT
 
     monkeypatch.setattr(encoder_bench, "DEVICE", "cpu")
-    monkeypatch.setattr(encoder_bench, "NUM_LAYERS", 2)
     monkeypatch.setattr(encoder_bench, "floor_ms", _dry_floor)
     # Short sequences: the interpreter runs every kernel of our encoder on the CPU.
     monkeypatch.setattr(encoder_bench, "WORKLOADS", encoder_bench.make_workloads(3, (5, 40), 1, 40, 3))
