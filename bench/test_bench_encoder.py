@@ -39,10 +39,39 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(checkpoint):
+    return load_models(checkpoint)
+
+
+def load_models(checkpoint) -> dict:
     from colbert_triton import ColBERT
 
-    return {name: ColBERT.from_pretrained(checkpoint, device=DEVICE, dtype=DTYPE, backend=name)
-            for name in ("triton", "torch")}
+    models = {name: ColBERT.from_pretrained(checkpoint, device=DEVICE, dtype=DTYPE, backend=name)
+              for name in ("triton", "torch")}
+    # The float32 PyTorch path: the reference both 16-bit paths are checked against.
+    models["reference"] = ColBERT.from_pretrained(checkpoint, device=DEVICE, dtype=torch.float32, backend="torch")
+    return models
+
+
+def check_against_reference(models, batch, got: torch.Tensor, impl: str) -> None:
+    """Our 16-bit output must be as close to the float32 PyTorch path as the 16-bit PyTorch path
+    is (within twice its worst-token error), or within cosine 0.999 of it.
+
+    Two 16-bit runs of this 12-layer stack (MiniLM's 6 layers twice, on random token ids) drift
+    apart by ~2e-3 in cosine on their worst tokens (predicted on the CPU, bench/NOTES.md "16-bit
+    accuracy"), so a fixed bound against the 16-bit PyTorch path would fail on rounding alone;
+    a wrong kernel is off by ~0.1 or more."""
+    from colbert_triton.model.encoder import encode_packed
+
+    with torch.inference_mode():
+        reference = encode_packed(models["reference"].weights, batch, models["reference"].ops).float()
+        eager = encode_packed(models["torch"].weights, batch, models["torch"].ops).float()
+
+    def worst_error(x):
+        return 1.0 - float(torch.nn.functional.cosine_similarity(x.float(), reference, dim=-1).min())
+
+    error, eager_error = worst_error(got), worst_error(eager)
+    assert error <= max(1e-3, 2.0 * eager_error), (
+        f"{impl}: worst-token cosine error {error:.2e} vs the float32 path; the 16-bit PyTorch path's is {eager_error:.2e}")
 
 
 def _flops(seq_lens, cfg) -> float:
@@ -111,10 +140,8 @@ def test_encoder_throughput(measure, models, checkpoint, workload, impl):
         m = models[impl.split("-")[1]]
         batch = PackedBatch.from_sequences(sequences, key_lens, DEVICE)
         with torch.inference_mode():
-            ref = encode_packed(models["torch"].weights, batch, models["torch"].ops)
             got = encode_packed(m.weights, batch, m.ops)
-        cos = torch.nn.functional.cosine_similarity(got.float(), ref.float(), dim=-1)
-        assert float(cos.min()) > 0.999, f"{impl} disagrees with the torch path (min cosine {float(cos.min())})"
+        check_against_reference(models, batch, got, impl)
 
         def run():
             with torch.inference_mode():

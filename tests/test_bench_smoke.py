@@ -145,8 +145,6 @@ def encoder_bench(monkeypatch, tmp_path):
     import test_bench_encoder as encoder_bench
     from checkpoints import build_stanford
 
-    from colbert_triton import ColBERT
-
     monkeypatch.setattr(encoder_bench, "DEVICE", "cpu")
     monkeypatch.setattr(encoder_bench, "floor_ms", _dry_floor)
     # Short sequences: the interpreter runs every kernel of our encoder on the CPU.
@@ -155,9 +153,7 @@ def encoder_bench(monkeypatch, tmp_path):
     monkeypatch.setattr(encoder_bench, "E2E_WORDS", (1, 30))
     monkeypatch.setitem(encoder_bench.LATENCY_TEXTS, "1 document ~200 tok", ("late interaction, " * 9, False))
     checkpoint = build_stanford(tmp_path / "answerai-shape", num_layers=2, dim=96)
-    models = {name: ColBERT.from_pretrained(checkpoint, device="cpu", dtype=encoder_bench.DTYPE, backend=name)
-              for name in ("triton", "torch")}
-    return encoder_bench, checkpoint, models
+    return encoder_bench, checkpoint, encoder_bench.load_models(checkpoint)
 
 
 def test_encoder_benchmark_cases_run(encoder_bench):
@@ -174,3 +170,21 @@ def test_encoder_benchmark_cases_run(encoder_bench):
         for case in bench.LATENCY_TEXTS:
             bench.test_latency_end_to_end(_call_once, models, checkpoint, case, impl)
         bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
+
+
+def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):
+    """The whole-encoder check passes the 16-bit PyTorch path's own output and fails one token
+    moved off (a wrong row)."""
+    from colbert_triton.model.encoder import encode_packed
+    from colbert_triton.model.ops import PackedBatch
+
+    bench, _, models = encoder_bench
+    sequences, key_lens = bench.WORKLOADS["docs 3 x 5-40 tok"]
+    batch = PackedBatch.from_sequences(sequences, key_lens, "cpu")
+    with torch.inference_mode():
+        eager = encode_packed(models["torch"].weights, batch, models["torch"].ops)
+    bench.check_against_reference(models, batch, eager, "ours-torch")
+    wrong = eager.clone()
+    wrong[5] = torch.nn.functional.normalize(wrong[5].float() + 0.1 * torch.randn(96), dim=0).to(wrong.dtype)
+    with pytest.raises(AssertionError, match="worst-token cosine error"):
+        bench.check_against_reference(models, batch, wrong, "ours-triton")

@@ -73,6 +73,11 @@ def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype):
     eager = ColBERT.from_pretrained(stanford_dir, device="cuda", dtype=dtype, backend="triton",
                                     cuda_graphs=False)
     assert graphed._graphs is not None and eager._graphs is None
+    # A bucket and the eager batch may take different attention tiles (chosen by the bucket's
+    # size, or the batch's longest sequence), so their 16-bit roundings differ, by about the
+    # dtype's epsilon: 2e-3 in float16, 8x that in bfloat16 (3 fewer mantissa bits). A stale
+    # buffer or a wrong padding row moves embeddings by ~0.1.
+    atol = 2e-3 * torch.finfo(dtype).eps / torch.finfo(torch.float16).eps
     rng = np.random.default_rng(0)
     words = "late interaction keeps one vector per token and sums the best matches".split()
     for n in (1, 2, 3, 7, 16, 40):
@@ -81,8 +86,8 @@ def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype):
             a = getattr(graphed, encode)(texts)
             b = getattr(eager, encode)(texts)
             for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, atol=2e-3, rtol=0)
+                torch.testing.assert_close(x, y, atol=atol, rtol=0)
     # Back-to-back calls must not see each other's buffers.
     first = graphed.encode_queries(["first query"])[0]
     graphed.encode_queries(["a different second query"])
-    torch.testing.assert_close(first, eager.encode_queries(["first query"])[0], atol=2e-3, rtol=0)
+    torch.testing.assert_close(first, eager.encode_queries(["first query"])[0], atol=atol, rtol=0)

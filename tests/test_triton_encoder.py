@@ -24,25 +24,52 @@ def reference(stanford_dir):
     return model, model.encode_queries(QUERY_TEXTS), model.encode_documents(DOC_TEXTS)
 
 
+def _cosines(embeddings, reference_embeddings) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.cosine_similarity(x.float(), ref, dim=-1)
+                      for x, ref in zip(embeddings, reference_embeddings)])
+
+
+def _scores(model, embeddings) -> torch.Tensor:
+    queries = [x.float() for x in embeddings[:len(QUERY_TEXTS)]]
+    return model.score(queries, [x.float() for x in embeddings[len(QUERY_TEXTS):]])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_encoder_matches_torch_path(stanford_dir, reference, dtype):
     ref_model, ref_q, ref_d = reference
-    model = ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, dtype=dtype, backend="triton")
-    q = model.encode_queries(QUERY_TEXTS)
-    d = model.encode_documents(DOC_TEXTS)
-    for ours, ref in zip(q + d, ref_q + ref_d):
-        assert ours.shape == ref.shape and ours.dtype == dtype
-        assert torch.isfinite(ours).all()
-        cosine = torch.nn.functional.cosine_similarity(ours.float(), ref, dim=-1)
-        assert float(cosine.min()) >= 0.9999
-        if dtype == torch.float32:
-            # Same math in the same precision: fp32 rounding apart, so an approximation in a
-            # kernel (tanh GELU, a TF32 dot) shows here while it passes the cosine bound.
-            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    # Ranking unchanged: every query's document order is the reference's, up to near-ties.
     ref_scores = ref_model.score(ref_q, ref_d)
-    ours_scores = model.score([x.float() for x in q], [x.float() for x in d])
-    for ref_row, our_row in zip(ref_scores, ours_scores):
+    model = ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, dtype=dtype, backend="triton")
+    ours = model.encode_queries(QUERY_TEXTS) + model.encode_documents(DOC_TEXTS)
+    for x, ref in zip(ours, ref_q + ref_d):
+        assert x.shape == ref.shape and x.dtype == dtype
+        assert torch.isfinite(x).all()
+    # The yardstick for a 16-bit run: the PyTorch path in the same dtype (what HF BertModel or
+    # PyLate computes in it), against the same float32 reference.
+    if dtype == torch.float32:
+        yardstick_error, yardstick_score_error = 0.0, 0.0
+    else:
+        same_dtype = ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, dtype=dtype, backend="torch")
+        torch_path = same_dtype.encode_queries(QUERY_TEXTS) + same_dtype.encode_documents(DOC_TEXTS)
+        yardstick_error = 1.0 - float(_cosines(torch_path, ref_q + ref_d).min())
+        yardstick_score_error = float((_scores(ref_model, torch_path) - ref_scores).abs().max())
+    # Per-token cosine >= 0.9999 wherever the dtype allows it. bfloat16 does not: its 8-bit
+    # mantissa leaves the PyTorch path itself at ~0.9998 on this set (6 layers). There the bound
+    # is twice that path's own error: our kernels round once per fused op, the eager path more
+    # often, so theirs should be no larger (bench/NOTES.md, "16-bit accuracy").
+    bound = min(0.9999, 1.0 - 2.0 * yardstick_error)
+    worst = float(_cosines(ours, ref_q + ref_d).min())
+    assert worst >= bound, f"{dtype}: min per-token cosine {worst:.7f} < {bound:.7f}"
+    if dtype == torch.float32:
+        # Same math in the same precision: fp32 rounding apart, so an approximation in a
+        # kernel (tanh GELU, a TF32 dot) shows here while it passes the cosine bound.
+        for x, ref in zip(ours, ref_q + ref_d):
+            torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+    # Ranking unchanged: every query's document order is the reference's, up to near-ties:
+    # scores closer than twice what the dtype's rounding moves a score in the PyTorch path
+    # (fp16 ~0.016 here, bf16 ~0.23; scores span 2.5-28), and 2e-3 at least.
+    near_tie = max(2e-3, 2.0 * yardstick_score_error)
+    for ref_row, our_row in zip(ref_scores, _scores(ref_model, ours)):
         order = torch.sort(our_row, descending=True, stable=True).indices
         in_ref_order = ref_row[order]
-        assert bool((in_ref_order[:-1] >= in_ref_order[1:] - 2e-3).all())
+        inversion = float((in_ref_order[1:] - in_ref_order[:-1]).max())
+        assert inversion <= near_tie, f"{dtype}: documents {inversion:.4f} apart in the reference swapped"
