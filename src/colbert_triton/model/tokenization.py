@@ -12,6 +12,7 @@ in Python is only list concatenation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,11 @@ class ColBERTTokenizer:
         skip = {tokenizer.token_to_id(w) for w in settings.skiplist_words}
         skip = {unk_id if i is None else i for i in skip} - {None}
         self.skiplist_ids = np.array(sorted(skip), dtype=np.int64)
+        # id -> dropped, for any number of rows at once (sized by the largest id: a vocabulary's
+        # ids need not be contiguous)
+        self._skip_table = np.zeros(max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1,
+                                    dtype=bool)
+        self._skip_table[self.skiplist_ids] = True
 
         q_budget = settings.query_maxlen - 2 - len(self.query_marker)
         d_budget = settings.doc_maxlen - 2 - len(self.doc_marker)
@@ -120,35 +126,58 @@ class ColBERTTokenizer:
         except CheckpointError as bad:  # name the file that lacks the token
             raise CheckpointError(f"{tokenizer_file or vocab_file}: {bad}") from None
 
-    def _wordpieces(self, tok: Tokenizer, texts: list[str], budget: int) -> list[list[int]]:
-        if budget == 0:
-            return [[] for _ in texts]
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    def _pack(self, tok: Tokenizer, texts: list[str], head: list[int], budget: int,
+              pad_to: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every text as ``head + word pieces[:budget] + [SEP]``, then [MASK] up to ``pad_to``,
+        laid end to end: (ids, each text's start, each text's length before the expansion).
+
+        One tokenizer call (Rust, all cores), one Python list and one conversion to numpy: numpy
+        calls per text would cost more than the tokenizer itself on a many-core machine, and
+        numpy passes over the whole batch cost more than this for one short query.
+        """
+        if budget > 0 and texts:  # `tok` truncates to the budget
+            word_pieces = (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
+        else:  # no texts, or a query_maxlen that leaves no room for word pieces
+            word_pieces = ([] for _ in texts)
+        flat, key_lens = [], []
+        for pieces in word_pieces:
+            flat += head
+            flat += pieces
+            flat.append(self.sep_id)
+            key_lens.append(len(head) + len(pieces) + 1)
+            if pad_to is not None:
+                flat += [self.mask_id] * (pad_to - key_lens[-1])
+        key_lens = np.array(key_lens, dtype=np.int64)
+        lens = key_lens if pad_to is None else np.full(len(texts), pad_to, dtype=np.int64)
+        return np.array(flat, dtype=np.int64), np.cumsum(lens) - lens, key_lens
 
     def queries(self, texts) -> TokenizedBatch:
         texts = _check_texts(texts, "queries")
         s = self.settings
         head = [self.cls_id] + self.query_marker
-        budget = s.query_maxlen - len(head) - 1
-        sequences, key_lens = [], []
-        for wp in self._wordpieces(self._query_tok, texts, budget):
-            ids = head + wp + [self.sep_id]
-            key_lens.append(len(ids))
-            if s.do_query_expansion:
-                ids += [self.mask_id] * (s.query_maxlen - len(ids))
-            sequences.append(np.array(ids, dtype=np.int64))
+        ids, starts, key_lens = self._pack(
+            self._query_tok, texts, head, s.query_maxlen - len(head) - 1,
+            s.query_maxlen if s.do_query_expansion else None,
+        )
         if s.do_query_expansion and s.attend_to_mask_tokens:
-            key_lens = [s.query_maxlen] * len(sequences)
-        return TokenizedBatch(sequences, np.array(key_lens, dtype=np.int64), None)
+            key_lens = np.full(len(texts), s.query_maxlen, dtype=np.int64)
+        return TokenizedBatch(_split(ids, starts), key_lens, None)
 
     def documents(self, texts) -> TokenizedBatch:
         texts = _check_texts(texts, "documents")
         head = [self.cls_id] + self.doc_marker
-        budget = self.settings.doc_maxlen - len(head) - 1
-        sequences = [
-            np.array(head + wp + [self.sep_id], dtype=np.int64)
-            for wp in self._wordpieces(self._doc_tok, texts, budget)
-        ]
-        keep = [np.flatnonzero(~np.isin(ids, self.skiplist_ids)) for ids in sequences]
-        key_lens = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        return TokenizedBatch(sequences, key_lens, keep)
+        ids, starts, key_lens = self._pack(
+            self._doc_tok, texts, head, self.settings.doc_maxlen - len(head) - 1, None
+        )
+        # Rows kept (not punctuation) as indices within each text, from one pass over all tokens.
+        kept = np.flatnonzero(~self._skip_table[ids])
+        text_of_kept = np.searchsorted(starts, kept, side="right") - 1
+        kept_starts = np.searchsorted(text_of_kept, np.arange(len(texts)))
+        keep = _split(kept - starts[text_of_kept], kept_starts)
+        return TokenizedBatch(_split(ids, starts), key_lens, keep)
+
+
+def _split(flat: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """Views of ``flat`` cut at ``starts``, one per start (plain slices: np.split costs ~4x)."""
+    bounds = starts.tolist() + [flat.size]
+    return [flat[a:b] for a, b in pairwise(bounds)]
