@@ -1,9 +1,12 @@
 """How the model treats bad or unusual text input."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
-from texts import LONG
+from texts import DOCUMENTS, LONG, QUERIES
 
 
 def test_non_string_inputs_are_rejected(model):
@@ -63,3 +66,50 @@ def test_progress_bar_can_be_switched(model, capsys):
     assert "Encoding" in capsys.readouterr().err
     model.encode_documents(["a"] * 20, batch_size=2, show_progress=False)
     assert "Encoding" not in capsys.readouterr().err
+
+
+def test_chunked_encoding_matches_texts_one_at_a_time(model):
+    """Several tokenizer chunks (batch_size 2: chunks of 8 texts, tokenized ahead in a worker
+    thread), sorted by characters across chunks and by tokens within one, come back in input order."""
+    texts = [*DOCUMENTS, "", "!!!", LONG, "one", *DOCUMENTS[:3]]
+    alone = [model.encode_documents([t])[0] for t in texts]
+    listed = model.encode_documents(texts, batch_size=2)
+    packed = model.encode_documents(texts, batch_size=2, packed=True)
+    assert len(listed) == len(texts) and packed.offsets.tolist() == np.cumsum([0] + [len(a) for a in alone]).tolist()
+    for i, expected in enumerate(alone):
+        torch.testing.assert_close(listed[i], expected, atol=1e-5, rtol=0, msg=texts[i])
+        torch.testing.assert_close(packed[i], expected, atol=1e-5, rtol=0, msg=texts[i])
+    queries = model.encode_queries(QUERIES, batch_size=1)
+    for text, q in zip(QUERIES, queries):
+        torch.testing.assert_close(q, model.encode_queries([text])[0], atol=1e-5, rtol=0, msg=text)
+
+
+def test_an_error_mid_corpus_stops_the_tokenizer_thread(model, monkeypatch):
+    calls = []
+    tokenize = model.tokenizer.documents
+
+    def slow_tokenize(texts):
+        calls.append(len(texts))
+        time.sleep(0.02)
+        return tokenize(texts)
+
+    def failing_batch(part):
+        raise RuntimeError("encoder failed")
+
+    monkeypatch.setattr(model.tokenizer, "documents", slow_tokenize)
+    monkeypatch.setattr(model, "_encode_batch", failing_batch)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        model.encode_documents(["a text"] * 200, batch_size=1)  # 50 chunks of 4
+    assert len(calls) < 50  # the rest were cancelled
+    assert not [t for t in threading.enumerate() if t.name.startswith("colbert-tokenize")]
+
+
+def test_one_chunk_is_tokenized_without_a_thread(model, monkeypatch):
+    import colbert_triton.model.colbert as colbert_module
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("a thread for a single chunk")
+
+    monkeypatch.setattr(colbert_module, "ThreadPoolExecutor", no_threads)
+    assert len(model.encode_documents(["first", "second", "third"])) == 3
+    assert len(model.encode_queries(["a query"])) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import fields
 
 import numpy as np
@@ -20,10 +22,35 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
-from .tokenization import ColBERTTokenizer, TokenizedBatch
+from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
 _PROGRESS_MIN_BATCHES = 8
+# Texts are tokenized this many batches at a time, the next chunk in a worker thread while the
+# encoder runs this one (see _tokenized_ahead).
+_TOKENIZE_AHEAD_BATCHES = 4
+
+
+def _tokenized_ahead(tokenize, texts: list[str], chunks: list[np.ndarray]):
+    """Each chunk's `TokenizedBatch`, in order. With more than one chunk a worker thread
+    tokenizes ahead while the caller encodes: the tokenizer's Rust core releases the GIL and GPU
+    kernels run asynchronously, so a corpus is no longer tokenized before its first kernel
+    starts. One chunk (a query, a few documents) is tokenized inline: a thread's start-up would
+    only add latency."""
+    def run(index):
+        return tokenize([texts[i] for i in index])
+
+    if len(chunks) == 1:
+        yield run(chunks[0])
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="colbert-tokenize") as pool:
+        futures = [pool.submit(run, index) for index in chunks]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # the caller stopped early (an error): tokenize nothing more
+            for future in futures:
+                future.cancel()
 
 
 def _pick_device(device) -> torch.device:
@@ -155,41 +182,49 @@ class ColBERT:
     def encode_queries(self, texts, batch_size: int = 64, *, packed: bool = False,
                        show_progress: bool | None = None):
         """One ``[query_maxlen, dim]`` tensor per query (all rows, [MASK] expansion included)."""
-        return self._encode(self.tokenizer.queries(texts), batch_size, packed, show_progress)
+        return self._encode(texts, "queries", batch_size, packed, show_progress)
 
     def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
                          show_progress: bool | None = None):
         """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
         ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order."""
-        return self._encode(self.tokenizer.documents(texts), batch_size, packed, show_progress)
+        return self._encode(texts, "documents", batch_size, packed, show_progress)
 
-    def _encode(self, tokens: TokenizedBatch, batch_size: int, packed: bool, show_progress):
+    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if len(tokens) == 0:
+        texts = check_texts(texts, kind)  # all of them, before anything is encoded
+        if not texts:
             raise ValueError("nothing to encode: the list of texts is empty")
-        # Longest first, so each batch holds similar lengths and the first batch shows the peak memory.
-        order = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        tokenize = self.tokenizer.queries if kind == "queries" else self.tokenizer.documents
+        # Longest first, so each batch holds similar lengths and the first batch shows the peak
+        # memory: by characters across chunks (known before tokenizing), by tokens within one.
+        by_chars = np.argsort([-len(t) for t in texts], kind="stable")
+        chunk = batch_size * _TOKENIZE_AHEAD_BATCHES
+        chunks = [by_chars[i : i + chunk] for i in range(0, len(texts), chunk)]
         if show_progress is None:
-            show_progress = len(batches) > _PROGRESS_MIN_BATCHES
+            show_progress = -(-len(texts) // batch_size) > _PROGRESS_MIN_BATCHES
         progress = None
         if show_progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(tokens), desc="Encoding", unit="text", file=sys.stderr)
-        outputs, lengths = [], np.zeros(len(tokens), dtype=np.int64)
-        with torch.inference_mode():
-            for index in batches:
-                part = tokens.subset(index)
-                values, part_lengths = self._encode_batch(part)
-                outputs.append(values)
-                lengths[index] = part_lengths
-                if progress is not None:
-                    progress.update(len(index))
+            progress = tqdm(total=len(texts), desc="Encoding", unit="text", file=sys.stderr)
+        outputs, order, lengths = [], [], np.zeros(len(texts), dtype=np.int64)
+        with torch.inference_mode(), closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized:
+            for chunk_index, tokens in zip(chunks, tokenized):
+                by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
+                for i in range(0, len(by_tokens), batch_size):
+                    part = by_tokens[i : i + batch_size]
+                    values, part_lengths = self._encode_batch(tokens.subset(part))
+                    outputs.append(values)
+                    order.append(chunk_index[part])
+                    lengths[chunk_index[part]] = part_lengths
+                    if progress is not None:
+                        progress.update(len(part))
         if progress is not None:
             progress.close()
         values = torch.cat(outputs, 0) if len(outputs) > 1 else outputs[0]
+        order = np.concatenate(order)
         if not np.array_equal(order, np.arange(len(order))):
             # Rows are in batch order; put them back in input order with one gather.
             sorted_lengths = lengths[order]

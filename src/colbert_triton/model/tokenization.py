@@ -40,7 +40,7 @@ class TokenizedBatch:
         )
 
 
-def _check_texts(texts, what: str) -> list[str]:
+def check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"{what} must be a list of strings, not a single string (wrap it in a list)")
     try:
@@ -152,7 +152,7 @@ class ColBERTTokenizer:
         return np.array(flat, dtype=np.int64), np.cumsum(lens) - lens, key_lens
 
     def queries(self, texts) -> TokenizedBatch:
-        texts = _check_texts(texts, "queries")
+        texts = check_texts(texts, "queries")
         s = self.settings
         head = [self.cls_id] + self.query_marker
         ids, starts, key_lens = self._pack(
@@ -164,7 +164,7 @@ class ColBERTTokenizer:
         return TokenizedBatch(_split(ids, starts), key_lens, None)
 
     def documents(self, texts) -> TokenizedBatch:
-        texts = _check_texts(texts, "documents")
+        texts = check_texts(texts, "documents")
         head = [self.cls_id] + self.doc_marker
         ids, starts, key_lens = self._pack(
             self._doc_tok, texts, head, self.settings.doc_maxlen - len(head) - 1, None
