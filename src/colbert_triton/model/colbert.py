@@ -216,9 +216,10 @@ class ColBERT:
                 for i in range(0, len(by_tokens), batch_size):
                     part = by_tokens[i : i + batch_size]
                     values, part_lengths = self._encode_batch(tokens.subset(part))
+                    index = chunk_index[part]  # the batch's texts, as input positions
                     outputs.append(values)
-                    order.append(chunk_index[part])
-                    lengths[chunk_index[part]] = part_lengths
+                    order.append(index)
+                    lengths[index] = part_lengths
                     if progress is not None:
                         progress.update(len(part))
         if progress is not None:

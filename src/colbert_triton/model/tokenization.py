@@ -85,17 +85,20 @@ class ColBERTTokenizer:
                                     dtype=bool)
         self._skip_table[self.skiplist_ids] = True
 
-        q_budget = settings.query_maxlen - 2 - len(self.query_marker)
-        d_budget = settings.doc_maxlen - 2 - len(self.doc_marker)
-        if q_budget < 0 or d_budget < 0:
+        # Every sequence starts with its head and ends with [SEP]; word pieces fill the rest.
+        self._query_head = [self.cls_id] + self.query_marker
+        self._doc_head = [self.cls_id] + self.doc_marker
+        self._query_budget = settings.query_maxlen - len(self._query_head) - 1
+        self._doc_budget = settings.doc_maxlen - len(self._doc_head) - 1
+        if self._query_budget < 0 or self._doc_budget < 0:
             raise ValueError("query_maxlen and doc_maxlen must leave room for [CLS], marker and [SEP]")
         if max(settings.query_maxlen, settings.doc_maxlen) > max_positions:
             raise ValueError(
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
                 f"the model's {max_positions} positions"
             )
-        self._query_tok = self._truncating(tokenizer, q_budget)
-        self._doc_tok = self._truncating(tokenizer, d_budget)
+        self._query_tok = self._truncating(tokenizer, self._query_budget)
+        self._doc_tok = self._truncating(tokenizer, self._doc_budget)
 
     @staticmethod
     def _truncating(tokenizer: Tokenizer, budget: int) -> Tokenizer:
@@ -154,9 +157,8 @@ class ColBERTTokenizer:
     def queries(self, texts) -> TokenizedBatch:
         texts = check_texts(texts, "queries")
         s = self.settings
-        head = [self.cls_id] + self.query_marker
         ids, starts, key_lens = self._pack(
-            self._query_tok, texts, head, s.query_maxlen - len(head) - 1,
+            self._query_tok, texts, self._query_head, self._query_budget,
             s.query_maxlen if s.do_query_expansion else None,
         )
         if s.do_query_expansion and s.attend_to_mask_tokens:
@@ -165,10 +167,7 @@ class ColBERTTokenizer:
 
     def documents(self, texts) -> TokenizedBatch:
         texts = check_texts(texts, "documents")
-        head = [self.cls_id] + self.doc_marker
-        ids, starts, key_lens = self._pack(
-            self._doc_tok, texts, head, self.settings.doc_maxlen - len(head) - 1, None
-        )
+        ids, starts, key_lens = self._pack(self._doc_tok, texts, self._doc_head, self._doc_budget, None)
         # Rows kept (not punctuation) as indices within each text, from one pass over all tokens.
         kept = np.flatnonzero(~self._skip_table[ids])
         text_of_kept = np.searchsorted(starts, kept, side="right") - 1
