@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DEVICE_DIR = Path(__file__).resolve().parents[1] / "bench" / "device"
 sys.path.insert(0, str(DEVICE_DIR))
@@ -58,3 +59,28 @@ def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
 def test_summarize_without_reports(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     assert "no benchmark reports" in capsys.readouterr().out
+
+
+def test_a_cuda_fault_ends_the_process_that_hit_it(monkeypatch):
+    import conftest
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    exits = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(conftest.os, "_exit", exits.append)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    conftest.end_process_on_cuda_fault("tests/x.py::test_ok")
+    assert exits == []
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    conftest.end_process_on_cuda_fault("tests/x.py::test_bad")  # an xdist worker: the process ends
+    assert exits == [3]
+    stops = []
+    monkeypatch.setattr(conftest.pytest, "exit", lambda reason, returncode: stops.append(reason))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    conftest.end_process_on_cuda_fault("tests/x.py::test_bad")  # a serial run: pytest stops
+    assert exits == [3] and len(stops) == 1
+    assert "test_bad: CUDA error: an illegal memory access" in stops[0]

@@ -7,7 +7,9 @@
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
 #               pytest-xdist workers: compiling the kernel variants is most of its time, and
-#               the workers compile in parallel into Triton's shared on-disk cache
+#               the workers compile in parallel into Triton's shared on-disk cache. A worker
+#               whose test faulted the GPU (tests/conftest.py) or hung past --timeout (a watchdog
+#               thread: a signal cannot interrupt a CUDA wait) exits, and xdist starts a new one
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
 #               before the serial, timed passes
@@ -55,7 +57,7 @@ for spec in "$@"; do
   case "$step" in
     tests)
       timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
-        "${parallel[@]}" --timeout=240 -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
+        "${parallel[@]}" --timeout=120 --timeout-method=thread -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
         -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
