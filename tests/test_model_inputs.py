@@ -98,10 +98,14 @@ def test_an_error_mid_corpus_stops_the_tokenizer_thread(model, monkeypatch):
 
     monkeypatch.setattr(model.tokenizer, "documents", slow_tokenize)
     monkeypatch.setattr(model, "_encode_batch", failing_batch)
-    with pytest.raises(RuntimeError, match="encoder failed"):
-        model.encode_documents(["a text"] * 200, batch_size=1)  # 50 chunks of 4
+    with pytest.raises(RuntimeError, match="encoder failed") as failure:
+        model.encode_documents(["a text"] * 200, batch_size=1, show_progress=True)  # 50 chunks of 4
     assert len(calls) < 50  # the rest were cancelled
     assert not [t for t in threading.enumerate() if t.name.startswith("colbert-tokenize")]
+    from tqdm import tqdm
+
+    # The bar was closed, not left to the garbage collector (the traceback still holds it).
+    assert failure.tb is not None and not [bar for bar in tqdm._instances if bar.desc == "Encoding"]
 
 
 def test_one_chunk_is_tokenized_without_a_thread(model, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -204,13 +204,14 @@ class ColBERT:
         chunks = [by_chars[i : i + chunk] for i in range(0, len(texts), chunk)]
         if show_progress is None:
             show_progress = -(-len(texts) // batch_size) > _PROGRESS_MIN_BATCHES
-        progress = None
+        progress = nullcontext()
         if show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(texts), desc="Encoding", unit="text", file=sys.stderr)
         outputs, order, lengths = [], [], np.zeros(len(texts), dtype=np.int64)
-        with torch.inference_mode(), closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized:
+        # The bar is closed on an error too, so the terminal is not left with a half-drawn line.
+        with torch.inference_mode(), progress, closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized:
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
                 for i in range(0, len(by_tokens), batch_size):
@@ -220,10 +221,8 @@ class ColBERT:
                     outputs.append(values)
                     order.append(index)
                     lengths[index] = part_lengths
-                    if progress is not None:
+                    if show_progress:
                         progress.update(len(part))
-        if progress is not None:
-            progress.close()
         values = torch.cat(outputs, 0) if len(outputs) > 1 else outputs[0]
         order = np.concatenate(order)
         if not np.array_equal(order, np.arange(len(order))):
