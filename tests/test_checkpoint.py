@@ -180,3 +180,14 @@ def test_bad_device_and_dtype(stanford_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             ColBERT.from_pretrained(stanford_dir, device="cuda")
+
+
+def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
+    from colbert_triton.model.colbert import _pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert _pick_device("cuda") == torch.device("cuda", 2)
+    assert _pick_device(None) == torch.device("cuda", 2)
+    assert _pick_device("cuda:1") == torch.device("cuda", 1)
+    assert _pick_device("cpu") == torch.device("cpu")

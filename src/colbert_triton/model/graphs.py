@@ -136,7 +136,12 @@ class GraphedEncoder:
         with torch.inference_mode():
             for bucket in self.buckets:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # Our own stream: torch's default capture stream is made once per process, on
+                # whichever GPU captured first, so a model on another GPU would launch its
+                # kernels outside the capture (an empty graph). Thread-local capture: another
+                # thread's CUDA work (a server encoding with another model) is not an error.
+                with torch.cuda.graph(graph, pool=pool, stream=stream,
+                                      capture_error_mode="thread_local"):
                     bucket.out = bucket.forward(self.weights, self.ops)
                 bucket.graph = graph
 
