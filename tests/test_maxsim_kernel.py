@@ -822,15 +822,28 @@ def test_query_tile_in_registers_compiles_to_register_operands():
     assert capped == 4  # the launcher passed the cap: d = 96, fp16 and bf16, both loops
 
 
-def test_strided_inputs_and_output():
-    """Strides are runtime arguments: column-major queries, documents and scores."""
+def test_strided_inputs_and_output(monkeypatch):
+    """Column-major queries, documents and scores: the scores are written in place, the inputs
+    reach the kernel with unit column strides (its column offsets are int32: a column-major
+    corpus of 2^31 / d rows would wrap them)."""
     gen = torch.Generator().manual_seed(0)
     values, starts, lens = packed_docs([5, 0, 40, 1], 48, torch.float32, gen)
     queries = unit_rows(3, 12, 48, gen=gen)
     q_strided = queries.transpose(1, 2).contiguous().transpose(1, 2).to(DEV)
     v_strided = values.t().contiguous().t().to(DEV)
     out = torch.full((4, 3), float("nan"), device=DEV).t()
+    kernel, seen = maxsim_module._maxsim_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[0].stride(2), args[1].stride(1)))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(maxsim_module, "_maxsim_kernel", Recorder())
     got = maxsim(q_strided, v_strided, *to_dev(starts, lens), out=out)
+    assert seen == [(1, 1)]
     assert got.data_ptr() == out.data_ptr()
     assert_scores(got, queries, values, starts, lens)
 

@@ -639,6 +639,13 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
     # for the usual contiguous input.
     doc_starts = doc_starts.contiguous()
     doc_lengths = doc_lengths.contiguous()
+    # Row offsets are int64 in the kernel but column offsets are int32 (k * column stride): a
+    # column-major view of a large corpus (d * stride >= 2^31) would wrap. One copy makes such a
+    # rare view row-major, and a unit column stride is then a compile-time constant.
+    if doc_values.stride(1) != 1:
+        doc_values = doc_values.contiguous()
+    if queries.stride(2) != 1:
+        queries = queries.contiguous()
     if pad_floor is not None:
         pad_floor = pad_floor.contiguous().view(torch.uint8)
     idx_q_stride = doc_starts.stride(0) if candidate_mode else 0
