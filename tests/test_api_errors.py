@@ -156,6 +156,14 @@ def test_packed_embeddings_checks_its_fields(values, offsets, lengths, message):
         PackedEmbeddings(values, torch.tensor(offsets), lengths)
 
 
+def test_packed_embeddings_rejects_negative_lengths_and_float_offsets():
+    # Offsets that agree with the lengths: only the sign (or the dtype) is wrong.
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        PackedEmbeddings(VALUES, torch.tensor([0, 3, 2, 5]), (3, -1, 3))
+    with pytest.raises(TypeError, match="offsets must be int32 or int64, got torch.float32"):
+        PackedEmbeddings(VALUES, torch.tensor([0.0, 2.0, 5.0]), (2, 3))
+
+
 @pytest.mark.parametrize("offsets", [[0, 4, 5], [1, 3, 5]], ids=["inner-offset", "first-offset"])
 def test_packed_embeddings_rejects_offsets_that_disagree_with_lengths(offsets):
     with pytest.raises(ValueError, match="offsets"):

@@ -47,6 +47,10 @@ class PackedEmbeddings:
             raise ValueError(f"values must be [T, dim], got shape {tuple(self.values.shape)}")
         if self.offsets.dim() != 1 or self.offsets.shape[0] != len(self.lengths_host) + 1:
             raise ValueError("offsets must be [n + 1] for n lengths")
+        if self.offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"offsets must be int32 or int64, got {self.offsets.dtype}")
+        if any(n < 0 for n in self.lengths_host):
+            raise ValueError("lengths must be >= 0")
         if sum(self.lengths_host) != self.values.shape[0]:
             raise ValueError(
                 f"lengths add up to {sum(self.lengths_host)} rows but values has {self.values.shape[0]}"
@@ -61,8 +65,6 @@ class PackedEmbeddings:
     @classmethod
     def from_lengths(cls, values: torch.Tensor, lengths) -> PackedEmbeddings:
         lengths = tuple(int(n) for n in lengths)
-        if any(n < 0 for n in lengths):
-            raise ValueError("lengths must be >= 0")
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
         return cls(values, offsets.to(values.device), lengths)
