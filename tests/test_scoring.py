@@ -125,6 +125,26 @@ def test_search_equals_full_sort_with_ties(gen, backend, device, chunk_size):
             close(scores[qi], exact[qi, order].float())
 
 
+def test_many_queries_search_in_smaller_chunks(gen, backend, device, monkeypatch):
+    """Q x chunk_size is capped (the merge holds ~28 bytes a pair): 3 queries under a cap of 7
+    pairs score two documents at a time, with the same results."""
+    from colbert_triton import scoring
+
+    corpus = random_docs(gen, [3, 1, 4, 2, 5], 16, device=device)
+    queries = random_docs(gen, [4, 4, 4], 16, device=device)
+    widths, merge = [], scoring.merge_topk
+    monkeypatch.setattr(scoring, "merge_topk", lambda b, i, block, lo, k: (
+        widths.append(block.shape[1]), merge(b, i, block, lo, k))[1])
+    monkeypatch.setattr(scoring, "_SEARCH_PAIRS", 7)
+    scores, index = search(queries, PackedEmbeddings.from_list(corpus), 5, backend=backend)
+    assert widths == [2, 2, 1]
+    exact = reference(queries, corpus)
+    for qi in range(len(queries)):
+        order = sorted(range(len(corpus)), key=lambda j: (-round(exact[qi, j].item(), 4), j))
+        assert index[qi].tolist() == order
+        close(scores[qi], exact[qi, order].float())
+
+
 def test_rerank_orders_best_first(gen, backend, device):
     docs = random_docs(gen, [4, 4, 10, 2], 96, device=device)
     query = random_docs(gen, [32], 96, device=device)[0]
@@ -334,6 +354,30 @@ def test_streamed_nan_check_reads_padding_as_the_on_device_one_does(gen, backend
     queries = random_docs(gen, [4], 8, device=device)
     with pytest.raises(ValueError, match="documents contain NaN"):
         search(queries, padded, 2, documents_mask=mask, chunk_size=chunk_size, backend=backend)
+
+
+def test_a_run_of_empty_padded_documents_does_not_grow_a_block(gen, backend, device, streamed):
+    """A padded corpus whose middle documents are all masked (a partly filled buffer): their
+    padding is checked for NaN on the host, not copied inside a block past the row limit."""
+    from colbert_triton import scoring
+
+    lengths = [2, 0, 0, 0, 0, 0, 0, 1, 2]
+    corpus = random_docs(gen, lengths, 8)
+    padded = torch.nn.utils.rnn.pad_sequence(corpus, batch_first=True)  # [9, 2, 8]: 18 rows
+    mask = torch.arange(2)[None, :] < torch.tensor(lengths)[:, None]
+    rows = scoring.as_documents(padded, mask)
+    blocks = [block.shape[0] for _, block, *_ in
+              scoring._host_chunks(rows, 100, torch.device("cpu"), check_finite=True)]
+    assert max(blocks) == 2 and sum(blocks) < 18  # two 8-d fp32 rows a block; the gap not copied
+    queries = random_docs(gen, [3, 3], 8, device=device)
+    exact = reference(queries, corpus)
+    scores, index = search(queries, padded, 9, documents_mask=mask, backend=backend)
+    for qi in range(len(queries)):
+        order = sorted(range(len(corpus)), key=lambda j: (-round(exact[qi, j].item(), 4), j))
+        assert index[qi].tolist() == order
+    padded[4, 1, 3] = float("nan")  # in the gap
+    with pytest.raises(ValueError, match="documents contain NaN"):
+        search(queries, padded, 2, documents_mask=mask, backend=backend)
 
 
 def test_stopping_a_stream_early_releases_it(gen, device, monkeypatch):

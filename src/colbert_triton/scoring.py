@@ -368,6 +368,10 @@ def positive_int(value, name: str) -> int:
 
 # A corpus in host memory goes to the GPU in copies of at most this many bytes (two in flight).
 _STREAM_BYTES = 256 << 20
+# A search chunk holds at most this many (query, document) pairs: its scores and the merge's
+# concatenation and sort take ~28 bytes a pair (3.8 GB here), so 100k queries at once get
+# chunks of 1342 documents, not the 92 GB that 32768 would take.
+_SEARCH_PAIRS = 1 << 27
 
 
 def _device_chunks(docs: DocRows, chunk_size: int):
@@ -436,14 +440,25 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
     ends = np.maximum.accumulate(np.where(nonempty, starts + lengths, 0))
     begins = np.where(nonempty, starts, np.concatenate([[0], ends[:-1]]))
     begins = np.minimum.accumulate(begins[::-1])[::-1]
-    row_bytes = docs.values.element_size() * docs.dim
-    bounds = _chunk_bounds(begins, ends, chunk_size, max(1, _STREAM_BYTES // row_bytes))
-    # The blocks tile all R rows (padding between and after documents included), so the NaN/inf
-    # check reads what the on-device path reads, whatever the block boundaries.
+    row_limit = max(1, _STREAM_BYTES // (docs.values.element_size() * docs.dim))
+    bounds = _chunk_bounds(begins, ends, chunk_size, row_limit)
+    # The blocks are stretched to tile all R rows (padding between and after documents
+    # included), so the NaN/inf check reads what the on-device path reads, whatever the block
+    # boundaries. Rows that would stretch a block past the row limit (a long run of empty padded
+    # documents) are checked on the host instead, never copied.
     num_rows = docs.values.shape[0]
-    bounds = [(lo, hi, 0 if j == 0 else begin,
-               num_rows if j == len(bounds) - 1 else max(end, bounds[j + 1][2]))
-              for j, (lo, hi, begin, end) in enumerate(bounds)]
+    stretched, unscored = [], []
+    for j, (lo, hi, begin, end) in enumerate(bounds):
+        first = 0 if j == 0 else begin
+        last = num_rows if j == len(bounds) - 1 else max(end, bounds[j + 1][2])
+        if last - first > max(row_limit, end - begin):
+            unscored += [(first, begin), (end, last)]
+            first, last = begin, end
+        stretched.append((lo, hi, first, last))
+    bounds = stretched
+    if check_finite:
+        for first, last in unscored:
+            _check_finite(docs.values[first:last], "documents")
     chunk_of_doc = np.repeat(np.arange(len(bounds)), [hi - lo for lo, hi, _, _ in bounds])
     first_row = np.array([begin for _, _, begin, _ in bounds], dtype=np.int64)
     relative_starts = torch.from_numpy(np.where(nonempty, starts - first_row[chunk_of_doc], 0))
@@ -506,8 +521,8 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     """Exact top-k documents of ``corpus`` per query: ``(scores [Q, k'], indices [Q, k'])`` with
     ``k' = min(k, N)``.
 
-    The corpus is scored in chunks of ``chunk_size`` documents and merged into a running top-k,
-    so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
+    The corpus is scored in chunks of ``chunk_size`` documents (fewer when Q x chunk_size
+    passes 2^27 pairs) and merged into a running top-k, so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
     broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     With CUDA queries the corpus may stay in host memory (larger than the GPU's): it is then
     streamed to the GPU once, in blocks of at most 256 MB, each copied while the previous one
@@ -520,6 +535,7 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
                        documents_mask=documents_mask, host_corpus_ok=True)
     k = min(k, len(docs))
+    chunk_size = min(chunk_size, max(1, _SEARCH_PAIRS // q.shape[0]))
     if _streams_host_corpus(q, docs):
         chunks = _host_chunks(docs, chunk_size, q.device, check_finite=check_inputs)
     else:
