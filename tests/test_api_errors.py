@@ -120,8 +120,9 @@ def test_rerank_query_mask_of_the_wrong_shape():
     ([torch.randn(1, 4, 16)], DOCS, r"queries\[0\] must be 2-D \[tokens, dim\], got shape \(1, 4, 16\)"),
     (torch.randn(0, 4, 16), DOCS, "queries is empty"),
     (QUERIES, [], "documents is empty"),
+    (torch.randn(2, 4, 0), torch.randn(3, 5, 0), "embeddings have dim 0"),
 ], ids=["4-D-queries", "4-D-documents", "1-D-queries", "1-D-documents", "3-D-list-item", "no-queries",
-        "no-documents-list"])
+        "no-documents-list", "dim-0"])
 def test_inputs_of_the_wrong_rank_or_empty(queries, documents, message):
     with pytest.raises(ValueError, match=message):
         score(queries, documents)

@@ -274,6 +274,11 @@ def test_an_empty_corpus_gives_empty_results(backend, device, form):
     assert scores.dtype == torch.float32 and index.dtype == torch.int64
     assert score(queries, empty, backend=backend).shape == (3, 0)
     assert rerank(queries[0], empty, backend=backend) == []
+    # Candidates into an empty corpus can only be unused slots (-1): they score -inf.
+    unused = score_candidates(queries, empty, torch.full((3, 2), -1, device=device), backend=backend)
+    assert unused.shape == (3, 2) and bool((unused == float("-inf")).all())
+    with pytest.raises(ValueError, match="candidate indices must lie in"):
+        score_candidates(queries, empty, torch.zeros(3, 1, dtype=torch.int64, device=device), backend=backend)
 
 
 @pytest.mark.parametrize("lengths, chunk_size, max_rows", [

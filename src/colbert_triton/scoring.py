@@ -193,6 +193,8 @@ def _streams_host_corpus(queries: torch.Tensor, docs: DocRows) -> bool:
 def _check_pair(queries: torch.Tensor, docs: DocRows, host_corpus_ok: bool = False) -> None:
     if queries.shape[-1] != docs.dim:
         raise ValueError(f"queries have dim {queries.shape[-1]} but documents have dim {docs.dim}")
+    if docs.dim == 0:
+        raise ValueError("embeddings have dim 0: there is nothing to score")
     if queries.dtype != docs.values.dtype:
         raise TypeError(
             f"queries are {queries.dtype} but documents are {docs.values.dtype}: cast one side"
@@ -334,6 +336,8 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     if cand.numel() and (int(cand.max()) >= len(docs) or int(cand.min()) < -1):
         raise ValueError(f"candidate indices must lie in [0, {len(docs)}) (or -1 for an empty slot)")
     unused = cand < 0
+    if len(docs) == 0:  # every slot is -1 (checked above): nothing to gather
+        return torch.full(cand.shape, float("-inf"), device=q.device)
     safe = cand.clamp(min=0)
     scores = maxsim(q, docs.values, docs.starts[safe], docs.lengths[safe], backend=backend)
     return scores.masked_fill(unused, float("-inf"))
