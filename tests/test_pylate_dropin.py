@@ -185,3 +185,43 @@ def test_backend_names_resolve_as_in_pylate(ref, monkeypatch):
     monkeypatch.setenv("PYLATE_SCORES_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend must be one of"):
         dropin.colbert_scores(q, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_masks_take_part_in_the_result_dtype(ref, backend):
+    """PyLate multiplies the masks in: float16 embeddings with float32 masks give float32 scores,
+    with bool masks float16."""
+    q, d, g = _data(seed=7)
+    qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
+    q, d = q.half(), d.half()
+    for masks in ((qm, dm), (qm.bool(), dm.bool()), (None, dm), (qm, None)):
+        expected = ref.colbert_scores(q.float(), d.float(), *masks, backend="torch")
+        expected_dtype = ref.colbert_scores(q, d, *masks, backend="torch").dtype  # PyLate in fp16
+        got = dropin.colbert_scores(*moved(backend, q, d, *masks), backend=backend)
+        assert got.dtype == expected_dtype
+        torch.testing.assert_close(got.cpu().float(), expected, atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_flow_as_in_pylate(ref, backend):
+    """PyLate trains through these functions; the kernel has no backward pass, so inputs that
+    need gradients take PyLate's formula on every backend name: same scores, same gradients."""
+    q, d, g = _data(seed=8)
+    qm, dm = _masks(g, 3, 6, 5, 7, "interior")
+    q_ref, d_ref = q.clone().requires_grad_(), d.clone().requires_grad_()
+    ref.colbert_scores(q_ref, d_ref, qm, dm, backend="torch").sum().backward()
+    q_ours, d_ours, qm, dm = moved(backend, q, d, qm, dm)
+    q_ours.requires_grad_()
+    d_ours.requires_grad_()
+    dropin.colbert_scores(q_ours, d_ours, qm, dm, backend=backend).sum().backward()
+    torch.testing.assert_close(q_ours.grad.cpu(), q_ref.grad)
+    torch.testing.assert_close(d_ours.grad.cpu(), d_ref.grad)
+    pair = dropin.colbert_scores_pairwise([q_ours[0]], [d_ours[0]], backend=backend)
+    assert pair.requires_grad
+
+
+def test_the_rest_of_pylate_scores_resolves_to_pylate(ref):
+    for name in ("ColBERTScores", "SimilarityFunction", "XTRScores", "xtr_scores"):
+        assert getattr(dropin, name) is getattr(ref, name)
+    with pytest.raises(AttributeError, match="has no attribute 'colbert_scorez'"):
+        dropin.colbert_scorez  # noqa: B018

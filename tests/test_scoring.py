@@ -475,3 +475,21 @@ def test_finite_check_reads_every_block(monkeypatch):
         assert not scoring.all_finite(bad)
         assert not scoring.all_finite(bad.t())  # not contiguous: blocks of whole rows
     assert scoring.all_finite(torch.zeros(0, 8)) and scoring.all_finite(torch.tensor(1.0))
+
+
+def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
+    """The Triton kernel has no backward pass: named, it refuses such inputs; chosen by default
+    (as on CUDA once it is the default), they take the PyTorch path and gradients flow."""
+    from colbert_triton import scoring
+
+    queries = random_docs(gen, [4, 4], 16)[0].unsqueeze(0).requires_grad_()
+    corpus = random_docs(gen, [3, 5], 16)
+    if "triton" in BACKENDS:
+        with pytest.raises(ValueError, match="no backward pass"):
+            score(queries, corpus, backend="triton")
+    monkeypatch.setattr(scoring, "resolve_backend", lambda device, backend: "triton")
+    scores = score(queries, corpus)
+    scores.sum().backward()
+    assert queries.grad is not None and bool(queries.grad.abs().sum() > 0)
+    with torch.no_grad():  # no gradients wanted: the kernel may run
+        assert not scoring.needs_grad(queries)

@@ -19,12 +19,14 @@ equals multiplying its similarities), each document loops to its last unmasked s
 the CUDA default (see README, "Status"), ``"torch"`` PyLate's formula, and ``"triton"`` our
 kernel. PyLate's ``"flash"`` and ``"lik"`` name its optional CUDA kernels (flash-maxsim,
 late-interaction-kernels); here they select our kernel, with PyLate's results (its
-zero-padding semantics included). The result has PyLate's dtype (that of the inputs); the kernel accumulates in
-float32 before the cast (float64 inputs are scored in float32 on the kernel path).
+zero-padding semantics included). The result has PyLate's dtype (that of the inputs and float
+masks); the kernel accumulates in float32 before the cast (float64 inputs are scored in float32
+on the kernel path). Inputs that need gradients take PyLate's formula whatever the backend.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TypedDict
 
@@ -32,6 +34,24 @@ import numpy as np
 import torch
 
 from . import scoring
+
+
+# The rest of ``pylate.scores``: training-side classes and the XTR scores, which this module does
+# not reimplement; they resolve to PyLate's own (module __getattr__ below), so code written
+# against ``pylate.scores`` keeps working after the import is changed.
+_PYLATE_ONLY = ("ColBERTScores", "SimilarityFunction", "XTRScores", "XTRKDScores", "xtr_scores",
+                "xtr_kd_scores")
+
+
+def __getattr__(name: str):
+    if name in _PYLATE_ONLY:
+        try:
+            scores = importlib.import_module("pylate.scores")
+        except ImportError:
+            raise AttributeError(f"colbert_triton.pylate.{name} is PyLate's own (not reimplemented "
+                                 f"here): install pylate to use it") from None
+        return getattr(scores, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RerankResult(TypedDict):
@@ -81,7 +101,12 @@ def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
     for t in tensors[1:]:
         if t.device != device:
             raise ValueError(f"inputs are on different devices: {device} and {t.device}")
-    return scoring.resolve_backend(device, backend)
+    resolved = scoring.resolve_backend(device, backend)
+    if resolved == "triton" and scoring.needs_grad(*tensors):
+        # The kernel has no backward pass; PyLate's every backend has one (its losses train
+        # through these functions): its differentiable formula gives the same scores.
+        return "torch"
+    return resolved
 
 
 def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: int, d_dims: int) -> None:
@@ -157,7 +182,12 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     dm = _mask(documents_mask, d.shape[:-1], d.device, "documents_mask")
     if _backend(backend, q, d) == "torch":
         return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
+    # PyLate multiplies the masks into the similarities: they take part in the result's dtype
+    # (fp16 embeddings with float32 masks give float32 scores; bool and integer masks do not).
     result_dtype = torch.result_type(q, d)
+    for mask in (qm, dm):
+        if mask is not None:
+            result_dtype = torch.promote_types(result_dtype, mask.dtype)
     q, d = _kernel_dtype(q), _kernel_dtype(d)
     if qm is not None:
         q = q * qm.to(q.dtype).unsqueeze(-1)
@@ -196,7 +226,7 @@ def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: s
         raise ValueError("no pairs to score")
     for q, d in zip(queries, documents):
         _check_embeddings(q, d, 2, 2)
-    if _backend(backend, queries[0], documents[0]) == "torch":
+    if _backend(backend, *queries, *documents) == "torch":
         return torch.stack([torch.einsum("sh,th->st", q, d).max(axis=-1).values.sum()
                             for q, d in zip(queries, documents)])
     scores = scoring.score_pairwise(queries, documents, backend="triton")

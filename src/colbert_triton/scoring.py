@@ -8,7 +8,8 @@ Conventions (the same on every backend):
 - a query row that is masked out (or zero padding of a shorter query) contributes 0;
 - an empty document (no rows) scores 0.0: each query row's max over nothing is taken as 0,
   never -inf, so scores stay finite;
-- scores are float32, accumulated in float32 whatever the input dtype.
+- scores are float32; the kernel and the CPU path accumulate in float32 whatever the input
+  dtype (the PyTorch path on CUDA rounds each 16-bit similarity to its dtype first, as PyLate).
 
 On CUDA tensors the Triton kernels in `colbert_triton.kernels.maxsim` do the work; elsewhere the
 plain PyTorch implementation below (also the eager baseline of the benchmarks).
@@ -280,11 +281,25 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
     return out
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would track a result computed from these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, backend=None,
            max_length: int | None = None) -> torch.Tensor:
     """Dispatch to the Triton kernel or the PyTorch implementation; arguments as the kernel's
-    (``max_length``: the longest document if the caller knows it, else None)."""
-    if resolve_backend(queries.device, backend) == "triton":
+    (``max_length``: the longest document if the caller knows it, else None).
+
+    The kernel has no backward pass: inputs that need gradients take the PyTorch path when no
+    backend is named, and are an error with ``backend="triton"``."""
+    chosen = resolve_backend(queries.device, backend)
+    if chosen == "triton" and needs_grad(queries, doc_values):
+        if backend == "triton":
+            raise ValueError("the Triton MaxSim kernel has no backward pass: score inputs that need "
+                             "gradients with backend='torch' (or under torch.no_grad())")
+        chosen = "torch"
+    if chosen == "triton":
         from .kernels.maxsim import maxsim as maxsim_triton
 
         return maxsim_triton(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
