@@ -44,13 +44,17 @@ def _tokenized_ahead(tokenize, texts: list[str], chunks: list[np.ndarray]):
         yield run(chunks[0])
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="colbert-tokenize") as pool:
-        futures = [pool.submit(run, index) for index in chunks]
+        # One chunk in flight: the next is tokenized while the caller encodes this one, and no
+        # more (a corpus tokenized far ahead would sit in host memory, ~16 bytes a token).
+        pending = pool.submit(run, chunks[0])
         try:
-            for future in futures:
-                yield future.result()
+            for index in chunks[1:]:
+                ready = pending.result()
+                pending = pool.submit(run, index)
+                yield ready
+            yield pending.result()
         finally:  # the caller stopped early (an error): tokenize nothing more
-            for future in futures:
-                future.cancel()
+            pending.cancel()
 
 
 def _pick_device(device) -> torch.device:
