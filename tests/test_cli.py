@@ -103,3 +103,86 @@ def test_argument_errors_are_one_line(stanford_dir, docs_file, tmp_path, capsys)
     code = main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
                  "--output", str(tmp_path)])
     assert code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_txt_lines_end_at_newlines_only(stanford_dir, tmp_path, capsys):
+    """Ids are line numbers as `wc -l` counts them: a form feed (pdftotext), U+2028, U+0085 or a
+    lone CR inside a line keep it one line; CRLF lines lose their CR; a BOM is not text."""
+    from colbert_triton.cli import read_texts
+
+    docs = tmp_path / "seps.txt"
+    docs.write_bytes("alpha\u2028beta\nsecond\fformfeed\x1cx\nthird\x85nel\rcr\nhello there\n".encode())
+    assert read_texts(str(docs), "documents") == (
+        [0, 1, 2, 3], ["alpha\u2028beta", "second\fformfeed\x1cx", "third\x85nel\rcr", "hello there"])
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"\xef\xbb\xbffirst\r\n\r\nsecond\r\n")
+    assert read_texts(str(crlf), "documents") == ([0, 2], ["first", "second"])
+    # The reviewer's command: the fourth line is id 3.
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs),
+                 "--query", "hello there", "-k", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["id"] == 3
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: still one line."""
+    from colbert_triton.cli import read_texts
+
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "g\fh"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert read_texts(str(path), "documents") == ([0, 1, 2, 3], texts)
+
+
+def test_jsonl_with_a_bom_and_an_upper_case_suffix(tmp_path):
+    from colbert_triton.cli import read_texts
+
+    path = tmp_path / "docs.JSONL"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "first"}\r\n{"text": "second"}\r\n')
+    assert read_texts(str(path), "documents") == (["a", 1], ["first", "second"])
+
+
+def test_upper_case_safetensors_suffix_is_an_encoded_corpus(tmp_path, capsys, monkeypatch):
+    from colbert_triton import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("model loaded first"))
+    garbage = tmp_path / "docs.SafeTensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert main(["rank", "--documents", str(garbage), "--query", "x"]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lines, message", [
+    # An explicit id and a line without one that gets the same id (its line number from 0).
+    (['{"id": 1, "text": "a"}', '{"text": "b"}'],
+     'dup.jsonl: duplicate id 1 on lines 1 and 2 (lines counted from 1; a line without an "id"'),
+    (['{"text": "a"}', '{"text": "b"}', '{"id": 0, "text": "c"}'], "dup.jsonl: duplicate id 0 on lines 1 and 3"),
+    (['{"id": "x", "text": "a"}', "", '{"id": "x", "text": "b"}'], 'dup.jsonl: duplicate id "x" on lines 1 and 3'),
+    (['{"id": 2, "text": "a"}', '{"id": 2.0, "text": "b"}'], "dup.jsonl: duplicate id 2.0 on lines 1 and 2"),
+    (['{"id": [1, {"a": 1, "b": 2}], "text": "a"}', '{"id": [1, {"b": 2, "a": 1}], "text": "b"}'],
+     "dup.jsonl: duplicate id [1, {"),
+])
+def test_duplicate_jsonl_ids_are_an_error(tmp_path, capsys, monkeypatch, lines, message):
+    from colbert_triton import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("model loaded first"))
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(cli.InputError) as error:
+        cli.read_texts(str(path), "documents")
+    assert str(error.value).startswith(f"{tmp_path}/{message}")
+    explicit_only = all('"id"' in line for line in lines if line)
+    assert ("line without" in str(error.value)) != explicit_only
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a document\n")
+    for args in (["--documents", str(path), "--query", "x"], ["--documents", str(docs), "--queries", str(path)]):
+        assert main(["rank", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_distinct_json_ids_are_not_duplicates(tmp_path):
+    from colbert_triton.cli import read_texts
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"id": true, "text": "a"}\n{"id": 1, "text": "b"}\n{"id": "1", "text": "c"}\n'
+                    '{"id": [1], "text": "d"}\n{"id": "[1]", "text": "e"}\n{"id": null, "text": "f"}\n')
+    assert read_texts(str(path), "documents")[0] == [True, 1, "1", [1], "[1]", None]

@@ -58,6 +58,17 @@ def test_ids_stay_out_of_the_header(tmp_path, make_id):
             assert f.get_tensor("ids").dtype == torch.int64
 
 
+def test_ids_come_back_equal_from_any_sequence(tmp_path):
+    """load_embeddings gives back a list equal to the ids saved (a tuple of ids is a sequence of
+    ids; a tuple as one id is refused, see test_save_errors)."""
+    path = tmp_path / "e.safetensors"
+    for ids, expected in [(("a", "b", "c"), ["a", "b", "c"]), (range(3), [0, 1, 2]),
+                          ((i for i in (7, 8, 9)), [7, 8, 9]),
+                          ([["a", 1], {"k": [2]}, 1.5], [["a", 1], {"k": [2]}, 1.5])]:
+        save_embeddings(path, _packed([1, 2, 1]), ids=ids)
+        assert load_embeddings(path).ids == expected
+
+
 def test_default_ids_are_positions(tmp_path):
     path = tmp_path / "e.safetensors"
     save_embeddings(path, _packed([2, 2, 1]))
@@ -70,6 +81,15 @@ def test_default_ids_are_positions(tmp_path):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"ids": [1, 2]}, ValueError, "2 ids for 3 items"),
     ({"ids": [object(), 1, 2]}, TypeError, "JSON-serialisable"),
+    # A string is not a list of ids (it would be one id per character), nor is a set (no order).
+    ({"ids": "abc"}, TypeError, "ids must be a list .* with one id per item, got str"),
+    ({"ids": b"abc"}, TypeError, "ids must be a list .* with one id per item, got bytes"),
+    ({"ids": {"a", "b", "c"}}, TypeError, "with one id per item, got set"),
+    ({"ids": 3}, TypeError, "with one id per item, got int"),
+    ({"ids": torch.tensor(3)}, TypeError, "with one id per item, got a 0-d array"),
+    # Ids that JSON would give back changed, not equal to the caller's.
+    ({"ids": ["a", ("b", 1), "c"]}, TypeError, r"ids\[1\] = \('b', 1\) would come back .* as \['b', 1\]"),
+    ({"ids": ["a", {1: "x"}, "c"]}, TypeError, r"ids\[1\] = \{1: 'x'\} would come back .* as \{'1': 'x'\}"),
     ({"metadata": {"layout": "x"}}, ValueError, "reserved"),
     ({"metadata": {"n": 1}}, TypeError, "strings to strings"),
 ])

@@ -6,10 +6,11 @@
     colbert-triton rank --documents docs.safetensors --queries queries.txt   # encoded once
 
 Inputs are text files with one text per line (ids are line numbers, from 0; blank lines are
-skipped but keep their numbers) or JSONL files with an ``id`` and a ``text`` per line (ids
-default to line numbers, from 0); ``rank`` also takes the documents as a ``.safetensors`` file
-written by ``encode`` (checked to come from the same model). ``rank`` prints one JSON
-line per query: ``{"query_id", "query", "results": [{"rank", "id", "score"}, ...]}``.
+skipped but keep their numbers; lines end at "\\n" only) or JSONL files with an ``id`` and a
+``text`` per line (ids default to line numbers, from 0; two lines with one id are an error);
+``rank`` also takes the documents as a ``.safetensors`` file written by ``encode`` (checked to
+come from the same model). ``rank`` prints one JSON line per query:
+``{"query_id", "query", "results": [{"rank", "id", "score"}, ...]}``.
 """
 
 from __future__ import annotations
@@ -32,31 +33,63 @@ def read_texts(path: str, what: str) -> tuple[list, list[str]]:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{what} file not found: {path}")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    ids, texts = [], []
-    if file.suffix == ".jsonl":
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as bad:
-                raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f'{path}:{number}: expected an object with a string "text" field')
-            ids.append(record.get("id", number - 1))
-            texts.append(record["text"])
+    lines = _read_lines(file, path)
+    if file.suffix.lower() == ".jsonl":
+        ids, texts = _read_jsonl(lines, path)
     else:
-        for number, line in enumerate(lines):
-            if line.strip():
-                ids.append(number)
-                texts.append(line)
+        numbered = [(number, line) for number, line in enumerate(lines) if line.strip()]
+        ids, texts = [n for n, _ in numbered], [line for _, line in numbered]
     if not texts:
         raise InputError(f"{path}: no {what} in the file")
     return ids, texts
+
+
+def _read_lines(file: Path, path: str) -> list[str]:
+    """The file's lines, split at line feeds only: ids are line numbers as `wc -l`, `grep -n`
+    and editors count them, so a form feed (pdftotext writes them), U+2028 or U+0085 inside a
+    line does not split it (str.splitlines would), nor does a lone carriage return (the bytes
+    are decoded without newline translation). A CRLF line loses its CR; a leading UTF-8 BOM
+    is dropped."""
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the final newline ends the last line; it does not start another
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _read_jsonl(lines: list[str], path: str) -> tuple[list, list[str]]:
+    ids, texts, first_line = [], [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f'{path}:{number}: expected an object with a string "text" field')
+        id_ = record.get("id", number - 1)
+        # Results name documents by id only: two lines with one id could not be told apart.
+        seen = first_line.setdefault(_id_key(id_), (number, "id" in record))
+        if seen[0] != number:
+            note = "" if seen[1] and "id" in record else (
+                ' (lines counted from 1; a line without an "id" has its line number from 0 as id)')
+            raise InputError(f"{path}: duplicate id {json.dumps(id_)} on lines {seen[0]} and {number}{note}")
+        ids.append(id_)
+        texts.append(record["text"])
+    return ids, texts
+
+
+def _id_key(id_):
+    """What makes two JSON ids the same: 1 and 1.0 are one number (JavaScript and Python dict
+    keys cannot tell them apart), true is not 1 (JSON has booleans), lists and objects go by
+    their content."""
+    if isinstance(id_, (list, dict)):
+        return ("json", json.dumps(id_, sort_keys=True))
+    return ("bool", id_) if isinstance(id_, bool) else id_
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +135,7 @@ def _load_model(args):
 def _rank(args, out) -> None:
     if args.top_k < 1:
         raise InputError("-k must be at least 1")
-    encoded_corpus = Path(args.documents).suffix == ".safetensors"
+    encoded_corpus = Path(args.documents).suffix.lower() == ".safetensors"
     if encoded_corpus:
         if not Path(args.documents).is_file():
             raise InputError(f"documents file not found: {args.documents}")

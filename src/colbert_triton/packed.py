@@ -156,13 +156,34 @@ def check_output_path(path) -> None:
         raise ValueError(f"output directory does not exist: {path.parent}")
 
 
+def _ids_list(ids) -> list:
+    """The ids as a list of Python values (numpy and torch scalars made plain)."""
+    # A string iterates as its characters and a set in no set order: neither is an id per item.
+    if isinstance(ids, (str, bytes, bytearray, set, frozenset)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"ids must be a list (or another sequence) with one id per item, got {type(ids).__name__}")
+    if hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars
+        ids = ids.tolist()
+        if not isinstance(ids, list):  # a 0-d array
+            raise TypeError("ids must be a list (or another sequence) with one id per item, got a 0-d array")
+        return ids
+    return [i.item() if hasattr(i, "item") and not isinstance(i, (str, bytes)) else i for i in ids]
+
+
 def _ids_tensor(ids: list) -> tuple[str, torch.Tensor]:
     if all(type(i) is int and _INT64[0] <= i <= _INT64[1] for i in ids):
         return "ids", torch.tensor(ids, dtype=torch.int64)
     try:
         text = json.dumps(ids)
-    except TypeError as bad:
+    except (TypeError, ValueError) as bad:  # ValueError: a list or dict that contains itself
         raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
+    # Ids that JSON changes (a tuple comes back a list, dict keys strings) would not match the
+    # caller's own once loaded: refused here rather than found different later.
+    stored = json.loads(text)
+    if stored != ids:
+        i = next(i for i, (a, b) in enumerate(zip(stored, ids)) if a != b)
+        raise TypeError(f"ids[{i}] = {ids[i]!r} would come back from the file as {stored[i]!r} (ids are "
+                        "stored as JSON: a tuple comes back a list, dict keys strings); give ids that JSON "
+                        "keeps as they are, such as strings, numbers or lists")
     return "ids_json", torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 
@@ -170,20 +191,17 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
                     metadata: dict[str, str] | None = None) -> None:
     """Write packed embeddings (on any device; stored as they are, dtype kept) to a safetensors file.
 
-    ``ids``: one JSON-serialisable id per item (default 0 .. n - 1). ``metadata``: extra string
-    entries; "layout" is reserved.
+    ``ids``: a list (or array) of one id per item (default 0 .. n - 1), each one that JSON keeps
+    as it is (``load_embeddings`` gives back an equal list): strings, numbers, None, lists and
+    dicts with string keys; a tuple (it would come back a list) is an error. ``metadata``: extra
+    string entries; "layout" is reserved.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if not isinstance(embeddings, PackedEmbeddings):
         raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
-    if ids is None:
-        ids = list(range(len(embeddings)))
-    elif hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars
-        ids = ids.tolist()
-    else:
-        ids = [i.item() if hasattr(i, "item") and not isinstance(i, (str, bytes)) else i for i in ids]
+    ids = list(range(len(embeddings))) if ids is None else _ids_list(ids)
     if len(ids) != len(embeddings):
         raise ValueError(f"{len(ids)} ids for {len(embeddings)} items")
     extra = dict(metadata or {})
