@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import build_pylate, build_stanford
@@ -191,3 +192,37 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     assert _pick_device(None) == torch.device("cuda", 2)
     assert _pick_device("cuda:1") == torch.device("cuda", 1)
     assert _pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("file, changes, message", [
+    ("artifact.metadata", [1, 2], "artifact.metadata: expected a JSON object of settings, got list"),
+    ("artifact.metadata", {"dim": "x"}, "artifact.metadata: dim must be an integer, got 'x'"),
+    ("artifact.metadata", {"query_maxlen": "32"}, "artifact.metadata: query_maxlen must be an integer"),
+    ("artifact.metadata", {"mask_punctuation": "no"}, "artifact.metadata: mask_punctuation must be true or false"),
+    ("artifact.metadata", {"query_token_id": 5}, "artifact.metadata: query_token_id must be a string"),
+    ("tokenizer_config.json", {"do_lower_case": "yes"}, "do_lower_case must be true or false"),
+], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text"])
+def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
+    copy = _corrupt(tmp_path, stanford_dir, "settings")
+    path = copy / file
+    data = changes if isinstance(changes, list) else {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir):
+    copy = tmp_path / "p"
+    shutil.copytree(pylate_dir, copy)
+    path = copy / "config_sentence_transformers.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "skiplist_words": "!?"}))
+    with pytest.raises(CheckpointError, match="config_sentence_transformers.json: skiplist_words must be a list"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_lengths_given_at_load_must_be_integers(stanford_dir):
+    for bad in (8.9, "32", True):
+        with pytest.raises(ValueError, match="query_maxlen must be an integer"):
+            ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=bad)
+    model = ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=np.int64(16))
+    assert model.settings.query_maxlen == 16

@@ -18,13 +18,20 @@ def test_non_string_inputs_are_rejected(model):
         model.encode_queries("a bare string")
     with pytest.raises(TypeError, match="list of strings"):
         model.encode_documents(42)
+    with pytest.raises(TypeError, match="got a dict"):
+        model.encode_documents({"id1": "a text"})
+    # A lone surrogate (e.g. from a badly decoded file) is named before anything is encoded.
+    with pytest.raises(ValueError, match=r"documents\[1\] is not valid Unicode"):
+        model.encode_documents(["fine", "broken \ud800 text"])
 
 
 def test_empty_list_and_bad_batch_size(model):
     with pytest.raises(ValueError, match="empty"):
         model.encode_documents([])
-    with pytest.raises(ValueError, match="batch_size"):
-        model.encode_queries(["x"], batch_size=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            model.encode_queries(["x"], batch_size=bad)
+    assert len(model.encode_queries(["x", "y"], batch_size=np.int64(1))) == 2
 
 
 def test_long_text_is_truncated_like_the_references(model):

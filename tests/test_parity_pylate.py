@@ -1,5 +1,7 @@
 """Encoding, scoring and reranking against PyLate 1.6.0 loading the same checkpoint directories."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,87 @@ def test_stanford_mask_punctuation_false_keeps_punctuation(tmp_path):
     path = build_stanford(tmp_path / "s", metadata={"mask_punctuation": False})
     tokens = ColBERT.from_pretrained(path, device="cpu").tokenizer.documents(["a, b!"])
     assert tokens.keep[0].tolist() == list(range(len(tokens.sequences[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files that set how texts are read: PyLate (transformers' BertTokenizer and
+# sentence-transformers' Transformer module) is the reference for each.
+
+ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
+             "[MASK] and [unused0] and [UNUSED0] [Unused1] [sep] [SEP]", "  padded  ", "x[Q] ",
+             "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world"]
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _add_special_markers(path):
+    """tokenizer.json lists the markers as special, unnormalised added tokens of its own."""
+    data = json.loads(path.read_text())
+    data["added_tokens"] += [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, t in ((1, "[unused0]"), (2, "[unused1]"))]
+    path.write_text(json.dumps(data))
+
+
+SETTINGS_FILES = {
+    # tokenizer_config.json rules the normalisation, whatever tokenizer.json's normalizer says
+    "cased": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", do_lower_case=False)),
+    "accents-kept": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", strip_accents=False)),
+    "no-chinese-split": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", tokenize_chinese_chars=False)),
+    # sentence-transformers lowercases texts itself (a literal [MASK] is then a word)
+    "st-lowercase": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "sentence_bert_config.json",
+                                                    do_lower_case=True)),
+    # an added token already in tokenizer.json keeps its own flags
+    "special-markers": ("stanford", lambda d: _add_special_markers(d / "tokenizer.json")),
+    # a null setting counts as unset, as in PyLate
+    "null-settings": ("pylate", lambda d: _edit_json(d / "config_sentence_transformers.json",
+                                                     do_query_expansion=None, query_length=None,
+                                                     skiplist_words=None)),
+    "null-metadata": ("stanford", lambda d: _edit_json(d / "artifact.metadata", query_maxlen=None,
+                                                       query_token_id=None, doc_maxlen=None)),
+}
+
+
+@pytest.mark.parametrize("case", SETTINGS_FILES)
+def test_checkpoint_settings_files_read_as_pylate_reads_them(tmp_path, stanford_dir, pylate_dir, case):
+    import shutil
+
+    models = require_reference("pylate.models")
+    layout, edit = SETTINGS_FILES[case]
+    path = tmp_path / case
+    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path)
+    edit(path)
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    _assert_same_tokens_and_embeddings(ours, ref, ODD_TEXTS)
+
+
+def _assert_same_tokens_and_embeddings(ours, ref, texts):
+    for is_query in (True, False):
+        theirs = ref.tokenize(texts, is_query=is_query)
+        mine = ours.tokenizer.queries(texts) if is_query else ours.tokenizer.documents(texts)
+        for i, text in enumerate(texts):
+            attn = theirs["attention_mask"][i].bool()
+            ids = theirs["input_ids"][i]
+            expanded = is_query and ref.do_query_expansion
+            assert mine.sequences[i].tolist() == (ids if expanded else ids[attn]).tolist(), text
+        encode = ours.encode_queries if is_query else ours.encode_documents
+        for text, a, b in zip(texts, encode(texts), ref.encode(texts, is_query=is_query)):
+            torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0, msg=text)
+
+
+def test_pylates_default_markers_with_a_space(tmp_path, pylate_dir):
+    """A checkpoint saved by PyLate with its default markers "[Q] " / "[D] " (new tokens, the
+    embedding grown): texts are stripped as sentence-transformers strips them, so a marker
+    written at a text's end is read as PyLate reads it."""
+    models = require_reference("pylate.models")
+    saved = tmp_path / "default-markers"
+    models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu", query_prefix="[Q] ",
+                   document_prefix="[D] ").save(str(saved))
+    ref = models.ColBERT(model_name_or_path=str(saved), device="cpu")
+    ours = ColBERT.from_pretrained(saved, device="cpu")
+    assert ours.settings.query_prefix == "[Q] " and ours.tokenizer.query_marker == [ref.query_prefix_id]
+    _assert_same_tokens_and_embeddings(ours, ref, ODD_TEXTS)

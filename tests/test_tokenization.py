@@ -8,10 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from texts import DOCUMENTS, LONG, QUERIES
+from tokenizers import Tokenizer
 
 from colbert_triton.model.tokenization import ColBERTTokenizer
 
-TEXTS = ["", "!!! ... ,,,", "a", LONG * 3, "What, exactly, is [unused1] late-interaction?",
+TEXTS = ["", "!!! ... ,,,", " a ", LONG * 3, "What, exactly, is [unused1] late-interaction?",
          *QUERIES[:3], *DOCUMENTS[:3]]
 
 
@@ -23,6 +24,9 @@ def _reference(tokenizer: ColBERTTokenizer, texts, is_query: bool):
     budget = (s.query_maxlen if is_query else s.doc_maxlen) - len(head) - 1
     sequences, key_lens, keep = [], [], []
     for text in texts:
+        text = text.strip()  # as sentence-transformers does before tokenizing
+        if s.lowercase_texts:
+            text = text.lower()
         pieces = tok.encode(text, add_special_tokens=False).ids if budget > 0 else []
         ids = head + pieces[:budget] + [tokenizer.sep_id]
         key_lens.append(len(ids))
@@ -37,8 +41,9 @@ def _reference(tokenizer: ColBERTTokenizer, texts, is_query: bool):
 
 def _variant(model, **changes) -> ColBERTTokenizer:
     base = model.tokenizer
-    return ColBERTTokenizer(ColBERTTokenizer._truncating(base._doc_tok, 0), replace(base.settings, **changes),
-                            max_positions=512)
+    tokenizer = Tokenizer.from_str(base._doc_tok.to_str())
+    tokenizer.no_truncation()
+    return ColBERTTokenizer(tokenizer, replace(base.settings, **changes), max_positions=512)
 
 
 SETTINGS = {
@@ -49,6 +54,7 @@ SETTINGS = {
     "no room for words": {"query_maxlen": 3, "doc_maxlen": 3},
     "one word": {"query_maxlen": 4, "doc_maxlen": 4},
     "long": {"query_maxlen": 64, "doc_maxlen": 512},
+    "lowercased texts": {"lowercase_texts": True},
 }
 
 

@@ -17,6 +17,7 @@ huggingface_hub's cache, which honours ``HF_HUB_OFFLINE``), with an optional ``r
 from __future__ import annotations
 
 import json
+import numbers
 import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,8 +97,14 @@ class ColBERTSettings:
     attend_to_mask_tokens: bool = False
     do_query_expansion: bool = True
     skiplist_words: tuple[str, ...] = PUNCTUATION
+    # sentence-transformers' `do_lower_case` (sentence_bert_config.json): texts lowercased in
+    # Python before tokenizing, so a literal [MASK] in a text is no longer the special token.
+    lowercase_texts: bool = False
 
     def with_lengths(self, query_maxlen: int | None, doc_maxlen: int | None) -> "ColBERTSettings":
+        for name, value in (("query_maxlen", query_maxlen), ("doc_maxlen", doc_maxlen)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         return replace(
             self,
             query_maxlen=self.query_maxlen if query_maxlen is None else int(query_maxlen),
@@ -105,30 +112,69 @@ class ColBERTSettings:
         )
 
     @classmethod
-    def from_stanford_metadata(cls, meta: dict) -> "ColBERTSettings":
+    def from_stanford_metadata(cls, meta: dict, source: str) -> "ColBERTSettings":
         defaults = cls()
+        get = _SettingsFile(meta, source)
         return cls(
-            query_prefix=meta.get("query_token_id", defaults.query_prefix),
-            document_prefix=meta.get("doc_token_id", defaults.document_prefix),
-            query_maxlen=int(meta.get("query_maxlen", defaults.query_maxlen)),
-            doc_maxlen=int(meta.get("doc_maxlen", defaults.doc_maxlen)),
-            attend_to_mask_tokens=bool(meta.get("attend_to_mask_tokens", False)),
-            skiplist_words=PUNCTUATION if meta.get("mask_punctuation", True) else (),
+            query_prefix=get.text("query_token_id", defaults.query_prefix),
+            document_prefix=get.text("doc_token_id", defaults.document_prefix),
+            query_maxlen=get.integer("query_maxlen", defaults.query_maxlen),
+            doc_maxlen=get.integer("doc_maxlen", defaults.doc_maxlen),
+            attend_to_mask_tokens=get.flag("attend_to_mask_tokens", False),
+            skiplist_words=PUNCTUATION if get.flag("mask_punctuation", True) else (),
         )
 
     @classmethod
-    def from_sentence_transformers(cls, config: dict) -> "ColBERTSettings":
+    def from_sentence_transformers(cls, config: dict, source: str,
+                                   lowercase_texts: bool = False) -> "ColBERTSettings":
         defaults = cls()
-        expansion = bool(config.get("do_query_expansion", True))
+        get = _SettingsFile(config, source)
+        expansion = get.flag("do_query_expansion", True)
+        skiplist = get.value("skiplist_words", PUNCTUATION)
+        if not isinstance(skiplist, (list, tuple)) or not all(isinstance(w, str) for w in skiplist):
+            raise CheckpointError(f"{source}: skiplist_words must be a list of strings")
         return cls(
-            query_prefix=config.get("query_prefix", "[Q] "),
-            document_prefix=config.get("document_prefix", "[D] "),
-            query_maxlen=int(config.get("query_length") or defaults.query_maxlen),
-            doc_maxlen=int(config.get("document_length") or defaults.doc_maxlen),
-            attend_to_mask_tokens=expansion and bool(config.get("attend_to_expansion_tokens", False)),
+            query_prefix=get.text("query_prefix", "[Q] "),
+            document_prefix=get.text("document_prefix", "[D] "),
+            # PyLate takes a length of 0 as unset too.
+            query_maxlen=get.integer("query_length", defaults.query_maxlen) or defaults.query_maxlen,
+            doc_maxlen=get.integer("document_length", defaults.doc_maxlen) or defaults.doc_maxlen,
+            attend_to_mask_tokens=expansion and get.flag("attend_to_expansion_tokens", False),
             do_query_expansion=expansion,
-            skiplist_words=tuple(config.get("skiplist_words", PUNCTUATION)),
+            skiplist_words=tuple(skiplist),
+            lowercase_texts=lowercase_texts,
         )
+
+
+class _SettingsFile:
+    """Typed reads of a settings file's keys. As in PyLate, a key set to null counts as unset."""
+
+    def __init__(self, data, source: str):
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+        self.data, self.source = data, source
+
+    def value(self, key: str, default):
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def text(self, key: str, default: str) -> str:
+        value = self.value(key, default)
+        if not isinstance(value, str):
+            raise CheckpointError(f"{self.source}: {key} must be a string, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.value(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{self.source}: {key} must be an integer, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.value(key, default)
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{self.source}: {key} must be true or false, got {value!r}")
+        return value
 
 
 @dataclass
@@ -143,7 +189,7 @@ class Checkpoint:
     head_bias: torch.Tensor | None
     tokenizer_file: Path | None  # tokenizer.json
     vocab_file: Path | None  # vocab.txt, the fallback
-    do_lower_case: bool = True
+    tokenizer_config: dict = field(default_factory=dict)  # tokenizer_config.json (may be empty)
     metadata_dim: int | None = field(default=None)
 
 
@@ -283,8 +329,11 @@ def _tokenizer_files(files: _Files, directory: str):
             raise CheckpointError(
                 f"{files.describe(prefix + 'tokenizer.json')}: missing checkpoint file (no vocab.txt either)"
             )
-    tok_config = files.json(prefix + "tokenizer_config.json", required=False) or {}
-    return tokenizer_file, vocab_file, bool(tok_config.get("do_lower_case", True))
+    where = prefix + "tokenizer_config.json"
+    tok_config = files.json(where, required=False) or {}
+    if not isinstance(tok_config, dict):
+        raise CheckpointError(f"{files.describe(where)}: expected a JSON object")
+    return tokenizer_file, vocab_file, tok_config
 
 
 def _load_dense(files: _Files, directory: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -329,18 +378,22 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, revision: str | None = No
 def _load_stanford(files: _Files) -> Checkpoint:
     config_json = files.json("config.json")
     config = BertConfig.from_json(config_json, files.describe("config.json"))
-    meta = files.json("artifact.metadata", required=False) or {}
-    settings = ColBERTSettings.from_stanford_metadata(meta)
+    meta = files.json("artifact.metadata", required=False)
+    meta = {} if meta is None else meta
+    settings = ColBERTSettings.from_stanford_metadata(meta, files.describe("artifact.metadata"))
     tensors, path = files.tensors("")
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    tokenizer_file, vocab_file, lower = _tokenizer_files(files, "")
+    tokenizer_file, vocab_file, tok_config = _tokenizer_files(files, "")
+    dim = meta.get("dim")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise CheckpointError(f"{files.describe('artifact.metadata')}: dim must be an integer, got {dim!r}")
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
         head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
-        vocab_file=vocab_file, do_lower_case=lower, metadata_dim=meta.get("dim"),
+        vocab_file=vocab_file, tokenizer_config=tok_config, metadata_dim=dim,
     )
 
 
@@ -363,13 +416,20 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     encoder_dir = transformer_dirs[0]
     prefix = f"{encoder_dir}/" if encoder_dir else ""
     config = BertConfig.from_json(files.json(prefix + "config.json"), files.describe(prefix + "config.json"))
-    st_config = files.json("config_sentence_transformers.json", required=False) or {}
-    settings = ColBERTSettings.from_sentence_transformers(st_config)
+    st_config = files.json("config_sentence_transformers.json", required=False)
+    st_config = {} if st_config is None else st_config
+    # sentence-transformers' Transformer module lowercases texts itself when its config says so.
+    sbert_where = prefix + "sentence_bert_config.json"
+    sbert = files.json(sbert_where, required=False)
+    lowercase = _SettingsFile({} if sbert is None else sbert, files.describe(sbert_where)).flag(
+        "do_lower_case", False)
+    settings = ColBERTSettings.from_sentence_transformers(
+        st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
-    tokenizer_file, vocab_file, lower = _tokenizer_files(files, encoder_dir)
+    tokenizer_file, vocab_file, tok_config = _tokenizer_files(files, encoder_dir)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
-        tokenizer_file=tokenizer_file, vocab_file=vocab_file, do_lower_case=lower,
+        tokenizer_file=tokenizer_file, vocab_file=vocab_file, tokenizer_config=tok_config,
     )

@@ -160,12 +160,12 @@ class ColBERT:
         settings = ckpt.settings.with_lengths(query_maxlen, doc_maxlen)
         weights = EncoderWeights.from_checkpoint(ckpt.config, ckpt.encoder_tensors, ckpt.head_weight,
                                                  ckpt.head_bias, ckpt.source)
-        if ckpt.metadata_dim is not None and int(ckpt.metadata_dim) != weights.dim:
+        if ckpt.metadata_dim is not None and ckpt.metadata_dim != weights.dim:
             raise CheckpointError(
                 f"{ckpt.source}: artifact.metadata says dim {ckpt.metadata_dim} but linear.weight "
                 f"projects to {weights.dim}"
             )
-        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.do_lower_case,
+        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.tokenizer_config,
                                                 settings, ckpt.config.max_position_embeddings)
         vocab_rows = weights.word.shape[0]
         top_id = max([tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, *tokenizer.query_marker,
@@ -199,8 +199,7 @@ class ColBERT:
         return self._encode(texts, "documents", batch_size, packed, show_progress)
 
     def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = scoring.positive_int(batch_size, "batch_size")
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
             raise ValueError("nothing to encode: the list of texts is empty")

@@ -16,7 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from .checkpoint import CheckpointError, ColBERTSettings
 
@@ -43,6 +43,8 @@ class TokenizedBatch:
 def check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"{what} must be a list of strings, not a single string (wrap it in a list)")
+    if isinstance(texts, dict):
+        raise TypeError(f"{what} must be a list of strings, got a dict (pass its values() or keys())")
     try:
         texts = list(texts)
     except TypeError:
@@ -50,7 +52,36 @@ def check_texts(texts, what: str) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{what}[{i}] is {type(text).__name__}, expected str")
+    try:
+        "".join(texts).encode("utf-8")  # one pass: the tokenizer takes only valid Unicode
+    except UnicodeEncodeError:
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                raise ValueError(f"{what}[{i}] is not valid Unicode ({bad.reason} at character "
+                                 f"{bad.start})") from None
     return texts
+
+
+def _normalize_as_transformers(tokenizer: Tokenizer, config: dict) -> None:
+    """The text normalisation transformers' BertTokenizer applies (what PyLate and Stanford
+    ColBERT tokenize with): it is built from tokenizer_config.json's do_lower_case (default
+    true), strip_accents and tokenize_chinese_chars (default true), whatever normalizer
+    tokenizer.json holds; the two agree in a well-formed checkpoint."""
+    tokenizer_class = config.get("tokenizer_class")
+    if tokenizer_class is not None and tokenizer_class not in ("BertTokenizer", "BertTokenizerFast"):
+        return  # another tokenizer class: its tokenizer.json is taken as it is
+
+    def setting(key: str, default):
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise CheckpointError(f"tokenizer_config.json: {key} must be true or false, got {value!r}")
+        return default if value is None else value
+
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=setting("tokenize_chinese_chars", True),
+        strip_accents=setting("strip_accents", None), lowercase=setting("do_lower_case", True))
 
 
 class ColBERTTokenizer:
@@ -58,9 +89,11 @@ class ColBERTTokenizer:
         self.settings = settings
         tokenizer.no_padding()
         tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
-        # PyLate registers the markers as added tokens, so a marker written in a text is one token.
+        base = tokenizer.to_str()  # before the markers are added: see _prepared
+        # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
+        # already lists as added keeps its own flags), so a marker written in a text is one token.
         markers = [p for p in (settings.query_prefix, settings.document_prefix) if p]
-        tokenizer.add_tokens([AddedToken(m, normalized=True, special=False) for m in markers])
+        tokenizer.add_tokens(markers)
 
         def token_id(token: str, what: str) -> int:
             found = tokenizer.token_to_id(token)
@@ -97,18 +130,23 @@ class ColBERTTokenizer:
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
                 f"the model's {max_positions} positions"
             )
-        self._query_tok = self._truncating(tokenizer, self._query_budget)
-        self._doc_tok = self._truncating(tokenizer, self._doc_budget)
+        self._query_tok = self._prepared(base, markers, self._query_budget)
+        self._doc_tok = self._prepared(base, markers, self._doc_budget)
 
     @staticmethod
-    def _truncating(tokenizer: Tokenizer, budget: int) -> Tokenizer:
-        tok = Tokenizer.from_str(tokenizer.to_str())
+    def _prepared(base: str, markers: list[str], budget: int) -> Tokenizer:
+        """A tokenizer of its own for one word-piece budget, from the JSON taken before the
+        markers were added, with the markers added as PyLate adds them. (A copy serialised after
+        add_tokens would list a marker the file already had with add_tokens' flags, which the
+        live tokenizer, like PyLate's, does not apply.)"""
+        tok = Tokenizer.from_str(base)
+        tok.add_tokens(markers)
         if budget > 0:
             tok.enable_truncation(max_length=budget)
         return tok
 
     @classmethod
-    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, lowercase: bool,
+    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, tokenizer_config: dict,
                    settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
         if tokenizer_file is not None:
             try:
@@ -121,9 +159,10 @@ class ColBERTTokenizer:
 
             try:
                 vocab = WordPiece.read_file(str(vocab_file))
-                tokenizer = BertWordPieceTokenizer(vocab, lowercase=lowercase)._tokenizer
+                tokenizer = BertWordPieceTokenizer(vocab)._tokenizer
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
+        _normalize_as_transformers(tokenizer, tokenizer_config)
         try:
             return cls(tokenizer, settings, max_positions)
         except CheckpointError as bad:  # name the file that lacks the token
@@ -139,6 +178,12 @@ class ColBERTTokenizer:
         numpy passes over the whole batch cost more than this for one short query.
         """
         if budget > 0 and texts:  # `tok` truncates to the budget
+            # As sentence-transformers' Transformer module (PyLate's tokenizer) prepares them:
+            # stripped (it matters only to a marker with a space in it, such as "[Q] "), and
+            # lowercased where the checkpoint says so.
+            texts = [t.strip() for t in texts]
+            if self.settings.lowercase_texts:
+                texts = [t.lower() for t in texts]
             word_pieces = (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
         else:  # no texts, or a query_maxlen that leaves no room for word pieces
             word_pieces = ([] for _ in texts)
