@@ -18,6 +18,8 @@ def test_non_string_inputs_are_rejected(model):
         model.encode_queries("a bare string")
     with pytest.raises(TypeError, match="list of strings"):
         model.encode_documents(42)
+    with pytest.raises(TypeError, match=r"documents\[1\] is int, expected str"):
+        model.score(["a query"], ["a document", 3])  # texts with a stray non-text: that one named
     with pytest.raises(TypeError, match="got a dict"):
         model.encode_documents({"id1": "a text"})
     # A lone surrogate (e.g. from a badly decoded file) is named before anything is encoded.

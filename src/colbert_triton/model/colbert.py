@@ -316,7 +316,8 @@ class ColBERT:
             items = [items]
         if isinstance(items, np.ndarray) and items.dtype.kind in "UO":
             items = items.tolist()
-        if isinstance(items, (list, tuple)) and items and all(isinstance(t, str) for t in items):
+        if isinstance(items, (list, tuple)) and items and isinstance(items[0], str):
+            # Texts, to encode (a non-text among them is named by check_texts).
             encode = self.encode_queries if is_query else self.encode_documents
             return encode(list(items), batch_size, packed=not is_query)
         return items
