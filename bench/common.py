@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 RECORDS: list[dict] = []
 # A dry pass (BENCH_DRY=1, bench/conftest.py) runs every case once and times nothing.
 DRY_RUN = os.environ.get("BENCH_DRY") == "1"
+
 
 @functools.lru_cache(maxsize=1)
 def device_peaks() -> dict:
@@ -42,47 +45,129 @@ def floor_ms(*, flops: float = 0.0, bytes_moved: float = 0.0) -> tuple[float, st
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
+_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100/H200: 50 MB), as do_bench's flush
+
+
 def time_cuda(fn, *, flush: bool, warmup_ms: float = 25, rep_ms: float = 200,
-              estimate_ms: float | None = None) -> dict:
+              estimate_ms: float | None = None, min_calls: int = 5) -> dict:
     """Median/p20/p80 milliseconds of one call, CUDA events around each call.
 
-    flush: `triton.testing.do_bench`, which zeroes a 256 MB buffer (the L2 flushed) before each
-    call. Otherwise back to back, warm-up first; at least 5 timed calls, more while they fit in
-    rep_ms. estimate_ms (e.g. the flushed median) skips the 5-call estimate: a device session's
-    minutes go to calls that count (an end-to-end encode can take a second).
+    flush: a 256 MB buffer is zeroed before each call (the L2 flushed), as
+    `triton.testing.do_bench` does; otherwise back to back. Warm-up first, then at least
+    ``min_calls`` timed calls, more while they fit in rep_ms (do_bench itself would take a single
+    sample of a call longer than rep_ms). estimate_ms skips the 3-call estimate.
     """
-    import triton.testing
-
-    if flush:
-        median, p20, p80 = triton.testing.do_bench(
-            fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]
-        )
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+    cache = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush else None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if estimate_ms is None:
         fn()
         torch.cuda.synchronize()
         start.record()
-        for _ in range(5):
+        for _ in range(3):
             fn()
         end.record()
         torch.cuda.synchronize()
-        estimate_ms = start.elapsed_time(end) / 5
+        estimate_ms = start.elapsed_time(end) / 3
     estimate_ms = max(estimate_ms, 1e-3)
     n_warm = max(1, int(warmup_ms / estimate_ms))
-    n_rep = max(5, min(2000, int(rep_ms / estimate_ms)))
+    n_rep = max(min_calls, min(2000, int(rep_ms / estimate_ms)))
     for _ in range(n_warm):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for s, e in zip(starts, ends):
+        if cache is not None:
+            cache.zero_()
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
-    times = torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)])
-    q = torch.quantile(times, torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)], calls=n_rep)
+
+
+def time_wall(fn, *, warmup_ms: float = 25, rep_ms: float = 300, min_calls: int = 20) -> dict:
+    """Median/p20/p80 milliseconds of one call as its caller waits for it: the GPU synchronised
+    before the clock starts and after the call. For calls whose host work (tokenizing, packing,
+    launching) is part of what is measured: CUDA events would see only the GPU's share when the
+    next call's host work overlaps this call's kernels."""
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate_ms = max((time.perf_counter() - begin) * 1e3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    times = []
+    for _ in range(max(min_calls, min(2000, int(rep_ms / estimate_ms)))):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return _quantiles(times, calls=len(times))
+
+
+def _quantiles(times_ms: list[float], calls: int) -> dict:
+    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8],
+                                                                                 dtype=torch.float64))
+    return {"median_ms": q[0].item(), "p20_ms": q[1].item(), "p80_ms": q[2].item(), "calls": calls}
+
+
+class Measure:
+    """The `measure` fixture's callable (bench/conftest.py):
+    measure(fn, suite=, shape=, impl=, floor_ms=None, floor_kind=None, ours=False,
+            variant=False, wall=False, **extra) -> the record (``tokens=`` among the extras adds
+            ``tokens_per_s`` from the median the reports compare).
+
+    GPU work is timed with CUDA events twice, L2 flushed before each call (``cold``, the number
+    the reports compare) and back to back (``warm``); ``wall=True`` times host + GPU as a caller
+    waits for it (end-to-end and single-text latency), once, reported in both fields. Every
+    record is also appended at once to ``partial_path`` (a step stopped mid-way keeps what it
+    measured). The first call in a test also runs under pytest-benchmark (rounds of back-to-back
+    calls closed by a synchronize), which takes one measurement per test.
+    """
+
+    def __init__(self, benchmark=None, partial_path: Path | None = None):
+        self.benchmark, self.partial_path = benchmark, partial_path
+
+    def __call__(self, fn, *, suite: str, shape: str, impl: str, floor_ms=None, floor_kind=None,
+                 ours: bool = False, variant: bool = False, wall: bool = False, **extra) -> dict:
+        if DRY_RUN:
+            fn()
+            torch.cuda.synchronize()
+            return {"cold": None, "warm": {"median_ms": float("nan")}}
+        if wall:
+            cold = warm = time_wall(fn)
+        else:
+            cold = time_cuda(fn, flush=True, min_calls=10)
+            warm = time_cuda(fn, flush=False, estimate_ms=cold["median_ms"])
+        if self.benchmark is not None:
+            self._pytest_benchmark(fn, f"{suite} | {shape}", warm["median_ms"],
+                                   {"impl": impl, "cold": cold, "warm": warm, **extra})
+            self.benchmark = None
+        record = {"suite": suite, "shape": shape, "impl": impl, "ours": ours, "variant": variant,
+                  "timing": "wall" if wall else "cuda-events", "cold": cold, "warm": warm,
+                  "floor_ms": floor_ms, "floor_kind": floor_kind, **extra}
+        if extra.get("tokens"):
+            record["tokens_per_s"] = extra["tokens"] / (cold["median_ms"] / 1e3)
+        RECORDS.append(record)
+        if self.partial_path is not None:
+            with self.partial_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _pytest_benchmark(self, fn, group: str, warm_ms: float, info: dict) -> None:
+        calls = max(1, min(200, int(20.0 / max(warm_ms, 1e-3))))
+        slow = warm_ms > 50  # already timed many times over: fewer pytest-benchmark rounds
+
+        def rounds():
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+
+        self.benchmark.group = group
+        self.benchmark.extra_info.update({**info, "calls_per_round": calls})
+        self.benchmark.pedantic(rounds, rounds=3 if slow else 5, warmup_rounds=0 if slow else 1)
 
 
 def git_commit() -> str:
@@ -103,7 +188,8 @@ def versions() -> dict:
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda}
-    for name in ("triton", "transformers", "pylate", "flash-maxsim", "late-interaction-kernels"):
+    for name in ("triton", "transformers", "tokenizers", "sentence-transformers", "pylate",
+                 "flash-maxsim", "late-interaction-kernels"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -128,8 +214,10 @@ def format_report(records: list[dict]) -> str:
                 floor = r.get("floor_ms")
                 frac = f"{floor / r['cold']['median_ms']:.0%}" if floor else "-"
                 floor_txt = f"{floor:.4f} ({r.get('floor_kind')})" if floor else "-"
+                role = " (ours)" if r["ours"] else " (variant)" if r.get("variant") else ""
+                clock = " [wall clock]" if r.get("timing") == "wall" else ""
                 lines.append(
-                    f"| {shape} | {r['impl']}{' (ours)' if r['ours'] else ' (variant)' if r.get('variant') else ''} | "
+                    f"| {shape} | {r['impl']}{role}{clock} | "
                     f"{r['cold']['median_ms']:.4f} | {r['warm']['median_ms']:.4f} | {ratio} | "
                     f"{floor_txt} | {frac} |"
                 )

@@ -1,15 +1,18 @@
 """Shared machinery of the GPU benchmark suites.
 
-Every benchmark goes through the `measure` fixture, which
+Every benchmark goes through the `measure` fixture (`common.Measure`), which
 - times the callable on the GPU with CUDA events after warm-up, median of many runs, once with
-  the L2 cache flushed before each run (``cold``, `triton.testing.do_bench`) and once back to
-  back (``warm``);
-- also runs it under pytest-benchmark (rounds of back-to-back calls closed by a synchronize),
-  so the usual pytest-benchmark tables and ``--benchmark-json`` work;
-- records the result, with the shape, the implementation and the physical floor, for the
-  session report: a JSON file in ``bench/results/`` named by date, device and commit, with the
-  versions, and a table (per shape: each implementation's median, ratio to ours, our fraction
-  of the floor) printed at the end and written next to it as Markdown.
+  the L2 cache flushed before each run (``cold``) and once back to back (``warm``), or, for
+  calls whose host work counts (``wall=True``: end to end, one text), by the wall clock with
+  the GPU synchronised around each call;
+- also runs the first measurement of each test under pytest-benchmark (rounds of back-to-back
+  calls closed by a synchronize), so the usual pytest-benchmark tables and ``--benchmark-json``
+  work;
+- records the result, with the shape, the implementation and the physical floor, appended at
+  once to a ``*_partial-<pid>.jsonl`` file, and at the end in the session report: a JSON file
+  in ``bench/results/`` named by date, device and commit, with the versions, and a table (per
+  shape: each implementation's median, ratio to ours, our fraction of the floor) printed at the
+  end and written next to it as Markdown; the partial file is then removed.
 
 Benchmarks need CUDA; elsewhere the whole folder is skipped.
 
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import (DRY_RUN, RECORDS, RESULTS_DIR, device_peaks, format_report, git_commit,
-                    time_cuda, versions)
+from common import (DRY_RUN, RECORDS, RESULTS_DIR, Measure, device_peaks, format_report, git_commit,
+                    versions)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,41 +43,35 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+_STARTED = _dt.datetime.now(_dt.timezone.utc)
+
+
+def _out_dir() -> Path:
+    return Path(os.environ.get("BENCH_RESULTS_DIR", RESULTS_DIR))
+
+
+def _stem(now: _dt.datetime, device: str, commit: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
+    return f"{now:%Y-%m-%d}_{slug}_{commit}"
+
+
+def _partial_path() -> Path:
+    """Records are appended here as they are measured; the session's report replaces it at the
+    end. A step stopped before its end (a timeout, a hung kernel) leaves it for summarize.py."""
+    out_dir = _out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return out_dir / f"{_stem(_STARTED, device, git_commit())}_partial-{os.getpid()}.jsonl"
+
+
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, suite=, shape=, impl=, floor_ms=None, floor_kind=None, ours=False, **extra)."""
-
-    def run(fn, *, suite: str, shape: str, impl: str, floor_ms=None, floor_kind=None,
-            ours: bool = False, **extra):
-        if DRY_RUN:
-            fn()
-            torch.cuda.synchronize()
-            return {"cold": None, "warm": {"median_ms": float("nan")}}
-        cold = time_cuda(fn, flush=True)
-        warm = time_cuda(fn, flush=False, estimate_ms=cold["median_ms"])
-        calls = max(1, min(200, int(20.0 / max(warm["median_ms"], 1e-3))))
-        slow = warm["median_ms"] > 50  # already timed many times over: fewer pytest-benchmark rounds
-
-        def rounds():
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-
-        benchmark.group = f"{suite} | {shape}"
-        benchmark.extra_info.update(
-            {"impl": impl, "calls_per_round": calls, "cold": cold, "warm": warm, **extra}
-        )
-        benchmark.pedantic(rounds, rounds=3 if slow else 5, warmup_rounds=0 if slow else 1)
-        record = {
-            "suite": suite, "shape": shape, "impl": impl, "ours": ours,
-            "cold": cold, "warm": warm, "floor_ms": floor_ms, "floor_kind": floor_kind, **extra,
-        }
-        RECORDS.append(record)
-        return record
-
-    return run
+    """measure(fn, suite=, shape=, impl=, floor_ms=None, floor_kind=None, ours=False,
+    variant=False, wall=False, **extra): common.Measure; any number of calls per test."""
+    return Measure(benchmark, None if DRY_RUN else _partial_path())
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's own, which may raise
 def pytest_sessionfinish(session, exitstatus):
     if not RECORDS:
         return
@@ -83,12 +80,12 @@ def pytest_sessionfinish(session, exitstatus):
     commit = git_commit()
     payload = {"device": device, "date": now.isoformat(timespec="seconds"), "commit": commit,
                "versions": versions(), "peaks": device_peaks(), "records": RECORDS}
-    out_dir = Path(os.environ.get("BENCH_RESULTS_DIR", RESULTS_DIR))
+    out_dir = _out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device).strip("-").lower()
     suites = "-".join(sorted({r["suite"] for r in RECORDS}))
-    stem = f"{now:%Y-%m-%d}_{slug}_{commit}_{suites}"
+    stem = f"{_stem(now, device, commit)}_{suites}"
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    _partial_path().unlink(missing_ok=True)  # the report holds every record
     table = (f"# {suites} on {device}, {now:%Y-%m-%d}, commit {commit}\n\n"
              f"versions: {json.dumps(payload['versions'])}\n"
              f"measured ceilings: {payload['peaks']['flops'] / 1e12:.0f} TFLOP/s bf16 GEMM, "

@@ -41,6 +41,9 @@ EPS = 1e-12
 TARGET_TOKENS = 16384
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 DEVICE = "cuda"  # a module constant so tests/test_bench_smoke.py can dry-run the cases on the CPU
+# Other configurations of our own kernels, candidates for the defaults: reported beside ours,
+# never as the best other implementation.
+VARIANTS = ("cublas+triton-epilogue", "triton-rational-erf")
 
 
 def _doc_lengths() -> list[int]:
@@ -109,7 +112,7 @@ def _measure_all(measure, impls: dict, *, shape: str, floor, ours: str, **extra)
             assert error < 0.1, f"{shape}: {name} is off TorchOps by {error:.2e} (worst row, relative)"
     for name, fn in impls.items():
         measure(fn, suite=SUITE, shape=shape, impl=name, floor_ms=floor_value,
-                floor_kind=floor_kind, ours=name == ours, **extra)
+                floor_kind=floor_kind, ours=name == ours, variant=name in VARIANTS, **extra)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from conftest import require_reference
 
 # Appended, not prepended: bench/ has a conftest.py of its own that must not shadow this one.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench" / "device"))
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="on a GPU the benchmarks themselves run (bench/)")
@@ -188,3 +189,58 @@ def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):
     wrong[5] = torch.nn.functional.normalize(wrong[5].float() + 0.1 * torch.randn(96), dim=0).to(wrong.dtype)
     with pytest.raises(AssertionError, match="worst-token cosine error"):
         bench.check_against_reference(models, batch, wrong, "ours-triton")
+
+
+# --------------------------------------------------------------------------------------------
+# The measuring itself (bench/common.py: Measure), with the GPU timers stubbed
+
+
+def test_measure_times_several_implementations_per_test_and_keeps_each_record_at_once(tmp_path, monkeypatch):
+    """pytest-benchmark takes one measurement per test: only the first call goes to it, every
+    call is timed and recorded, each record appended to the partial file as it is taken (a
+    stopped step keeps them), which summarize.py reads."""
+    import json
+
+    import common
+    import summarize
+
+    calls = []
+    monkeypatch.setattr(common, "time_cuda", lambda fn, **kw: (fn(), {"median_ms": 2.0, "calls": 10})[1])
+    monkeypatch.setattr(common, "time_wall", lambda fn, **kw: (fn(), {"median_ms": 3.0, "calls": 20})[1])
+    monkeypatch.setattr(common, "RECORDS", [])
+    monkeypatch.setattr(common, "DRY_RUN", False)
+
+    class OneUseBenchmark:
+        group, extra_info, used = None, {}, 0
+
+        def pedantic(self, fn, rounds, warmup_rounds):
+            self.used += 1
+            assert self.used == 1, "pytest-benchmark measures once per test"
+
+    benchmark, partial = OneUseBenchmark(), tmp_path / "2026-12-01_gpu_abc_partial-1.jsonl"
+    measure = common.Measure(benchmark, partial)
+    measure(lambda: calls.append("ours"), suite="s", shape="a", impl="ours", ours=True, tokens=1000,
+            floor_ms=1.0, floor_kind="compute")
+    measure(lambda: calls.append("peer"), suite="s", shape="a", impl="peer")
+    measure(lambda: calls.append("variant"), suite="s", shape="a", impl="ours-alt", variant=True)
+    measure(lambda: calls.append("wall"), suite="s-latency", shape="b", impl="ours", ours=True, wall=True)
+    assert benchmark.used == 1 and calls == ["ours", "ours", "peer", "peer", "variant", "variant", "wall"]
+    records = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert records == common.RECORDS and len(records) == 4
+    assert records[0]["tokens_per_s"] == 1000 / 2e-3 and records[0]["timing"] == "cuda-events"
+    assert records[2]["variant"] and records[3]["timing"] == "wall" and records[3]["cold"]["median_ms"] == 3.0
+    assert summarize.main([str(tmp_path)]) == 0
+
+
+def test_summarize_reads_a_partial_session(tmp_path, capsys):
+    import json
+
+    import summarize
+
+    record = {"suite": "maxsim", "shape": "rerank", "impl": "ours", "ours": True,
+              "cold": {"median_ms": 0.02}, "warm": {"median_ms": 0.02}, "floor_ms": 0.01}
+    peer = {**record, "impl": "lik", "ours": False, "cold": {"median_ms": 0.05}}
+    (tmp_path / "x_partial-7.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(peer) + "\n{cut mid-wr")
+    assert summarize.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PARTIAL" in out and "| maxsim | rerank | 0.0200 | lik | 0.0500 | 2.50 |" in out

@@ -62,6 +62,9 @@ for spec in "$@"; do
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
         -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
     maxsim|encoder|search)
+      # Peers that autotune (late-interaction-kernels keeps its choice on disk) chose during the
+      # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU.
+      find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' -delete 2>/dev/null
       BENCH_RESULTS_DIR="$R/results" timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider \
         -k "$step" --benchmark-json="$R/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
         2>&1 | tee "$R/bench-$step.log" | tail -8 ;;

@@ -1,7 +1,8 @@
 """The short table a device call prints last: per benchmark shape, ours against the best peer.
 
 Reads the session reports the benchmark suites write (``bench/conftest.py``: JSON files holding
-``records``) from a folder and prints, per suite and shape, our cold median, the fastest other
+``records``, and the ``*_partial-*.jsonl`` records of a session stopped before its end) from a
+folder and prints, per suite and shape, our cold median, the fastest other
 implementation and its median, the ratio (> 1: we are faster), eager PyTorch's ratio where it
 ran, our fraction of the physical floor, tokens/s where recorded, and the medians of our kernel's
 variants (other configurations timed beside the default, ``variant`` records). The full tables stay in
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-BASELINES = ("eager", "ours-torch", "hf-sdpa")
+BASELINES = ("eager", "ours-torch", "hf-sdpa", "TorchOps")
 
 
 def summarize(records: list[dict]) -> list[str]:
@@ -69,6 +70,18 @@ def main(argv: list[str]) -> int:
         print(f"\n{path.name}: {payload.get('device')} commit {payload.get('commit')}, "
               f"ceilings {peaks.get('flops', 0) / 1e12:.0f} TFLOP/s, {peaks.get('bytes', 0) / 1e12:.2f} TB/s")
         print("\n".join(summarize(payload["records"])))
+    for path in sorted(folder.glob("*_partial-*.jsonl")):
+        # A session that did not reach its end (stopped, killed) left only what it measured.
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # the last line, cut mid-write
+        if records:
+            found = True
+            print(f"\n{path.name}: PARTIAL (the step stopped before its end), {len(records)} records")
+            print("\n".join(summarize(records)))
     if not found:
         print(f"no benchmark reports in {folder}")
     return 0
