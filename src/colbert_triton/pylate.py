@@ -35,7 +35,6 @@ import torch
 
 from . import scoring
 
-
 # The rest of ``pylate.scores``: training-side classes and the XTR scores, which this module does
 # not reimplement; they resolve to PyLate's own (module __getattr__ below), so code written
 # against ``pylate.scores`` keeps working after the import is changed.
