@@ -141,16 +141,6 @@ def test_jsonl_with_a_bom_and_an_upper_case_suffix(tmp_path):
     assert read_texts(str(path), "documents") == (["a", 1], ["first", "second"])
 
 
-def test_upper_case_safetensors_suffix_is_an_encoded_corpus(tmp_path, capsys, monkeypatch):
-    from colbert_triton import cli
-
-    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("model loaded first"))
-    garbage = tmp_path / "docs.SafeTensors"
-    garbage.write_bytes(b"\x00" * 64)
-    assert main(["rank", "--documents", str(garbage), "--query", "x"]) == 2
-    assert "not a safetensors file" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("lines, message", [
     # An explicit id and a line without one that gets the same id (its line number from 0).
     (['{"id": 1, "text": "a"}', '{"text": "b"}'],

@@ -280,11 +280,12 @@ def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch, st
     assert captured.out == in_memory and "stays in host memory" in captured.err
 
 
-def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["docs.safetensors", "docs.SafeTensors"])  # the suffix in any case
+def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, monkeypatch, name):
     from colbert_triton import cli
 
     monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("model loaded first"))
-    garbage = tmp_path / "docs.safetensors"
+    garbage = tmp_path / name
     garbage.write_bytes(b"\x00" * 64)
     assert main(["rank", "--documents", str(garbage), "--query", "x"]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
