@@ -485,9 +485,10 @@ def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
 
     queries = random_docs(gen, [4, 4], 16)[0].unsqueeze(0).requires_grad_()
     corpus = random_docs(gen, [3, 5], 16)
-    if "triton" in BACKENDS:
+    if "triton" in BACKENDS:  # on the kernel's device: the GPU, or the interpreter's CPU
+        on_kernel_device = queries.detach().to(KERNEL_DEVICE).requires_grad_()
         with pytest.raises(ValueError, match="no backward pass"):
-            score(queries, corpus, backend="triton")
+            score(on_kernel_device, [d.to(KERNEL_DEVICE) for d in corpus], backend="triton")
     monkeypatch.setattr(scoring, "resolve_backend", lambda device, backend: "triton")
     scores = score(queries, corpus)
     scores.sum().backward()
