@@ -85,7 +85,7 @@ def time_cuda(fn, *, flush: bool, warmup_ms: float = 25, rep_ms: float = 200,
     return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)], calls=n_rep)
 
 
-def time_wall(fn, *, warmup_ms: float = 25, rep_ms: float = 300, min_calls: int = 20) -> dict:
+def time_wall(fn, *, warmup_ms: float = 25, rep_ms: float = 300, min_calls: int = 10) -> dict:
     """Median/p20/p80 milliseconds of one call as its caller waits for it: the GPU synchronised
     before the clock starts and after the call. For calls whose host work (tokenizing, packing,
     launching) is part of what is measured: CUDA events would see only the GPU's share when the
