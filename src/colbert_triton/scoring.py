@@ -541,8 +541,8 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     ``k' = min(k, N)``.
 
     The corpus is scored in chunks of ``chunk_size`` documents (fewer when Q x chunk_size
-    passes 2^27 pairs) and merged into a running top-k, so no ``[Q, N]`` matrix is ever held. Results equal a full sort of the exact scores, ties
-    broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
+    passes 2^27 pairs) and merged into a running top-k, so no ``[Q, N]`` matrix is ever held.
+    Results equal a full sort of the exact scores, ties broken by the lower index. ``k`` larger than the corpus returns the whole corpus, sorted.
     With CUDA queries the corpus may stay in host memory (larger than the GPU's): it is then
     streamed to the GPU once, in blocks of at most 256 MB, each copied while the previous one
     is scored and checked for NaN/inf there. A pinned corpus skips a staging copy per block,
