@@ -25,6 +25,7 @@ kernel the timed, serial pass will launch, and the device time of that pass goes
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 from pathlib import Path
@@ -55,6 +56,7 @@ def _stem(now: _dt.datetime, device: str, commit: str) -> str:
     return f"{now:%Y-%m-%d}_{slug}_{commit}"
 
 
+@functools.lru_cache(maxsize=1)  # one file a session (git_commit runs git)
 def _partial_path() -> Path:
     """Records are appended here as they are measured; the session's report replaces it at the
     end. A step stopped before its end (a timeout, a hung kernel) leaves it for summarize.py."""
