@@ -97,10 +97,10 @@ def test_an_error_mid_corpus_stops_the_tokenizer_thread(model, monkeypatch):
     calls = []
     tokenize = model.tokenizer.documents
 
-    def slow_tokenize(texts):
+    def slow_tokenize(texts, **options):
         calls.append(len(texts))
         time.sleep(0.02)
-        return tokenize(texts)
+        return tokenize(texts, **options)
 
     def failing_batch(part):
         raise RuntimeError("encoder failed")
@@ -124,9 +124,9 @@ def test_tokenization_runs_one_chunk_ahead_of_the_encoder(model, monkeypatch):
     tokenize = model.tokenizer.documents
     encode_batch = model._encode_batch
 
-    def counting_tokenize(texts):
+    def counting_tokenize(texts, **options):
         started.append(len(texts))
-        return tokenize(texts)
+        return tokenize(texts, **options)
 
     def slow_batch(part):
         time.sleep(0.005)  # the encoder's time: the worker could run far ahead meanwhile

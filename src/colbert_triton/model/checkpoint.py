@@ -147,7 +147,8 @@ class ColBERTSettings:
 
 
 class _SettingsFile:
-    """Typed reads of a settings file's keys. As in PyLate, a key set to null counts as unset."""
+    """Typed reads of a settings file's keys. As in PyLate, a key set to null counts as unset;
+    a default of None makes the key optional."""
 
     def __init__(self, data, source: str):
         if not isinstance(data, dict):
@@ -160,19 +161,19 @@ class _SettingsFile:
 
     def text(self, key: str, default: str) -> str:
         value = self.value(key, default)
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise CheckpointError(f"{self.source}: {key} must be a string, got {value!r}")
         return value
 
-    def integer(self, key: str, default: int) -> int:
+    def integer(self, key: str, default: int | None) -> int | None:
         value = self.value(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise CheckpointError(f"{self.source}: {key} must be an integer, got {value!r}")
         return value
 
-    def flag(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool | None) -> bool | None:
         value = self.value(key, default)
-        if not isinstance(value, bool):
+        if value is not None and not isinstance(value, bool):
             raise CheckpointError(f"{self.source}: {key} must be true or false, got {value!r}")
         return value
 
@@ -189,7 +190,8 @@ class Checkpoint:
     head_bias: torch.Tensor | None
     tokenizer_file: Path | None  # tokenizer.json
     vocab_file: Path | None  # vocab.txt, the fallback
-    tokenizer_config: dict = field(default_factory=dict)  # tokenizer_config.json (may be empty)
+    # BertNormalizer settings from tokenizer_config.json; None: tokenizer.json's normalizer as is
+    bert_normalizer: dict | None = None
     metadata_dim: int | None = field(default=None)
 
 
@@ -330,10 +332,21 @@ def _tokenizer_files(files: _Files, directory: str):
                 f"{files.describe(prefix + 'tokenizer.json')}: missing checkpoint file (no vocab.txt either)"
             )
     where = prefix + "tokenizer_config.json"
-    tok_config = files.json(where, required=False) or {}
-    if not isinstance(tok_config, dict):
-        raise CheckpointError(f"{files.describe(where)}: expected a JSON object")
-    return tokenizer_file, vocab_file, tok_config
+    tok_config = files.json(where, required=False)
+    return tokenizer_file, vocab_file, _bert_normalizer(
+        _SettingsFile({} if tok_config is None else tok_config, files.describe(where)))
+
+
+def _bert_normalizer(get: _SettingsFile) -> dict | None:
+    """The text normalisation transformers' BertTokenizer applies (what PyLate and Stanford
+    ColBERT tokenize with): built from tokenizer_config.json's do_lower_case (default true),
+    strip_accents and tokenize_chinese_chars (default true), whatever normalizer tokenizer.json
+    holds (the two agree in a well-formed checkpoint). None for another tokenizer class, whose
+    tokenizer.json is taken as it is."""
+    if get.text("tokenizer_class", None) not in (None, "BertTokenizer", "BertTokenizerFast"):
+        return None
+    return {"lowercase": get.flag("do_lower_case", True), "strip_accents": get.flag("strip_accents", None),
+            "handle_chinese_chars": get.flag("tokenize_chinese_chars", True)}
 
 
 def _load_dense(files: _Files, directory: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,20 +393,19 @@ def _load_stanford(files: _Files) -> Checkpoint:
     config = BertConfig.from_json(config_json, files.describe("config.json"))
     meta = files.json("artifact.metadata", required=False)
     meta = {} if meta is None else meta
-    settings = ColBERTSettings.from_stanford_metadata(meta, files.describe("artifact.metadata"))
+    where = files.describe("artifact.metadata")
+    settings = ColBERTSettings.from_stanford_metadata(meta, where)
     tensors, path = files.tensors("")
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    tokenizer_file, vocab_file, tok_config = _tokenizer_files(files, "")
-    dim = meta.get("dim")
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
-        raise CheckpointError(f"{files.describe('artifact.metadata')}: dim must be an integer, got {dim!r}")
+    tokenizer_file, vocab_file, normalizer = _tokenizer_files(files, "")
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
         head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
-        vocab_file=vocab_file, tokenizer_config=tok_config, metadata_dim=dim,
+        vocab_file=vocab_file, bert_normalizer=normalizer,
+        metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
 
 
@@ -427,9 +439,9 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
-    tokenizer_file, vocab_file, tok_config = _tokenizer_files(files, encoder_dir)
+    tokenizer_file, vocab_file, normalizer = _tokenizer_files(files, encoder_dir)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
-        tokenizer_file=tokenizer_file, vocab_file=vocab_file, tokenizer_config=tok_config,
+        tokenizer_file=tokenizer_file, vocab_file=vocab_file, bert_normalizer=normalizer,
     )

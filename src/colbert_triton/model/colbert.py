@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -165,7 +166,7 @@ class ColBERT:
                 f"{ckpt.source}: artifact.metadata says dim {ckpt.metadata_dim} but linear.weight "
                 f"projects to {weights.dim}"
             )
-        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.tokenizer_config,
+        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.bert_normalizer,
                                                 settings, ckpt.config.max_position_embeddings)
         vocab_rows = weights.word.shape[0]
         top_id = max([tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, *tokenizer.query_marker,
@@ -203,7 +204,8 @@ class ColBERT:
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
             raise ValueError("nothing to encode: the list of texts is empty")
-        tokenize = self.tokenizer.queries if kind == "queries" else self.tokenizer.documents
+        tokenize = functools.partial(  # the texts were checked above, once
+            self.tokenizer.queries if kind == "queries" else self.tokenizer.documents, checked=True)
         # Longest first, so each batch holds similar lengths and the first batch shows the peak
         # memory: by characters across chunks (known before tokenizing), by tokens within one.
         by_chars = np.argsort([-len(t) for t in texts], kind="stable")

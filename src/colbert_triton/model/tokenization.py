@@ -64,26 +64,6 @@ def check_texts(texts, what: str) -> list[str]:
     return texts
 
 
-def _normalize_as_transformers(tokenizer: Tokenizer, config: dict) -> None:
-    """The text normalisation transformers' BertTokenizer applies (what PyLate and Stanford
-    ColBERT tokenize with): it is built from tokenizer_config.json's do_lower_case (default
-    true), strip_accents and tokenize_chinese_chars (default true), whatever normalizer
-    tokenizer.json holds; the two agree in a well-formed checkpoint."""
-    tokenizer_class = config.get("tokenizer_class")
-    if tokenizer_class is not None and tokenizer_class not in ("BertTokenizer", "BertTokenizerFast"):
-        return  # another tokenizer class: its tokenizer.json is taken as it is
-
-    def setting(key: str, default):
-        value = config.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise CheckpointError(f"tokenizer_config.json: {key} must be true or false, got {value!r}")
-        return default if value is None else value
-
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=setting("tokenize_chinese_chars", True),
-        strip_accents=setting("strip_accents", None), lowercase=setting("do_lower_case", True))
-
-
 class ColBERTTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int):
         self.settings = settings
@@ -146,8 +126,10 @@ class ColBERTTokenizer:
         return tok
 
     @classmethod
-    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, tokenizer_config: dict,
+    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, bert_normalizer: dict | None,
                    settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
+        """``bert_normalizer``: the BertNormalizer settings transformers would use (see
+        checkpoint._bert_normalizer), or None to keep the file's normalizer."""
         if tokenizer_file is not None:
             try:
                 tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -162,7 +144,8 @@ class ColBERTTokenizer:
                 tokenizer = BertWordPieceTokenizer(vocab)._tokenizer
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
-        _normalize_as_transformers(tokenizer, tokenizer_config)
+        if bert_normalizer is not None:
+            tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
         try:
             return cls(tokenizer, settings, max_positions)
         except CheckpointError as bad:  # name the file that lacks the token
@@ -199,8 +182,9 @@ class ColBERTTokenizer:
         lens = key_lens if pad_to is None else np.full(len(texts), pad_to, dtype=np.int64)
         return np.array(flat, dtype=np.int64), np.cumsum(lens) - lens, key_lens
 
-    def queries(self, texts) -> TokenizedBatch:
-        texts = check_texts(texts, "queries")
+    def queries(self, texts, *, checked: bool = False) -> TokenizedBatch:
+        """``checked``: the caller has already passed ``texts`` through check_texts."""
+        texts = texts if checked else check_texts(texts, "queries")
         s = self.settings
         ids, starts, key_lens = self._pack(
             self._query_tok, texts, self._query_head, self._query_budget,
@@ -210,8 +194,9 @@ class ColBERTTokenizer:
             key_lens = np.full(len(texts), s.query_maxlen, dtype=np.int64)
         return TokenizedBatch(_split(ids, starts), key_lens, None)
 
-    def documents(self, texts) -> TokenizedBatch:
-        texts = check_texts(texts, "documents")
+    def documents(self, texts, *, checked: bool = False) -> TokenizedBatch:
+        """``checked``: the caller has already passed ``texts`` through check_texts."""
+        texts = texts if checked else check_texts(texts, "documents")
         ids, starts, key_lens = self._pack(self._doc_tok, texts, self._doc_head, self._doc_budget, None)
         # Rows kept (not punctuation) as indices within each text, from one pass over all tokens.
         kept = np.flatnonzero(~self._skip_table[ids])
