@@ -5,6 +5,9 @@ checks the padding layout (empty sequence slots, the dummy sequence, the static 
 a GPU the captured graphs are replayed and compared with the eager path.
 """
 
+import threading
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -65,14 +68,65 @@ def test_bucket_buffers_are_16_byte_aligned(torch_model):
             assert tensor.data_ptr() % 16 == 0, (bucket.num_tokens, bucket.num_seqs)
 
 
+def test_buckets_need_the_triton_ops(torch_model):
+    with pytest.raises(ValueError, match="Triton ops"):
+        GraphedEncoder(torch_model.weights, TorchOps(), torch.device(KERNEL_DEVICE), buckets=((64, 2),),
+                       capture=False)
+
+
+def test_concurrent_calls_do_not_share_a_bucket(torch_model, monkeypatch):
+    """Two threads on one model: each call holds the bucket from its fill to its output's copy
+    (without that, thread A's forward read thread B's ids from the shared buffers)."""
+    started = threading.Event()
+
+    def slow_forward(bucket, weights, ops):  # a wide window between the fill and the copy-out
+        started.set()
+        threading.Event().wait(0.05)
+        return bucket.dev_long[: bucket.num_tokens].clone().float()[:, None]
+
+    monkeypatch.setattr("colbert_triton.model.graphs._Bucket.forward", slow_forward)
+    graphed = GraphedEncoder(torch_model.weights, TritonOps(), torch.device("cpu"), buckets=((64, 2),),
+                             capture=False)
+    seen = {}
+
+    def call(token):
+        seen[token] = graphed.run([np.full(32, token)], np.array([32]), None)[:, 0].unique().tolist()
+
+    first = threading.Thread(target=call, args=(1111,))
+    first.start()
+    started.wait()
+    second = threading.Thread(target=call, args=(2222,))
+    second.start()
+    first.join()
+    second.join()
+    assert seen == {1111: [1111.0], 2222: [2222.0]}
+
+
+def _count_replays(model, monkeypatch) -> list[int]:
+    replays = [0]
+    for bucket in model._graphs.buckets:
+        graph = bucket.graph
+
+        class Counted:
+            def replay(self, graph=graph):
+                replays[0] += 1
+                graph.replay()
+
+        monkeypatch.setattr(bucket, "graph", Counted())
+    return replays
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype):
-    graphed = ColBERT.from_pretrained(stanford_dir, device="cuda", dtype=dtype, backend="triton")
+def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype, monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that failed and fell back to eager
+        graphed = ColBERT.from_pretrained(stanford_dir, device="cuda", dtype=dtype, backend="triton")
     eager = ColBERT.from_pretrained(stanford_dir, device="cuda", dtype=dtype, backend="triton",
                                     cuda_graphs=False)
     assert graphed._graphs is not None and eager._graphs is None
+    replays = _count_replays(graphed, monkeypatch)
     # A bucket and the eager batch may take different attention tiles (chosen by the bucket's
     # size, or the batch's longest sequence), so their 16-bit roundings differ, by about the
     # dtype's epsilon: 2e-3 in float16, 8x that in bfloat16 (3 fewer mantissa bits). A stale
@@ -80,14 +134,27 @@ def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype):
     atol = 2e-3 * torch.finfo(dtype).eps / torch.finfo(torch.float16).eps
     rng = np.random.default_rng(0)
     words = "late interaction keeps one vector per token and sums the best matches".split()
-    for n in (1, 2, 3, 7, 16, 40):
+    for n in (1, 2, 3, 7, 16, 40, 16, 3, 1):  # buckets refilled with smaller batches too
         texts = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(n)]
         for encode in ("encode_queries", "encode_documents"):
             a = getattr(graphed, encode)(texts)
             b = getattr(eager, encode)(texts)
             for x, y in zip(a, b):
                 torch.testing.assert_close(x, y, atol=atol, rtol=0)
+    assert replays[0] >= 18, replays  # each of those batches fits a bucket
     # Back-to-back calls must not see each other's buffers.
     first = graphed.encode_queries(["first query"])[0]
     graphed.encode_queries(["a different second query"])
     torch.testing.assert_close(first, eager.encode_queries(["first query"])[0], atol=atol, rtol=0)
+    # Nor calls made on other streams, unsynchronised: the model's stream orders them.
+    texts = [["first query"], ["a different second query"], ["a third, longer query about late interaction"]]
+    expected = [eager.encode_queries(t)[0] for t in texts]
+    streams = [torch.cuda.Stream() for _ in texts]
+    outputs = []
+    for _ in range(3):
+        for stream, t in zip(streams, texts):
+            with torch.cuda.stream(stream):
+                outputs.append(graphed.encode_queries(t)[0])
+    torch.cuda.synchronize()
+    for i, out in enumerate(outputs):
+        torch.testing.assert_close(out, expected[i % len(texts)], atol=atol, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
 from dataclasses import fields
@@ -140,7 +141,11 @@ class ColBERT:
             from .graphs import GraphedEncoder
 
             # Small batches (one query, a few documents) replay a captured forward: warmed here.
-            self._graphs = GraphedEncoder(self.weights, self.ops, device)
+            try:
+                self._graphs = GraphedEncoder(self.weights, self.ops, device)
+            except RuntimeError as failed:  # a capture refused here (a profiler, a debugger, ...)
+                warnings.warn(f"CUDA graphs could not be captured ({failed}); small batches run "
+                              "the Triton forward eagerly", RuntimeWarning, stacklevel=3)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, revision: str | None = None,

@@ -12,10 +12,17 @@ Filling a bucket with a smaller batch, without changing any kernel's grid:
 - ``max_seqlen`` is ``T_b``, an upper bound for any sequence, so attention's grid is fixed;
 - the head gathers the kept rows through a static row index padded with row 0.
 Attention never mixes sequences and every other op is row-wise, so the padding cannot change
-the real rows. Graphs share one memory pool and are replayed one at a time.
+the real rows.
+
+The buckets' buffers and the graphs' shared memory pool are one set per model: a call holds the
+model's lock from filling a bucket until its output's copy is queued, and runs on the model's
+own stream (ordered after the caller's stream, which then waits for it), so callers on other
+threads or other streams cannot overwrite each other's inputs or outputs.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -32,6 +39,10 @@ from .ops import PackedBatch
 
 # (tokens, sequences) per bucket: a single query needs 32 tokens, a 300-token document 300.
 DEFAULT_BUCKETS = ((64, 2), (128, 4), (256, 8), (512, 16), (1024, 32), (2048, 64))
+
+# CUDA supports one stream capture at a time in a process: models loading on several threads
+# capture in turn.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class _Bucket:
@@ -110,11 +121,15 @@ class GraphedEncoder:
 
     def __init__(self, weights: EncoderWeights, ops, device: torch.device,
                  buckets=DEFAULT_BUCKETS, capture: bool = True):
+        if ops.name != "triton":  # the buckets fill only what the Triton ops read (not the host lengths)
+            raise ValueError(f"CUDA-graph buckets run the Triton ops, got {ops.name!r}")
         self.weights, self.ops, self.device = weights, ops, torch.device(device)
+        self._lock = threading.Lock()
         max_len = weights.config.max_position_embeddings
         # Events, streams, captures and replays belong to the current device: make it ours.
         head_dim, dtype = weights.config.head_dim, weights.word.dtype
         with on_device(self.device):
+            self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             self.buckets = [_Bucket(t, s, self.device, head_dim, dtype) for t, s in sorted(buckets)]
             for bucket in self.buckets:
                 # A filler batch that uses every slot, so warm-up runs touch realistic shapes.
@@ -125,8 +140,17 @@ class GraphedEncoder:
                 self._capture()
 
     def _capture(self) -> None:
+        with _CAPTURE_LOCK:
+            caller = torch.cuda.current_stream(self.device)
+            try:
+                self._capture_buckets()
+            finally:
+                # A capture that fails inside torch.cuda.graph's exit leaves its stream current.
+                torch.cuda.set_stream(caller)
+
+    def _capture_buckets(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for bucket in self.buckets:  # compile every kernel variant outside the capture
@@ -155,12 +179,23 @@ class GraphedEncoder:
         if bucket is None:
             return None
         rows = np.arange(total) if rows is None else rows
-        with on_device(self.device):
-            bucket.fill(sequences, key_lens, rows)
-            if bucket.graph is None:  # capture disabled: run the same padded batch eagerly
-                out = bucket.forward(self.weights, self.ops)
-            else:
-                bucket.graph.replay()
-                out = bucket.out
-            # The static output is overwritten by the next replay: hand back a copy.
-            return out[: len(rows)].clone()
+        with self._lock, on_device(self.device):
+            if self._stream is None:
+                return self._replay(bucket, sequences, key_lens, rows)
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                out = self._replay(bucket, sequences, key_lens, rows)
+            caller.wait_stream(self._stream)
+            out.record_stream(caller)  # made on our stream, used on the caller's
+            return out
+
+    def _replay(self, bucket: _Bucket, sequences, key_lens, rows) -> torch.Tensor:
+        bucket.fill(sequences, key_lens, rows)
+        if bucket.graph is None:  # capture disabled: run the same padded batch eagerly
+            out = bucket.forward(self.weights, self.ops)
+        else:
+            bucket.graph.replay()
+            out = bucket.out
+        # The static output is overwritten by the next replay: hand back a copy.
+        return out[: len(rows)].clone()
