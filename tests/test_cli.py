@@ -63,6 +63,9 @@ def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, mode
     ("", "no documents"),
     ('{"text": "ok"}\n{broken\n', "docs.jsonl:2: invalid JSON"),
     ('{"id": 1}\n', 'string "text" field'),
+    # Python's json reads these; JSON has no such values (the results would hold them).
+    ('{"text": "ok"}\n{"id": NaN, "text": "x"}\n', "docs.jsonl:2: NaN is not a JSON value"),
+    ('{"id": [-Infinity], "text": "x"}\n', "docs.jsonl:1: -Infinity is not a JSON value"),
 ])
 def test_input_errors(stanford_dir, tmp_path, capsys, content, message):
     path = tmp_path / "docs.jsonl"
@@ -77,7 +80,7 @@ def test_input_errors(stanford_dir, tmp_path, capsys, content, message):
 def test_model_errors(tmp_path, docs_file, capsys):
     code = main(["rank", "--model", str(tmp_path / "nothing"), "--documents", str(docs_file), "--query", "x"])
     assert code == 2 and "no such checkpoint directory" in capsys.readouterr().err
-    code = main(["encode", "--model", str(tmp_path), "--input", str(docs_file), "--output", str(tmp_path / "o.st")])
+    code = main(["encode", "--model", str(tmp_path), "--input", str(docs_file), "--output", str(tmp_path / "o.safetensors")])
     assert code == 2 and "config.json" in capsys.readouterr().err
 
 

@@ -38,6 +38,9 @@ def test_numpy_and_tensor_ids_are_stored_as_numbers(tmp_path):
     for ids in (np.arange(10, 13), torch.tensor([4, 5, 6]), [np.int64(1), np.int32(2), "x"]):
         save_embeddings(path, _packed([1, 2, 1]), ids=ids)
         assert load_embeddings(path).ids == (ids.tolist() if hasattr(ids, "tolist") else [1, 2, "x"])
+    # An object array keeps numpy scalars in tolist(): made plain too.
+    save_embeddings(path, _packed([1, 2, 1]), ids=np.array([np.int64(3), "y", np.float32(0.5)], dtype=object))
+    assert load_embeddings(path).ids == [3, "y", 0.5]
 
 
 @pytest.mark.parametrize("make_id", [int, lambda i: f"doc-{i:08d}"], ids=["int", "str"])
@@ -90,6 +93,10 @@ def test_default_ids_are_positions(tmp_path):
     # Ids that JSON would give back changed, not equal to the caller's.
     ({"ids": ["a", ("b", 1), "c"]}, TypeError, r"ids\[1\] = \('b', 1\) would come back .* as \['b', 1\]"),
     ({"ids": ["a", {1: "x"}, "c"]}, TypeError, r"ids\[1\] = \{1: 'x'\} would come back .* as \{'1': 'x'\}"),
+    # JSON has no NaN or infinity: a file holding them would give results no JSON reader takes.
+    ({"ids": ["a", float("nan"), "c"]}, TypeError, r"ids\[1\] = nan: NaN and infinite ids"),
+    ({"ids": ["a", "b", float("-inf")]}, TypeError, r"ids\[2\] = -inf: NaN and infinite ids"),
+    ({"ids": ["a", [float("inf")], "c"]}, TypeError, "JSON-serialisable"),
     ({"metadata": {"layout": "x"}}, ValueError, "reserved"),
     ({"metadata": {"n": 1}}, TypeError, "strings to strings"),
 ])
@@ -97,6 +104,28 @@ def test_save_errors(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         save_embeddings(tmp_path / "e.safetensors", _packed([1, 1, 1]), **kwargs)
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_saving_keeps_links_and_modes_as_open_would(tmp_path):
+    """safetensors writes a private temporary file and renames it over the path: the file's
+    mode (a new file: 0o666 less the umask) and a symbolic link at the path are kept."""
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.safetensors"
+        save_embeddings(fresh, _packed([1, 2]))
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        fresh.chmod(0o640)
+        save_embeddings(fresh, _packed([2]))
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and load_embeddings(fresh).ids == [0]
+    finally:
+        os.umask(old_umask)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(fresh)
+    save_embeddings(link, _packed([1, 1, 1]))
+    assert link.is_symlink() and len(load_embeddings(fresh).ids) == 3
 
 
 def test_save_path_errors(tmp_path):
@@ -256,6 +285,11 @@ def test_cli_saved_corpus_errors(stanford_dir, tmp_path, capsys):
                  "--kind", "queries", "--input", str(queries), "--output", str(encoded)]) == 0
     assert main(["rank", *common, "--documents", str(encoded)]) == 2
     assert "holds queries, not documents" in capsys.readouterr().err
+    # rank reads a corpus file by its suffix: encode writes only such files.
+    assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--no-progress",
+                 "--input", str(queries), "--output", str(tmp_path / "docs.emb")]) == 2
+    assert "--output must be a .safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "docs.emb").exists()
 
 
 def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch, stanford_dir, tmp_path,

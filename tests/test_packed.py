@@ -1,6 +1,7 @@
 """PackedEmbeddings: items, lengths and offsets agree with the list they were packed from
 (its input checks are in test_api_errors.py, its files in test_embeddings_file.py)."""
 
+import pytest
 import torch
 
 from colbert_triton import PackedEmbeddings
@@ -20,3 +21,18 @@ def test_items_offsets_and_lengths_match_the_packed_list():
     assert all(torch.equal(a, b) for a, b in zip(packed.to_list(), items))
     as_half = packed.to(torch.float16)
     assert as_half.values.dtype == torch.float16 and as_half.lengths_host == packed.lengths_host
+
+
+def test_equality_is_identity():
+    """Two packs of equal tensors compare unequal without raising (tensors have no single
+    truth value); a pack equals itself."""
+    a = PackedEmbeddings.from_list([torch.ones(2, 3)])
+    b = PackedEmbeddings.from_list([torch.ones(2, 3)])
+    assert a == a and a != b
+
+
+def test_values_and_offsets_are_tensors_on_one_device():
+    with pytest.raises(TypeError, match="values must be a torch.Tensor, got ndarray"):
+        PackedEmbeddings.from_lengths(torch.zeros(3, 4).numpy(), [3])
+    with pytest.raises(ValueError, match="offsets are on meta but values on cpu"):
+        PackedEmbeddings(torch.zeros(3, 4), torch.tensor([0, 3], device="meta"), (3,))

@@ -495,3 +495,45 @@ def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
     assert queries.grad is not None and bool(queries.grad.abs().sum() > 0)
     with torch.no_grad():  # no gradients wanted: the kernel may run
         assert not scoring.needs_grad(queries)
+
+
+def test_masked_query_rows_never_reach_the_scores():
+    """A masked query row holding NaN or inf contributes nothing (zeroed, not multiplied by 0),
+    and the input check looks only at the rows that count."""
+    gen = torch.Generator().manual_seed(3)
+    queries = torch.randn(2, 4, 8, generator=gen)
+    documents = [torch.randn(n, 8, generator=gen) for n in (3, 5)]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    expected = score([queries[0, :3], queries[1, :2]], documents, backend="torch")
+    poisoned = queries.clone()
+    poisoned[0, 3], poisoned[1, 2:] = float("nan"), float("inf")
+    for check in (True, False):
+        got = score(poisoned, documents, queries_mask=mask, backend="torch", check_inputs=check)
+        torch.testing.assert_close(got, expected)
+
+
+def test_float64_corpus_scores_in_any_form():
+    """numpy's default float64 is taken (as float32) whether the corpus is a list, a padded
+    tensor or packed; integer values are refused by name in every form."""
+    gen = torch.Generator().manual_seed(4)
+    queries = [torch.randn(3, 8, dtype=torch.float64, generator=gen)]
+    documents = [torch.randn(n, 8, dtype=torch.float64, generator=gen) for n in (2, 4)]
+    expected = score(queries, documents, backend="torch")
+    packed = PackedEmbeddings.from_list(documents)
+    torch.testing.assert_close(score(queries, packed, backend="torch"), expected)
+    scores, index = search(queries, packed, k=2, backend="torch")
+    torch.testing.assert_close(scores, expected.sort(descending=True).values)
+    with pytest.raises(TypeError, match="documents must be floating point, got torch.int64"):
+        score(queries, PackedEmbeddings.from_lengths(torch.zeros(6, 8, dtype=torch.int64), [2, 4]))
+
+
+def test_torch_path_converts_only_the_rows_it_gathers():
+    """`search` hands maxsim_torch the whole corpus every chunk: a 16-bit corpus on the CPU must
+    not be converted whole (here a 10^9-row view, 384 GB as float32)."""
+    gen = torch.Generator().manual_seed(5)
+    row = torch.randn(1, 96, generator=gen).half()
+    corpus = row.expand(10**9, 96)
+    queries = torch.randn(2, 4, 96, generator=gen).half()
+    got = maxsim_torch(queries, corpus, torch.tensor([0, 5 * 10**8]), torch.tensor([3, 4]))
+    expected = (queries.float() @ row.float().T).sum((1, 2))
+    torch.testing.assert_close(got, expected[:, None].expand(2, 2))

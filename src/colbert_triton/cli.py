@@ -66,9 +66,11 @@ def _read_jsonl(lines: list[str], path: str) -> tuple[list, list[str]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_not_json)
         except json.JSONDecodeError as bad:
             raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
+        except ValueError as bad:
+            raise InputError(f"{path}:{number}: {bad}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f'{path}:{number}: expected an object with a string "text" field')
         id_ = record.get("id", number - 1)
@@ -81,6 +83,12 @@ def _read_jsonl(lines: list[str], path: str) -> tuple[list, list[str]]:
         ids.append(id_)
         texts.append(record["text"])
     return ids, texts
+
+
+def _not_json(constant: str):
+    """Python's json reads NaN and Infinity; JSON has no such values (an id of NaN would be
+    written to the results as no JSON reader takes it)."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _id_key(id_):
@@ -179,7 +187,9 @@ def _fits_on_device(num_bytes: int, device) -> bool:
 def _encode(args) -> None:
     ids, texts = read_texts(args.input, args.kind)
     output = Path(args.output)
-    check_output_path(output)  # before the model is loaded and the texts encoded
+    check_output_path(output)
+    if output.suffix.lower() != ".safetensors":  # `rank` takes the corpus by that suffix
+        raise InputError(f"--output must be a .safetensors file, got {args.output}")  # before the model is loaded and the texts encoded
     model = _load_model(args)
     encode = model.encode_documents if args.kind == "documents" else model.encode_queries
     packed = encode(texts, args.batch_size, packed=True,

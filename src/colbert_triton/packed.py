@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import operator
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +31,7 @@ def check_embedding_list(tensors, what: str) -> None:
             raise ValueError(f"{what}[{i}] is on {t.device}, {what}[0] is on {first.device}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: equal means the same object
 class PackedEmbeddings:
     """``n`` variable-length embedding matrices stored as one ``values [T, dim]`` tensor.
 
@@ -43,12 +45,17 @@ class PackedEmbeddings:
     lengths_host: tuple[int, ...]
 
     def __post_init__(self):
+        for name in ("values", "offsets"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
         if self.values.dim() != 2:
             raise ValueError(f"values must be [T, dim], got shape {tuple(self.values.shape)}")
         if self.offsets.dim() != 1 or self.offsets.shape[0] != len(self.lengths_host) + 1:
             raise ValueError("offsets must be [n + 1] for n lengths")
         if self.offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"offsets must be int32 or int64, got {self.offsets.dtype}")
+        if self.offsets.device != self.values.device:
+            raise ValueError(f"offsets are on {self.offsets.device} but values on {self.values.device}")
         if any(n < 0 for n in self.lengths_host):
             raise ValueError("lengths must be >= 0")
         if sum(self.lengths_host) != self.values.shape[0]:
@@ -161,20 +168,23 @@ def _ids_list(ids) -> list:
     # A string iterates as its characters and a set in no set order: neither is an id per item.
     if isinstance(ids, (str, bytes, bytearray, set, frozenset)) or not hasattr(ids, "__iter__"):
         raise TypeError(f"ids must be a list (or another sequence) with one id per item, got {type(ids).__name__}")
-    if hasattr(ids, "tolist"):  # a numpy array or a tensor of ids: Python scalars
+    if hasattr(ids, "tolist"):  # a numpy array or a tensor of ids
         ids = ids.tolist()
         if not isinstance(ids, list):  # a 0-d array
             raise TypeError("ids must be a list (or another sequence) with one id per item, got a 0-d array")
-        return ids
+    # Numpy and torch scalars made plain (an object array's tolist() keeps them).
     return [i.item() if hasattr(i, "item") and not isinstance(i, (str, bytes)) else i for i in ids]
 
 
 def _ids_tensor(ids: list) -> tuple[str, torch.Tensor]:
     if all(type(i) is int and _INT64[0] <= i <= _INT64[1] for i in ids):
         return "ids", torch.tensor(ids, dtype=torch.int64)
+    bad_number = next((i for i, x in enumerate(ids) if isinstance(x, float) and not math.isfinite(x)), None)
+    if bad_number is not None:
+        raise TypeError(f"ids[{bad_number}] = {ids[bad_number]!r}: NaN and infinite ids are not valid JSON")
     try:
-        text = json.dumps(ids)
-    except (TypeError, ValueError) as bad:  # ValueError: a list or dict that contains itself
+        text = json.dumps(ids, allow_nan=False)
+    except (TypeError, ValueError) as bad:  # ValueError: a list or dict that contains itself, or a NaN in one
         raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
     # Ids that JSON changes (a tuple comes back a list, dict keys strings) would not match the
     # caller's own once loaded: refused here rather than found different later.
@@ -214,10 +224,21 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
     check_output_path(path)
     tensors = {"values": embeddings.values.detach().contiguous().cpu(),
                "offsets": embeddings.offsets.to(torch.int64).contiguous().cpu(), ids_name: ids_tensor}
+    # Written as open() would: through a symbolic link, with the file's mode kept (a new file:
+    # 0o666 less the umask). safetensors may write a private temporary file and rename it.
+    target = Path(os.path.realpath(path))
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
     try:
-        save_file(tensors, str(path), metadata={**extra, "layout": _LAYOUT})
+        save_file(tensors, str(target), metadata={**extra, "layout": _LAYOUT})
     except SafetensorError as bad:
         raise ValueError(f"could not write {path}: {bad}") from None
+    os.chmod(target, mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting it; put back at once
+    os.umask(mask)
+    return mask
 
 
 def _open(path):

@@ -127,7 +127,7 @@ def as_documents(documents, mask=None) -> DocRows:
     if isinstance(documents, PackedEmbeddings):
         if mask is not None:
             raise ValueError("a mask goes with padded [N, L, dim] documents, not with a list or packed ones")
-        rows = DocRows(documents.values, documents.starts, documents.lengths)
+        rows = DocRows(_as_tensor(documents.values, "documents"), documents.starts, documents.lengths)
     else:
         tensor = _as_tensor(documents, "documents")
         if tensor.dim() == 2:
@@ -182,7 +182,8 @@ def as_queries(queries, mask=None) -> torch.Tensor:
                 raise ValueError(f"queries_mask has shape {tuple(mask.shape)}, expected {tuple(batch.shape[:2])}")
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError("queries_mask must hold only 0 and 1 (or False and True)")
-            batch = batch * mask.to(batch.dtype).unsqueeze(-1)
+            # masked_fill, not a product: a masked row's NaN or inf times 0 is still NaN.
+            batch = batch.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     return batch.contiguous()
 
 
@@ -240,14 +241,13 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
     num_q, len_q, _ = queries.shape
     compute = queries.dtype if queries.is_cuda else torch.float32
     q = queries.to(compute)
-    values = doc_values.to(compute)
     starts, lengths = doc_starts.long(), doc_lengths.long()
     floor = None if pad_floor is None else pad_floor.bool()
     out_shape = (num_q, doc_starts.shape[0]) if shared else tuple(doc_starts.shape)
     out = torch.empty(out_shape, dtype=torch.float32, device=queries.device)
     if out.numel() == 0:
         return out
-    if values.shape[0] == 0:
+    if doc_values.shape[0] == 0:
         return out.zero_()  # every document empty: each row's max over nothing is 0
     # The longest document sizes the padded blocks; a caller that knows it saves a device sync.
     max_len = max(int(lengths.max()) if max_length is None else max_length, 1)
@@ -259,8 +259,9 @@ def maxsim_torch(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None
         hi = min(total, lo + step)
         s, n = starts[lo:hi], lengths[lo:hi]
         valid = positions < n[..., None]  # [..., L]
-        index = (s[..., None] + positions).clamp(max=max(values.shape[0] - 1, 0))
-        docs = values[index]  # [..., L, d]
+        index = (s[..., None] + positions).clamp(max=doc_values.shape[0] - 1)
+        # Only the gathered rows are converted: `search` passes the whole corpus every chunk.
+        docs = doc_values[index].to(compute)  # [..., L, d]
         if shared:
             sim = torch.einsum("qid,njd->qnij", q, docs)
             sim = sim.masked_fill(~valid[None, :, None, :], float("-inf"))
