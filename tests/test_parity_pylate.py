@@ -189,12 +189,19 @@ def test_stanford_mask_punctuation_false_keeps_punctuation(tmp_path):
 
 ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "[MASK] and [unused0] and [UNUSED0] [Unused1] [sep] [SEP]", "  padded  ", "x[Q] ",
-             "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world"]
+             "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
+             "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious"]
 
 
 def _edit_json(path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _edit_word_piece(path, **changes):
+    data = json.loads(path.read_text())
+    data["model"].update(changes)
     path.write_text(json.dumps(data))
 
 
@@ -211,6 +218,10 @@ SETTINGS_FILES = {
     "cased": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", do_lower_case=False)),
     "accents-kept": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", strip_accents=False)),
     "no-chinese-split": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", tokenize_chinese_chars=False)),
+    # transformers' BertTokenizer rebuilds the pre-tokenizer and the word-piece limits too
+    "whitespace-pre-tokenizer": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "tokenizer.json",
+                                                                pre_tokenizer={"type": "WhitespaceSplit"})),
+    "word-piece-limit": ("stanford", lambda d: _edit_word_piece(d / "tokenizer.json", max_input_chars_per_word=20)),
     # sentence-transformers lowercases texts itself (a literal [MASK] is then a word)
     "st-lowercase": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "sentence_bert_config.json",
                                                     do_lower_case=True)),

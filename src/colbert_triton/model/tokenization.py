@@ -16,7 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from .checkpoint import CheckpointError, ColBERTSettings
 
@@ -129,7 +129,12 @@ class ColBERTTokenizer:
     def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, bert_normalizer: dict | None,
                    settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
         """``bert_normalizer``: the BertNormalizer settings transformers would use (see
-        checkpoint._bert_normalizer), or None to keep the file's normalizer."""
+        checkpoint._bert_normalizer), or None to take the tokenizer file as it is.
+
+        With them, the parts transformers' BertTokenizer (v5, PyLate's) rebuilds whatever
+        tokenizer.json says are rebuilt the same way: the normalizer from those settings, the
+        BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to 100
+        characters, longer ones [UNK]). A well-formed BERT checkpoint's file says the same."""
         if tokenizer_file is not None:
             try:
                 tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -146,6 +151,10 @@ class ColBERTTokenizer:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
         if bert_normalizer is not None:
             tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
+            tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            if isinstance(tokenizer.model, models.WordPiece):
+                tokenizer.model.continuing_subword_prefix = "##"
+                tokenizer.model.max_input_chars_per_word = 100
         try:
             return cls(tokenizer, settings, max_positions)
         except CheckpointError as bad:  # name the file that lacks the token
