@@ -537,3 +537,45 @@ def test_torch_path_converts_only_the_rows_it_gathers():
     got = maxsim_torch(queries, corpus, torch.tensor([0, 5 * 10**8]), torch.tensor([3, 4]))
     expected = (queries.float() @ row.float().T).sum((1, 2))
     torch.testing.assert_close(got, expected[:, None].expand(2, 2))
+
+
+def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch):
+    """`search` on a corpus already on the device: each chunk passes its longest length (the
+    PyTorch path would otherwise read it from the GPU, a sync per chunk), and a column-strided
+    corpus is made row-major once (the kernel's launcher would copy it whole every chunk)."""
+    import colbert_triton.scoring as scoring
+
+    gen = torch.Generator().manual_seed(6)
+    lengths = [3, 7, 1, 0, 5, 2, 9]
+    values = torch.randn(8, sum(lengths), generator=gen).T  # a column-strided [R, 8] view
+    corpus = PackedEmbeddings.from_lengths(values, lengths)
+    queries = torch.randn(2, 4, 8, generator=gen)
+    seen = []
+    real_maxsim = scoring.maxsim
+
+    def recording_maxsim(q, doc_values, starts, doc_lengths, **kwargs):
+        seen.append((doc_values, kwargs.get("max_length")))
+        return real_maxsim(q, doc_values, starts, doc_lengths, **kwargs)
+
+    monkeypatch.setattr(scoring, "maxsim", recording_maxsim)
+    expected = score(queries, corpus.to_list(), backend="torch")
+    seen.clear()
+    scores, index = search(queries, corpus, k=7, chunk_size=3, backend="torch")
+    assert [m for _, m in seen] == [7, 5, 9]
+    assert all(v is seen[0][0] for v, _ in seen) and seen[0][0].stride() == (8, 1)
+    torch.testing.assert_close(scores, expected.sort(dim=1, descending=True, stable=True).values)
+
+
+def test_streamed_corpus_row_spans_are_int64(monkeypatch):
+    """A hand-built corpus with int32 offsets: its row spans plus the block size must not wrap
+    (past 2^31 rows every document became a block of its own)."""
+    import colbert_triton.scoring as scoring
+
+    corpus = PackedEmbeddings(torch.zeros(6, 4), torch.tensor([0, 2, 6], dtype=torch.int32), (2, 4))
+    seen = []
+    real_bounds = scoring._chunk_bounds
+    monkeypatch.setattr(scoring, "_chunk_bounds",
+                        lambda begins, ends, *args: seen.append((begins.dtype, ends.dtype)) or real_bounds(begins, ends, *args))
+    rows = scoring.as_documents(corpus)
+    assert [lo for lo, *_ in scoring._host_chunks(rows, 1, torch.device("cpu"), check_finite=True)] == [0, 1]
+    assert seen == [(np.int64, np.int64)]

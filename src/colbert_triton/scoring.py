@@ -220,9 +220,13 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
     docs = as_documents(documents, documents_mask)
     _check_pair(q, docs, host_corpus_ok)
     if check_inputs:
-        _check_finite(q, "queries")
+        checked = {"queries": q}
         if not (host_corpus_ok and _streams_host_corpus(q, docs)):  # search checks it on the GPU
-            _check_finite(docs.values, "documents")
+            checked["documents"] = docs.values
+        flags = torch.stack([_finite_flag(t).to(q.device) for t in checked.values()]).tolist()
+        for what, finite in zip(checked, flags):
+            if not finite:
+                raise ValueError(f"{what} contain NaN or infinite values")
     return q, docs
 
 
@@ -349,7 +353,8 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     if cand.dtype.is_floating_point or cand.dtype == torch.bool:
         raise TypeError(f"candidates must be integer indices, got {cand.dtype}")
     cand = cand.long()
-    if cand.numel() and (int(cand.max()) >= len(docs) or int(cand.min()) < -1):
+    highest, lowest = torch.stack([cand.max(), cand.min()]).tolist() if cand.numel() else (-1, -1)
+    if highest >= len(docs) or lowest < -1:  # read in one sync
         raise ValueError(f"candidate indices must lie in [0, {len(docs)}) (or -1 for an empty slot)")
     unused = cand < 0
     if len(docs) == 0:  # every slot is -1 (checked above): nothing to gather
@@ -395,10 +400,16 @@ _SEARCH_PAIRS = 1 << 27
 
 
 def _device_chunks(docs: DocRows, chunk_size: int):
-    """(first index, rows, starts, lengths, None) of each chunk of a corpus already on the device."""
+    """(first index, rows, starts, lengths, longest length) of each chunk of a corpus already on
+    the device. The lengths are read to the host once: the PyTorch path sizes its blocks by the
+    longest document, and reading it chunk by chunk would wait on the GPU every chunk."""
+    lengths_host = docs.lengths.cpu().numpy()
+    # Every chunk passes all the rows: a view with a column stride (X.T) is made row-major once
+    # here, not copied whole by the kernel's launcher for every chunk.
+    values = docs.values if docs.values.stride(1) == 1 else docs.values.contiguous()
     for lo in range(0, len(docs), chunk_size):
         hi = min(len(docs), lo + chunk_size)
-        yield lo, docs.values, docs.starts[lo:hi], docs.lengths[lo:hi], None
+        yield lo, values, docs.starts[lo:hi], docs.lengths[lo:hi], int(lengths_host[lo:hi].max())
 
 
 def _chunk_bounds(begins: np.ndarray, ends: np.ndarray, chunk_size: int, max_rows: int):
@@ -452,8 +463,9 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
     """
     if len(docs) == 0:
         return
-    starts = docs.starts.numpy()
-    lengths = docs.lengths.numpy()
+    # int64: a hand-built corpus may have int32 offsets, and begin + row limit must not wrap.
+    starts = docs.starts.numpy().astype(np.int64)
+    lengths = docs.lengths.numpy().astype(np.int64)
     nonempty = lengths > 0
     # Row spans made non-decreasing (they already are for packed and padded corpora): ends as a
     # running max, begins as a suffix min; an empty document begins where the rows before end.
