@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def time_wall(fn, *, warmup_ms: float = 25, rep_ms: float = 300, min_calls: int 
     before the clock starts and after the call. For calls whose host work (tokenizing, packing,
     launching) is part of what is measured: CUDA events would see only the GPU's share when the
     next call's host work overlaps this call's kernels."""
+    fn()  # a first call may still set up (a PyLate or CUDA-graph first call): not the estimate
     torch.cuda.synchronize()
     begin = time.perf_counter()
     fn()
@@ -197,12 +199,45 @@ def versions() -> dict:
     return out
 
 
+def _autotuners(packages):
+    from triton.runtime.autotuner import Autotuner
+
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] not in packages:
+            continue
+        for attr, value in list(vars(module).items()):
+            for _ in range(4):  # an Autotuner may sit under triton.heuristics wrappers
+                if isinstance(value, Autotuner):
+                    yield f"{name}.{attr}", value
+                    break
+                value = getattr(value, "fn", None)
+
+
+def forget_autotuning(*packages: str) -> None:
+    """Make the Triton autotuners of these (peer) packages tune again at their next call.
+
+    Their keys leave out sizes our cases vary (the number of documents, d 96 and 128 in one
+    padded width): a choice made on the first case would be reused on every later one, tuned for
+    another shape. Called when a case starts, so each peer runs the configuration it picks for
+    that shape; its disk cache is turned off for the same reason."""
+    for _, tuner in _autotuners(packages):
+        tuner.cache.clear()
+        tuner.cache_results = False
+
+
+def autotuned(*packages: str) -> dict[str, str]:
+    """The configuration each autotuner of these packages chose since `forget_autotuning` (for
+    the records: what a peer ran on this case)."""
+    return {name: str(tuner.best_config) for name, tuner in _autotuners(packages)
+            if tuner.cache and getattr(tuner, "best_config", None) is not None}
+
+
 def format_report(records: list[dict]) -> str:
     """Per shape: each implementation's median (cold and warm), ratio to ours, our floor fraction."""
     lines = []
     for suite in dict.fromkeys(r["suite"] for r in records):
         lines += [f"\n### {suite}\n",
-                  "| shape | impl | cold median (ms) | warm median (ms) | ours vs this (cold) | floor (ms) | fraction of floor (cold) |",
+                  "| shape | impl | cold median (ms) | warm median (ms) | its time / ours (cold) | floor (ms) | fraction of floor (cold) |",
                   "|---|---|---|---|---|---|---|"]
         rows = [r for r in records if r["suite"] == suite]
         for shape in dict.fromkeys(r["shape"] for r in rows):

@@ -28,12 +28,16 @@ import datetime as _dt
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from common import (DRY_RUN, RECORDS, RESULTS_DIR, Measure, device_peaks, format_report, git_commit,
                     versions)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cuda_faults import end_process_on_cuda_fault  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,6 +68,14 @@ def _partial_path() -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return out_dir / f"{_stem(_STARTED, device, git_commit())}_partial-{os.getpid()}.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _cuda_faults_stop_the_process(request):
+    """A kernel that faulted the GPU ends this process (the rest of a serial step would only
+    repeat the fault; an xdist worker is replaced): as in the tests."""
+    yield
+    end_process_on_cuda_fault(request.node.nodeid)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ kernel is defined.
 """
 
 import os
-import sys
 
 import torch
 
@@ -14,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from cuda_faults import end_process_on_cuda_fault  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter multiplies bfloat16 tl.dot operands as raw bits: bf16 is tested on a GPU only.
@@ -29,28 +29,6 @@ def kernel_device():
 def randn(gen, *shape, scale=1.0, shift=0.0, dtype=torch.float32, device=KERNEL_DEVICE) -> torch.Tensor:
     """Seeded normal values (drawn in fp32 on the CPU, so every device sees the same numbers)."""
     return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(device)
-
-
-def end_process_on_cuda_fault(nodeid: str) -> None:
-    """Wait for the test's kernels; if one faulted, stop this process.
-
-    A device fault (an illegal address, a trap) is sticky: every later CUDA call in the process
-    fails with it, so the tests after it would report the same error instead of their own.
-    Synchronising here charges an asynchronous fault to the test that caused it; ending the
-    process lets pytest-xdist report that test as crashed and start a fresh worker (and a
-    serial run stops with the test named)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return
-    try:
-        torch.cuda.synchronize()
-    except RuntimeError as exc:  # torch.AcceleratorError is a RuntimeError
-        message = f"CUDA fault after {nodeid}: {exc}"
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
-            os._exit(3)
-        else:
-            pytest.exit(message, returncode=3)
 
 
 @pytest.fixture(autouse=True)

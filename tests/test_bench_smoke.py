@@ -244,3 +244,31 @@ def test_summarize_reads_a_partial_session(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "PARTIAL" in out and "| maxsim | rerank | 0.0200 | lik | 0.0500 | 2.50 |" in out
+
+
+def test_peer_autotuners_retune_for_each_case(monkeypatch):
+    """A peer's autotuner keyed without the case's sizes would reuse the first case's choice:
+    starting a case forgets every choice of the peers' packages (and their disk cache), and the
+    record names what each peer chose for the case."""
+    import types
+
+    import triton
+    import triton.language as tl
+    from common import autotuned, forget_autotuning
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+    @triton.jit
+    def _peer_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    peer = types.ModuleType("fake_peer.kernels")
+    peer._peer_kernel, peer.heuristic = _peer_kernel, types.SimpleNamespace(fn=_peer_kernel)
+    monkeypatch.setitem(sys.modules, "fake_peer.kernels", peer)
+    chosen = _peer_kernel.configs[1]
+    _peer_kernel.cache[(7,)], _peer_kernel.best_config, _peer_kernel.cache_results = chosen, chosen, True
+    assert autotuned("fake_peer") == {"fake_peer.kernels._peer_kernel": str(chosen),
+                                      "fake_peer.kernels.heuristic": str(chosen)}
+    assert autotuned("other_package") == {}
+    forget_autotuning("fake_peer")
+    assert _peer_kernel.cache == {} and _peer_kernel.cache_results is False
+    assert autotuned("fake_peer") == {}  # nothing chosen since

@@ -3,7 +3,9 @@
 #   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh", carry=[".whl", ".carry"], timeout_s=600)
 # With no arguments it runs the session plan, sized for a 15-minute device lease (one ~10-min
 # call after a 1-2 min start, so the tool's 30-s warm window still allows one short rerun):
-#   tests:210 precompile:60 maxsim:170 encoder         (DEADLINE_S=560; encoder gets what is left)
+#   tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16   (DEADLINE_S=560)
+# the fp16 shapes of both families first (the issues' targets), then bf16 with what is left;
+# a second call runs what was cut (e.g. `maxsim/bf16 encoder-ops`).
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
 #               pytest-xdist workers: compiling the kernel variants is most of its time, and
@@ -13,8 +15,11 @@
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
 #               before the serial, timed passes
-#   maxsim | encoder | search   that benchmark family, timed, serially (encoder = whole encoder +
-#               per op; search = a host-memory corpus streamed to the GPU, not in the default plan)
+#   maxsim | encoder | encoder-ops | search   that benchmark family, timed, serially (encoder =
+#               the whole encoder, encoder-ops = its kernels one by one, search = a host-memory
+#               corpus streamed to the GPU; the last two not in the default plan). FAMILY/EXPR
+#               narrows one to the tests matching pytest's -k EXPR too (maxsim/fp16, encoder/query).
+#               A test running past 120 s (a hung kernel) is ended, not the whole step.
 #   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
 # Every step gets at most what is left of DEADLINE_S and is stopped with SIGINT, so pytest and
 # tune.py still write what they measured. Logs and results go to $OUT/r and are packed at the
@@ -22,7 +27,7 @@
 # Extra pytest options go in PYTEST_ADDOPTS (e.g. "-k 'rerank and d96'").
 # Exit status: the steps' statuses OR-ed (124/130 = a step ran out of time; 4 = a step skipped).
 set -uo pipefail
-[ $# -gt 0 ] || set -- tests:210 precompile:60 maxsim:170 encoder
+[ $# -gt 0 ] || set -- tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 R="$OUT/r"
@@ -46,6 +51,8 @@ summary=()
 for spec in "$@"; do
   step=${spec%%:*}
   cap=${spec#"$step"}; cap=${cap#:}
+  family=${step%%/*}
+  narrow=${step#"$family"}; narrow=${narrow#/}
   left=$((deadline - SECONDS))
   [ -z "$cap" ] || [ "$cap" -ge "$left" ] || left=$cap
   if [ "$left" -lt 45 ]; then
@@ -54,22 +61,31 @@ for spec in "$@"; do
   echo "=== $step (${left} s) ==="
   started=$SECONDS
   limit=$((left - 10))
-  case "$step" in
+  case "$family" in
     tests)
       timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
         "${parallel[@]}" --timeout=120 --timeout-method=thread -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
         -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
-    maxsim|encoder|search)
+    maxsim|encoder|encoder-ops|search)
       # Peers that autotune (late-interaction-kernels keeps its choice on disk) chose during the
-      # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU.
+      # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU
+      # (the MaxSim suite also makes them retune for every case: bench/common.py).
       find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' -delete 2>/dev/null
+      case "$family" in
+        encoder) select="encoder and not encoder_ops" ;;
+        encoder-ops) select="encoder_ops" ;;
+        *) select="$family" ;;
+      esac
+      [ -z "$narrow" ] || select="($select) and ($narrow)"
+      name=${step//\//-}
       BENCH_RESULTS_DIR="$R/results" timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider \
-        -k "$step" --benchmark-json="$R/results/pytest-benchmark-$step.json" --benchmark-disable-gc \
-        2>&1 | tee "$R/bench-$step.log" | tail -8 ;;
+        -k "$select" --timeout=120 --timeout-method=thread \
+        --benchmark-json="$R/results/pytest-benchmark-$name.json" --benchmark-disable-gc \
+        2>&1 | tee "$R/bench-$name.log" | tail -8 ;;
     tune|tune-maxsim|tune-encoder)
-      family=${step#tune}; family=${family#-}; family=${family:-all}
+      family=${family#tune}; family=${family#-}; family=${family:-all}
       budget=${TUNE_BUDGET_S:-300}; [ "$budget" -lt $((left - 40)) ] || budget=$((left - 40))
       timeout -s INT -k 10 "$limit" python3 bench/device/tune.py "$family" --budget-s "$budget" \
         --out "$R/results/tune-$family.json" 2>&1 | tee "$R/tune-$family.log" | tail -40 ;;
