@@ -423,26 +423,25 @@ def _compile_worker(jobs: list[tuple[Case, list[dict]]]) -> list[tuple[str, str,
 
 def precompile(jobs: list[tuple[Case, list[dict]]], workers: int, deadline: float) -> dict:
     """Spread the configs over worker processes (each its own CUDA context, one Triton cache),
-    waiting at most until the deadline (a worker that dies would otherwise hang the pool)."""
+    in small pieces whose results are kept as they come: at the deadline (or when a worker died
+    and its piece never returns) what compiled is kept and the rest compiles in the timing pass."""
     if workers <= 1:
         return {(label, cfg): err for label, cfg, err in _compile_worker(jobs)}
-    shards: list[list[tuple[Case, list[dict]]]] = [[] for _ in range(workers)]
-    for case, configs in jobs:
-        for w in range(workers):
-            part = configs[w::workers]
-            if part:
-                shards[w].append((case, part))
+    pieces = [[(case, configs[w::workers])] for case, configs in jobs for w in range(workers)
+              if configs[w::workers]]
+    failures = {}
     pool = multiprocessing.get_context("spawn").Pool(workers)
     try:
-        pending = pool.map_async(_compile_worker, [s for s in shards if s])
-        results = pending.get(timeout=max(1.0, deadline - time.monotonic()))
+        results = pool.imap_unordered(_compile_worker, pieces)
+        for _ in pieces:
+            part = results.next(timeout=max(0.1, deadline - time.monotonic()))
+            failures.update({(label, cfg): err for label, cfg, err in part})
     except multiprocessing.TimeoutError:
         print("precompile: stopped at the deadline (or a worker died); what is left compiles "
               "in the timing pass", flush=True)
-        return {}
     finally:
         pool.terminate()
-    return {(label, cfg): err for part in results for label, cfg, err in part}
+    return failures
 
 
 def time_ms(fn, smoke: bool) -> float:
@@ -538,7 +537,10 @@ def sweep_family(sweep: Sweep, cases: list[Case]) -> None:
         inputs = make_inputs(case)
         prepared.append((case, inputs, configs_for(case, inputs, sweep.smoke)))
     start = time.monotonic()
-    failures = precompile([(c, cfgs) for c, _, cfgs in prepared], sweep.workers, sweep.deadline)
+    # At most half of what is left: the sweep is for timing, and a pass that compiled
+    # everything but timed nothing would be lost.
+    failures = precompile([(c, cfgs) for c, _, cfgs in prepared], sweep.workers,
+                          start + (sweep.deadline - start) / 2)
     print(f"compiled {sum(len(cfgs) for *_, cfgs in prepared)} configs in "
           f"{time.monotonic() - start:.0f} s ({len(failures)} failed)", flush=True)
     for case, inputs, configs in prepared:
