@@ -236,9 +236,13 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # read by setting it; put back at once
-    os.umask(mask)
-    return mask
+    try:  # Linux says it without changing it (os.umask changes it for every thread)
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # read by setting it; put back at once
+        os.umask(mask)
+        return mask
 
 
 def _open(path):
