@@ -246,15 +246,49 @@ def test_model_refuses_other_models_dims_and_kinds(model, tmp_path):
 
 
 def test_model_checks_the_header_before_reading_the_values(model, tmp_path, monkeypatch):
+    import safetensors
     from checkpoints import build_stanford
-
-    from colbert_triton.model import colbert
 
     path = tmp_path / "corpus.safetensors"
     other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
     other.save_embeddings(path, other.encode_documents(["a text"], packed=True))
-    monkeypatch.setattr(colbert, "load_embeddings", lambda *a, **k: pytest.fail("values read"))
+
+    opened = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     with pytest.raises(ValueError, match="encoded by another model"):
+        model.load_embeddings(path)
+    assert len(opened) == 1  # the header's open; the values' never came
+
+
+def test_a_file_saved_over_during_a_load_is_read_whole(model, tmp_path, monkeypatch):
+    """Another process may rename a new file over the path mid-load (a save in progress): the
+    header checked and the values read are one file's, never a mix, and the other model's file
+    cannot slip past the check."""
+    import os
+
+    from checkpoints import build_stanford
+
+    from colbert_triton import packed
+
+    other = ColBERT.from_pretrained(build_stanford(tmp_path / "other", seed=1), device="cpu")
+    foreign = tmp_path / "foreign.safetensors"
+    other.save_embeddings(foreign, other.encode_documents(["another text", "x"], packed=True), ids=["p", "q"])
+    path = tmp_path / "corpus.safetensors"
+    mine = model.encode_documents(["a text"], packed=True)
+    model.save_embeddings(path, mine, ids=["a"])
+    real_read_header = packed._read_header
+
+    def header_then_swap(source, shown):
+        info = real_read_header(source, shown)
+        os.replace(foreign, path)  # lands between the header's check and the values' read
+        return info
+
+    monkeypatch.setattr(packed, "_read_header", header_then_swap)
+    saved = model.load_embeddings(path)
+    assert saved.ids == ["a"] and torch.equal(saved.embeddings.values, mine.values)
+    monkeypatch.setattr(packed, "_read_header", real_read_header)
+    with pytest.raises(ValueError, match="encoded by another model"):  # the path now names it
         model.load_embeddings(path)
 
 

@@ -866,3 +866,35 @@ def test_largest_supported_dims(dtype, dim):
     queries = unit_rows(2, 5, dim, dtype=dtype, gen=gen)
     got = maxsim(*to_dev(queries, values, starts, lens))
     assert_scores(got, queries, values, starts, lens)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's own state; compiled launches are re-entrant")
+def test_interpreted_launches_from_several_threads():
+    """Triton's interpreter keeps the grid in one global: launches from several threads at once
+    (a server sharing a model, on the CPU) failed with 'x >= grid_dim[0]' unless serialised."""
+    import threading
+
+    from colbert_triton import score
+
+    gen = torch.Generator().manual_seed(11)
+    work = [(torch.randn(1 + i, 4, 16, generator=gen), [torch.randn(2 + j, 16, generator=gen) for j in range(3 + i)])
+            for i in range(4)]
+    expected = [score(q, d, backend="torch") for q, d in work]
+    results = [None] * len(work)
+    barrier = threading.Barrier(len(work))
+
+    def call(i):
+        barrier.wait()
+        try:
+            results[i] = score(*work[i], backend="triton")
+        except Exception as error:  # noqa: BLE001 - reported below
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, want in zip(results, expected):
+        assert not isinstance(got, Exception), got
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -235,38 +236,54 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
     os.chmod(target, mode)
 
 
+def _read_umask_by_setting_it() -> int:
+    mask = os.umask(0o022)  # os.umask sets it for every thread: put back at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _read_umask_by_setting_it()  # for systems without /proc (imports run first)
+
+
 def _umask() -> int:
-    try:  # Linux says it without changing it (os.umask changes it for every thread)
+    try:  # Linux says it without changing it
         with open("/proc/self/status") as status:
             return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)  # read by setting it; put back at once
-        os.umask(mask)
-        return mask
+        return _UMASK_AT_IMPORT
 
 
-def _open(path):
-    from safetensors import safe_open
-
+@contextlib.contextmanager
+def _pinned(path):
+    """A path naming the file ``path`` names now, for the whole block: every open inside reads
+    that one file, even if a new one is renamed over ``path`` meanwhile (as a save in progress,
+    safetensors' included, does), so its header and its values cannot come from two files."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"embeddings file not found: {path}")
-    return safe_open(str(path), "pt")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as bad:
+        raise ValueError(f"{path}: cannot be read ({bad.strerror})") from None
+    try:
+        held = Path(f"/proc/self/fd/{fd}")  # Linux: opens the held file, not the name
+        yield held if held.exists() else path
+    finally:
+        os.close(fd)
 
 
-def embeddings_file_info(path) -> EmbeddingsFileInfo:
-    """The metadata and sizes of an embeddings file, from its header alone (cheap for any size)."""
-    from safetensors import SafetensorError
+def _read_header(source, path) -> EmbeddingsFileInfo:
+    from safetensors import SafetensorError, safe_open
 
     try:
-        with _open(path) as file:
+        with safe_open(str(source), "pt") as file:
             missing = {"values", "offsets"} - set(file.keys())
             if missing:
                 raise ValueError(f"{path}: not an embeddings file (no {', '.join(sorted(missing))} tensor)")
             values_shape = file.get_slice("values").get_shape()
             offsets_shape = file.get_slice("offsets").get_shape()
             metadata = dict(file.metadata() or {})
-    except SafetensorError as bad:
+    except (SafetensorError, RuntimeError) as bad:
         raise ValueError(f"{path}: not a safetensors file ({bad})") from None
     if len(values_shape) != 2:
         raise ValueError(f"{path}: values must be [T, dim], got shape {tuple(values_shape)}")
@@ -275,20 +292,33 @@ def embeddings_file_info(path) -> EmbeddingsFileInfo:
     return EmbeddingsFileInfo(metadata, offsets_shape[0] - 1, values_shape[0], values_shape[1])
 
 
-def load_embeddings(path, *, device="cpu") -> EmbeddingsFile:
-    """Read a file written by `save_embeddings` (or ``colbert-triton encode``), checked whole:
-    a file that is not such a file, or whose offsets, values and ids disagree, is an error."""
-    from safetensors import SafetensorError
+def embeddings_file_info(path) -> EmbeddingsFileInfo:
+    """The metadata and sizes of an embeddings file, from its header alone (cheap for any size)."""
+    with _pinned(path) as source:
+        return _read_header(source, path)
 
-    info = embeddings_file_info(path)
-    try:
-        with _open(path) as file:
-            names = set(file.keys())
-            values, offsets = file.get_tensor("values"), file.get_tensor("offsets")
-            ids_kind = next((n for n in ("ids", "ids_json") if n in names), None)
-            stored_ids = file.get_tensor(ids_kind) if ids_kind else None
-    except SafetensorError as bad:
-        raise ValueError(f"{path}: not a safetensors file ({bad})") from None
+
+def load_embeddings(path, *, device="cpu", check=None) -> EmbeddingsFile:
+    """Read a file written by `save_embeddings` (or ``colbert-triton encode``), checked whole:
+    a file that is not such a file, or whose offsets, values and ids disagree, is an error.
+
+    ``check``: called with the file's `EmbeddingsFileInfo` before its values are read, to refuse
+    it by raising; what it sees and what is read are one file, whatever is saved to ``path``
+    meanwhile."""
+    from safetensors import SafetensorError, safe_open
+
+    with _pinned(path) as source:
+        info = _read_header(source, path)
+        if check is not None:
+            check(info)
+        try:
+            with safe_open(str(source), "pt") as file:
+                names = set(file.keys())
+                values, offsets = file.get_tensor("values"), file.get_tensor("offsets")
+                ids_kind = next((n for n in ("ids", "ids_json") if n in names), None)
+                stored_ids = file.get_tensor(ids_kind) if ids_kind else None
+        except (SafetensorError, RuntimeError) as bad:
+            raise ValueError(f"{path}: not a safetensors file ({bad})") from None
     if not values.is_floating_point():
         raise ValueError(f"{path}: values must be floating point, got {values.dtype}")
     if offsets.dtype not in (torch.int32, torch.int64):

@@ -3,6 +3,7 @@
 import os as _os
 
 if _os.environ.get("TRITON_INTERPRET") == "1":
-    from ._interpreter import fix_scalar_loop_bounds
+    from ._interpreter import fix_scalar_loop_bounds, serialize_launches
 
     fix_scalar_loop_bounds()
+    serialize_launches()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -30,3 +32,25 @@ def fix_scalar_loop_bounds() -> None:
 
     patched._scalar_index_fixed = True
     interpreter._patch_lang_tensor = patched
+
+
+def serialize_launches() -> None:
+    """Run one interpreted launch at a time in this process.
+
+    Triton's interpreter keeps the grid position in one global builder and swaps `tl`'s
+    functions in and out around each launch: two threads launching at once (a server sharing
+    a model, in CPU tests) fail with "x >= grid_dim[0]" or "Did you forget to add @triton.jit".
+    Compiled GPU launches are untouched."""
+    from triton.runtime import interpreter
+
+    original = interpreter.GridExecutor.__call__
+    if getattr(original, "_serialized", False):
+        return
+    lock = threading.RLock()
+
+    def call(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    call._serialized = True
+    interpreter.GridExecutor.__call__ = call

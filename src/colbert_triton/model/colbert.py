@@ -291,15 +291,17 @@ class ColBERT:
         other kind."""
         _check_kind(kind)
         device = self.device if device is None else _pick_device(device)
-        self.check_embeddings_file(path, kind=kind)  # the header only: before reading the values
-        saved = load_embeddings(path)
+        # The header is checked before the values are read, in the same file.
+        saved = load_embeddings(path, check=lambda info: self._check_header(info, path, kind))
         return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
 
     def check_embeddings_file(self, path, *, kind: str = "documents") -> None:
         """Refuse, from its header alone, a file of the other kind, of another dim, or made by
         another model (fingerprint)."""
         _check_kind(kind)
-        info = embeddings_file_info(path)
+        self._check_header(embeddings_file_info(path), path, kind)
+
+    def _check_header(self, info, path, kind: str) -> None:
         meta = info.metadata
         if meta.get("kind", kind) != kind:
             raise ValueError(f"{path} holds {meta['kind']}, not {kind}")
