@@ -554,7 +554,8 @@ def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch)
     real_maxsim = scoring.maxsim
 
     def recording_maxsim(q, doc_values, starts, doc_lengths, **kwargs):
-        seen.append((doc_values, kwargs.get("max_length")))
+        lengths_host = kwargs.get("lengths_host")
+        seen.append((doc_values, None if lengths_host is None else int(lengths_host.max())))
         return real_maxsim(q, doc_values, starts, doc_lengths, **kwargs)
 
     monkeypatch.setattr(scoring, "maxsim", recording_maxsim)
@@ -579,3 +580,43 @@ def test_streamed_corpus_row_spans_are_int64(monkeypatch):
     rows = scoring.as_documents(corpus)
     assert [lo for lo, *_ in scoring._host_chunks(rows, 1, torch.device("cpu"), check_finite=True)] == [0, 1]
     assert seen == [(np.int64, np.int64)]
+
+
+@pytest.mark.parametrize("budget", [1, 700, 5_000, 1 << 25])
+def test_torch_maxsim_length_blocks_any_budget(gen, budget):
+    """The PyTorch path scores shared documents in blocks by length (each padded to its own
+    longest): at any block budget, with lengths out of order, empty documents and a floor on
+    some, every score lands at its document's column and equals the fp64 reference."""
+    lengths = [40, 1, 0, 3, 300, 2, 0, 17, 1, 5, 64, 2, 9, 1]
+    queries = torch.stack(random_docs(gen, [6] * 3, 16))
+    docs = random_docs(gen, lengths, 16)
+    packed = PackedEmbeddings.from_list(docs)
+    got = maxsim_torch(queries, packed.values, packed.starts, packed.lengths, budget_elements=budget)
+    torch.testing.assert_close(got.double(), reference(list(queries), docs), atol=1e-5, rtol=1e-5)
+    floor = torch.arange(len(docs)) % 3 == 0
+    floored = maxsim_torch(queries, packed.values, packed.starts, packed.lengths, pad_floor=floor,
+                           budget_elements=budget, lengths_host=np.array(lengths))
+    expected = torch.stack([
+        torch.stack([(q.double() @ d.double().T).max(1).values.clamp(min=0 if f else -9).sum() if len(d)
+                     else torch.tensor(0.0, dtype=torch.float64) for d, f in zip(docs, floor)]) for q in queries])
+    torch.testing.assert_close(floored.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_maxsim_pads_each_block_to_its_own_longest(gen, monkeypatch):
+    """One long document among many short ones pads only its own block (it padded all of them:
+    0.1% of long documents made a CPU search 25x slower)."""
+    lengths = [3] * 200 + [300]
+    queries = torch.stack(random_docs(gen, [4], 8))
+    packed = PackedEmbeddings.from_list(random_docs(gen, lengths, 8))
+    padded_slots = []
+    real_arange = torch.arange
+
+    def counting_arange(*args, **kwargs):  # the padded length of each block
+        result = real_arange(*args, **kwargs)
+        padded_slots.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch, "arange", counting_arange)
+    maxsim_torch(queries, packed.values, packed.starts, packed.lengths, budget_elements=40 * 1000)
+    monkeypatch.undo()
+    assert max(padded_slots) == 300 and sorted(padded_slots)[-2] == 3, padded_slots
