@@ -223,7 +223,7 @@ class ColBERT:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(texts), desc="Encoding", unit="text", file=sys.stderr)
-        outputs, order, lengths = [], [], np.zeros(len(texts), dtype=np.int64)
+        batches, lengths = [], np.zeros(len(texts), dtype=np.int64)
         # The bar is closed on an error too, so the terminal is not left with a half-drawn line.
         with torch.inference_mode(), progress, closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized:
             for chunk_index, tokens in zip(chunks, tokenized):
@@ -232,26 +232,29 @@ class ColBERT:
                     part = by_tokens[i : i + batch_size]
                     values, part_lengths = self._encode_batch(tokens.subset(part))
                     index = chunk_index[part]  # the batch's texts, as input positions
-                    outputs.append(values)
-                    order.append(index)
+                    batches.append((values, index, part_lengths))
                     lengths[index] = part_lengths
                     if show_progress:
                         progress.update(len(part))
-        values = torch.cat(outputs, 0) if len(outputs) > 1 else outputs[0]
-        order = np.concatenate(order)
-        if not np.array_equal(order, np.arange(len(order))):
-            # Rows are in batch order; put them back in input order with one gather.
-            sorted_lengths = lengths[order]
-            sorted_starts = np.concatenate([[0], np.cumsum(sorted_lengths)[:-1]])
-            starts = np.empty_like(sorted_starts)
-            starts[order] = sorted_starts
-            # Output row r of text i reads row starts[i] + (r - offset_i) of the batch-ordered values.
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            rows = np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
-            values = values.index_select(0, torch.from_numpy(rows).to(values.device))
-        if not packed:  # a list needs no offsets tensor (nor its copy to the device)
-            return list(torch.split(values, lengths.tolist(), 0))
-        return PackedEmbeddings.from_lengths(values, lengths.tolist())
+        if not packed:  # each text's rows as a view of its batch's output: no copy at all
+            items = [None] * len(texts)
+            for values, index, part_lengths in batches:
+                for i, item in zip(index.tolist(), torch.split(values, part_lengths.tolist(), 0)):
+                    items[i] = item
+            return items
+        values, index, _ = batches[0]
+        if len(batches) == 1 and np.array_equal(index, np.arange(len(texts))):
+            return PackedEmbeddings.from_lengths(values, lengths.tolist())
+        # Rows in input order: each batch's rows copied to their places in one output, and let go
+        # (the batches and the output, not a concatenation and a gather of it besides).
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        packed_values = values.new_empty((int(offsets[-1]), values.shape[1]))
+        while batches:
+            values, index, part_lengths = batches.pop()
+            batch_starts = np.concatenate([[0], np.cumsum(part_lengths)[:-1]])
+            rows = np.arange(int(part_lengths.sum())) + np.repeat(offsets[index] - batch_starts, part_lengths)
+            packed_values.index_copy_(0, torch.from_numpy(rows).to(values.device), values)
+        return PackedEmbeddings.from_lengths(packed_values, lengths.tolist())
 
     def _encode_batch(self, part: TokenizedBatch) -> tuple[torch.Tensor, np.ndarray]:
         seq_lens = np.fromiter((len(s) for s in part.sequences), dtype=np.int64, count=len(part))
