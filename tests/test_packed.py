@@ -36,3 +36,9 @@ def test_values_and_offsets_are_tensors_on_one_device():
         PackedEmbeddings.from_lengths(torch.zeros(3, 4).numpy(), [3])
     with pytest.raises(ValueError, match="offsets are on meta but values on cpu"):
         PackedEmbeddings(torch.zeros(3, 4), torch.tensor([0, 3], device="meta"), (3,))
+
+
+def test_to_where_it_already_is_returns_it():
+    packed = PackedEmbeddings.from_list([torch.ones(2, 3), torch.zeros(1, 3)])
+    assert packed.to("cpu") is packed and packed.to(torch.float32) is packed
+    assert packed.to(torch.float16) is not packed

@@ -120,6 +120,8 @@ class PackedEmbeddings:
 
     def to(self, *args, **kwargs) -> PackedEmbeddings:
         values = self.values.to(*args, **kwargs)
+        if values is self.values:  # already there, in that dtype: not validated again
+            return self
         return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host)
 
     def pin_memory(self) -> PackedEmbeddings:
