@@ -37,7 +37,7 @@ from common import (DRY_RUN, RECORDS, RESULTS_DIR, Measure, device_peaks, format
                     versions)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from cuda_faults import end_process_on_cuda_fault  # noqa: E402
+from cuda_faults import end_process_on_cuda_fault
 
 
 def pytest_collection_modifyitems(config, items):

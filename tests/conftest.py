@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from cuda_faults import end_process_on_cuda_fault  # noqa: E402
+from cuda_faults import end_process_on_cuda_fault
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter multiplies bfloat16 tl.dot operands as raw bits: bf16 is tested on a GPU only.

@@ -28,7 +28,8 @@ def test_equality_is_identity():
     truth value); a pack equals itself."""
     a = PackedEmbeddings.from_list([torch.ones(2, 3)])
     b = PackedEmbeddings.from_list([torch.ones(2, 3)])
-    assert a == a and a != b
+    same = a
+    assert a == same and a != b
 
 
 def test_values_and_offsets_are_tensors_on_one_device():

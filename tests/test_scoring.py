@@ -521,7 +521,7 @@ def test_float64_corpus_scores_in_any_form():
     expected = score(queries, documents, backend="torch")
     packed = PackedEmbeddings.from_list(documents)
     torch.testing.assert_close(score(queries, packed, backend="torch"), expected)
-    scores, index = search(queries, packed, k=2, backend="torch")
+    scores, _ = search(queries, packed, k=2, backend="torch")
     torch.testing.assert_close(scores, expected.sort(descending=True).values)
     with pytest.raises(TypeError, match="documents must be floating point, got torch.int64"):
         score(queries, PackedEmbeddings.from_lengths(torch.zeros(6, 8, dtype=torch.int64), [2, 4]))
@@ -543,7 +543,7 @@ def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch)
     """`search` on a corpus already on the device: each chunk passes its longest length (the
     PyTorch path would otherwise read it from the GPU, a sync per chunk), and a column-strided
     corpus is made row-major once (the kernel's launcher would copy it whole every chunk)."""
-    import colbert_triton.scoring as scoring
+    from colbert_triton import scoring
 
     gen = torch.Generator().manual_seed(6)
     lengths = [3, 7, 1, 0, 5, 2, 9]
@@ -561,7 +561,7 @@ def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch)
     monkeypatch.setattr(scoring, "maxsim", recording_maxsim)
     expected = score(queries, corpus.to_list(), backend="torch")
     seen.clear()
-    scores, index = search(queries, corpus, k=7, chunk_size=3, backend="torch")
+    scores, _ = search(queries, corpus, k=7, chunk_size=3, backend="torch")
     assert [m for _, m in seen] == [7, 5, 9]
     assert all(v is seen[0][0] for v, _ in seen) and seen[0][0].stride() == (8, 1)
     torch.testing.assert_close(scores, expected.sort(dim=1, descending=True, stable=True).values)
@@ -570,7 +570,7 @@ def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch)
 def test_streamed_corpus_row_spans_are_int64(monkeypatch):
     """A hand-built corpus with int32 offsets: its row spans plus the block size must not wrap
     (past 2^31 rows every document became a block of its own)."""
-    import colbert_triton.scoring as scoring
+    from colbert_triton import scoring
 
     corpus = PackedEmbeddings(torch.zeros(6, 4), torch.tensor([0, 2, 6], dtype=torch.int32), (2, 4))
     seen = []
