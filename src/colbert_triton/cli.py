@@ -187,9 +187,10 @@ def _fits_on_device(num_bytes: int, device) -> bool:
 def _encode(args) -> None:
     ids, texts = read_texts(args.input, args.kind)
     output = Path(args.output)
+    # Both before the model is loaded and the texts encoded.
     check_output_path(output)
     if output.suffix.lower() != ".safetensors":  # `rank` takes the corpus by that suffix
-        raise InputError(f"--output must be a .safetensors file, got {args.output}")  # before the model is loaded and the texts encoded
+        raise InputError(f"--output must be a .safetensors file, got {args.output}")
     model = _load_model(args)
     encode = model.encode_documents if args.kind == "documents" else model.encode_queries
     packed = encode(texts, args.batch_size, packed=True,

@@ -226,7 +226,7 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
         checked = {"queries": q}
         if not (host_corpus_ok and _streams_host_corpus(q, docs)):  # search checks it on the GPU
             checked["documents"] = docs.values
-        flags = torch.stack([_finite_flag(t).to(q.device) for t in checked.values()]).tolist()
+        flags = torch.stack([_finite_flag(t) for t in checked.values()]).tolist()  # one device (_check_pair)
         for what, finite in zip(checked, flags):
             if not finite:
                 raise ValueError(f"{what} contain NaN or infinite values")
