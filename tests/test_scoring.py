@@ -478,6 +478,40 @@ def test_finite_check_reads_every_block(monkeypatch):
     assert scoring.all_finite(torch.zeros(0, 8)) and scoring.all_finite(torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("chunk", [24, 1 << 24], ids=["small-blocks", "one-block"])
+def test_candidates_check_exactly_their_own_rows(gen, backend, device, monkeypatch, chunk):
+    """score_candidates checks the rows of the documents it scores, every one of them whatever
+    the block boundaries, and not the rest of the corpus (it read all of it for a few
+    candidates). Padding past a padded document's length is not its rows."""
+    from colbert_triton import scoring
+
+    monkeypatch.setattr(scoring, "_FINITE_CHUNK", chunk)  # 24: three 8-d rows a block
+    lengths = [3, 5, 0, 1, 6, 2, 4]
+    queries = random_docs(gen, [2, 3], 8, device=device)
+    candidates = [[4, 1, -1], [6, 4, 0]]  # documents 0, 1, 4 and 6
+    for doc in range(len(lengths)):
+        for row in range(lengths[doc]):
+            docs = random_docs(gen, lengths, 8, device=device)
+            docs[doc][row, row % 8] = float("nan") if row % 2 else float("-inf")
+            corpus = PackedEmbeddings.from_list(docs)
+            if doc in (0, 1, 4, 6):
+                with pytest.raises(ValueError, match="documents contain NaN or infinite"):
+                    score_candidates(queries, corpus, candidates, backend=backend)
+            else:
+                score_candidates(queries, corpus, candidates, backend=backend)  # not read: no error
+    docs = random_docs(gen, lengths, 8, device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
+    mask = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]
+    padded[6, 5] = float("nan")  # past document 6's four rows
+    got = score_candidates(queries, padded, candidates, documents_mask=mask, backend=backend)
+    exact = reference(queries, docs)
+    expected = torch.tensor([[exact[0, 4], exact[0, 1], float("-inf")], [exact[1, 6], exact[1, 4], exact[1, 0]]])
+    close(got, expected.float())
+    with pytest.raises(ValueError, match="queries contain NaN"):
+        score_candidates([torch.full((2, 8), float("nan"), device=device)] * 2, padded, candidates,
+                         documents_mask=mask, backend=backend)
+
+
 def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
     """The Triton kernel has no backward pass: named, it refuses such inputs; chosen by default
     (as on CUDA once it is the default), they take the PyTorch path and gradients flow."""
@@ -565,6 +599,50 @@ def test_device_chunks_read_the_lengths_once_and_the_rows_row_major(monkeypatch)
     assert [m for _, m in seen] == [7, 5, 9]
     assert all(v is seen[0][0] for v, _ in seen) and seen[0][0].stride() == (8, 1)
     torch.testing.assert_close(scores, expected.sort(dim=1, descending=True, stable=True).values)
+
+
+@pytest.mark.parametrize("form", ["packed", "list", "padded", "padded-masked"])
+def test_the_public_calls_pass_the_host_lengths(monkeypatch, form):
+    """score, score_pairwise, search and rerank hand the PyTorch path the documents' lengths
+    as a host array it need not read from the device (one sync per call on a GPU), equal to the
+    lengths it scores with."""
+    from colbert_triton import scoring
+
+    gen = torch.Generator().manual_seed(11)
+    lengths = [3, 1, 0, 4]
+    docs = random_docs(gen, lengths, 8)
+    mask = None
+    if form == "packed":
+        corpus = PackedEmbeddings.from_list(docs)
+    elif form == "list":
+        corpus = docs
+    else:
+        corpus = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
+        mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None] if form == "padded-masked" else None
+    expected = lengths if form != "padded" else [4] * 4
+    seen = []
+    real_maxsim = scoring.maxsim
+
+    def recording_maxsim(q, doc_values, starts, doc_lengths, **kwargs):
+        seen.append((doc_lengths.reshape(-1).tolist(), kwargs.get("lengths_host")))
+        return real_maxsim(q, doc_values, starts, doc_lengths, **kwargs)
+
+    monkeypatch.setattr(scoring, "maxsim", recording_maxsim)
+    queries = random_docs(gen, [2] * 4, 8)
+    score(queries, corpus, documents_mask=mask)
+    score_pairwise(queries, corpus, documents_mask=mask)
+    search(queries, corpus, 2, documents_mask=mask)
+    rerank(queries[0], corpus, documents_mask=mask)
+    assert len(seen) == 4
+    for on_device, on_host in seen:
+        assert on_host is not None and on_host.reshape(-1).tolist() == on_device == expected
+
+
+def test_packed_lengths_array_is_read_only():
+    packed = PackedEmbeddings.from_lengths(torch.zeros(5, 2), [2, 0, 3])
+    assert packed.lengths_array.tolist() == [2, 0, 3] and packed.lengths_array.dtype == np.int64
+    with pytest.raises(ValueError, match="read-only"):
+        packed.lengths_array[0] = 7
 
 
 def test_streamed_corpus_row_spans_are_int64(monkeypatch):

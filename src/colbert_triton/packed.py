@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -57,24 +58,27 @@ class PackedEmbeddings:
             raise TypeError(f"offsets must be int32 or int64, got {self.offsets.dtype}")
         if self.offsets.device != self.values.device:
             raise ValueError(f"offsets are on {self.offsets.device} but values on {self.values.device}")
-        if any(n < 0 for n in self.lengths_host):
+        # One numpy pass each (Python loops took half a second for a million items).
+        lengths = self.lengths_array
+        if lengths.size and lengths.min() < 0:
             raise ValueError("lengths must be >= 0")
-        if sum(self.lengths_host) != self.values.shape[0]:
-            raise ValueError(
-                f"lengths add up to {sum(self.lengths_host)} rows but values has {self.values.shape[0]}"
-            )
+        total = int(lengths.sum())
+        if total != self.values.shape[0]:
+            raise ValueError(f"lengths add up to {total} rows but values has {self.values.shape[0]}")
         # Scoring reads offsets, slicing reads lengths_host: they must agree. Checked where it is
         # free (offsets on the CPU); device offsets come from from_lengths or to(), built right.
         if self.offsets.device.type == "cpu":
-            expected = torch.tensor((0, *itertools.accumulate(self.lengths_host)), dtype=torch.int64)
-            if not torch.equal(self.offsets.long(), expected):
+            offsets = self.offsets.numpy()
+            if offsets[0] != 0 or not np.array_equal(offsets[1:], np.cumsum(lengths)):
                 raise ValueError(f"offsets {self.offsets.tolist()} disagree with lengths {list(self.lengths_host)}")
 
     @classmethod
     def from_lengths(cls, values: torch.Tensor, lengths) -> PackedEmbeddings:
-        lengths = tuple(int(n) for n in lengths)
+        if hasattr(lengths, "tolist"):  # a tensor or an array: made Python ints in one call
+            lengths = lengths.tolist()
+        lengths = tuple(map(int, lengths))
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+        offsets[1:] = torch.from_numpy(np.cumsum(np.array(lengths, dtype=np.int64)))
         return cls(values, offsets.to(values.device), lengths)
 
     @classmethod
@@ -109,6 +113,13 @@ class PackedEmbeddings:
         i %= len(self)
         start = self._host_starts[i]
         return self.values[start : start + self.lengths_host[i]]
+
+    @functools.cached_property
+    def lengths_array(self) -> np.ndarray:
+        """``lengths_host`` as a read-only int64 numpy array (made once)."""
+        lengths = np.array(self.lengths_host, dtype=np.int64).reshape(-1)
+        lengths.flags.writeable = False
+        return lengths
 
     @functools.cached_property
     def _host_starts(self) -> tuple[int, ...]:
@@ -326,9 +337,10 @@ def load_embeddings(path, *, device="cpu", check=None) -> EmbeddingsFile:
     if offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{path}: offsets must be integers, got {offsets.dtype}")
     offsets = offsets.to(torch.int64)
-    lengths = (offsets[1:] - offsets[:-1]).tolist()
-    if offsets[0] != 0 or offsets[-1] != values.shape[0] or any(n < 0 for n in lengths):
+    lengths = offsets[1:] - offsets[:-1]
+    if offsets[0] != 0 or offsets[-1] != values.shape[0] or (lengths.numel() and lengths.min() < 0):
         raise ValueError(f"{path}: offsets must rise from 0 to the {values.shape[0]} rows of values")
+    lengths = lengths.tolist()
     ids = _read_ids(path, ids_kind, stored_ids, info.metadata)
     if ids is None:
         ids = list(range(len(lengths)))

@@ -107,6 +107,7 @@ class DocRows(NamedTuple):
     values: torch.Tensor
     starts: torch.Tensor  # [N] int64, on values' device
     lengths: torch.Tensor  # [N] int64, on values' device
+    lengths_host: np.ndarray  # [N] int64, the same lengths on the host (never a device read)
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])
@@ -130,7 +131,8 @@ def as_documents(documents, mask=None) -> DocRows:
     if isinstance(documents, PackedEmbeddings):
         if mask is not None:
             raise ValueError("a mask goes with padded [N, L, dim] documents, not with a list or packed ones")
-        rows = DocRows(_as_tensor(documents.values, "documents"), documents.starts, documents.lengths)
+        rows = DocRows(_as_tensor(documents.values, "documents"), documents.starts, documents.lengths,
+                       documents.lengths_array)
     else:
         tensor = _as_tensor(documents, "documents")
         if tensor.dim() == 2:
@@ -142,9 +144,12 @@ def as_documents(documents, mask=None) -> DocRows:
         starts = torch.arange(n, device=tensor.device) * length
         if mask is None:
             lengths = torch.full((n,), length, device=tensor.device)
+            lengths_host = np.full(n, length, dtype=np.int64)
         else:
-            lengths = _mask_lengths(mask, (n, length), "documents_mask").to(tensor.device)
-        rows = DocRows(tensor.reshape(n * length, dim), starts, lengths)
+            lengths = _mask_lengths(mask, (n, length), "documents_mask")  # its check reads the mask anyway
+            lengths_host = lengths.cpu().numpy()
+            lengths = lengths.to(tensor.device)
+        rows = DocRows(tensor.reshape(n * length, dim), starts, lengths, lengths_host)
     return rows
 
 
@@ -342,7 +347,7 @@ def score(queries, documents, *, queries_mask=None, documents_mask=None, backend
     """All-pairs scores ``[Q, N]`` (float32)."""
     q, docs = _prepare(queries, documents, check_inputs=check_inputs, queries_mask=queries_mask,
                        documents_mask=documents_mask)
-    return maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)
+    return maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend, lengths_host=docs.lengths_host)
 
 
 def score_pairwise(queries, documents, *, queries_mask=None, documents_mask=None, backend=None,
@@ -352,16 +357,18 @@ def score_pairwise(queries, documents, *, queries_mask=None, documents_mask=None
                        documents_mask=documents_mask)
     if q.shape[0] != len(docs):
         raise ValueError(f"{q.shape[0]} queries but {len(docs)} documents: pairs need equal counts")
-    return maxsim(q, docs.values, docs.starts[:, None], docs.lengths[:, None], backend=backend)[:, 0]
+    return maxsim(q, docs.values, docs.starts[:, None], docs.lengths[:, None], backend=backend,
+                  lengths_host=docs.lengths_host)[:, 0]
 
 
 def score_candidates(queries, corpus, candidates, *, queries_mask=None, documents_mask=None,
                      backend=None, check_inputs: bool = True) -> torch.Tensor:
     """Query i against its own candidates ``candidates[i]`` (indices into ``corpus``): ``[Q, K]``.
 
-    An index of -1 marks an unused slot; its score is -inf.
+    An index of -1 marks an unused slot; its score is -inf. ``check_inputs`` reads the queries
+    and the candidate documents' rows for NaN/inf, not the rest of the corpus.
     """
-    q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
+    q, docs = _prepare(queries, corpus, check_inputs=False, queries_mask=queries_mask,
                        documents_mask=documents_mask)
     try:
         cand = torch.as_tensor(candidates, device=q.device)
@@ -374,15 +381,51 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     if cand.dtype.is_floating_point or cand.dtype == torch.bool:
         raise TypeError(f"candidates must be integer indices, got {cand.dtype}")
     cand = cand.long()
-    highest, lowest = torch.stack([cand.max(), cand.min()]).tolist() if cand.numel() else (-1, -1)
+    if check_inputs:  # the distinct candidates, sorted: the check reads their rows
+        distinct = torch.unique(cand).cpu().numpy()
+        highest, lowest = (int(distinct[-1]), int(distinct[0])) if distinct.size else (-1, -1)
+    else:
+        highest, lowest = torch.stack([cand.max(), cand.min()]).tolist() if cand.numel() else (-1, -1)
     if highest >= len(docs) or lowest < -1:  # read in one sync
         raise ValueError(f"candidate indices must lie in [0, {len(docs)}) (or -1 for an empty slot)")
+    if check_inputs:
+        flags = torch.stack([_finite_flag(q), _candidate_rows_finite_flag(docs, distinct)]).tolist()
+        for what, finite in zip(("queries", "documents"), flags):
+            if not finite:
+                raise ValueError(f"{what} contain NaN or infinite values")
     unused = cand < 0
     if len(docs) == 0:  # every slot is -1 (checked above): nothing to gather
         return torch.full(cand.shape, float("-inf"), device=q.device)
     safe = cand.clamp(min=0)
     scores = maxsim(q, docs.values, docs.starts[safe], docs.lengths[safe], backend=backend)
     return scores.masked_fill(unused, float("-inf"))
+
+
+def _candidate_rows_finite_flag(docs: DocRows, distinct: np.ndarray) -> torch.Tensor:
+    """A bool scalar on the corpus's device, no sync: whether the rows of the documents
+    ``distinct`` names (distinct host indices, checked; -1 for none) are finite. Each is read
+    once, in blocks of at most _FINITE_CHUNK values; the rest of the corpus is not read
+    (reranking a few hundred candidates of a large corpus read all of it)."""
+    used = distinct[distinct >= 0]
+    lengths = docs.lengths_host[used]
+    used, lengths = used[lengths > 0], lengths[lengths > 0]
+    device = docs.values.device
+    flags = [torch.ones((), dtype=torch.bool, device=device)]
+    ends = np.cumsum(lengths)
+    rows_per_block = max(1, _FINITE_CHUNK // docs.dim)
+    lo = 0
+    while lo < len(used):
+        # Whole documents up to rows_per_block rows (or one longer document alone).
+        first_row = ends[lo] - lengths[lo]
+        hi = max(lo + 1, int(np.searchsorted(ends, first_row + rows_per_block, side="right")))
+        block_lengths = torch.from_numpy(lengths[lo:hi]).to(device)
+        total = int(ends[hi - 1] - first_row)
+        # Row r of the block belongs to document j: starts[j] + (r - rows before j in the block).
+        shift = docs.starts[torch.from_numpy(used[lo:hi]).to(device)] - (torch.cumsum(block_lengths, 0) - block_lengths)
+        rows = torch.repeat_interleave(shift, block_lengths, output_size=total) + torch.arange(total, device=device)
+        flags.append(_finite_flag(docs.values[rows]))
+        lo = hi
+    return torch.stack(flags).all()
 
 
 def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
@@ -422,9 +465,9 @@ _SEARCH_PAIRS = 1 << 27
 
 def _device_chunks(docs: DocRows, chunk_size: int):
     """(first index, rows, starts, lengths, host lengths) of each chunk of a corpus already on
-    the device. The lengths are read to the host once: the PyTorch path blocks the documents by
-    length, and reading them chunk by chunk would wait on the GPU every chunk."""
-    lengths_host = docs.lengths.cpu().numpy()
+    the device. The host lengths are the corpus's own: the PyTorch path blocks the documents by
+    length, and reading them from the device chunk by chunk would wait on the GPU every chunk."""
+    lengths_host = docs.lengths_host
     # Every chunk passes all the rows: a view with a column stride (X.T) is made row-major once
     # here, not copied whole by the kernel's launcher for every chunk.
     values = docs.values if docs.values.stride(1) == 1 else docs.values.contiguous()
@@ -486,7 +529,7 @@ def _host_chunks(docs: DocRows, chunk_size: int, device: torch.device, check_fin
         return
     # int64: a hand-built corpus may have int32 offsets, and begin + row limit must not wrap.
     starts = docs.starts.numpy().astype(np.int64)
-    lengths = docs.lengths.numpy().astype(np.int64)
+    lengths = docs.lengths_host
     nonempty = lengths > 0
     # Row spans made non-decreasing (they already are for packed and padded corpora): ends as a
     # running max, begins as a suffix min; an empty document begins where the rows before end.
@@ -612,6 +655,6 @@ def rerank(query, documents, k: int | None = None, *, query_mask=None, documents
                        documents_mask=documents_mask)
     if q.shape[0] != 1:
         raise ValueError(f"rerank takes one query, got {q.shape[0]}")
-    scores = maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend)[0]
+    scores = maxsim(q, docs.values, docs.starts, docs.lengths, backend=backend, lengths_host=docs.lengths_host)[0]
     ranked = torch.sort(scores, descending=True, stable=True)
     return list(zip(ranked.indices[:count].tolist(), ranked.values[:count].tolist()))
