@@ -12,8 +12,9 @@ One run compares, per shape, every implementation that is installed:
   called on document chunks so its ``[Q, N, Lq, Ld]`` similarity tensor fits in memory.
 - ``flash-maxsim`` 0.3.0: `flash_maxsim_batched` (padded documents + lengths; ``shared_docs=False``
   with per-query gathered documents in candidate mode), and for single queries
-  `flash_maxsim_rerank` on the packed corpus (its zero-copy rerank path; it converts bf16
-  documents to fp16 inside the call, which counts against it).
+  `flash_maxsim_rerank` on the packed corpus and `flash_maxsim_rerank_direct` with its document
+  starts and lengths given (its zero-copy rerank paths; they convert bf16 documents to fp16
+  inside the call, which counts against them).
 - ``lik``: late-interaction-kernels 0.4.5 `maxsim` (no argmax saved without gradients) on padded
   documents with a bool mask (4-D documents in candidate mode), and `maxsim_varlen` on the
   packed corpus for variable lengths.
@@ -96,9 +97,11 @@ CASES = list(_cases())
 VARIANTS = ("ours-qregs", "ours-qregs-128")
 # The variants come last: a configuration never run before that faulted the GPU would take the
 # rest of its case with it, not the peers'.
-IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "lik", "lik-varlen", *VARIANTS]
+IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "flash-maxsim-rerank-direct",
+         "lik", "lik-varlen", *VARIANTS]
 # The peers' packages (their Triton autotuners retune for each case) per implementation.
 PEER_PACKAGES = {"flash-maxsim": "flash_maxsim", "flash-maxsim-rerank": "flash_maxsim",
+                 "flash-maxsim-rerank-direct": "flash_maxsim",
                  "lik": "late_interaction_kernels", "lik-varlen": "late_interaction_kernels"}
 
 
@@ -273,6 +276,16 @@ def prepare(impl: str, case: Case, data: Data):
         cu[1:] = torch.cumsum(data.lengths, 0)
         max_len = int(data.lengths.max())
         return lambda: fm.flash_maxsim_rerank(q[0], data.values, cu, max_len)[None]
+
+    if impl == "flash-maxsim-rerank-direct":
+        if case.num_queries != 1 or case.candidates:
+            pytest.skip("flash_maxsim_rerank_direct scores a single query")
+        fm = _import("flash_maxsim")
+        # Its zero-copy entry point: starts and lengths as int32 made here, so the call launches
+        # only its kernel (flash_maxsim_rerank derives them from cu_seqlens in every call).
+        starts, lengths = data.starts.to(torch.int32), data.lengths.to(torch.int32)
+        max_len = int(data.lengths.max())
+        return lambda: fm.flash_maxsim_rerank_direct(q[0], data.values, starts, lengths, max_len)[None]
 
     if impl == "lik":
         lik = _import("late_interaction_kernels")

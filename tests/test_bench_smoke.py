@@ -24,7 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "bench" / "device"))
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="on a GPU the benchmarks themselves run (bench/)")
 
-CUDA_ONLY = {"flash-maxsim-rerank", "lik-varlen"}
+CUDA_ONLY = {"flash-maxsim-rerank", "flash-maxsim-rerank-direct", "lik-varlen"}
 PEERS = {"flash-maxsim": "flash_maxsim", "lik": "late_interaction_kernels"}
 
 
