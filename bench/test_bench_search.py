@@ -89,3 +89,26 @@ def test_bench_search_host_corpus(measure, corpus):
     for name, run in runs.items():
         measure(run, suite=SUITE, shape=shape, impl=name, floor_ms=floor_value,
                 floor_kind=floor_kind, ours=name == "host-pinned", corpus_bytes=corpus_bytes)
+
+
+def test_bench_search_merge_share(measure, corpus):
+    """What the running top-k costs beside the scoring, for one full search chunk (64 queries x
+    32,768 documents, k = 10): `merge_topk` sorts the chunk's [Q, k + chunk] scores in full
+    (stable, for the lower-index tie rule). Timed beside the MaxSim of that chunk, to decide
+    whether a partial selection is worth its complexity (bench/NOTES.md)."""
+    from colbert_triton.kernels.maxsim import maxsim
+    from colbert_triton.scoring import merge_topk
+
+    chunk = 32768
+    docs = corpus["on-device"]
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    queries = torch.randn(QUERIES, QUERY_LEN, DIM, device="cuda", generator=gen)
+    queries = (queries / queries.norm(dim=-1, keepdim=True)).half()
+    starts, lengths = docs.starts[:chunk], docs.lengths[:chunk]
+    block = maxsim(queries, docs.values, starts, lengths)
+    best_scores, best_index = merge_topk(block[:, :0], block[:, :0].long(), block[:, :K], 0, K)
+    shape = f"one search chunk: Q{QUERIES} x Lq{QUERY_LEN} x {chunk} docs (20-300 rows, d{DIM}, fp16), k={K}"
+    measure(lambda: merge_topk(best_scores, best_index, block, K, K), suite="search-merge", shape=shape,
+            impl="merge_topk", ours=True)
+    measure(lambda: maxsim(queries, docs.values, starts, lengths), suite="search-merge", shape=shape,
+            impl="maxsim-triton")
