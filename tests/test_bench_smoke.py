@@ -256,6 +256,9 @@ def test_peer_autotuners_retune_for_each_case(monkeypatch):
     import triton.language as tl
     from common import autotuned, forget_autotuning
 
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4):
+        pytest.skip("triton.autotune starts a GPU driver at decoration before Triton 3.4")
+
     @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
     @triton.jit
     def _peer_kernel(x_ptr, n, BLOCK: tl.constexpr):

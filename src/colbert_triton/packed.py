@@ -74,6 +74,8 @@ class PackedEmbeddings:
 
     @classmethod
     def from_lengths(cls, values: torch.Tensor, lengths) -> PackedEmbeddings:
+        if not isinstance(values, torch.Tensor):  # before values.device (numpy < 2 has none)
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
         if hasattr(lengths, "tolist"):  # a tensor or an array: made Python ints in one call
             lengths = lengths.tolist()
         lengths = tuple(map(int, lengths))

@@ -10,10 +10,11 @@ import numpy as np
 def fix_scalar_loop_bounds() -> None:
     """Let the CPU interpreter run loops whose bound is loaded from memory.
 
-    Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_(1,))``,
-    which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172). Our kernels
-    loop over a document's or a sequence's own length, a bound loaded from memory. Applied by
-    `kernels/__init__.py` under TRITON_INTERPRET=1 only, and only when this NumPy refuses.
+    Triton's interpreter (3.2 to 3.6) turns a scalar into a Python int with
+    ``int(array_of_shape_(1,))``, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed
+    upstream by #9172). Our kernels loop over a document's or a sequence's own length, a bound
+    loaded from memory. Applied by `kernels/__init__.py` under TRITON_INTERPRET=1 only, and
+    only when this NumPy refuses.
     """
     try:
         int(np.zeros(1, dtype=np.int32))
@@ -22,13 +23,26 @@ def fix_scalar_loop_bounds() -> None:
         pass
     from triton.runtime import interpreter
 
+    install_scalar_index(interpreter)
+
+
+def install_scalar_index(interpreter) -> None:
+    """Wrap ``interpreter._patch_lang_tensor`` (which puts the interpreter's methods on
+    `tl.tensor` for a launch) so that a scalar tensor also gets an ``__index__`` that NumPy 2.4
+    accepts."""
     original = interpreter._patch_lang_tensor
     if getattr(original, "_scalar_index_fixed", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def scalar_index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):  # Triton 3.6: (tensor, scope); 3.2-3.5: (tensor)
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", scalar_index)
+        else:
+            tensor.__index__ = scalar_index
 
     patched._scalar_index_fixed = True
     interpreter._patch_lang_tensor = patched
