@@ -92,6 +92,14 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contain NaN or infinite values")
 
 
+def _check_flags(flags: dict[str, torch.Tensor]) -> None:
+    """Raise for the first input whose `_finite_flag` is False: the flags (on one device) are
+    read in one sync."""
+    for what, finite in zip(flags, torch.stack(list(flags.values())).tolist()):
+        if not finite:
+            raise ValueError(f"{what} contain NaN or infinite values")
+
+
 def _as_tensor_list(items, what: str) -> list[torch.Tensor]:
     """A non-empty list of [tokens, dim] tensors/arrays sharing dim, dtype and device."""
     if not items:
@@ -228,13 +236,10 @@ def _prepare(queries, documents, *, check_inputs: bool, queries_mask=None, docum
     docs = as_documents(documents, documents_mask)
     _check_pair(q, docs, host_corpus_ok)
     if check_inputs:
-        checked = {"queries": q}
+        flags = {"queries": _finite_flag(q)}
         if not (host_corpus_ok and _streams_host_corpus(q, docs)):  # search checks it on the GPU
-            checked["documents"] = docs.values
-        flags = torch.stack([_finite_flag(t) for t in checked.values()]).tolist()  # one device (_check_pair)
-        for what, finite in zip(checked, flags):
-            if not finite:
-                raise ValueError(f"{what} contain NaN or infinite values")
+            flags["documents"] = _finite_flag(docs.values)  # on the queries' device (_check_pair)
+        _check_flags(flags)
     return q, docs
 
 
@@ -389,10 +394,7 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     if highest >= len(docs) or lowest < -1:  # read in one sync
         raise ValueError(f"candidate indices must lie in [0, {len(docs)}) (or -1 for an empty slot)")
     if check_inputs:
-        flags = torch.stack([_finite_flag(q), _candidate_rows_finite_flag(docs, distinct)]).tolist()
-        for what, finite in zip(("queries", "documents"), flags):
-            if not finite:
-                raise ValueError(f"{what} contain NaN or infinite values")
+        _check_flags({"queries": _finite_flag(q), "documents": _candidate_rows_finite_flag(docs, distinct)})
     unused = cand < 0
     if len(docs) == 0:  # every slot is -1 (checked above): nothing to gather
         return torch.full(cand.shape, float("-inf"), device=q.device)
