@@ -175,10 +175,47 @@ def test_packed_embeddings_rejects_offsets_that_disagree_with_lengths(offsets):
     ([6, -1], "lengths must be >= 0"),
     ([2, 2], "lengths add up to 4 rows but values has 5"),
     ([2, 4], "lengths add up to 6 rows but values has 5"),
+    # Lengths whose int64 sum wraps around to the number of rows:
+    ([2**63 - 1, 2**63 - 1, 7], r"lengths\[0\] = 9223372036854775807 but values has 5 rows"),
+    ([2.5, 2.5], r"lengths\[0\] = 2.5 is not a whole number"),
+    (np.array([2.0, 3.0001]), r"lengths\[1\] = 3.0001 is not a whole number"),
+    ([2, float("nan")], r"lengths\[1\] = nan is not a whole number"),
+    ([2**64, 3], r"lengths\[0\] = 18446744073709551616 is out of range"),
+    (torch.tensor(5), "lengths must be one-dimensional"),
 ])
 def test_from_lengths_checks_the_lengths(lengths, message):
     with pytest.raises(ValueError, match=message):
         PackedEmbeddings.from_lengths(VALUES, lengths)
+
+
+@pytest.mark.parametrize("lengths, message", [
+    (None, "lengths must be a sequence of whole numbers, got NoneType"),
+    ("23", "lengths must be a sequence of whole numbers, got str"),  # not the lengths 2 and 3
+    ([2, None], r"lengths must be whole numbers, got lengths\[1\] = None"),
+    (["2", "3"], "lengths must be whole numbers, got <U1"),
+    (torch.tensor([True, False, True]), "lengths must be whole numbers, got bool"),  # a mask
+])
+def test_from_lengths_refuses_what_is_not_whole_numbers(lengths, message):
+    with pytest.raises(TypeError, match=message):
+        PackedEmbeddings.from_lengths(VALUES, lengths)
+
+
+@pytest.mark.parametrize("lengths", [(2.0, 3.0), torch.tensor([2.0, 3.0]), np.array([2, 3], dtype=np.uint8)],
+                         ids=["integral-floats", "mask-sum", "uint8"])
+def test_whole_lengths_of_any_number_type_become_python_ints(lengths):
+    for packed in (PackedEmbeddings.from_lengths(VALUES, lengths),
+                   PackedEmbeddings(VALUES, torch.tensor([0, 2, 5]), tuple(lengths.tolist())
+                                    if hasattr(lengths, "tolist") else lengths)):
+        assert packed.lengths_host == (2, 3) and all(type(n) is int for n in packed.lengths_host)
+        assert packed.lengths_array.tolist() == [2, 3] and not packed.lengths_array.flags.writeable
+        assert torch.equal(packed[1], VALUES[2:])
+
+
+def test_packed_embeddings_rejects_offsets_that_wrap():
+    """Offsets [0, 2^63 - 1, -2, 5]: their differences wrap to non-negative "lengths" that add
+    up to the 5 rows; slicing by them read rows -2..2 (scoring: garbage, silently)."""
+    with pytest.raises(ValueError, match="but values has 5 rows"):
+        PackedEmbeddings(VALUES, torch.tensor([0, 2**63 - 1, -2, 5]), (2**63 - 1, 2**63 - 1, 7))
 
 
 @pytest.mark.parametrize("items, error, message", [

@@ -1,6 +1,7 @@
 """Embeddings on disk: save_embeddings/load_embeddings, the model's identity check, and the CLI's
 encode-once-then-rank path."""
 
+import functools
 import json
 
 import pytest
@@ -97,6 +98,8 @@ def test_default_ids_are_positions(tmp_path):
     ({"ids": ["a", float("nan"), "c"]}, TypeError, r"ids\[1\] = nan: NaN and infinite ids"),
     ({"ids": ["a", "b", float("-inf")]}, TypeError, r"ids\[2\] = -inf: NaN and infinite ids"),
     ({"ids": ["a", [float("inf")], "c"]}, TypeError, "JSON-serialisable"),
+    ({"ids": ["a", functools.reduce(lambda inner, _: [inner], range(100_000), []), "c"]}, TypeError,
+     "JSON-serialisable"),  # nested past Python's recursion limit
     ({"metadata": {"layout": "x"}}, ValueError, "reserved"),
     ({"metadata": {"n": 1}}, TypeError, "strings to strings"),
 ])
@@ -128,6 +131,23 @@ def test_saving_keeps_links_and_modes_as_open_would(tmp_path):
     assert link.is_symlink() and len(load_embeddings(fresh).ids) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn])
+def test_save_refuses_values_load_would_refuse(tmp_path, dtype):
+    packed = PackedEmbeddings.from_lengths(torch.ones(3, 4).to(dtype), [1, 2])
+    with pytest.raises(TypeError, match=f"embeddings.values must be floating point .*got {dtype}"):
+        save_embeddings(tmp_path / "e.safetensors", packed)
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_load_onto_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
+    save_embeddings(tmp_path / "e.safetensors", _packed([1, 2]))
+    with pytest.raises(ValueError, match="device must be like"):
+        load_embeddings(tmp_path / "e.safetensors", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_embeddings(tmp_path / "e.safetensors", device="cuda")
+
+
 def test_save_path_errors(tmp_path):
     with pytest.raises(TypeError, match="PackedEmbeddings"):
         save_embeddings(tmp_path / "e.safetensors", [torch.zeros(2, 4)])
@@ -141,7 +161,13 @@ def test_save_path_errors(tmp_path):
     ({"values": torch.zeros(3, 4)}, None, "no offsets tensor"),
     ({"values": torch.zeros(3), "offsets": torch.tensor([0, 3])}, None, r"must be \[T, dim\]"),
     ({"values": torch.zeros(3, 4, dtype=torch.int32), "offsets": torch.tensor([0, 3])}, None, "floating point"),
-    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0.0, 3.0])}, None, "offsets must be integers"),
+    ({"values": torch.zeros(3, 4).to(torch.float8_e4m3fn), "offsets": torch.tensor([0, 3])}, None,
+     "floating point .float16, bfloat16, float32 or float64., got torch.float8_e4m3fn"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0.0, 3.0])}, None, "offsets must be int32 or int64"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3], dtype=torch.uint8)}, None,
+     "offsets must be int32 or int64, got torch.uint8"),
+    # Offsets whose differences wrap past int64 (each "length" then looks non-negative):
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2**63 - 1, -2, 3])}, None, "rise from 0"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([[0, 3]])}, None, r"offsets must be \[n \+ 1\]"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([1, 3])}, None, "rise from 0"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 2])}, None, "rise from 0"),
@@ -159,6 +185,8 @@ def test_save_path_errors(tmp_path):
       "ids_json": torch.tensor(list(b"[1"), dtype=torch.uint8)}, None, "not JSON"),
     ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]),
       "ids_json": torch.tensor([0x5B, 0xFF, 0x5D], dtype=torch.uint8)}, None, "not UTF-8"),
+    ({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 3]),  # nested past Python's recursion limit
+      "ids_json": torch.tensor(list(b"[" * 100_000 + b"]" * 100_000), dtype=torch.uint8)}, None, "not JSON"),
 ])
 def test_load_rejects_inconsistent_files(tmp_path, tensors, metadata, message):
     path = tmp_path / "bad.safetensors"

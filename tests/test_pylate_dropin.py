@@ -225,3 +225,62 @@ def test_the_rest_of_pylate_scores_resolves_to_pylate(ref):
         assert getattr(dropin, name) is getattr(ref, name)
     with pytest.raises(AttributeError, match="has no attribute 'colbert_scorez'"):
         dropin.colbert_scorez  # noqa: B018
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_axes_as_in_pylate(ref, backend):
+    """A document axis with no slots: PyLate's max raises IndexError deep in torch; here a clear
+    error on every backend. Dim 0 (nothing to multiply) and queries with no rows: PyLate's zeros."""
+    rank = require_reference("pylate.rank")
+    q, d, _ = _data()
+    with pytest.raises(IndexError):
+        ref.colbert_scores(q, d[:, :0], backend="torch")
+    no_slots = [
+        lambda: dropin.colbert_scores(*moved(backend, q, d[:, :0]), backend=backend),
+        lambda: dropin.colbert_kd_scores(*moved(backend, q, torch.zeros(3, 2, 0, 16)), backend=backend),
+        lambda: dropin.colbert_scores_pairwise(moved(backend, q[0], q[1]), moved(backend, d[0], d[0, :0]),
+                                               backend=backend),
+        # A query whose candidates all have no rows (PyLate pads them to the longest: none).
+        lambda: dropin.rerank([["a"], ["b"]], moved(backend, q[0], q[1]), [moved(backend, d[0]), moved(backend, d[1, :0])],
+                              backend=backend),
+    ]
+    for call in no_slots:
+        with pytest.raises(ValueError, match="no token slots .*PyLate raises IndexError"):
+            call()
+    close(dropin.colbert_scores(*moved(backend, q[..., :0], d[..., :0]), backend=backend),
+          ref.colbert_scores(q[..., :0], d[..., :0], backend="torch"))
+    close(dropin.colbert_scores_pairwise(moved(backend, q[0, :, :0]), moved(backend, d[0, :, :0]), backend=backend),
+          ref.colbert_scores_pairwise([q[0, :, :0]], [d[0, :, :0]], backend="torch"))
+    close(dropin.colbert_scores(*moved(backend, q[:, :0], d), backend=backend),
+          ref.colbert_scores(q[:, :0], d, backend="torch"))
+    # A candidate with no rows beside longer ones: padded with zeros, it scores 0.0 in PyLate.
+    ids, docs = [["empty", "x"]], [[d[0, :0], d[1]]]
+    expected = rank.rerank(ids, [q[0]], docs)
+    got = dropin.rerank(ids, moved(backend, q[0]), [moved(backend, *docs[0])], backend=backend)
+    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
+    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairs_of_different_dtypes_as_in_pylate(ref, backend):
+    """PyLate scores each pair in its own dtype and stacks (promoting) the scores."""
+    q, d, _ = _data(h=8)
+    qs, ds = [q[0], q[1].half()], [d[0], d[1].half()]
+    got = dropin.colbert_scores_pairwise(moved(backend, *qs), moved(backend, *ds), backend=backend)
+    expected = ref.colbert_scores_pairwise(qs, ds, backend="torch")
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-2, rtol=1e-3)  # the fp16 pair: fp16 sums in PyLate
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_are_checked_like_the_embeddings(backend):
+    q, d, _ = _data()
+    nan_mask, inf_mask = torch.ones(5, 7), torch.ones(3, 6)
+    nan_mask[0, 4:] = float("nan")
+    inf_mask[:, 5] = float("inf")
+    with pytest.raises(ValueError, match="documents_mask values contain NaN or infinite"):
+        dropin.colbert_scores(*moved(backend, q, d, None, nan_mask), backend=backend)
+    with pytest.raises(ValueError, match="queries_mask values contain NaN or infinite"):
+        dropin.colbert_scores(*moved(backend, q, d, inf_mask), backend=backend)
+    with pytest.raises(TypeError, match="queries_mask must be real"):
+        dropin.colbert_scores(*moved(backend, q, d, torch.ones(3, 6, dtype=torch.complex64)), backend=backend)

@@ -178,6 +178,13 @@ def test_bad_inputs_get_clear_errors(gen, monkeypatch):
         score(q, [])
     with pytest.raises(TypeError, match="floating point"):
         score(q, [torch.ones(2, 16, dtype=torch.int64)])
+    with pytest.raises(TypeError, match=r"queries\[0\] must be floating point .*got torch.float8_e4m3fn"):
+        score([x.to(torch.float8_e4m3fn) for x in q], docs)  # not a NaN check's internal error
+    with pytest.raises(ValueError, match="candidates must be a .Q, K. array"):
+        score_candidates(q, docs, None)
+    assert score_candidates(q, docs, [[]]).shape == (1, 0)  # an empty list has no integer dtype
+    with pytest.raises(TypeError, match="documents_mask must be a tensor or array of 0/1"):
+        score(q, torch.stack([docs[1], docs[1]]), documents_mask="1111")
     with pytest.raises(TypeError, match="torch.Tensor or numpy"):
         score(q, ["text"])
     with pytest.raises(ValueError, match="k must be"):
@@ -482,7 +489,8 @@ def test_finite_check_reads_every_block(monkeypatch):
 def test_candidates_check_exactly_their_own_rows(gen, backend, device, monkeypatch, chunk):
     """score_candidates checks the rows of the documents it scores, every one of them whatever
     the block boundaries, and not the rest of the corpus (it read all of it for a few
-    candidates). Padding past a padded document's length is not its rows."""
+    candidates). A padded document's padding is read with it, as `score` reads it (one rule:
+    whatever the entry point, a NaN in the padding of a document it reads is an error)."""
     from colbert_triton import scoring
 
     monkeypatch.setattr(scoring, "_FINITE_CHUNK", chunk)  # 24: three 8-d rows a block
@@ -502,11 +510,18 @@ def test_candidates_check_exactly_their_own_rows(gen, backend, device, monkeypat
     docs = random_docs(gen, lengths, 8, device=device)
     padded = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
     mask = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]
-    padded[6, 5] = float("nan")  # past document 6's four rows
+    padded[5, 4] = float("nan")  # past document 5's two rows: not a candidate, not read
     got = score_candidates(queries, padded, candidates, documents_mask=mask, backend=backend)
     exact = reference(queries, docs)
     expected = torch.tensor([[exact[0, 4], exact[0, 1], float("-inf")], [exact[1, 6], exact[1, 4], exact[1, 0]]])
     close(got, expected.float())
+    for where in ([6, 5], [0, 3]):  # past the four rows of candidate 6, the three of candidate 0
+        bad = padded.clone()
+        bad[where[0], where[1]] = float("inf")
+        with pytest.raises(ValueError, match="documents contain NaN or infinite"):
+            score_candidates(queries, bad, candidates, documents_mask=mask, backend=backend)
+        with pytest.raises(ValueError, match="documents contain NaN or infinite"):
+            score(queries, bad, documents_mask=mask, backend=backend)  # the same rule
     with pytest.raises(ValueError, match="queries contain NaN"):
         score_candidates([torch.full((2, 8), float("nan"), device=device)] * 2, padded, candidates,
                          documents_mask=mask, backend=backend)
@@ -557,7 +572,7 @@ def test_float64_corpus_scores_in_any_form():
     torch.testing.assert_close(score(queries, packed, backend="torch"), expected)
     scores, _ = search(queries, packed, k=2, backend="torch")
     torch.testing.assert_close(scores, expected.sort(descending=True).values)
-    with pytest.raises(TypeError, match="documents must be floating point, got torch.int64"):
+    with pytest.raises(TypeError, match=r"documents must be floating point \(float16, bfloat16, float32 or float64\), got torch.int64"):
         score(queries, PackedEmbeddings.from_lengths(torch.zeros(6, 8, dtype=torch.int64), [2, 4]))
 
 

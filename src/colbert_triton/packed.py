@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -15,6 +16,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+# What embeddings may be stored as: the scorers read these (float64 is scored in float32).
+EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_embedding_dtype(dtype: torch.dtype, what: str, error=TypeError) -> None:
+    if dtype not in EMBEDDING_DTYPES:
+        raise error(f"{what} must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
 
 
 def check_embedding_list(tensors, what: str) -> None:
@@ -45,43 +54,53 @@ class PackedEmbeddings:
     values: torch.Tensor
     offsets: torch.Tensor
     lengths_host: tuple[int, ...]
+    # ``lengths_host`` as a read-only int64 numpy array, made once by the constructor.
+    lengths_array: np.ndarray = dataclasses.field(init=False, repr=False)
+    # Private: the checked lengths when ``offsets`` was built from them here (from_lengths, to,
+    # pin_memory, a checked file), so that device offsets are not read back to be compared.
+    _built_from: dataclasses.InitVar[np.ndarray | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, _built_from):
         for name in ("values", "offsets"):
             if not isinstance(getattr(self, name), torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
-        if self.values.dim() != 2:
-            raise ValueError(f"values must be [T, dim], got shape {tuple(self.values.shape)}")
+        _check_values_layout(self.values)
         if self.offsets.dim() != 1 or self.offsets.shape[0] != len(self.lengths_host) + 1:
             raise ValueError("offsets must be [n + 1] for n lengths")
         if self.offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"offsets must be int32 or int64, got {self.offsets.dtype}")
         if self.offsets.device != self.values.device:
             raise ValueError(f"offsets are on {self.offsets.device} but values on {self.values.device}")
+        if _built_from is not None:
+            object.__setattr__(self, "lengths_array", _built_from)
+            return
         # One numpy pass each (Python loops took half a second for a million items).
-        lengths = self.lengths_array
-        if lengths.size and lengths.min() < 0:
-            raise ValueError("lengths must be >= 0")
-        total = int(lengths.sum())
-        if total != self.values.shape[0]:
-            raise ValueError(f"lengths add up to {total} rows but values has {self.values.shape[0]}")
-        # Scoring reads offsets, slicing reads lengths_host: they must agree. Checked where it is
-        # free (offsets on the CPU); device offsets come from from_lengths or to(), built right.
-        if self.offsets.device.type == "cpu":
-            offsets = self.offsets.numpy()
-            if offsets[0] != 0 or not np.array_equal(offsets[1:], np.cumsum(lengths)):
-                raise ValueError(f"offsets {self.offsets.tolist()} disagree with lengths {list(self.lengths_host)}")
+        lengths = _lengths_array(self.lengths_host)
+        ends = _checked_ends(lengths, self.values.shape[0])
+        # Scoring reads offsets, slicing reads lengths_host: they must agree (device offsets are
+        # read back once here: from_lengths and to() build theirs from checked lengths).
+        offsets = self.offsets.cpu().numpy()
+        if offsets[0] != 0 or not np.array_equal(offsets[1:], ends):
+            shown = offsets.tolist() if offsets.size <= 20 else f"[{offsets[0]}, {offsets[1]}, ...]"
+            raise ValueError(f"offsets {shown} disagree with the lengths (offsets must be 0 followed by "
+                             f"the running sum of the lengths)")
+        lengths.flags.writeable = False
+        object.__setattr__(self, "lengths_array", lengths)
+        object.__setattr__(self, "lengths_host", tuple(lengths.tolist()))  # Python ints (2.0 -> 2)
 
     @classmethod
     def from_lengths(cls, values: torch.Tensor, lengths) -> PackedEmbeddings:
+        """Item ``i`` is the next ``lengths[i]`` rows of ``values``; ``lengths``: whole numbers
+        (a list, a numpy array or a tensor, of integers or integral floats such as a mask's sum)."""
         if not isinstance(values, torch.Tensor):  # before values.device (numpy < 2 has none)
             raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
-        if hasattr(lengths, "tolist"):  # a tensor or an array: made Python ints in one call
-            lengths = lengths.tolist()
-        lengths = tuple(map(int, lengths))
+        _check_values_layout(values)
+        lengths = _lengths_array(lengths)
+        ends = _checked_ends(lengths, values.shape[0])
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        offsets[1:] = torch.from_numpy(np.cumsum(np.array(lengths, dtype=np.int64)))
-        return cls(values, offsets.to(values.device), lengths)
+        offsets[1:] = torch.from_numpy(ends)
+        lengths.flags.writeable = False
+        return cls(values, offsets.to(values.device), tuple(lengths.tolist()), lengths)
 
     @classmethod
     def from_list(cls, tensors: list[torch.Tensor]) -> PackedEmbeddings:
@@ -117,13 +136,6 @@ class PackedEmbeddings:
         return self.values[start : start + self.lengths_host[i]]
 
     @functools.cached_property
-    def lengths_array(self) -> np.ndarray:
-        """``lengths_host`` as a read-only int64 numpy array (made once)."""
-        lengths = np.array(self.lengths_host, dtype=np.int64).reshape(-1)
-        lengths.flags.writeable = False
-        return lengths
-
-    @functools.cached_property
     def _host_starts(self) -> tuple[int, ...]:
         # Indexing item i is O(1) after one O(n) pass (a loop over a large corpus stays linear).
         return (0, *itertools.accumulate(self.lengths_host))
@@ -135,14 +147,72 @@ class PackedEmbeddings:
         values = self.values.to(*args, **kwargs)
         if values is self.values:  # already there, in that dtype: not validated again
             return self
-        return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host)
+        return PackedEmbeddings(values, self.offsets.to(values.device), self.lengths_host, self.lengths_array)
 
     def pin_memory(self) -> PackedEmbeddings:
         """A copy in pinned host memory (needs CUDA): `search` then streams it to the GPU
         without a staging copy per block. PyTorch rounds a pinned allocation up to a power of
         two bytes (70 GB pins 128 GB): for a corpus near the host's memory, keep it unpinned
         (`search` then stages each block through a small pinned buffer)."""
-        return PackedEmbeddings(self.values.pin_memory(), self.offsets.cpu(), self.lengths_host)
+        return PackedEmbeddings(self.values.pin_memory(), self.offsets.cpu(), self.lengths_host,
+                                self.lengths_array)
+
+
+def _lengths_array(lengths) -> np.ndarray:
+    """Item lengths as an int64 array, or a clear error: whole numbers only (2.5 rows is a
+    caller's bug, not 2), within int64."""
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.detach().cpu().numpy()
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
+        raise TypeError(f"lengths must be a sequence of whole numbers, got {type(lengths).__name__}")
+    try:
+        array = np.asarray(lengths)
+    except (ValueError, TypeError, OverflowError) as bad:
+        raise TypeError(f"lengths must be a sequence of whole numbers: {bad}") from None
+    if array.ndim != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {array.shape}")
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.floor(array)) & (np.abs(array) < 2.0**63)
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise ValueError(f"lengths[{i}] = {float(array[i])} is not a whole number")
+    elif array.dtype.kind == "u":
+        if array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"lengths[{int(np.argmax(array))}] = {array.max()} is out of range")
+    elif array.dtype.kind == "O":  # numbers past int64, or things that are not numbers
+        for i, item in enumerate(array.tolist()):
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise TypeError(f"lengths must be whole numbers, got lengths[{i}] = {item!r}")
+            if not -(1 << 63) <= item < (1 << 63):
+                raise ValueError(f"lengths[{i}] = {item} is out of range")
+    elif array.dtype.kind != "i":  # a boolean array is a mask, not lengths
+        raise TypeError(f"lengths must be whole numbers, got {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _check_values_layout(values: torch.Tensor) -> None:
+    if values.dim() != 2:
+        raise ValueError(f"values must be [T, dim], got shape {tuple(values.shape)}")
+
+
+def _checked_ends(lengths: np.ndarray, num_rows: int) -> np.ndarray:
+    """The running sum of the lengths, checked to tile ``num_rows`` rows exactly."""
+    if lengths.size and lengths.min() < 0:
+        i = int(np.argmin(lengths))
+        raise ValueError(f"lengths must be >= 0, got lengths[{i}] = {lengths[i]}")
+    if lengths.size and lengths.max() > num_rows:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"lengths[{i}] = {lengths[i]} but values has {num_rows} rows")
+    ends = np.cumsum(lengths)
+    # Lengths in [0, 2^63) wrap the int64 sum only by making a running sum negative.
+    if ends.size and ends.min() < 0:
+        raise ValueError(f"lengths add up to more than the {num_rows} rows of values")
+    total = int(ends[-1]) if ends.size else 0
+    if total != num_rows:
+        raise ValueError(f"lengths add up to {total} rows but values has {num_rows}")
+    return ends
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +270,8 @@ def _ids_tensor(ids: list) -> tuple[str, torch.Tensor]:
         raise TypeError(f"ids[{bad_number}] = {ids[bad_number]!r}: NaN and infinite ids are not valid JSON")
     try:
         text = json.dumps(ids, allow_nan=False)
-    except (TypeError, ValueError) as bad:  # ValueError: a list or dict that contains itself, or a NaN in one
+    except (TypeError, ValueError, RecursionError) as bad:  # ValueError: a list or dict that contains
+        # itself, or a NaN in one; RecursionError: nested past Python's limit
         raise TypeError(f"ids must be JSON-serialisable: {bad}") from None
     # Ids that JSON changes (a tuple comes back a list, dict keys strings) would not match the
     # caller's own once loaded: refused here rather than found different later.
@@ -227,6 +298,7 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
 
     if not isinstance(embeddings, PackedEmbeddings):
         raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
+    check_embedding_dtype(embeddings.values.dtype, "embeddings.values")  # what load_embeddings reads
     ids = list(range(len(embeddings))) if ids is None else _ids_list(ids)
     if len(ids) != len(embeddings):
         raise ValueError(f"{len(ids)} ids for {len(embeddings)} items")
@@ -334,22 +406,33 @@ def load_embeddings(path, *, device="cpu", check=None) -> EmbeddingsFile:
                 stored_ids = file.get_tensor(ids_kind) if ids_kind else None
         except (SafetensorError, RuntimeError) as bad:
             raise ValueError(f"{path}: not a safetensors file ({bad})") from None
-    if not values.is_floating_point():
-        raise ValueError(f"{path}: values must be floating point, got {values.dtype}")
+    check_embedding_dtype(values.dtype, f"{path}: values", ValueError)
     if offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{path}: offsets must be integers, got {offsets.dtype}")
-    offsets = offsets.to(torch.int64)
-    lengths = offsets[1:] - offsets[:-1]
-    if offsets[0] != 0 or offsets[-1] != values.shape[0] or (lengths.numel() and lengths.min() < 0):
+        raise ValueError(f"{path}: offsets must be int32 or int64, got {offsets.dtype}")
+    offsets = offsets.to(torch.int64).numpy()
+    # Compared, never subtracted first: differences of crafted offsets could wrap past int64.
+    if offsets[0] != 0 or offsets[-1] != values.shape[0] or np.any(offsets[1:] < offsets[:-1]):
         raise ValueError(f"{path}: offsets must rise from 0 to the {values.shape[0]} rows of values")
-    lengths = lengths.tolist()
+    lengths = np.diff(offsets)
+    lengths.flags.writeable = False
     ids = _read_ids(path, ids_kind, stored_ids, info.metadata)
     if ids is None:
         ids = list(range(len(lengths)))
     elif len(ids) != len(lengths):
         raise ValueError(f"{path}: it holds {len(ids)} ids for {len(lengths)} items")
-    embeddings = PackedEmbeddings(values, offsets, tuple(lengths)).to(device)
-    return EmbeddingsFile(embeddings, ids, info.metadata)
+    embeddings = PackedEmbeddings(values, torch.from_numpy(offsets), tuple(lengths.tolist()), lengths)
+    return EmbeddingsFile(embeddings.to(available_device(device)), ids, info.metadata)
+
+
+def available_device(device) -> torch.device:
+    """``device`` as a torch.device that this machine has, or a clear error."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
 
 
 def _read_ids(path, kind, tensor, metadata) -> list | None:
@@ -368,8 +451,8 @@ def _read_ids(path, kind, tensor, metadata) -> list | None:
         return None
     try:
         ids = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: its ids are not JSON") from None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's limit
+        raise ValueError(f"{path}: its ids are not JSON (or nested too deeply to read)") from None
     if not isinstance(ids, list):
         raise ValueError(f"{path}: its ids are not a JSON list")
     return ids

@@ -26,7 +26,9 @@ on the kernel path). Inputs that need gradients take PyLate's formula whatever t
 
 from __future__ import annotations
 
+import functools
 import importlib
+import math
 import os
 from typing import TypedDict
 
@@ -109,6 +111,7 @@ def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
 
 
 def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: int, d_dims: int) -> None:
+    """Shapes and dtypes of one queries/documents pair (their values: `_check_values`)."""
     if queries.dim() != q_dims or documents.dim() != d_dims:
         raise ValueError(
             f"expected queries with {q_dims} dims and documents with {d_dims}, got shapes "
@@ -123,9 +126,28 @@ def _check_embeddings(queries: torch.Tensor, documents: torch.Tensor, q_dims: in
             raise TypeError(f"{name} embeddings must be floating point, got {t.dtype}")
     if queries.dtype != documents.dtype:
         raise TypeError(f"queries are {queries.dtype} but documents are {documents.dtype}: cast one side")
-    for name, t in (("queries", queries), ("documents", documents)):
-        if not scoring.all_finite(t):
-            raise ValueError(f"{name} embeddings contain NaN or infinite values")
+
+
+def _check_has_slots(documents: torch.Tensor, what: str) -> None:
+    """PyLate takes a max over each document's slots: with none (and a dim to score) it raises
+    IndexError deep in torch; here the same input is a clear error, on every backend."""
+    if documents.shape[-2] == 0 and documents.shape[-1] > 0:
+        raise ValueError(f"{what} with no token slots (shape {tuple(documents.shape)}): the max over "
+                         f"them is undefined (PyLate raises IndexError); give each document a row")
+
+
+def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None]) -> None:
+    """NaN/inf in an embedding or a float mask is an error (PyLate would return NaN or inf
+    scores). Every input is read once and the device waited for once: a list is read as one
+    concatenation (a check per tensor costs a sync each, thousands for a large rerank)."""
+    flags = {}
+    for what, value in inputs.items():
+        if isinstance(value, list):
+            value = torch.cat([v.reshape(-1) for v in value]) if value else None
+        if value is not None and value.is_floating_point():
+            flags[what] = scoring._finite_flag(value)
+    if flags:
+        scoring._check_flags(flags)
 
 
 def _mask(mask, shape, device, what: str):
@@ -134,6 +156,8 @@ def _mask(mask, shape, device, what: str):
     mask = convert_to_tensor(mask).to(device)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    if mask.is_complex():
+        raise TypeError(f"{what} must be real (bool, integer or float), got {mask.dtype}")
     return mask
 
 
@@ -146,7 +170,7 @@ def _kernel_documents(documents: torch.Tensor, mask: torch.Tensor | None):
     """
     slots = documents.shape[-2]
     lead = documents.shape[:-2]
-    starts = torch.arange(documents[..., 0, 0].numel(), device=documents.device).view(lead) * slots
+    starts = torch.arange(math.prod(lead), device=documents.device).view(lead) * slots
     if mask is None:
         return documents.reshape(-1, documents.shape[-1]), starts, torch.full_like(starts, slots), None
     rows = (documents * mask.to(documents.dtype).unsqueeze(-1)).reshape(-1, documents.shape[-1])
@@ -179,7 +203,11 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     """PyLate's masked MaxSim for padded documents [B, T, H] or per-query groups [A, N, T, H]."""
     qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
     dm = _mask(documents_mask, d.shape[:-1], d.device, "documents_mask")
-    if _backend(backend, q, d) == "torch":
+    chosen = _backend(backend, q, d)
+    _check_has_slots(d, "documents")
+    _check_values({"queries embeddings": q, "documents embeddings": d, "queries_mask values": qm,
+                   "documents_mask values": dm})
+    if chosen == "torch" or q.shape[-1] == 0:  # dim 0: PyLate's formula gives its zeros
         return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
     # PyLate multiplies the masks into the similarities: they take part in the result's dtype
     # (fp16 embeddings with float32 masks give float32 scores; bool and integer masks do not).
@@ -187,7 +215,7 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     for mask in (qm, dm):
         if mask is not None:
             result_dtype = torch.promote_types(result_dtype, mask.dtype)
-    q, d = _kernel_dtype(q), _kernel_dtype(d)
+    q, d = q.to(_kernel_dtype(q.dtype)), d.to(_kernel_dtype(d.dtype))
     if qm is not None:
         q = q * qm.to(q.dtype).unsqueeze(-1)
     rows, starts, lengths, floor = _kernel_documents(d, dm)
@@ -195,9 +223,9 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
                           backend="triton").to(result_dtype)
 
 
-def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
-    """float64 (numpy's default) scored in float32: the kernel takes 32- and 16-bit floats."""
-    return t.float() if t.dtype == torch.float64 else t
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 (numpy's default) is scored in float32: the kernel takes 32- and 16-bit floats."""
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
@@ -225,11 +253,19 @@ def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: s
         raise ValueError("no pairs to score")
     for q, d in zip(queries, documents):
         _check_embeddings(q, d, 2, 2)
-    if _backend(backend, *queries, *documents) == "torch":
+    chosen = _backend(backend, *queries, *documents)
+    for i, d in enumerate(documents):
+        _check_has_slots(d, f"documents_embeddings[{i}]")
+    _check_values({"queries embeddings": queries, "documents embeddings": documents})
+    if chosen == "torch" or queries[0].shape[-1] == 0:  # dim 0: PyLate's formula gives its zeros
         return torch.stack([torch.einsum("sh,th->st", q, d).max(axis=-1).values.sum()
                             for q, d in zip(queries, documents)])
-    scores = scoring.score_pairwise(queries, documents, backend="triton")
-    return scores.to(torch.result_type(queries[0], documents[0]))
+    # Pairs may differ in dtype (PyLate scores each in its own; the stacked result is promoted).
+    result_dtype = functools.reduce(torch.promote_types, [t.dtype for t in queries + documents])
+    common = _kernel_dtype(result_dtype)
+    scores = scoring.score_pairwise([q.to(common) for q in queries], [d.to(common) for d in documents],
+                                    backend="triton", check_inputs=False)
+    return scores.to(result_dtype)
 
 
 def colbert_kd_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
@@ -301,6 +337,10 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
     for q, _, docs in groups:
         for d in docs:
             _check_embeddings(q, d, 2, 2)
+        if docs:  # PyLate pads a query's candidates to the longest
+            _check_has_slots(max(docs, key=len), "a query's candidate documents")
+    _check_values({"queries embeddings": queries,
+                   "documents embeddings": [d for _, _, docs in groups for d in docs]})
     counts = [len(docs) for _, _, docs in groups]
     width = max(max(counts), 1)
     lengths = np.zeros((len(groups), width), dtype=np.int64)
@@ -317,7 +357,8 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
     values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
     batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)
     result_dtype = torch.result_type(batch, values)
-    scores = scoring.maxsim(_kernel_dtype(batch).contiguous(), _kernel_dtype(values).contiguous(),
+    scores = scoring.maxsim(batch.to(_kernel_dtype(batch.dtype)).contiguous(),
+                            values.to(_kernel_dtype(values.dtype)).contiguous(),
                             torch.from_numpy(starts).to(device), torch.from_numpy(lengths).to(device),
                             pad_floor=torch.from_numpy(floor).to(device),
                             backend="triton").to(result_dtype)

@@ -26,7 +26,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .packed import EmbeddingsFile, PackedEmbeddings, check_embedding_list
+from .packed import (
+    EmbeddingsFile,
+    PackedEmbeddings,
+    check_embedding_dtype,
+    check_embedding_list,
+)
 
 # The backend a CUDA tensor gets when none is named. "torch" until the Triton kernels have been
 # verified natively on a GPU (see README, "Status"); the Triton path is always available by name.
@@ -54,8 +59,7 @@ def _as_tensor(x, what: str) -> torch.Tensor:
         tensor = torch.from_numpy(x)
     else:
         raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{what} must be floating point, got {tensor.dtype}")
+    check_embedding_dtype(tensor.dtype, what)
     if tensor.dtype == torch.float64:
         # Scores are float32 on every backend; numpy's default float64 would otherwise work on
         # the CPU path and fail in the kernel.
@@ -116,6 +120,9 @@ class DocRows(NamedTuple):
     starts: torch.Tensor  # [N] int64, on values' device
     lengths: torch.Tensor  # [N] int64, on values' device
     lengths_host: np.ndarray  # [N] int64, the same lengths on the host (never a device read)
+    # Padded [N, L, dim] documents: L (document i's slots are rows i * L ... (i + 1) * L - 1,
+    # its padding included); None for packed ones.
+    padded_length: int | None = None
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])
@@ -157,12 +164,20 @@ def as_documents(documents, mask=None) -> DocRows:
             lengths = _mask_lengths(mask, (n, length), "documents_mask")  # its check reads the mask anyway
             lengths_host = lengths.cpu().numpy()
             lengths = lengths.to(tensor.device)
-        rows = DocRows(tensor.reshape(n * length, dim), starts, lengths, lengths_host)
+        rows = DocRows(tensor.reshape(n * length, dim), starts, lengths, lengths_host, length)
     return rows
 
 
+def _as_mask(mask, what: str, device=None) -> torch.Tensor:
+    try:
+        return torch.as_tensor(mask, device=device)
+    except (TypeError, ValueError, RuntimeError) as bad:
+        raise TypeError(f"{what} must be a tensor or array of 0/1 (or bools), got {type(mask).__name__}: "
+                        f"{bad}") from None
+
+
 def _mask_lengths(mask, shape, what: str) -> torch.Tensor:
-    mask = torch.as_tensor(mask)
+    mask = _as_mask(mask, what)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     binary = mask.bool()
@@ -193,7 +208,7 @@ def as_queries(queries, mask=None) -> torch.Tensor:
         if batch.shape[0] == 0:
             raise ValueError("queries is empty")
         if mask is not None:
-            mask = torch.as_tensor(mask, device=batch.device)
+            mask = _as_mask(mask, "queries_mask", batch.device)
             if tuple(mask.shape) != tuple(batch.shape[:2]):
                 raise ValueError(f"queries_mask has shape {tuple(mask.shape)}, expected {tuple(batch.shape[:2])}")
             if not bool(((mask == 0) | (mask == 1)).all()):
@@ -371,14 +386,16 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
     """Query i against its own candidates ``candidates[i]`` (indices into ``corpus``): ``[Q, K]``.
 
     An index of -1 marks an unused slot; its score is -inf. ``check_inputs`` reads the queries
-    and the candidate documents' rows for NaN/inf, not the rest of the corpus.
+    and the candidate documents (padded slots included) for NaN/inf, not the rest of the corpus.
     """
     q, docs = _prepare(queries, corpus, check_inputs=False, queries_mask=queries_mask,
                        documents_mask=documents_mask)
     try:
         cand = torch.as_tensor(candidates, device=q.device)
-    except (ValueError, TypeError) as bad:
+    except (ValueError, TypeError, RuntimeError) as bad:
         raise ValueError(f"candidates must be a [Q, K] array of indices (pad short rows with -1): {bad}") from None
+    if cand.numel() == 0:  # [[]]: no candidates, whatever dtype an empty list got
+        cand = cand.long()
     if cand.dim() == 1:
         cand = cand.unsqueeze(0)
     if cand.dim() != 2 or cand.shape[0] != q.shape[0]:
@@ -405,11 +422,15 @@ def score_candidates(queries, corpus, candidates, *, queries_mask=None, document
 
 def _candidate_rows_finite_flag(docs: DocRows, distinct: np.ndarray) -> torch.Tensor:
     """A bool scalar on the corpus's device, no sync: whether the rows of the documents
-    ``distinct`` names (distinct host indices, checked; -1 for none) are finite. Each is read
-    once, in blocks of at most _FINITE_CHUNK values; the rest of the corpus is not read
-    (reranking a few hundred candidates of a large corpus read all of it)."""
+    ``distinct`` names (distinct host indices, checked; -1 for none) are finite, the padded
+    slots of padded documents included (as `score` reads them). Each is read once, in blocks of
+    at most _FINITE_CHUNK values; the rest of the corpus is not read (reranking a few hundred
+    candidates of a large corpus read all of it)."""
     used = distinct[distinct >= 0]
-    lengths = docs.lengths_host[used]
+    if docs.padded_length is None:
+        lengths = docs.lengths_host[used]
+    else:
+        lengths = np.full(len(used), docs.padded_length, dtype=np.int64)
     used, lengths = used[lengths > 0], lengths[lengths > 0]
     device = docs.values.device
     flags = [torch.ones((), dtype=torch.bool, device=device)]

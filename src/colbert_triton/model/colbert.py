@@ -17,6 +17,7 @@ from .. import scoring
 from ..packed import (
     EmbeddingsFile,
     PackedEmbeddings,
+    available_device,
     embeddings_file_info,
     load_embeddings,
     save_embeddings,
@@ -62,12 +63,7 @@ def _tokenized_ahead(tokenize, texts: list[str], chunks: list[np.ndarray]):
 def _pick_device(device) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
+    device = available_device(device)
     if device.type == "cuda" and device.index is None:
         # "cuda" means the GPU current now: fixed here, so a later torch.cuda.set_device does
         # not move the model's launches, events and graph buffers to another GPU.
