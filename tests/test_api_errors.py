@@ -200,8 +200,9 @@ def test_from_lengths_refuses_what_is_not_whole_numbers(lengths, message):
         PackedEmbeddings.from_lengths(VALUES, lengths)
 
 
-@pytest.mark.parametrize("lengths", [(2.0, 3.0), torch.tensor([2.0, 3.0]), np.array([2, 3], dtype=np.uint8)],
-                         ids=["integral-floats", "mask-sum", "uint8"])
+@pytest.mark.parametrize("lengths", [(2.0, 3.0), torch.tensor([2.0, 3.0]), torch.tensor([2.0, 3.0], dtype=torch.bfloat16),
+                                     np.array([2, 3], dtype=np.uint8)],
+                         ids=["integral-floats", "mask-sum", "bfloat16", "uint8"])
 def test_whole_lengths_of_any_number_type_become_python_ints(lengths):
     for packed in (PackedEmbeddings.from_lengths(VALUES, lengths),
                    PackedEmbeddings(VALUES, torch.tensor([0, 2, 5]), tuple(lengths.tolist())

@@ -161,8 +161,9 @@ class PackedEmbeddings:
 def _lengths_array(lengths) -> np.ndarray:
     """Item lengths as an int64 array, or a clear error: whole numbers only (2.5 rows is a
     caller's bug, not 2), within int64."""
-    if isinstance(lengths, torch.Tensor):
-        lengths = lengths.detach().cpu().numpy()
+    if isinstance(lengths, torch.Tensor):  # (float64: numpy has no bfloat16)
+        lengths = lengths.detach().cpu()
+        lengths = (lengths.double() if lengths.is_floating_point() else lengths).numpy()
     if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
         raise TypeError(f"lengths must be a sequence of whole numbers, got {type(lengths).__name__}")
     try:
