@@ -339,8 +339,6 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
             _check_embeddings(q, d, 2, 2)
         if docs:  # PyLate pads a query's candidates to the longest
             _check_has_slots(max(docs, key=len), "a query's candidate documents")
-    _check_values({"queries embeddings": queries,
-                   "documents embeddings": [d for _, _, docs in groups for d in docs]})
     counts = [len(docs) for _, _, docs in groups]
     width = max(max(counts), 1)
     lengths = np.zeros((len(groups), width), dtype=np.int64)
@@ -356,6 +354,7 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
     device = queries[0].device
     values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
     batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)
+    _check_values({"queries embeddings": batch, "documents embeddings": values})  # the copies made anyway
     result_dtype = torch.result_type(batch, values)
     scores = scoring.maxsim(batch.to(_kernel_dtype(batch.dtype)).contiguous(),
                             values.to(_kernel_dtype(values.dtype)).contiguous(),
