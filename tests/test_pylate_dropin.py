@@ -284,3 +284,14 @@ def test_masks_are_checked_like_the_embeddings(backend):
         dropin.colbert_scores(*moved(backend, q, d, inf_mask), backend=backend)
     with pytest.raises(TypeError, match="queries_mask must be real"):
         dropin.colbert_scores(*moved(backend, q, d, torch.ones(3, 6, dtype=torch.complex64)), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank_and_pairs_refuse_nan_in_any_candidate(backend):
+    q, d, _ = _data()
+    bad = d[2].clone()
+    bad[-1, 0] = float("nan")
+    with pytest.raises(ValueError, match="documents embeddings contain NaN or infinite"):
+        dropin.rerank([["a", "b", "c"]], moved(backend, q[0]), [moved(backend, d[0], d[1], bad)], backend=backend)
+    with pytest.raises(ValueError, match="queries embeddings contain NaN or infinite"):
+        dropin.colbert_scores_pairwise(moved(backend, q[0], bad), moved(backend, d[0], d[1]), backend=backend)
