@@ -46,3 +46,20 @@ def test_deep_checkpoint_matches(tmp_path):
     path = build_stanford(tmp_path / "deep", num_layers=12, dim=128)
     model = ColBERT.from_pretrained(path, device="cpu")
     _compare(model, _hf_model(path), model.tokenizer.documents(DOCUMENTS[:6]))
+
+
+def test_layer_norm_eps_comes_from_the_config(tmp_path):
+    """Every other checkpoint is MiniLM with BERT's 1e-12: a hard-coded epsilon would pass them
+    all (a mutation test found it), and a BERT variant with 1e-5 would encode wrongly."""
+    import json
+
+    from checkpoints import build_stanford
+
+    from colbert_triton import ColBERT
+
+    path = build_stanford(tmp_path / "eps")
+    config = json.loads((path / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-3
+    (path / "config.json").write_text(json.dumps(config))
+    model = ColBERT.from_pretrained(path, device="cpu")
+    _compare(model, _hf_model(path), model.tokenizer.documents(DOCUMENTS[:3]))

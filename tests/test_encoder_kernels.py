@@ -775,6 +775,40 @@ def test_layernorm_kernels_use_eps(eps):
                         bias.double(), eps)
     got = linear_residual_layernorm(inputs, w, torch.zeros(100, device=DEVICE), x, weight, bias, eps)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    word, position = randn(gen, 10, 100, scale=0.05), randn(gen, 16, 100, scale=0.02)
+    ids, pos = torch.tensor([1, 4, 9, 0], device=DEVICE), torch.tensor([0, 3, 15, 7], device=DEVICE)
+    want = F.layer_norm((word[ids] + position[pos]).double(), (100,), weight.double(), bias.double(), eps)
+    got = embed_layernorm(ids, pos, word, position, torch.zeros(100, device=DEVICE), weight, bias, eps)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_project_normalize_makes_tiny_rows_unit_vectors():
+    """1e-12 < ||y|| < 1e-6: F.normalize(eps=1e-12) gives a unit vector; a larger epsilon would
+    shrink it (every other row is near 1 or exactly 0, where any epsilon passes)."""
+    gen = _gen(45)
+    x = randn(gen, 4, 32, scale=1e-9)
+    weight = randn(gen, 16, 32, scale=32**-0.5)
+    want = F.normalize(F.linear(x.double(), weight.double()), p=2, dim=-1, eps=1e-12)
+    got = project_normalize(x, weight, None, out=_poisoned((4, 16), torch.float32))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_linear_residual_layernorm_never_reads_weight_columns_past_k():
+    """Weights may have any row stride: a column slice of a wider buffer whose slack holds inf.
+    With K = 40 (not a multiple of the K step) a mask one column too wide reads inf there,
+    and inf times x's masked 0 is NaN (a contiguous W hides it: its column K is the next
+    row's finite column 0)."""
+    gen = _gen(46)
+    n, k = 64, 40
+    x, weight = randn(gen, 5, k), randn(gen, n, k, scale=k**-0.5)
+    wide = torch.full((n, k + 24), float("inf"), device=DEVICE)
+    wide[:, :k] = weight
+    residual = randn(gen, 5, n)
+    ones, zeros = torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    got = linear_residual_layernorm(x, wide[:, :k], zeros, residual, ones, zeros, EPS,
+                                    out=_poisoned((5, n), torch.float32))
+    want = F.layer_norm(F.linear(x.double(), weight.double()) + residual.double(), (n,), eps=EPS)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
 
 
 def test_layernorm_of_constant_rows_is_the_bias():

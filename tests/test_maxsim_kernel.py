@@ -304,18 +304,45 @@ def test_index_dtypes(index_dtype):
     assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
 
 
-def test_strided_inputs():
-    # doc_values a column slice of a wider buffer (row stride d + 8), queries a strided view.
+@pytest.mark.parametrize("dim", [96, 100], ids=["d96", "d100-masked-chunk"])
+def test_strided_inputs(dim):
+    """Both inputs column slices of wider buffers whose slack holds inf (the queries also every
+    other row). With d = 100 the last d chunk is masked: a mask one column too wide on either
+    side reads an inf there, and inf times the other side's masked 0 is NaN (a contiguous
+    tensor hides it: its column d is the next row's finite column 0)."""
     gen = torch.Generator().manual_seed(4)
-    dim = 96
     values, starts, lens = packed_docs([20, 45, 0, 8], dim, torch.float32, gen)
-    wide = torch.full((values.shape[0], dim + 8), 7.0)
+    wide = torch.full((values.shape[0], dim + 8), float("inf"))
     wide[:, :dim] = values
-    queries = unit_rows(3, 2 * 32, dim, gen=gen)[:, ::2]
+    wide_queries = torch.full((3, 2 * 32, dim + 8), float("inf"))
+    wide_queries[..., :dim] = unit_rows(3, 2 * 32, dim, gen=gen)
+    queries = wide_queries[:, ::2, :dim]
     assert not queries.is_contiguous()
     queries, wide, starts, lens = to_dev(queries, wide, starts, lens)
     got = maxsim(queries, wide[:, :dim], starts, lens)
     assert_scores(got, queries, wide[:, :dim], starts, lens)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="reads the interpreter's numpy warnings")
+def test_queries_past_the_last_are_never_loaded():
+    """The last query block has phantom queries when Q is not a multiple of QB; their scores are
+    never stored, so no output shows whether their rows were loaded. Here the memory after the
+    queries holds inf: had the kernel loaded it, the interpreter's numpy would warn of the inf
+    arithmetic (a GPU would read another allocation, or fault)."""
+    import warnings
+
+    qb = maxsim_module._kernel_config(torch.float32, 32, 32, 1 << 10).qb
+    assert qb > 1
+    gen = torch.Generator().manual_seed(6)
+    buffer = torch.full((2 * qb, 32, 32), float("inf"))
+    buffer[: qb + 1] = unit_rows(qb + 1, 32, 32, gen=gen)
+    queries = buffer[: qb + 1]
+    values, starts, lens = packed_docs([5, 15, 0], 32, torch.float32, gen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = maxsim(queries, values, starts, lens)
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert_scores(got, queries, values, starts, lens)
 
 
 def test_out_is_written_everywhere_and_returned():

@@ -125,6 +125,19 @@ def test_search_equals_full_sort_with_ties(gen, backend, device, chunk_size):
             close(scores[qi], exact[qi, order].float())
 
 
+@pytest.mark.parametrize("chunk_size", [64, 1000])
+def test_hundreds_of_ties_keep_index_order(gen, backend, device, chunk_size):
+    """300 copies of one document: search and rerank list them by index. A handful of ties (the
+    test above) does not show an unstable sort: torch's keeps so few in order on the CPU."""
+    doc = random_docs(gen, [4], 16, device=device)[0]
+    corpus = [doc.clone() for _ in range(300)]
+    query = random_docs(gen, [3], 16, device=device)[0]
+    _, index = search([query], PackedEmbeddings.from_list(corpus), k=300, chunk_size=chunk_size,
+                      backend=backend)
+    assert index[0].tolist() == list(range(300))
+    assert [i for i, _ in rerank(query, corpus, backend=backend)] == list(range(300))
+
+
 def test_many_queries_search_in_smaller_chunks(gen, backend, device, monkeypatch):
     """Q x chunk_size is capped (the merge holds ~28 bytes a pair): 3 queries under a cap of 7
     pairs score two documents at a time, with the same results."""
