@@ -212,6 +212,16 @@ def test_whole_lengths_of_any_number_type_become_python_ints(lengths):
         assert torch.equal(packed[1], VALUES[2:])
 
 
+def test_lengths_that_each_fit_but_whose_sum_wraps_are_refused():
+    """Five lengths of 2^62 over a broadcast view of 2^62 rows: each fits, and their int64 sum
+    wraps to exactly the row count; only the running sum going negative shows it."""
+    values = torch.zeros(1, 1).expand(2**62, 1)
+    with pytest.raises(ValueError, match="add up to more than"):
+        PackedEmbeddings.from_lengths(values, [2**62] * 5)
+    with pytest.raises(ValueError, match="add up to more than"):
+        PackedEmbeddings(values, torch.tensor([0, 2**62, 0, 0, 0, 2**62]), (2**62,) * 5)
+
+
 def test_packed_embeddings_rejects_offsets_that_wrap():
     """Offsets [0, 2^63 - 1, -2, 5]: their differences wrap to non-negative "lengths" that add
     up to the 5 rows; slicing by them read rows -2..2 (scoring: garbage, silently)."""

@@ -44,14 +44,20 @@ def _reference(model, tokens):
 @pytest.mark.parametrize("kind", ["documents", "queries"])
 def test_padded_bucket_matches_eager(torch_model, kind):
     tokens = getattr(torch_model.tokenizer, kind)(TEXTS[:2] if kind == "queries" else TEXTS)
+    expected = _reference(torch_model, tokens)
+    # A bucket with room to spare, and one the batch fills exactly (tokens and sequences: a
+    # bucket holds up to and including its sizes).
+    exact = (sum(len(s) for s in tokens.sequences), len(tokens.sequences))
+    for bucket in ((96, 4), exact):
+        graphed = GraphedEncoder(torch_model.weights, TritonOps(), torch.device(KERNEL_DEVICE),
+                                 buckets=(bucket,), capture=False)
+        with torch.inference_mode():
+            got = graphed.run(tokens.sequences, tokens.key_lens, _rows(tokens))
+        assert got is not None and got.shape == expected.shape, bucket
+        cosine = torch.nn.functional.cosine_similarity(got.float(), expected.float(), dim=-1)
+        assert float(cosine.min()) >= 0.9999
     graphed = GraphedEncoder(torch_model.weights, TritonOps(), torch.device(KERNEL_DEVICE),
                              buckets=((96, 4),), capture=False)
-    with torch.inference_mode():
-        got = graphed.run(tokens.sequences, tokens.key_lens, _rows(tokens))
-    expected = _reference(torch_model, tokens)
-    assert got.shape == expected.shape
-    cosine = torch.nn.functional.cosine_similarity(got.float(), expected.float(), dim=-1)
-    assert float(cosine.min()) >= 0.9999
     assert graphed.run([np.zeros(97, dtype=np.int64)], np.array([97]), None) is None
     assert graphed.run([np.zeros(2, dtype=np.int64)] * 5, np.full(5, 2), None) is None
 

@@ -138,6 +138,22 @@ def test_hundreds_of_ties_keep_index_order(gen, backend, device, chunk_size):
     assert [i for i, _ in rerank(query, corpus, backend=backend)] == list(range(300))
 
 
+def test_torch_path_floors_only_the_flagged_candidates(gen):
+    """Candidate mode ([Q, K] starts) of the PyTorch path: pad_floor lifts a negative row max to
+    0 for the flagged candidates only (every similarity here is negative)."""
+    queries = torch.stack(random_docs(gen, [6] * 3, 16)).abs()
+    docs = [-d.abs() for d in random_docs(gen, [5, 9, 2, 7], 16)]
+    packed = PackedEmbeddings.from_list(docs)
+    pick = torch.tensor([[0, 1, 3], [2, 2, 1], [3, 0, 1]])
+    floor = torch.tensor([[True, False, True], [False, True, False], [False, False, True]])
+    got = maxsim_torch(queries, packed.values, packed.starts[pick], packed.lengths[pick], pad_floor=floor)
+    expected = torch.stack([
+        torch.stack([(q @ docs[j].T).max(1).values.clamp(min=0.0 if f else -float("inf")).sum()
+                     for j, f in zip(row, flags)]) for q, row, flags in zip(queries, pick.tolist(), floor)])
+    assert (expected < 0).any()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_many_queries_search_in_smaller_chunks(gen, backend, device, monkeypatch):
     """Q x chunk_size is capped (the merge holds ~28 bytes a pair): 3 queries under a cap of 7
     pairs score two documents at a time, with the same results."""

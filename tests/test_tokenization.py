@@ -51,6 +51,7 @@ SETTINGS = {
     "no markers": {"query_prefix": "", "document_prefix": ""},
     "no expansion": {"do_query_expansion": False},
     "mask attended": {"attend_to_mask_tokens": True},
+    "no expansion, mask attended": {"do_query_expansion": False, "attend_to_mask_tokens": True},
     "no room for words": {"query_maxlen": 3, "doc_maxlen": 3},
     "one word": {"query_maxlen": 4, "doc_maxlen": 4},
     "long": {"query_maxlen": 64, "doc_maxlen": 512},
