@@ -19,6 +19,7 @@ import torch
 
 # What embeddings may be stored as: the scorers read these (float64 is scored in float32).
 EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64 = (-(1 << 63), (1 << 63) - 1)  # what lengths and integer ids may hold
 
 
 def check_embedding_dtype(dtype: torch.dtype, what: str, error=TypeError) -> None:
@@ -175,18 +176,18 @@ def _lengths_array(lengths) -> np.ndarray:
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
     if array.dtype.kind == "f":
-        whole = np.isfinite(array) & (array == np.floor(array)) & (np.abs(array) < 2.0**63)
+        whole = np.isfinite(array) & (array == np.floor(array)) & (np.abs(array) < 2.0**63)  # floats: 2^63 itself is out
         if not whole.all():
             i = int(np.argmin(whole))
             raise ValueError(f"lengths[{i}] = {float(array[i])} is not a whole number")
     elif array.dtype.kind == "u":
-        if array.max() > np.iinfo(np.int64).max:
+        if array.max() > _INT64[1]:
             raise ValueError(f"lengths[{int(np.argmax(array))}] = {array.max()} is out of range")
     elif array.dtype.kind == "O":  # numbers past int64, or things that are not numbers
         for i, item in enumerate(array.tolist()):
             if not isinstance(item, int) or isinstance(item, bool):
                 raise TypeError(f"lengths must be whole numbers, got lengths[{i}] = {item!r}")
-            if not -(1 << 63) <= item < (1 << 63):
+            if not _INT64[0] <= item <= _INT64[1]:
                 raise ValueError(f"lengths[{i}] = {item} is out of range")
     elif array.dtype.kind != "i":  # a boolean array is a mask, not lengths
         raise TypeError(f"lengths must be whole numbers, got {array.dtype}")
@@ -223,7 +224,6 @@ def _checked_ends(lengths: np.ndarray, num_rows: int) -> np.ndarray:
 # the writer (the ColBERT model writes its identity there).
 
 _LAYOUT = "values[offsets[i]:offsets[i+1]] is item i"
-_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class EmbeddingsFile(NamedTuple):
