@@ -197,6 +197,8 @@ def test_bad_inputs_get_clear_errors(gen, monkeypatch):
         score(random_docs(gen, [4], 8), docs)
     with pytest.raises(TypeError, match="cast one side"):
         score([q[0].half()], docs)
+    with pytest.raises(TypeError, match=r"torch.float32 but documents are torch.float16 \(float64 inputs"):
+        score([q[0].double()], [d.half() for d in docs])
     with pytest.raises(TypeError, match="documents\\[1\\] is torch.float16"):
         score(q, [docs[0], docs[1].half()])
     with pytest.raises(ValueError, match="NaN"):

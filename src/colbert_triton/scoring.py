@@ -229,9 +229,11 @@ def _check_pair(queries: torch.Tensor, docs: DocRows, host_corpus_ok: bool = Fal
     if docs.dim == 0:
         raise ValueError("embeddings have dim 0: there is nothing to score")
     if queries.dtype != docs.values.dtype:
-        raise TypeError(
-            f"queries are {queries.dtype} but documents are {docs.values.dtype}: cast one side"
-        )
+        # Both sides are already converted: a float64 input reads as float32 here (_as_tensor).
+        float64_note = (" (float64 inputs are scored as float32)"
+                        if torch.float32 in (queries.dtype, docs.values.dtype) else "")
+        raise TypeError(f"queries are {queries.dtype} but documents are {docs.values.dtype}"
+                        f"{float64_note}: cast one side")
     if queries.device != docs.values.device:
         streams = _streams_host_corpus(queries, docs)
         if not (host_corpus_ok and streams):
