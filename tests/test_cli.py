@@ -66,6 +66,10 @@ def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, mode
     # Python's json reads these; JSON has no such values (the results would hold them).
     ('{"text": "ok"}\n{"id": NaN, "text": "x"}\n', "docs.jsonl:2: NaN is not a JSON value"),
     ('{"id": [-Infinity], "text": "x"}\n', "docs.jsonl:1: -Infinity is not a JSON value"),
+    # Legal JSON that Python reads as inf: 1e400 and 2e400 would be one id, written as Infinity.
+    ('{"id": 1e400, "text": "x"}\n', "docs.jsonl:1: 1e400 is outside the range of a float"),
+    ('{"text": "ok"}\n{"id": {"a": -2E+999}, "text": "x"}\n', "docs.jsonl:2: -2E+999 is outside"),
+    ('{"id": ' + "[" * 100_000 + "]" * 100_000 + ', "text": "x"}\n', "docs.jsonl:1: JSON nested too deeply"),
 ])
 def test_input_errors(stanford_dir, tmp_path, capsys, content, message):
     path = tmp_path / "docs.jsonl"

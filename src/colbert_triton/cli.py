@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,11 +67,13 @@ def _read_jsonl(lines: list[str], path: str) -> tuple[list, list[str]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line, parse_constant=_not_json)
+            record = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
         except json.JSONDecodeError as bad:
             raise InputError(f"{path}:{number}: invalid JSON ({bad.msg})") from None
         except ValueError as bad:
             raise InputError(f"{path}:{number}: {bad}") from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: JSON nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f'{path}:{number}: expected an object with a string "text" field')
         id_ = record.get("id", number - 1)
@@ -89,6 +92,15 @@ def _not_json(constant: str):
     """Python's json reads NaN and Infinity; JSON has no such values (an id of NaN would be
     written to the results as no JSON reader takes it)."""
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number past float range (1e400) is legal JSON that Python reads as inf: refused
+    like Infinity, or two such ids would be one and results would carry Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is outside the range of a float")
+    return value
 
 
 def _id_key(id_):
