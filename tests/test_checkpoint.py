@@ -226,3 +226,166 @@ def test_lengths_given_at_load_must_be_integers(stanford_dir):
             ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=bad)
     model = ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=np.int64(16))
     assert model.settings.query_maxlen == 16
+
+
+def test_relative_position_embeddings_are_refused(tmp_path, stanford_dir):
+    """A BERT with relative position embeddings loads its weights fine but would encode differently:
+    refused, not run as an absolute-position model."""
+    copy = shutil.copytree(stanford_dir, tmp_path / "relative")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "position_embedding_type": "relative_key"}))
+    with pytest.raises(CheckpointError, match="absolute position embeddings"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_default_dtype_is_float16_on_cuda_and_float32_on_the_cpu():
+    """dtype=None means float16 on CUDA (README, from_pretrained's docstring), float32 on the CPU; a
+    named dtype is taken on either."""
+    from colbert_triton.model.colbert import _pick_dtype
+
+    assert _pick_dtype(None, torch.device("cuda", 0)) is torch.float16
+    assert _pick_dtype(None, torch.device("cpu")) is torch.float32
+    assert _pick_dtype("bf16", torch.device("cuda", 0)) is torch.bfloat16
+    assert _pick_dtype(torch.float32, torch.device("cuda", 0)) is torch.float32
+
+
+def test_heads_that_do_not_divide_the_hidden_size_are_refused(tmp_path, stanford_dir):
+    """384 hidden units in 5 heads: a config error named as such, before any weight is shaped."""
+    copy = shutil.copytree(stanford_dir, tmp_path / "heads")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match="not a multiple of num_attention_heads"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_pylate_lengths_of_zero_mean_unset(tmp_path):
+    """As in PyLate, query_length/document_length of 0 take the defaults (32, 180), as null does."""
+    from checkpoints import build_pylate
+
+    from colbert_triton.model.checkpoint import load_checkpoint
+
+    path = build_pylate(tmp_path / "zero", settings={"query_length": 0, "document_length": 0})
+    settings = load_checkpoint(path).settings
+    assert (settings.query_maxlen, settings.doc_maxlen) == (32, 180)
+
+
+@pytest.mark.parametrize("changes", [{"query_maxlen": True}, {"doc_maxlen": False}])
+def test_a_boolean_length_is_not_an_integer(tmp_path, stanford_dir, changes):
+    """JSON true is not the length 1: named as a malformed setting."""
+    copy = shutil.copytree(stanford_dir, tmp_path / "bool")
+    meta = json.loads((copy / "artifact.metadata").read_text())
+    (copy / "artifact.metadata").write_text(json.dumps({**meta, **changes}))
+    with pytest.raises(CheckpointError, match="must be an integer"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_a_revision_with_a_local_directory_is_refused(stanford_dir):
+    """A revision names a hub commit: with a local directory it would be ignored, so it is an
+    error."""
+    with pytest.raises(CheckpointError, match="revision applies to hub ids"):
+        ColBERT.from_pretrained(stanford_dir, revision="v1", device="cpu")
+
+
+def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch):
+    """Once the hub could not be reached (not just offline: a timeout), every later file is read
+    from the cache only, not retried over the network."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def unreachable(repo_id, filename, *, local_files_only=False, **kwargs):
+        calls.append((filename, local_files_only))
+        raise LocalEntryNotFoundError("unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        ColBERT.from_pretrained("someone/unreachable-model", device="cpu", cache_dir=tmp_path)
+    assert len(calls) >= 2 and [only for _, only in calls] == [False] + [True] * (len(calls) - 1), calls
+
+
+def test_pylate_tokenizer_at_the_root_is_found(tmp_path, pylate_dir):
+    """A sentence-transformers checkpoint whose tokenizer.json lies at the root, not in the
+    Transformer module's directory (and no vocab.txt there either), loads that tokenizer."""
+    path = shutil.copytree(pylate_dir, tmp_path / "root-tokenizer")
+    shutil.move(path / "0_Transformer" / "tokenizer.json", path / "tokenizer.json")
+    (path / "0_Transformer" / "vocab.txt").unlink()
+    moved = ColBERT.from_pretrained(path, device="cpu")
+    reference = ColBERT.from_pretrained(pylate_dir, device="cpu")
+    texts = ["The Eiffel Tower is in Paris.", "a [MASK] token"]
+    for kind in ("queries", "documents"):
+        got, want = getattr(moved.tokenizer, kind)(texts), getattr(reference.tokenizer, kind)(texts)
+        assert [s.tolist() for s in got.sequences] == [s.tolist() for s in want.sequences]
+
+
+def test_chinese_characters_are_split_by_default(tmp_path, stanford_dir):
+    """transformers' BertTokenizer splits CJK characters unless tokenize_chinese_chars is false: a
+    tokenizer_config.json without the key splits them too."""
+    def tokens(name, **changes):
+        path = shutil.copytree(stanford_dir, tmp_path / name)
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config.pop("tokenize_chinese_chars", None)
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+        return ColBERT.from_pretrained(path, device="cpu").tokenizer.documents(["東京タワー東京"]).sequences[0].tolist()
+
+    unset, split, whole = tokens("unset"), tokens("split", tokenize_chinese_chars=True), \
+        tokens("whole", tokenize_chinese_chars=False)
+    assert split != whole  # the text tells the two apart
+    assert unset == split
+
+
+def test_a_dense_activation_other_than_identity_is_refused(tmp_path, pylate_dir):
+    """A Dense module with a Tanh cannot be folded into the linear head: refused, not loaded without
+    it."""
+    path = shutil.copytree(pylate_dir, tmp_path / "tanh")
+    config = json.loads((path / "1_Dense" / "config.json").read_text())
+    config["activation_function"] = "torch.nn.modules.activation.Tanh"
+    (path / "1_Dense" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="Identity only"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+
+def test_a_chain_of_dense_layers_with_biases_folds_into_one(tmp_path, pylate_dir):
+    """Two Dense modules, both with a bias, load as one affine head: W = W2 W1, b = W2 b1 + b2 (idx
+    order, not file order, gives the chain)."""
+    from safetensors.torch import load_file, save_file
+
+    from colbert_triton.model.checkpoint import load_checkpoint
+
+    path = shutil.copytree(pylate_dir, tmp_path / "two-dense")
+    gen = torch.Generator().manual_seed(3)
+    w1 = load_file(str(path / "1_Dense" / "model.safetensors"))["linear.weight"]
+    b1 = torch.randn(w1.shape[0], generator=gen)
+    w2, b2 = torch.randn(64, w1.shape[0], generator=gen) / 10, torch.randn(64, generator=gen)
+    save_file({"linear.weight": w1, "linear.bias": b1}, str(path / "1_Dense" / "model.safetensors"))
+    (path / "2_Dense").mkdir()
+    shutil.copy(path / "1_Dense" / "config.json", path / "2_Dense" / "config.json")
+    save_file({"linear.weight": w2, "linear.bias": b2}, str(path / "2_Dense" / "model.safetensors"))
+    modules = json.loads((path / "modules.json").read_text())
+    modules = [{"idx": 2, "name": "2", "path": "2_Dense", "type": "pylate.models.Dense"}, *modules]
+    (path / "modules.json").write_text(json.dumps(modules))
+    ckpt = load_checkpoint(path)
+    torch.testing.assert_close(ckpt.head_weight, (w2.double() @ w1.double()).float())
+    torch.testing.assert_close(ckpt.head_bias, (w2.double() @ b1.double() + b2.double()).float())
+
+
+def test_a_sentence_transformers_model_without_a_dense_module_is_refused(tmp_path, pylate_dir):
+    """modules.json with a Transformer and no Dense: a CheckpointError naming modules.json (not an
+    IndexError from folding no layers)."""
+    path = shutil.copytree(pylate_dir, tmp_path / "no-dense")
+    modules = [m for m in json.loads((path / "modules.json").read_text()) if m["type"].endswith("Transformer")]
+    (path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(CheckpointError, match="modules.json: expected one Transformer module followed by Dense"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+
+def test_sentence_bert_config_without_do_lower_case_keeps_the_case(tmp_path, pylate_dir):
+    """sentence-transformers lowercases texts only when sentence_bert_config.json says
+    do_lower_case: true; without the key a literal [MASK] stays the special token."""
+    path = shutil.copytree(pylate_dir, tmp_path / "no-key")
+    sbert = path / "0_Transformer" / "sentence_bert_config.json"
+    sbert.write_text(json.dumps({k: v for k, v in json.loads(sbert.read_text()).items() if k != "do_lower_case"}))
+    texts = ["a [MASK] in a text"]
+    got = ColBERT.from_pretrained(path, device="cpu").tokenizer.documents(texts).sequences[0].tolist()
+    want = ColBERT.from_pretrained(pylate_dir, device="cpu").tokenizer.documents(texts).sequences[0].tolist()
+    assert got == want

@@ -183,3 +183,45 @@ def test_distinct_json_ids_are_not_duplicates(tmp_path):
     path.write_text('{"id": true, "text": "a"}\n{"id": 1, "text": "b"}\n{"id": "1", "text": "c"}\n'
                     '{"id": [1], "text": "d"}\n{"id": "[1]", "text": "e"}\n{"id": null, "text": "f"}\n')
     assert read_texts(str(path), "documents")[0] == [True, 1, "1", [1], "[1]", None]
+
+
+def test_jsonl_lines_of_whitespace_are_blank_lines(tmp_path):
+    """A JSONL line of spaces and tabs is skipped as an empty one is, and keeps its number: it is
+    not 'invalid JSON'."""
+    from colbert_triton.cli import read_texts
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "first"}\n  \t \n{"text": "second"}\n')
+    assert read_texts(str(path), "documents") == ([0, 2], ["first", "second"])
+
+
+def test_inline_queries_are_numbered_from_zero(stanford_dir, docs_file, capsys):
+    """A --query's query_id is its position from 0, in the order given."""
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs_file),
+                 "--query", "paris", "--query", "fruit", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["query_id"], line["query"]) for line in lines] == [(0, "paris"), (1, "fruit")]
+
+
+def test_top_k_defaults_to_ten(stanford_dir, tmp_path, capsys):
+    """Without -k, rank lists the best 10 documents of a larger corpus."""
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"document number {i} about topic {i % 3}\n" for i in range(12)))
+    assert main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs),
+                 "--query", "topic", "--no-progress"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["rank"] for r in results] == list(range(1, 11))
+    assert len({r["id"] for r in results}) == 10
+
+
+def test_encode_output_suffix_in_any_case(stanford_dir, tmp_path, capsys):
+    """rank takes a .safetensors corpus by its suffix in any case, so encode writes one whatever the
+    suffix's case."""
+    docs = tmp_path / "docs.txt"
+    docs.write_text("The Eiffel Tower is in Paris.\nBananas are yellow.\n")
+    common = ["--model", str(stanford_dir), "--device", "cpu", "--no-progress"]
+    encoded = tmp_path / "docs.SafeTensors"
+    assert main(["encode", *common, "--input", str(docs), "--output", str(encoded)]) == 0
+    assert encoded.is_file()
+    assert main(["rank", *common, "--documents", str(encoded), "--query", "paris", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["id"] in (0, 1)

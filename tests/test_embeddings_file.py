@@ -385,3 +385,71 @@ def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, m
     garbage.write_bytes(b"\x00" * 64)
     assert main(["rank", "--documents", str(garbage), "--query", "x"]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+def test_model_loads_a_file_written_without_a_model(model, tmp_path):
+    """README: a file written by colbert_triton.save_embeddings carries no fingerprint (nor kind)
+    and is not checked: the model loads it as documents or as queries, in its own dtype."""
+    from colbert_triton import PackedEmbeddings, save_embeddings
+
+    corpus = model.encode_documents(["The Eiffel Tower is in Paris.", "Bananas are yellow."], packed=True)
+    path = tmp_path / "plain.safetensors"
+    save_embeddings(path, PackedEmbeddings.from_lengths(corpus.values.half(), corpus.lengths_host), ids=["e", "b"])
+    saved = model.load_embeddings(path)
+    assert saved.ids == ["e", "b"] and "fingerprint" not in saved.metadata
+    assert saved.embeddings.values.dtype == model.dtype
+    torch.testing.assert_close(saved.embeddings.values, corpus.values, atol=1e-3, rtol=0)
+    assert len(model.load_embeddings(path, kind="queries").embeddings) == 2
+
+
+def test_load_refuses_empty_offsets_as_a_bad_file(tmp_path):
+    """offsets of shape [0] cannot be [n + 1]: a ValueError from the header (not an IndexError, nor
+    -1 items from embeddings_file_info)."""
+    from safetensors.torch import save_file
+
+    from colbert_triton import load_embeddings
+    from colbert_triton.packed import embeddings_file_info
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"values": torch.zeros(0, 4), "offsets": torch.zeros(0, dtype=torch.int64)}, str(path))
+    for read in (load_embeddings, embeddings_file_info):
+        with pytest.raises(ValueError, match=r"offsets must be \[n \+ 1\]"):
+            read(path)
+
+
+def test_load_takes_int32_offsets(tmp_path):
+    """A file whose offsets are int32 (as another writer may store them) loads as int64 offsets."""
+    from safetensors.torch import save_file
+
+    from colbert_triton import load_embeddings
+
+    path = tmp_path / "int32.safetensors"
+    values = torch.randn(5, 4)
+    save_file({"values": values, "offsets": torch.tensor([0, 2, 2, 5], dtype=torch.int32)}, str(path))
+    saved = load_embeddings(path)
+    assert saved.embeddings.lengths_host == (2, 0, 3) and saved.embeddings.offsets.dtype == torch.int64
+    assert torch.equal(saved.embeddings.values, values) and saved.ids == [0, 1, 2]
+
+
+def test_load_refuses_ids_that_are_not_one_dimensional(tmp_path):
+    """An [n, 1] int64 ids tensor holds n entries but not n ids: refused, not read as lists."""
+    from safetensors.torch import save_file
+
+    from colbert_triton import load_embeddings
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 1, 3]),
+               "ids": torch.tensor([[7], [8]])}, str(path))
+    with pytest.raises(ValueError, match="1-D int64"):
+        load_embeddings(path)
+
+
+def test_boolean_ids_come_back_booleans(tmp_path):
+    """True and False are ids JSON keeps (a JSONL "id": true): stored as JSON, not as the int64s 1
+    and 0 (which compare equal but print as numbers)."""
+    from colbert_triton import PackedEmbeddings, load_embeddings, save_embeddings
+
+    path = tmp_path / "e.safetensors"
+    save_embeddings(path, PackedEmbeddings.from_lengths(torch.zeros(3, 4), [1, 1, 1]), ids=[True, False, 2])
+    ids = load_embeddings(path).ids
+    assert ids == [True, False, 2] and [type(i) for i in ids] == [bool, bool, int]

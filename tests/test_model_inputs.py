@@ -8,6 +8,8 @@ import pytest
 import torch
 from texts import DOCUMENTS, LONG, QUERIES
 
+from colbert_triton import ColBERT
+
 
 def test_non_string_inputs_are_rejected(model):
     with pytest.raises(TypeError, match=r"documents\[1\] is NoneType"):
@@ -150,3 +152,28 @@ def test_one_chunk_is_tokenized_without_a_thread(model, monkeypatch):
     monkeypatch.setattr(colbert_module, "ThreadPoolExecutor", no_threads)
     assert len(model.encode_documents(["first", "second", "third"])) == 3
     assert len(model.encode_queries(["a query"])) == 1
+
+
+def test_progress_bar_shows_by_default_past_eight_batches(model, capsys):
+    """show_progress=None: a bar for more than 8 batches, none for 8."""
+    model.encode_documents(["a"] * 16, batch_size=2)  # 8 batches
+    assert "Encoding" not in capsys.readouterr().err
+    model.encode_documents(["a"] * 17, batch_size=2)  # 9 batches
+    assert "Encoding" in capsys.readouterr().err
+
+
+def test_a_triton_model_scores_with_triton(stanford_dir, monkeypatch):
+    """backend="triton" is the ops for encoding and scoring (README, --backend): score, rerank and
+    search pass it on. (backend=None would take the PyTorch path for CUDA inputs.)"""
+    from colbert_triton import scoring
+
+    model = ColBERT.from_pretrained(stanford_dir, device="cpu", backend="triton")
+    seen = []
+    for name in ("score", "rerank", "search"):
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda *a, real=real, **k: seen.append(k["backend"]) or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    q = [torch.nn.functional.normalize(torch.randn(4, 96, generator=gen), dim=-1)]
+    d = [torch.nn.functional.normalize(torch.randn(n, 96, generator=gen), dim=-1) for n in (3, 5)]
+    model.score(q, d), model.rerank(q, d), model.search(q, d, k=1)
+    assert seen == ["triton"] * 3

@@ -744,3 +744,29 @@ def test_torch_maxsim_pads_each_block_to_its_own_longest(gen, monkeypatch):
     maxsim_torch(queries, packed.values, packed.starts, packed.lengths, budget_elements=40 * 1000)
     monkeypatch.undo()
     assert max(padded_slots) == 300 and sorted(padded_slots)[-2] == 3, padded_slots
+
+
+def test_more_queries_than_the_pair_budget_score_one_document_a_chunk(monkeypatch):
+    """Q past the pair cap still gets chunks of one document, never of zero."""
+    from colbert_triton import PackedEmbeddings, scoring
+
+    gen = torch.Generator().manual_seed(0)
+    corpus = [torch.randn(n, 16, generator=gen) for n in (3, 1, 4)]
+    queries = [torch.randn(4, 16, generator=gen) for _ in range(3)]
+    monkeypatch.setattr(scoring, "_SEARCH_PAIRS", 2)
+    scores, index = scoring.search(queries, PackedEmbeddings.from_list(corpus), 3, backend="torch")
+    full = scoring.score(queries, corpus, backend="torch")
+    expected = torch.sort(full, dim=1, descending=True, stable=True)
+    assert torch.equal(index, expected.indices)
+    torch.testing.assert_close(scores, expected.values)
+
+
+def test_chunk_bounds_fill_a_block_exactly():
+    """Documents whose rows fill the row budget exactly go in one block."""
+    import numpy as np
+
+    from colbert_triton.scoring import _chunk_bounds
+
+    ends = np.cumsum([4, 4, 3, 5])
+    begins = ends - np.array([4, 4, 3, 5])
+    assert _chunk_bounds(begins, ends, 100, 8) == [(0, 2, 0, 8), (2, 4, 8, 16)]
