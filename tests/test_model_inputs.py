@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 from texts import DOCUMENTS, LONG, QUERIES
 
 from colbert_triton import ColBERT
@@ -167,13 +168,14 @@ def test_a_triton_model_scores_with_triton(stanford_dir, monkeypatch):
     search pass it on. (backend=None would take the PyTorch path for CUDA inputs.)"""
     from colbert_triton import scoring
 
-    model = ColBERT.from_pretrained(stanford_dir, device="cpu", backend="triton")
+    model = ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, backend="triton", cuda_graphs=False)
     seen = []
     for name in ("score", "rerank", "search"):
         real = getattr(scoring, name)
         monkeypatch.setattr(scoring, name, lambda *a, real=real, **k: seen.append(k["backend"]) or real(*a, **k))
     gen = torch.Generator().manual_seed(0)
-    q = [torch.nn.functional.normalize(torch.randn(4, 96, generator=gen), dim=-1)]
-    d = [torch.nn.functional.normalize(torch.randn(n, 96, generator=gen), dim=-1) for n in (3, 5)]
+    q = [torch.nn.functional.normalize(torch.randn(4, 96, generator=gen), dim=-1).to(model.device, model.dtype)]
+    d = [torch.nn.functional.normalize(torch.randn(n, 96, generator=gen), dim=-1).to(model.device, model.dtype)
+         for n in (3, 5)]
     model.score(q, d), model.rerank(q, d), model.search(q, d, k=1)
     assert seen == ["triton"] * 3
