@@ -389,3 +389,42 @@ def test_sentence_bert_config_without_do_lower_case_keeps_the_case(tmp_path, pyl
     got = ColBERT.from_pretrained(path, device="cpu").tokenizer.documents(texts).sequences[0].tolist()
     want = ColBERT.from_pretrained(pylate_dir, device="cpu").tokenizer.documents(texts).sequences[0].tolist()
     assert got == want
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("linear.weight", lambda w: w[:, :100].contiguous(), r"projection 'linear.weight' has shape \(\d+, 100\), expected \[dim, 384\]"),
+    ("linear.bias", lambda w: torch.zeros(w.shape[0] + 1), "projection bias does not match its weight"),
+], ids=["weight-width", "bias-length"])
+def test_projection_of_the_wrong_shape_is_refused_at_load(tmp_path, name, bad, message):
+    """A projection whose input width is not the encoder's hidden size, or whose bias does not match
+    its output dim, is refused by from_pretrained with a CheckpointError naming it, not left to fail
+    at the first encode."""
+    from checkpoints import build_stanford
+    from safetensors.torch import load_file, save_file
+
+    from colbert_triton import CheckpointError
+
+    path = build_stanford(tmp_path / "s")
+    state = load_file(str(path / "model.safetensors"))
+    state[name] = bad(state["linear.weight"])
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained(path, device="cpu", backend="torch")
+
+
+def test_encoder_tensor_of_the_wrong_shape_is_refused_at_load(tmp_path):
+    """An encoder tensor whose shape disagrees with config.json (same rank, other sizes: here
+    intermediate_size) is refused at load with both shapes named; checking only the rank would load
+    it and fail, or read past a table, later."""
+    import json
+
+    from checkpoints import build_stanford
+
+    from colbert_triton import CheckpointError
+
+    path = build_stanford(tmp_path / "s")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 1000}))
+    with pytest.raises(CheckpointError, match=r"tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' "
+                                              r"has shape \(1536, 384\), config says \(1000, 384\)"):
+        ColBERT.from_pretrained(path, device="cpu", backend="torch")

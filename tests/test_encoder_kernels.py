@@ -903,3 +903,73 @@ def test_batches_share_compiled_variants():
         keys.setdefault(launch["kernel"], set()).add(launch["key"])
     counts = {kernel: len(variants) for kernel, variants in keys.items()}
     assert counts == {"_linear_kernel": 1, "_varlen_attention_kernel": 2, "_project_normalize_kernel": 1}
+
+
+def test_attention_tiles_are_64_rows_up_to_64_tokens():
+    """16-bit batches whose longest sequence has at most 64 tokens (queries, up to and including 64)
+    take 64-row query tiles; longer ones 128."""
+    from colbert_triton.kernels.attention import attention_config
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert attention_config(32, 32, dtype)["BLOCK_M"] == 64
+        assert attention_config(32, 64, dtype)["BLOCK_M"] == 64
+        assert attention_config(32, 65, dtype)["BLOCK_M"] == 128
+        assert attention_config(128, 300, dtype)["BLOCK_M"] == 64
+
+
+def test_attention_tile_table_clamps_key_lengths():
+    """The table's key lengths are clamped to [0, sequence length], as its docstring says (the
+    kernel clamps again, so only the table shows it)."""
+    from colbert_triton.kernels.attention import attention_tile_table
+
+    table = attention_tile_table([40, 10, 5], [50, -3, 5], 32)
+    assert table.tolist() == [[0, 40, 40, 0], [0, 40, 40, 32], [40, 10, 0, 0], [50, 5, 5, 0]]
+
+
+# With eps 0 the interpreter's masked padding rows (variance 0, never stored) divide by zero.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_layernorm_kernels_accept_eps_zero():
+    """eps is documented as a non-negative float: 0 is accepted by every LayerNorm launcher (and
+    matches F.layer_norm with eps 0), not refused."""
+    gen = torch.Generator().manual_seed(40)
+    x = randn(gen, 9, 100, scale=0.5)
+    weight, bias = randn(gen, 100, scale=0.1, shift=1.0), randn(gen, 100, scale=0.1)
+    want = F.layer_norm(x.double(), (100,), weight.double(), bias.double(), 0.0)
+    got = bias_residual_layernorm(x, None, None, weight, bias, 0.0)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    w, inputs = randn(gen, 100, 24, scale=0.05), randn(gen, 9, 24)
+    want = F.layer_norm(F.linear(inputs.double(), w.double()) + x.double(), (100,), weight.double(),
+                        bias.double(), 0.0)
+    got = linear_residual_layernorm(inputs, w, torch.zeros(100, device=KERNEL_DEVICE), x, weight, bias, 0)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    word, position = randn(gen, 10, 100, scale=0.05), randn(gen, 16, 100, scale=0.02)
+    ids = torch.tensor([1, 4, 9, 0], device=KERNEL_DEVICE)
+    pos = torch.tensor([0, 3, 15, 7], device=KERNEL_DEVICE)
+    want = F.layer_norm((word[ids] + position[pos]).double(), (100,), weight.double(), bias.double(), 0.0)
+    got = embed_layernorm(ids, pos, word, position, torch.zeros(100, device=KERNEL_DEVICE), weight, bias, 0.0)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_torch_head_makes_tiny_rows_unit_vectors():
+    """The PyTorch path's head normalises with F.normalize's eps 1e-12 as the Triton head does
+    (1e-12 < ||y|| < 1e-6 still gives a unit vector; a larger epsilon shrinks it): both backends
+    give the same embeddings for such rows."""
+    gen = torch.Generator().manual_seed(45)
+    x = (torch.randn(4, 32, generator=gen) * 1e-9).to(KERNEL_DEVICE)
+    weight = (torch.randn(16, 32, generator=gen) * 32**-0.5).to(KERNEL_DEVICE)
+    got = TorchOps().project_normalize(x, weight, None)
+    want = F.normalize(F.linear(x.double(), weight.double()), p=2, dim=-1, eps=1e-12)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(4, device=KERNEL_DEVICE), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ops", [TorchOps(), TritonOps()], ids=["torch", "triton"])
+def test_ops_refuse_an_unknown_activation(ops):
+    """Both op sets refuse an activation other than None or "gelu" (the Triton launcher does; the
+    PyTorch ops must not silently skip it)."""
+    x = torch.ones(3, 8, device=KERNEL_DEVICE)
+    weight = torch.ones(4, 8, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        ops.linear(x, weight, None, activation="relu")
+    assert ops.linear(x, weight, None, activation="gelu").shape == (3, 4)

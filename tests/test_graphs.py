@@ -164,3 +164,33 @@ def test_captured_graphs_match_eager(stanford_dir, torch_model, dtype, monkeypat
     torch.cuda.synchronize()
     for i, out in enumerate(outputs):
         torch.testing.assert_close(out, expected[i % len(texts)], atol=atol, rtol=0)
+
+
+def test_the_smallest_fitting_bucket_is_chosen(torch_model):
+    """Buckets are kept smallest first whatever order they are given in, and a batch takes the
+    smallest bucket it fits (tokens and sequences both up to and including the bucket's sizes): a
+    larger bucket gives the same rows but runs every kernel over all of its padding."""
+    graphed = GraphedEncoder(torch_model.weights, TritonOps(), torch.device(KERNEL_DEVICE),
+                             buckets=((256, 8), (64, 2), (128, 4)), capture=False)
+    assert [(b.num_tokens, b.num_seqs) for b in graphed.buckets] == [(64, 2), (128, 4), (256, 8)]
+    assert graphed.bucket_for(64, 2) is graphed.buckets[0]
+    assert graphed.bucket_for(1, 1) is graphed.buckets[0]
+    assert graphed.bucket_for(65, 1) is graphed.buckets[1]
+    assert graphed.bucket_for(10, 3) is graphed.buckets[1]
+    assert graphed.bucket_for(200, 8) is graphed.buckets[2]
+    assert graphed.bucket_for(257, 1) is None and graphed.bucket_for(8, 9) is None
+
+
+def test_float16_bucket_longer_than_64_tokens(torch_model):
+    """A 16-bit bucket of more than 64 tokens runs attention in 128-row tiles (attention_config of
+    the bucket's token count): its static tile table must be built for that tile height, or the
+    launch refuses it."""
+    tokens = torch_model.tokenizer.documents(TEXTS)
+    graphed = GraphedEncoder(torch_model.weights.to(KERNEL_DEVICE, torch.float16), TritonOps(),
+                             torch.device(KERNEL_DEVICE), buckets=((128, 4),), capture=False)
+    with torch.inference_mode():
+        got = graphed.run(tokens.sequences, tokens.key_lens, _rows(tokens))
+    expected = _reference(torch_model, tokens)
+    assert got is not None and got.shape == expected.shape
+    cosine = torch.nn.functional.cosine_similarity(got.float(), expected.float(), dim=-1)
+    assert float(cosine.min()) >= 0.999
