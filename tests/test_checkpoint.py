@@ -260,10 +260,6 @@ def test_heads_that_do_not_divide_the_hidden_size_are_refused(tmp_path, stanford
 
 def test_pylate_lengths_of_zero_mean_unset(tmp_path):
     """As in PyLate, query_length/document_length of 0 take the defaults (32, 180), as null does."""
-    from checkpoints import build_pylate
-
-    from colbert_triton.model.checkpoint import load_checkpoint
-
     path = build_pylate(tmp_path / "zero", settings={"query_length": 0, "document_length": 0})
     settings = load_checkpoint(path).settings
     assert (settings.query_maxlen, settings.doc_maxlen) == (32, 180)
@@ -350,8 +346,6 @@ def test_a_chain_of_dense_layers_with_biases_folds_into_one(tmp_path, pylate_dir
     order, not file order, gives the chain)."""
     from safetensors.torch import load_file, save_file
 
-    from colbert_triton.model.checkpoint import load_checkpoint
-
     path = shutil.copytree(pylate_dir, tmp_path / "two-dense")
     gen = torch.Generator().manual_seed(3)
     w1 = load_file(str(path / "1_Dense" / "model.safetensors"))["linear.weight"]
@@ -399,10 +393,7 @@ def test_projection_of_the_wrong_shape_is_refused_at_load(tmp_path, name, bad, m
     """A projection whose input width is not the encoder's hidden size, or whose bias does not match
     its output dim, is refused by from_pretrained with a CheckpointError naming it, not left to fail
     at the first encode."""
-    from checkpoints import build_stanford
     from safetensors.torch import load_file, save_file
-
-    from colbert_triton import CheckpointError
 
     path = build_stanford(tmp_path / "s")
     state = load_file(str(path / "model.safetensors"))
@@ -416,12 +407,6 @@ def test_encoder_tensor_of_the_wrong_shape_is_refused_at_load(tmp_path):
     """An encoder tensor whose shape disagrees with config.json (same rank, other sizes: here
     intermediate_size) is refused at load with both shapes named; checking only the rank would load
     it and fail, or read past a table, later."""
-    import json
-
-    from checkpoints import build_stanford
-
-    from colbert_triton import CheckpointError
-
     path = build_stanford(tmp_path / "s")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 1000}))

@@ -390,8 +390,6 @@ def test_cli_refuses_a_foreign_file_before_loading_the_model(tmp_path, capsys, m
 def test_model_loads_a_file_written_without_a_model(model, tmp_path):
     """README: a file written by colbert_triton.save_embeddings carries no fingerprint (nor kind)
     and is not checked: the model loads it as documents or as queries, in its own dtype."""
-    from colbert_triton import PackedEmbeddings, save_embeddings
-
     corpus = model.encode_documents(["The Eiffel Tower is in Paris.", "Bananas are yellow."], packed=True)
     path = tmp_path / "plain.safetensors"
     save_embeddings(path, PackedEmbeddings.from_lengths(corpus.values.half(), corpus.lengths_host), ids=["e", "b"])
@@ -405,9 +403,6 @@ def test_model_loads_a_file_written_without_a_model(model, tmp_path):
 def test_load_refuses_empty_offsets_as_a_bad_file(tmp_path):
     """offsets of shape [0] cannot be [n + 1]: a ValueError from the header (not an IndexError, nor
     -1 items from embeddings_file_info)."""
-    from safetensors.torch import save_file
-
-    from colbert_triton import load_embeddings
     from colbert_triton.packed import embeddings_file_info
 
     path = tmp_path / "bad.safetensors"
@@ -419,10 +414,6 @@ def test_load_refuses_empty_offsets_as_a_bad_file(tmp_path):
 
 def test_load_takes_int32_offsets(tmp_path):
     """A file whose offsets are int32 (as another writer may store them) loads as int64 offsets."""
-    from safetensors.torch import save_file
-
-    from colbert_triton import load_embeddings
-
     path = tmp_path / "int32.safetensors"
     values = torch.randn(5, 4)
     save_file({"values": values, "offsets": torch.tensor([0, 2, 2, 5], dtype=torch.int32)}, str(path))
@@ -433,10 +424,6 @@ def test_load_takes_int32_offsets(tmp_path):
 
 def test_load_refuses_ids_that_are_not_one_dimensional(tmp_path):
     """An [n, 1] int64 ids tensor holds n entries but not n ids: refused, not read as lists."""
-    from safetensors.torch import save_file
-
-    from colbert_triton import load_embeddings
-
     path = tmp_path / "bad.safetensors"
     save_file({"values": torch.zeros(3, 4), "offsets": torch.tensor([0, 1, 3]),
                "ids": torch.tensor([[7], [8]])}, str(path))
@@ -447,8 +434,6 @@ def test_load_refuses_ids_that_are_not_one_dimensional(tmp_path):
 def test_boolean_ids_come_back_booleans(tmp_path):
     """True and False are ids JSON keeps (a JSONL "id": true): stored as JSON, not as the int64s 1
     and 0 (which compare equal but print as numbers)."""
-    from colbert_triton import PackedEmbeddings, load_embeddings, save_embeddings
-
     path = tmp_path / "e.safetensors"
     save_embeddings(path, PackedEmbeddings.from_lengths(torch.zeros(3, 4), [1, 1, 1]), ids=[True, False, 2])
     ids = load_embeddings(path).ids

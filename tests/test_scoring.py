@@ -748,7 +748,7 @@ def test_torch_maxsim_pads_each_block_to_its_own_longest(gen, monkeypatch):
 
 def test_more_queries_than_the_pair_budget_score_one_document_a_chunk(monkeypatch):
     """Q past the pair cap still gets chunks of one document, never of zero."""
-    from colbert_triton import PackedEmbeddings, scoring
+    from colbert_triton import scoring
 
     gen = torch.Generator().manual_seed(0)
     corpus = [torch.randn(n, 16, generator=gen) for n in (3, 1, 4)]
@@ -763,8 +763,6 @@ def test_more_queries_than_the_pair_budget_score_one_document_a_chunk(monkeypatc
 
 def test_chunk_bounds_fill_a_block_exactly():
     """Documents whose rows fill the row budget exactly go in one block."""
-    import numpy as np
-
     from colbert_triton.scoring import _chunk_bounds
 
     ends = np.cumsum([4, 4, 3, 5])
