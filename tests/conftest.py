@@ -26,6 +26,17 @@ def kernel_device():
     return KERNEL_DEVICE
 
 
+@pytest.fixture
+def triton_by_default(monkeypatch):
+    """No backend named resolves to the Triton kernels on every device, as on CUDA once they are
+    the default (`scoring.CUDA_DEFAULT_BACKEND`): what the default does then, tested here."""
+    from colbert_triton import scoring
+
+    resolve = scoring.resolve_backend
+    monkeypatch.setattr(scoring, "resolve_backend",
+                        lambda device, backend: "triton" if backend is None else resolve(device, backend))
+
+
 def randn(gen, *shape, scale=1.0, shift=0.0, dtype=torch.float32, device=KERNEL_DEVICE) -> torch.Tensor:
     """Seeded normal values (drawn in fp32 on the CPU, so every device sees the same numbers)."""
     return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(device)

@@ -187,6 +187,36 @@ def test_backend_names_resolve_as_in_pylate(ref, monkeypatch):
         dropin.colbert_scores(q, d)
 
 
+def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, monkeypatch, triton_by_default):
+    """With the kernel as the default (CUDA, once it is), embedding dims it does not take (over
+    1024; over 512 in float32, pairs of mixed 16-bit dtypes included) get PyLate's formula and
+    results, not an error; dims it takes still reach it."""
+    rank = require_reference("pylate.rank")
+    kernel_calls = []
+    maxsim = scoring.maxsim
+    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: kernel_calls.append(args[0].shape) or
+                        maxsim(*args, **kwargs))
+    q, d, g = _data(seed=9, h=513)
+    qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
+    close(dropin.colbert_scores(q, d, qm, dm), ref.colbert_scores(q, d, qm, dm, backend="torch"))
+    close(dropin.colbert_kd_scores(q, d.unsqueeze(0).expand(3, -1, -1, -1)),
+          ref.colbert_kd_scores(q, d.unsqueeze(0).expand(3, -1, -1, -1), backend="torch"))
+    qs, ds = [q[0].bfloat16(), q[1].half()], [d[0].bfloat16(), d[1].half()]  # scored together in float32
+    expected = ref.colbert_scores_pairwise(qs, ds, backend="torch")
+    got = dropin.colbert_scores_pairwise(qs, ds)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    expected = rank.rerank([["a", "b"]], [q[0]], [[d[0], d[1][:3]]])
+    assert dropin.rerank([["a", "b"]], [q[0]], [[d[0], d[1][:3]]]) == expected
+    assert kernel_calls == []
+    if "triton" in BACKENDS:
+        q, d, _ = _data(seed=10, a=1, b=2, s=2, t=3, h=600)
+        q, d = q.half().to(KERNEL_DEVICE), d.half().to(KERNEL_DEVICE)
+        torch.testing.assert_close(dropin.colbert_scores(q, d).cpu().float(),
+                                   ref.colbert_scores(q.cpu().float(), d.cpu().float()), atol=2e-2, rtol=2e-3)
+        assert kernel_calls == [torch.Size([1, 2, 600])]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float_masks_take_part_in_the_result_dtype(ref, backend):
     """PyLate multiplies the masks in: float16 embeddings with float32 masks give float32 scores,

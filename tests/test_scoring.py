@@ -577,6 +577,64 @@ def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
         assert not scoring.needs_grad(queries)
 
 
+def test_the_kernels_dim_limits_match_its_checks():
+    """`takes` (the default backend's test) agrees with the launcher's own checks at each limit."""
+    from colbert_triton.kernels import maxsim as kernel
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for dim in (1, 96, 512, 513, 1024, 1025):
+            checked = torch.float32 if dtype == torch.float64 else dtype
+            queries = torch.zeros(1, 1, dim, dtype=checked, device=KERNEL_DEVICE)
+            index = torch.zeros(1, dtype=torch.int64, device=KERNEL_DEVICE)
+            try:
+                kernel._validate(queries, queries[0], index, index, None, None)
+                accepted = True
+            except ValueError as error:
+                assert "dim" in str(error), error
+                accepted = False
+            except Exception:  # noqa: BLE001 - the CPU without the interpreter: no device check
+                accepted = None
+            assert kernel.takes(dtype, dim) == (dim <= (512 if checked == torch.float32 else 1024))
+            if accepted is not None:
+                assert kernel.takes(dtype, dim) == accepted, (dtype, dim)
+    assert not kernel.takes(torch.float16, 0)
+    assert not kernel.takes(torch.int32, 96)
+
+
+def test_dims_past_the_kernels_limits_take_the_pytorch_path_by_default(gen, monkeypatch, triton_by_default):
+    """The kernel takes d <= 1024 (512 in float32): named, it refuses larger ones; chosen by
+    default (as on CUDA once it is the default), they are scored by PyTorch, with its results;
+    dims it takes still reach it."""
+    from colbert_triton.kernels import maxsim as kernel
+
+    launched = []
+    launch = kernel.maxsim
+    monkeypatch.setattr(kernel, "maxsim", lambda *args, **kwargs: launched.append(args[0].shape) or
+                        launch(*args, **kwargs))
+    for dtype, too_wide in ((torch.float32, 513), (torch.float16, 1025)):
+        queries = random_docs(gen, [3, 2], too_wide, dtype)
+        corpus = random_docs(gen, [4, 1, 2], too_wide, dtype)
+        expected = score(queries, corpus, backend="torch")
+        torch.testing.assert_close(score(queries, corpus), expected, atol=0, rtol=0)
+        torch.testing.assert_close(search(queries, corpus, k=2)[0], expected.topk(2).values, atol=0, rtol=0)
+        assert launched == []
+        if "triton" in BACKENDS:
+            with pytest.raises(ValueError, match="dim"):
+                score([q.to(KERNEL_DEVICE) for q in queries], [d.to(KERNEL_DEVICE) for d in corpus],
+                      backend="triton")
+            launched.clear()
+    if "triton" in BACKENDS:
+        for dtype, widest in ((torch.float32, 512), (torch.float16, 1024)):
+            queries = random_docs(gen, [2], widest, dtype, device=KERNEL_DEVICE)
+            corpus = random_docs(gen, [3, 1], widest, dtype, device=KERNEL_DEVICE)
+            got = score(queries, corpus)
+            assert launched == [torch.Size([1, 2, widest])]
+            launched.clear()
+            exact = reference([q.double() for q in queries], [d.double() for d in corpus]).float()
+            tolerance = 2e-3 if dtype == torch.float16 else 1e-4
+            torch.testing.assert_close(got.cpu(), exact, atol=tolerance, rtol=tolerance)
+
+
 def test_masked_query_rows_never_reach_the_scores():
     """A masked query row holding NaN or inf contributes nothing (zeroed, not multiplied by 0),
     and the input check looks only at the rows that count."""

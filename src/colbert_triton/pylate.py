@@ -107,6 +107,14 @@ def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
         # The kernel has no backward pass; PyLate's every backend has one (its losses train
         # through these functions): its differentiable formula gives the same scores.
         return "torch"
+    if resolved == "triton" and backend is None:
+        from .kernels import maxsim as kernel
+
+        # Embedding dims past the kernel's limits: PyLate's formula (dim 0 keeps its zeros path).
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        dim = tensors[0].shape[-1]
+        if dim and dtype.is_floating_point and not kernel.takes(dtype, dim):
+            return "torch"
     return resolved
 
 

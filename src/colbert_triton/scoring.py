@@ -345,7 +345,8 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, back
     (``lengths_host``: the lengths as a host array if the caller has them, else None).
 
     The kernel has no backward pass: inputs that need gradients take the PyTorch path when no
-    backend is named, and are an error with ``backend="triton"``."""
+    backend is named, and are an error with ``backend="triton"``. So do embedding dims past the
+    kernel's limits (1024; 512 in float32)."""
     chosen = resolve_backend(queries.device, backend)
     if chosen == "triton" and needs_grad(queries, doc_values):
         if backend == "triton":
@@ -353,9 +354,12 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, back
                              "gradients with backend='torch' (or under torch.no_grad())")
         chosen = "torch"
     if chosen == "triton":
-        from .kernels.maxsim import maxsim as maxsim_triton
+        from .kernels import maxsim as kernel
 
-        return maxsim_triton(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
+        if backend is None and not kernel.takes(queries.dtype, queries.shape[-1]):
+            return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
+                                lengths_host=lengths_host)
+        return kernel.maxsim(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
     return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
                         lengths_host=lengths_host)
 

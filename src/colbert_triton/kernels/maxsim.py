@@ -90,7 +90,7 @@ import triton.language as tl
 
 from ._device import on_device
 
-__all__ = ["maxsim"]
+__all__ = ["maxsim", "takes"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -100,6 +100,17 @@ _MAX_DIM_FP32 = 512
 _MAX_DOCS_PER_PROGRAM = 16
 _PROGRAMS_PER_SM = 8  # grid size target of the document split (bench/device/tune.py sweeps it)
 _MAX_GRID = 2**31 - 1
+
+
+def takes(dtype: torch.dtype, dim: int) -> bool:
+    """Whether the kernel scores embeddings of this dtype and dim (float64 counts as float32,
+    the dtype the scoring layer converts it to). When no backend is named, others are scored
+    by PyTorch."""
+    if dtype == torch.float64:
+        dtype = torch.float32
+    if dtype not in _FLOAT_DTYPES:
+        return False
+    return 1 <= dim <= (_MAX_DIM_FP32 if dtype == torch.float32 else _MAX_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
