@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import build_pylate, build_stanford
+from conftest import KERNEL_DEVICE
 
 from colbert_triton import CheckpointError, ColBERT
 from colbert_triton.model.checkpoint import load_checkpoint
@@ -256,6 +257,28 @@ def test_heads_that_do_not_divide_the_hidden_size_are_refused(tmp_path, stanford
     (copy / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
     with pytest.raises(CheckpointError, match="not a multiple of num_attention_heads"):
         ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_head_dims_the_triton_attention_does_not_take(tmp_path, triton_by_default):
+    """384 hidden units in 8 heads (head dim 48): named, the Triton backend refuses the checkpoint
+    at load with the reason; by default (as on CUDA) the model runs the PyTorch encoder and
+    encodes as it; a head dim the kernel takes keeps the Triton encoder."""
+    from colbert_triton.model.ops import TorchOps, TritonOps
+
+    path = build_stanford(tmp_path / "heads", num_layers=2)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8}))
+    with pytest.raises(ValueError, match=r"head dims \(16, 32, 64, 128\), this model's is 48"):
+        ColBERT.from_pretrained(path, device=KERNEL_DEVICE, backend="triton")
+    torch_model = ColBERT.from_pretrained(path, device="cpu", backend="torch")
+    model = ColBERT.from_pretrained(path, device="cpu")
+    assert model.backend == "torch" and isinstance(model.ops, TorchOps)
+    texts = ["late interaction", "a longer document about retrieval with several tokens"]
+    for ours, theirs in zip(model.encode_documents(texts), torch_model.encode_documents(texts)):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    supported = build_stanford(tmp_path / "supported", num_layers=1)
+    model = ColBERT.from_pretrained(supported, device="cpu")
+    assert model.backend == "triton" and isinstance(model.ops, TritonOps)
 
 
 def test_pylate_lengths_of_zero_mean_unset(tmp_path):

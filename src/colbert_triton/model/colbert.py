@@ -126,6 +126,16 @@ class ColBERT:
         self.device = device
         self.dtype = dtype
         self.backend = scoring.resolve_backend(device, backend)
+        if self.backend == "triton":
+            from ..kernels.attention import SUPPORTED_HEAD_DIMS
+
+            head_dim = weights.config.head_dim
+            if head_dim not in SUPPORTED_HEAD_DIMS:
+                if backend == "triton":
+                    raise ValueError(f"{source or 'this checkpoint'}: the Triton encoder's attention "
+                                     f"takes head dims {SUPPORTED_HEAD_DIMS}, this model's is {head_dim} "
+                                     f"(hidden_size / num_attention_heads): load it with backend='torch'")
+                self.backend = "torch"  # the default: the PyTorch encoder, MaxSim still on the kernel
         self.ops = get_ops(self.backend)
         self.fingerprint = _fingerprint(weights)
         self.weights = weights.to(device, dtype)
@@ -154,7 +164,9 @@ class ColBERT:
         ``query_maxlen``/``doc_maxlen`` override the checkpoint's lengths. ``dtype`` defaults to
         float16 on CUDA and float32 on the CPU. ``backend`` picks the ops ("torch", "triton");
         by default the CPU runs the PyTorch path. With the Triton backend on CUDA, small batches
-        replay CUDA graphs captured here at load (``cuda_graphs=False`` turns them off).
+        replay CUDA graphs captured here at load (``cuda_graphs=False`` turns them off). The
+        Triton attention takes head dims 16, 32, 64 and 128: other checkpoints run the PyTorch
+        encoder by default and are refused with ``backend="triton"``.
         """
         device = _pick_device(device)
         dtype = _pick_dtype(dtype, device)
