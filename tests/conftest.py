@@ -29,7 +29,7 @@ def kernel_device():
 @pytest.fixture
 def triton_by_default(monkeypatch):
     """No backend named resolves to the Triton kernels on every device, as on CUDA once they are
-    the default (`scoring.CUDA_DEFAULT_BACKEND`): what the default does then, tested here."""
+    the default (`scoring.TRITON_DEFAULT_CAPABILITIES`): what the default does then, tested here."""
     from colbert_triton import scoring
 
     resolve = scoring.resolve_backend

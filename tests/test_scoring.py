@@ -577,6 +577,29 @@ def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
         assert not scoring.needs_grad(queries)
 
 
+def test_the_default_backend_is_the_kernel_only_on_verified_gpus(monkeypatch):
+    """No backend named: the kernels on a CUDA device whose compute capability is listed (passed
+    natively), PyTorch on any other GPU and on the CPU; a named backend is taken as named."""
+    from colbert_triton import scoring
+
+    def unread(index):
+        raise AssertionError("no capability to read while none is listed")
+
+    monkeypatch.setattr(scoring, "_capability", unread)
+    monkeypatch.setattr(scoring, "TRITON_DEFAULT_CAPABILITIES", frozenset())
+    assert scoring.resolve_backend(torch.device("cuda", 0), None) == "torch"
+    monkeypatch.setattr(scoring, "TRITON_DEFAULT_CAPABILITIES", frozenset({(9, 0)}))
+    monkeypatch.setattr(scoring, "_capability", {0: (9, 0), 1: (8, 9), 2: (9, 1)}.__getitem__)
+    assert scoring.resolve_backend(torch.device("cuda", 0), None) == "triton"
+    assert scoring.resolve_backend(torch.device("cuda", 1), None) == "torch"
+    assert scoring.resolve_backend(torch.device("cuda", 2), None) == "torch"
+    assert scoring.resolve_backend(torch.device("cpu"), None) == "torch"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert scoring.resolve_backend(torch.device("cuda"), None) == "torch"
+    assert scoring.resolve_backend(torch.device("cuda", 1), "triton") == "triton"
+    assert scoring.resolve_backend(torch.device("cuda", 0), "torch") == "torch"
+
+
 def test_the_kernels_dim_limits_match_its_checks():
     """`takes` (the default backend's test) agrees with the launcher's own checks at each limit."""
     from colbert_triton.kernels import maxsim as kernel

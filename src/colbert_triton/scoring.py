@@ -33,14 +33,30 @@ from .packed import (
     check_embedding_list,
 )
 
-# The backend a CUDA tensor gets when none is named. "torch" until the Triton kernels have been
-# verified natively on a GPU (see README, "Status"); the Triton path is always available by name.
-CUDA_DEFAULT_BACKEND = "torch"
+# The GPU architectures (compute capabilities) whose CUDA tensors get the Triton kernels when no
+# backend is named: those where the test suite has passed natively (see README, "Status").
+# Empty until a GPU session adds one; elsewhere the PyTorch path is the default. The kernels'
+# tiles are sized for sm_90: compiled for other GPUs, some exceed their shared memory (the
+# fused-LayerNorm GEMM on sm_86/sm_89, MaxSim on sm_75). The Triton path is always available
+# by name.
+TRITON_DEFAULT_CAPABILITIES: frozenset[tuple[int, int]] = frozenset()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device (the current one for a bare "cuda"), read once per device."""
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def resolve_backend(device: torch.device, backend: str | None) -> str:
     if backend is None:
-        return CUDA_DEFAULT_BACKEND if device.type == "cuda" else "torch"
+        if device.type == "cuda" and TRITON_DEFAULT_CAPABILITIES:
+            return "triton" if cuda_capability(device) in TRITON_DEFAULT_CAPABILITIES else "torch"
+        return "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
