@@ -1,4 +1,4 @@
-"""GPU validity without a GPU: compile, for an H100 (sm_90), every kernel launch a launcher makes.
+"""GPU validity without a GPU: compile every kernel launch a launcher makes, for sm_90 or another GPU.
 
 The Triton interpreter enforces no GPU limit (tl.dot tiles >= 16, power-of-two aranges, shared
 memory, registers). Here each launcher is called on CPU tensors of the model's shapes with its
@@ -6,8 +6,9 @@ kernels swapped for a recorder, and every recorded launch is compiled by Triton'
 (ptxas included) with the specialisation the JIT would use; cuobjdump reports the spills.
 
 Run as a script in a fresh process without TRITON_INTERPRET, so the kernels are real
-JITFunctions: ``python tests/aot_compile.py CASE`` prints one JSON line per launch.
-`compile_case(CASE)` does that from a test and returns the parsed lines.
+JITFunctions: ``python tests/aot_compile.py CASE [ARCH]`` prints one JSON line per launch
+(ARCH: the compute capability compiled for, 90 by default). `compile_case(CASE, ARCH)` does
+that from a test and returns the parsed lines.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from pathlib import Path
 
 import pytest
 
+# Shared memory a block may use (bytes, opt-in) by compute capability: the budget the launchers
+# read from the device (kernels/_device.py), given here for the GPU compiled for.
+SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-def compile_case(case: str) -> list[dict]:
+
+def compile_case(case: str, arch: int = 90) -> list[dict]:
     pytest.importorskip("triton.backends.nvidia.compiler")
     import triton.runtime.jit
 
     if not hasattr(triton.runtime.jit, "native_specialize_impl"):  # how `specialization` keys
         pytest.skip("the ahead-of-time compile checks need Triton >= 3.6 (native_specialize_impl)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(Path(__file__)), case], capture_output=True, text=True,
-                          env=env, timeout=900)
+    done = subprocess.run([sys.executable, str(Path(__file__)), case, str(arch)], capture_output=True,
+                          text=True, env=env, timeout=900)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("no ptxas for the CUDA backend on this machine")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -101,6 +106,26 @@ def _encoder_case():
                                          r(hidden, dtype=dt), r(T, hidden, dtype=dt), r(hidden, dtype=dt),
                                          r(hidden, dtype=dt), 1e-12)
     attention.varlen_attention(r(T, 3 * 1536, dtype=dt), cu, cu[1:] - cu[:-1], 300, 12, 128)
+    return recorders
+
+
+def _fused_layernorm_case():
+    """The encoder's LayerNorm-fused GEMMs (hidden 384, 768, 1024; K = hidden and 4 x hidden) in
+    16-bit and fp32, with their tiles sized for the GPU compiled for; where none fit, the unfused
+    path's launches."""
+    import torch
+
+    from colbert_triton.kernels import linear
+
+    recorders = _record([(linear, "_linear_residual_layernorm_kernel"), (linear, "_linear_kernel"),
+                         (linear, "_bias_residual_layernorm_kernel")])
+    rows = 256
+    for dt in (torch.float16, torch.float32):  # bfloat16 takes float16's tiles
+        for hidden in (384, 768, 1024):
+            for k in (hidden, 4 * hidden):
+                linear.linear_residual_layernorm(_zeros(rows, k, dtype=dt), _zeros(hidden, k, dtype=dt),
+                                                 _zeros(hidden, dtype=dt), _zeros(rows, hidden, dtype=dt),
+                                                 _zeros(hidden, dtype=dt), _zeros(hidden, dtype=dt), 1e-12)
     return recorders
 
 
@@ -213,7 +238,7 @@ def _encoder_batches_case():
     return recorders
 
 
-CASES = {"encoder": _encoder_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
+CASES = {"encoder": _encoder_case, "fused-layernorm": _fused_layernorm_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
          "maxsim-query-registers": _maxsim_query_registers_case, "encoder-batches": _encoder_batches_case}
 
 
@@ -241,12 +266,15 @@ def specialization(kernel, args, kwargs):
     return values, signature, constexprs, attrs, options
 
 
-def main(case: str) -> None:
+def main(case: str, arch: int = 90) -> None:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from colbert_triton.kernels import linear
+
+    linear.shared_memory_limit = lambda device: SHARED_MEMORY[arch]  # the GPU compiled for
     recorders = CASES[case]()
     if case in ("maxsim-counts", "encoder-batches"):  # specialisations only, nothing compiled
         for name, recorder in recorders.items():
@@ -256,7 +284,7 @@ def main(case: str) -> None:
                                                                options))}))
         return
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     for name, recorder in recorders.items():
         kernel = recorder.kernel
         for args, kwargs in recorder.launches:
@@ -287,4 +315,4 @@ def main(case: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(int, sys.argv[2:3]))

@@ -210,6 +210,19 @@ def test_linear(dtype, backend, num_rows, k, n, activation, has_bias):
                   "vs TorchOps")
 
 
+def _residual_layernorm_inputs(seed, num_rows, k, n, dtype):
+    """x [T, K], weight [N, K], bias, residual [T, N], ln_w, ln_b; and the fp64 reference."""
+    gen = _gen(seed)
+    x = randn(gen, num_rows, k, dtype=dtype)
+    weight = randn(gen, n, k, scale=0.04, dtype=dtype)
+    bias = randn(gen, n, scale=0.02, dtype=dtype)
+    residual = randn(gen, num_rows, n, dtype=dtype)
+    ln_w, ln_b = _ln_params(gen, n, dtype)
+    x64, w64, b64, r64, lw64, lb64 = _f64(x, weight, bias, residual, ln_w, ln_b)
+    ref = F.layer_norm(F.linear(x64, w64, b64) + r64, (n,), lw64, lb64, EPS)
+    return (x, weight, bias, residual, ln_w, ln_b), ref
+
+
 @dtypes
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
@@ -224,24 +237,32 @@ def test_linear(dtype, backend, num_rows, k, n, activation, has_bias):
     ids=["oproj-T1", "ffn2-T70", "N100", "N768", "N1100-unfused"],
 )
 def test_linear_residual_layernorm(dtype, backend, num_rows, k, n):
-    gen = _gen(4)
-    x = randn(gen, num_rows, k, dtype=dtype)
-    weight = randn(gen, n, k, scale=0.04, dtype=dtype)
-    bias = randn(gen, n, scale=0.02, dtype=dtype)
-    residual = randn(gen, num_rows, n, dtype=dtype)
-    ln_w, ln_b = _ln_params(gen, n, dtype)
+    inputs, ref = _residual_layernorm_inputs(4, num_rows, k, n, dtype)
     out = _poisoned((num_rows, n), dtype)
 
-    got = linear_residual_layernorm(x, weight, bias, residual, ln_w, ln_b, EPS, out=out,
-                                    backend=backend)
+    got = linear_residual_layernorm(*inputs, EPS, out=out, backend=backend)
     assert got.data_ptr() == out.data_ptr()
 
-    x64, w64, b64, r64, lw64, lb64 = _f64(x, weight, bias, residual, ln_w, ln_b)
-    ref = F.layer_norm(F.linear(x64, w64, b64) + r64, (n,), lw64, lb64, EPS)
     fused = backend == "triton" and linear_mod.fused_layernorm_config(n, k, dtype) is not None
     _assert_rounded(got, ref, "vs fp64", 0.0 if fused else _intermediate_rounding(ref, dtype))
-    torch_ops = TorchOps().linear_residual_layernorm(x, weight, bias, residual, ln_w, ln_b, EPS)
+    torch_ops = TorchOps().linear_residual_layernorm(*inputs, EPS)
     _assert_close(got, torch_ops, 3 * ATOL[dtype], "vs TorchOps")
+
+
+@dtypes
+@pytest.mark.parametrize("budget", [101376, 65536], ids=["sm86-99KiB", "sm75-64KiB"])
+@pytest.mark.parametrize("num_rows, k, n", [(70, 1536, 384), (5, 64, 768), (3, 96, 1024)],
+                         ids=["ffn2-T70", "N768", "N1024"])
+def test_linear_residual_layernorm_on_smaller_shared_memory(dtype, budget, num_rows, k, n, monkeypatch):
+    """The tiles chosen for a GPU with less shared memory than sm_90 (shorter K steps, or the
+    unfused path) compute the same LayerNorm(x @ W^T + b + residual)."""
+    monkeypatch.setattr(linear_mod, "shared_memory_limit", lambda device: budget)
+    config = linear_mod.fused_layernorm_config(n, k, dtype, budget)
+    sm90 = linear_mod.fused_layernorm_config(n, k, dtype)
+    assert config is None or (config["BLOCK_K"] < sm90["BLOCK_K"] and config["BLOCK_K"] >= 16)
+    inputs, ref = _residual_layernorm_inputs(41, num_rows, k, n, dtype)
+    got = linear_residual_layernorm(*inputs, EPS, out=_poisoned((num_rows, n), dtype), backend="triton")
+    _assert_rounded(got, ref, "vs fp64", 0.0 if config is not None else _intermediate_rounding(ref, dtype))
 
 
 def test_fused_layernorm_config_chunks():
@@ -646,6 +667,23 @@ def test_every_launch_compiles_for_sm90():
     for launch in launches:
         assert launch["shared"] <= 227 * 1024, launch  # sm_90's per-block shared memory
         assert launch["spill_bytes"] in (0, None), launch
+
+
+@pytest.mark.parametrize("arch", [90, 89, 86, 80, 75])
+def test_fused_layernorm_tiles_fit_each_gpus_shared_memory(arch):
+    """The LayerNorm-fused GEMM keeps a whole [N, BLOCK_K] slice of W per stage: its tiles are
+    sized to the device's shared memory (sm_90's 227 KiB; the 99 KiB of sm_86/sm_89 took 112
+    KiB with sm_90's tiles), and each launch, compiled for that GPU, fits it."""
+    from aot_compile import SHARED_MEMORY, compile_case
+
+    launches = compile_case("fused-layernorm", arch)
+    fused = [launch for launch in launches if launch["kernel"] == "_linear_residual_layernorm_kernel"]
+    assert len(launches) >= 12 and fused, launches
+    for launch in launches:
+        assert launch["shared"] <= SHARED_MEMORY[arch], launch
+    if arch == 90:  # sm_90's own tiles, as tuned: K steps of 64 at hidden 384 in 16-bit
+        assert {launch["config"]["BLOCK_K"] for launch in fused
+                if launch["dtype"] != "torch.float32" and launch["config"]["BLOCK_N"] == 128} == {64}
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ def _linear_default(case: Case) -> dict:
     _, n, k, *_ = case.params
     if case.family == "linear":
         return linear_mod.linear_config(n, k, case.torch_dtype)
-    return linear_mod.fused_layernorm_config(n, k, case.torch_dtype)
+    return linear_mod.fused_layernorm_config(n, k, case.torch_dtype,
+                                             linear_mod.shared_memory_limit(torch.device(DEVICE)))
 
 
 def linear_configs(case: Case, smoke: bool) -> list[dict]:

@@ -36,9 +36,8 @@ from .packed import (
 # The GPU architectures (compute capabilities) whose CUDA tensors get the Triton kernels when no
 # backend is named: those where the test suite has passed natively (see README, "Status").
 # Empty until a GPU session adds one; elsewhere the PyTorch path is the default. The kernels'
-# tiles are sized for sm_90: compiled for other GPUs, some exceed their shared memory (the
-# fused-LayerNorm GEMM on sm_86/sm_89, MaxSim on sm_75). The Triton path is always available
-# by name.
+# tiles are sized for sm_90 (compiled for sm_75, MaxSim's exceed its shared memory). The Triton
+# path is always available by name.
 TRITON_DEFAULT_CAPABILITIES: frozenset[tuple[int, int]] = frozenset()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -18,3 +19,23 @@ def on_device(where: torch.Tensor | torch.device):
     if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+# Shared memory a block may use on sm_90 (H100/H200: 227 KiB), the budget the launch configs
+# were sized for; the interpreter (no GPU) is given it so it runs the sm_90 configs.
+SM90_SHARED_MEMORY = 232448
+
+
+@functools.cache
+def _shared_memory_limit(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on ``device`` (Triton's own launch check reads the
+    same number): 99 KiB on sm_86/sm_89, 163 KiB on sm_80, 227 KiB on sm_90."""
+    if device.type != "cuda":
+        return SM90_SHARED_MEMORY
+    return _shared_memory_limit(torch.cuda.current_device() if device.index is None else device.index)

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device
+from ._device import SM90_SHARED_MEMORY, on_device, shared_memory_limit
 
 __all__ = [
     "GEMM_BACKEND",
@@ -449,8 +449,9 @@ def linear_config(n: int, k: int, dtype: torch.dtype) -> dict:
             "num_warps": warps, "num_stages": stages}
 
 
-def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
-    """Tiles of the row-owning ``linear_residual_layernorm`` GEMM, or None if N is too wide.
+def fused_layernorm_config(n: int, k: int, dtype: torch.dtype,
+                           max_shared: int = SM90_SHARED_MEMORY) -> dict | None:
+    """Tiles of the row-owning ``linear_residual_layernorm`` GEMM, or None if they do not fit.
 
     A row is split into NUM_CHUNKS <= 4 chunks of BLOCK_N <= 128 columns (384 -> 3 x 128);
     wider rows use chunks up to 256 (768 -> 3 x 256); beyond 4 x 256 columns nothing is fused.
@@ -461,6 +462,11 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
     (fp32); rows wider than 512 take K steps of 32 in 16-bit too, since each stage holds a
     whole [N, BLOCK_K] slice of W (hidden 1024 with K steps of 64 needs 264 KiB, over sm_90's
     227 KiB; with 32, 132 KiB).
+    ``max_shared`` is the device's budget (bytes a block may use): while ``num_stages`` copies of
+    the A and W slices (an upper bound of what Triton's pipeliner keeps: stages - 1 of them
+    on sm_80-sm_89) would pass it, the K step halves, down to 16: sm_86/sm_89 (99 KiB) take hidden
+    384 16-bit in K steps of 32 (Triton allocates 56 KiB there, 112 KiB with steps of 64), hidden
+    768 and 1024 in steps of 16. None if even that does not fit (the unfused path).
     """
     block_n = min(128, _pow2_at_least(n))
     if triton.cdiv(n, block_n) > _MAX_CHUNKS:
@@ -475,6 +481,11 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype) -> dict | None:
     else:
         block_m, block_k, warps, stages = (32 if wide else 64), (32 if wide else 64), 8, 3
     block_k = min(block_k, _pow2_at_least(k))
+    stage_bytes = (block_m + num_chunks * block_n) * dtype.itemsize
+    while stages * stage_bytes * block_k > max_shared:
+        if block_k <= 16:
+            return None
+        block_k //= 2
     # Residual prefetch only where it fits without spills (hidden 384, 16-bit: 178 -> 234 regs).
     prefetch = dtype != torch.float32 and not wide and num_chunks * block_n <= 384
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "NUM_CHUNKS": num_chunks,
@@ -653,7 +664,7 @@ def linear_residual_layernorm(
     if num_rows == 0:
         return out
 
-    config = fused_layernorm_config(n, k, x.dtype)
+    config = fused_layernorm_config(n, k, x.dtype, shared_memory_limit(x.device))
     if backend == "torch" or config is None:
         # cuBLAS (or the unfused Triton GEMM for rows too wide to own) + the fused epilogue.
         if backend == "torch":
