@@ -581,15 +581,16 @@ def test_the_default_backend_is_the_kernel_only_on_verified_gpus(monkeypatch):
     """No backend named: the kernels on a CUDA device whose compute capability is listed (passed
     natively), PyTorch on any other GPU and on the CPU; a named backend is taken as named."""
     from colbert_triton import scoring
+    from colbert_triton.kernels import _device
 
     def unread(index):
         raise AssertionError("no capability to read while none is listed")
 
-    monkeypatch.setattr(scoring, "_capability", unread)
+    monkeypatch.setattr(_device, "_capability", unread)
     monkeypatch.setattr(scoring, "TRITON_DEFAULT_CAPABILITIES", frozenset())
     assert scoring.resolve_backend(torch.device("cuda", 0), None) == "torch"
     monkeypatch.setattr(scoring, "TRITON_DEFAULT_CAPABILITIES", frozenset({(9, 0)}))
-    monkeypatch.setattr(scoring, "_capability", {0: (9, 0), 1: (8, 9), 2: (9, 1)}.__getitem__)
+    monkeypatch.setattr(_device, "_capability", {0: (9, 0), 1: (8, 9), 2: (9, 1)}.__getitem__)
     assert scoring.resolve_backend(torch.device("cuda", 0), None) == "triton"
     assert scoring.resolve_backend(torch.device("cuda", 1), None) == "torch"
     assert scoring.resolve_backend(torch.device("cuda", 2), None) == "torch"

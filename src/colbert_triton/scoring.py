@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .kernels._device import cuda_capability
 from .packed import (
     EmbeddingsFile,
     PackedEmbeddings,
@@ -39,16 +40,6 @@ from .packed import (
 # tiles are sized for sm_90 (compiled for sm_75, MaxSim's exceed its shared memory). The Triton
 # path is always available by name.
 TRITON_DEFAULT_CAPABILITIES: frozenset[tuple[int, int]] = frozenset()
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def cuda_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) of a CUDA device (the current one for a bare "cuda"), read once per device."""
-    return _capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def resolve_backend(device: torch.device, backend: str | None) -> str:
@@ -371,10 +362,8 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, back
     if chosen == "triton":
         from .kernels import maxsim as kernel
 
-        if backend is None and not kernel.takes(queries.dtype, queries.shape[-1]):
-            return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
-                                lengths_host=lengths_host)
-        return kernel.maxsim(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
+        if backend is not None or kernel.takes(queries.dtype, queries.shape[-1]):
+            return kernel.maxsim(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
     return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
                         lengths_host=lengths_host)
 

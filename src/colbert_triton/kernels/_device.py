@@ -26,6 +26,11 @@ def on_device(where: torch.Tensor | torch.device):
 SM90_SHARED_MEMORY = 232448
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index; the current device's for a bare "cuda"."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @functools.cache
 def _shared_memory_limit(index: int) -> int:
     from triton.runtime import driver
@@ -38,4 +43,14 @@ def shared_memory_limit(device: torch.device) -> int:
     same number): 99 KiB on sm_86/sm_89, 163 KiB on sm_80, 227 KiB on sm_90."""
     if device.type != "cuda":
         return SM90_SHARED_MEMORY
-    return _shared_memory_limit(torch.cuda.current_device() if device.index is None else device.index)
+    return _shared_memory_limit(_index(device))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, read once per device."""
+    return _capability(_index(device))
