@@ -457,8 +457,9 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype,
     wider rows use chunks up to 256 (768 -> 3 x 256); beyond 4 x 256 columns nothing is fused.
     BLOCK_M keeps the fp32 accumulators at <= 64 x 512 (128 registers a thread at 8 warps):
     64 rows up to 512 columns, else 32 (16-bit), with 8 warps and 3 stages (hidden 384: 168 KiB
-    of shared memory, ~180 registers, no spills on sm_90). fp32 (ieee FMA path): 32 rows and 4
-    warps up to 384 columns, else 16 rows and 8 warps; 2 stages. K steps of 64 (16-bit) or 32
+    of shared memory, ~180 registers, no spills on sm_90). fp32: 32 rows up to 384 columns, else
+    16, with 8 warps and 2 stages (at 32 rows, 4 warps spill on sm_90 under Triton 3.7-3.9: 255
+    registers + 736 bytes; 8 warps take 190-232 under 3.6-3.9). K steps of 64 (16-bit) or 32
     (fp32); rows wider than 512 take K steps of 32 in 16-bit too, since each stage holds a
     whole [N, BLOCK_K] slice of W (hidden 1024 with K steps of 64 needs 264 KiB, over sm_90's
     227 KiB; with 32, 132 KiB).
@@ -477,7 +478,7 @@ def fused_layernorm_config(n: int, k: int, dtype: torch.dtype,
     wide = num_chunks * block_n > 512
     if dtype == torch.float32:
         wide = num_chunks * block_n > 384
-        block_m, block_k, warps, stages = (16 if wide else 32), 32, (8 if wide else 4), 2
+        block_m, block_k, warps, stages = (16 if wide else 32), 32, 8, 2
     else:
         block_m, block_k, warps, stages = (32 if wide else 64), (32 if wide else 64), 8, 3
     block_k = min(block_k, _pow2_at_least(k))
