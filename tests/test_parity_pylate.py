@@ -1,6 +1,7 @@
 """Encoding, scoring and reranking against PyLate 1.6.0 loading the same checkpoint directories."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -26,9 +27,8 @@ def pair(request, pairs):
     return pairs[request.param]
 
 
-def test_token_ids_identical(pair):
-    ours, ref = pair
-    for is_query, texts in ((True, QUERIES), (False, DOCUMENTS)):
+def _assert_same_tokens(ours, ref, queries, documents):
+    for is_query, texts in ((True, queries), (False, documents)):
         theirs = ref.tokenize(texts, is_query=is_query)
         mine = ours.tokenizer.queries(texts) if is_query else ours.tokenizer.documents(texts)
         for i, text in enumerate(texts):
@@ -40,6 +40,41 @@ def test_token_ids_identical(pair):
             else:
                 expected = ids[attn].tolist()
             assert mine.sequences[i].tolist() == expected, text
+
+
+def test_token_ids_identical(pair):
+    _assert_same_tokens(*pair, QUERIES, DOCUMENTS)
+
+
+# Texts that reach the parts of the BERT tokenizer rebuild the texts above leave alone.
+REBUILD_TEXTS = [
+    "a\x00b c\x07d e\x1ff",  # control characters: BERT's clean_text drops them
+    "word " + "x" * 150 + " end",  # a 150-character word: [UNK] past BERT's 100-character limit
+    "tilde a～ and ～ alone",  # "##～" is the vocabulary's largest id
+    "unaffable hyperparameterisation",  # several word pieces ("##" continuations)
+]
+
+
+def test_token_ids_identical_on_control_characters_long_words_and_the_last_vocabulary_id(pair):
+    ours, ref = pair
+    _assert_same_tokens(ours, ref, REBUILD_TEXTS, REBUILD_TEXTS)
+    last_id = max(ours.tokenizer._doc_tok.get_vocab(with_added_tokens=True).values())
+    tokens = ours.tokenizer.documents(["tilde a～"])
+    assert last_id in tokens.sequences[0][tokens.keep[0]].tolist()  # not punctuation: kept
+
+
+def test_a_tokenizer_file_with_another_subword_prefix_reads_as_pylate(tmp_path, stanford_dir):
+    """transformers' BertTokenizer (PyLate's) rebuilds the word-piece model with "##"
+    continuations whatever tokenizer.json says, and so must we."""
+    models = require_reference("pylate.models")
+    path = tmp_path / "prefix"
+    shutil.copytree(stanford_dir, path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data["model"]["continuing_subword_prefix"] = "@@"
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    _assert_same_tokens(ours, ref, REBUILD_TEXTS[3:], REBUILD_TEXTS[3:])
 
 
 def test_embeddings_match(pair):

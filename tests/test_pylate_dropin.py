@@ -325,3 +325,170 @@ def test_rerank_and_pairs_refuse_nan_in_any_candidate(backend):
         dropin.rerank([["a", "b", "c"]], moved(backend, q[0]), [moved(backend, d[0], d[1], bad)], backend=backend)
     with pytest.raises(ValueError, match="queries embeddings contain NaN or infinite"):
         dropin.colbert_scores_pairwise(moved(backend, q[0], bad), moved(backend, d[0], d[1]), backend=backend)
+
+
+# Tests a fifth mutation round asked for (input conversion, the chunked PyTorch path, edge
+# shapes, rerank's arguments).
+
+
+def _negative(seed=0, a=2, s=4, b=3, t=5, h=8):
+    """Queries along +e0 and documents along -e0: every similarity is negative, so whether a
+    slot enters the max as 0.0, as its own similarity or with its sign flipped shows."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(a, s, h, generator=g) * 0.1
+    q[..., 0] = 1.0 + torch.rand(a, s, generator=g)
+    d = torch.randn(b, t, h, generator=g) * 0.1
+    d[..., 0] = -1.0 - torch.rand(b, t, generator=g)
+    return q, d
+
+
+@pytest.mark.parametrize("kind", ["scores", "kd"])
+def test_torch_path_chunked_over_documents_matches_pylate(ref, monkeypatch, kind):
+    """PyLate's formula runs in chunks of documents (the [A, B, S, T] block kept bounded); two
+    documents a chunk here, with masks that differ per document, give PyLate's unchunked scores.
+    (Kills: a chunk's mask not offset by its first document; a chunk slice one short.)"""
+    monkeypatch.setattr(dropin, "_chunk", lambda queries, documents: 2)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 4, 8, generator=g)
+    qm = torch.ones(3, 4)
+    qm[1, -1] = 0
+    if kind == "scores":
+        d = torch.randn(5, 6, 8, generator=g)
+        dm = (torch.arange(6)[None] < torch.tensor([6, 2, 5, 1, 3])[:, None]).float()
+        call, expected_fn = dropin.colbert_scores, ref.colbert_scores
+    else:
+        d = torch.randn(3, 5, 6, 8, generator=g)
+        dm = (torch.arange(6) < torch.randint(1, 7, (3, 5, 1), generator=g)).float()
+        call, expected_fn = dropin.colbert_kd_scores, ref.colbert_kd_scores
+    expected = expected_fn(q, d, qm, dm, backend="torch")
+    got = call(q, d, qm, dm, backend="torch")
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_documents_give_an_empty_score_matrix_as_in_pylate(ref, backend):
+    """B = 0 documents: PyLate returns an [A, 0] matrix (no error)."""
+    q, d = _negative()
+    expected = ref.colbert_scores(q, d[:0], backend="torch")
+    got = dropin.colbert_scores(*moved(backend, q, d[:0]), backend=backend)
+    assert got.shape == expected.shape == (2, 0) and got.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_mask_values_are_multiplied_in_as_in_pylate(ref, backend):
+    """PyLate multiplies any real mask into the similarities; a negative value at a document's
+    last slot is not padding (it flips that similarity's sign, which then wins the max)."""
+    q, d = _negative(seed=1)
+    dm = torch.ones(3, 5)
+    dm[0, -1] = -1.0
+    dm[1, 3:] = torch.tensor([0.0, -0.5])
+    expected = ref.colbert_scores(q, d, None, dm, backend="torch")
+    got = dropin.colbert_scores(*moved(backend, q, d, None, dm), backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("as_numpy", [False, True], ids=["tensor", "ndarray"])
+def test_rerank_takes_one_query_as_a_2d_array_as_pylate_does(backend, as_numpy):
+    """pylate.rank.rerank reshapes a single [S, H] query (tensor or array) to a batch of one."""
+    rank = require_reference("pylate.rank")
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(4, 8, generator=g)
+    docs = [torch.randn(n, 8, generator=g) for n in (3, 6)]
+    expected = rank.rerank([["a", "b"]], query.numpy() if as_numpy else query, [docs])
+    if backend == "triton" and as_numpy and KERNEL_DEVICE != "cpu":
+        pytest.skip("numpy inputs are CPU tensors; the GPU kernel takes CUDA tensors")
+    q = query.numpy() if as_numpy else query.to(on(backend))
+    got = dropin.rerank([["a", "b"]], q, [moved(backend, *docs)], backend=backend)
+    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
+    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank_exact_ties_keep_the_given_order(backend):
+    """The drop-in's documented tie rule (a stable sort): 40 identical candidates come back in
+    the order given (an unstable CPU sort reorders ties from 17 elements on)."""
+    g = torch.Generator().manual_seed(6)
+    query, doc = torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g)
+    ids = [f"d{i}" for i in range(40)]
+    got = dropin.rerank([ids], moved(backend, query), [moved(backend, *[doc] * 40)], backend=backend)
+    assert [r["id"] for r in got[0]] == ids
+
+
+def test_rerank_moves_everything_to_the_device_asked_for(monkeypatch):
+    """rerank(device=...) scores on that device (PyLate moves query and candidates there): the
+    scoring call sees the requested device, not the queries' own."""
+    seen = []
+
+    def recording_scores(queries, documents, *args, **kwargs):
+        seen.append((queries.device.type, documents.device.type))
+        return torch.zeros(1, documents.shape[0])  # on the CPU: meta tensors hold no values
+
+    monkeypatch.setattr(dropin, "colbert_scores", recording_scores)
+    g = torch.Generator().manual_seed(7)
+    query, docs = torch.randn(3, 8, generator=g), [torch.randn(n, 8, generator=g) for n in (2, 4)]
+    dropin.rerank([["a", "b"]], [query], [docs], device="meta", backend="torch")
+    assert seen == [("meta", "meta")]
+
+
+def test_lists_of_float64_arrays_become_float32_as_in_pylate(ref):
+    """PyLate's convert_to_tensor stacks a list of arrays as float32 (numpy's float64 included),
+    so such inputs score in float32; a float64 ndarray given whole stays float64."""
+    utils = require_reference("pylate.utils")
+    g = torch.Generator().manual_seed(8)
+    q = [a.numpy() for a in torch.randn(2, 3, 8, generator=g).double()]
+    d = [a.numpy() for a in torch.randn(4, 5, 8, generator=g).double()]
+    assert dropin.convert_to_tensor(q).dtype == utils.convert_to_tensor(q).dtype == torch.float32
+    expected = ref.colbert_scores(q, d, backend="torch")
+    got = dropin.colbert_scores(q, d, backend="torch")
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_nested_lists_of_ints_become_float32_as_in_pylate(ref):
+    """PyLate turns nested Python lists into float32 whatever their numbers (ints included)."""
+    queries = [[[1, 0], [0, 2]], [[0, 0], [3, 1]]]
+    documents = [[[10, 0], [0, 1], [1, 1]], [[0, 100], [1, 0], [2, 2]]]
+    masks = [[1, 1, 0], [1, 0, 1]]
+    expected = ref.colbert_scores(queries, documents, None, masks, backend="torch")
+    got = dropin.colbert_scores(queries, documents, None, masks, backend="torch")
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_flat_list_mixing_ints_and_floats_is_one_float32_tensor():
+    """Numbers of both kinds in one list are one float32 vector (only a mix with other kinds of
+    item is refused); PyLate's own convert_to_tensor returns None for such a list."""
+    got = dropin.convert_to_tensor([1, 2.5, 0])
+    assert got.dtype == torch.float32 and got.tolist() == [1.0, 2.5, 0.0]
+
+
+def test_rerank_with_torch_named_never_reaches_the_kernel(monkeypatch, triton_by_default):
+    """backend="torch" holds for the whole call: PYLATE_SCORES_BACKEND=triton does not send the
+    scoring inside rerank to the kernel (which would refuse a dim past its limit)."""
+    rank = require_reference("pylate.rank")
+    g = torch.Generator().manual_seed(12)
+    query, docs = torch.randn(3, 1100, generator=g), [torch.randn(n, 1100, generator=g) for n in (2, 4)]
+    expected = rank.rerank([["a", "b"]], [query], [docs])  # before the variable PyLate reads too
+    monkeypatch.setenv("PYLATE_SCORES_BACKEND", "triton")
+    kernel_calls = []
+    maxsim = scoring.maxsim
+    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: kernel_calls.append(1) or
+                        maxsim(*args, **kwargs))
+    got = dropin.rerank([["a", "b"]], [query], [docs], backend="torch")
+    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
+    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], rtol=1e-5)
+    assert kernel_calls == []
+
+
+def test_pairs_of_different_dims_score_as_pylate_by_default(ref, triton_by_default):
+    """PyLate scores each pair on its own, so pairs may differ in dim; one kernel launch takes
+    one dim, so by default such pairs take PyLate's formula, and naming the kernel is refused."""
+    g = torch.Generator().manual_seed(13)
+    qs = [torch.randn(3, 8, generator=g), torch.randn(2, 16, generator=g)]
+    ds = [torch.randn(4, 8, generator=g), torch.randn(5, 16, generator=g)]
+    close(dropin.colbert_scores_pairwise(qs, ds), ref.colbert_scores_pairwise(qs, ds, backend="torch"))
+    if "triton" in BACKENDS:
+        with pytest.raises(ValueError, match="dim"):
+            dropin.colbert_scores_pairwise(moved("triton", *qs), moved("triton", *ds), backend="triton")

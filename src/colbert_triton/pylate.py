@@ -110,10 +110,12 @@ def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
     if resolved == "triton" and backend is None:
         from .kernels import maxsim as kernel
 
-        # Embedding dims past the kernel's limits: PyLate's formula (dim 0 keeps its zeros path).
+        # Embedding dims past the kernel's limits, or pairs of different dims (one launch takes
+        # one d): PyLate's formula (dim 0 keeps its zeros path).
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-        dim = tensors[0].shape[-1]
-        if dim and dtype.is_floating_point and not kernel.takes(dtype, dim):
+        dims = {t.shape[-1] for t in tensors}
+        dim = max(dims)
+        if dim and dtype.is_floating_point and (len(dims) > 1 or not kernel.takes(dtype, dim)):
             return "torch"
     return resolved
 
@@ -248,7 +250,9 @@ def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, 
 def colbert_scores_pairwise(queries_embeddings, documents_embeddings, backend: str | None = None) -> torch.Tensor:
     """Score of query i against document i -> (N,); each pair may have its own lengths, no masks.
 
-    Unlike PyLate (which zips, dropping the extra ones), unequal counts are an error."""
+    Pairs may also differ in dim, as in PyLate: one kernel launch takes one dim, so such pairs
+    take PyLate's formula unless ``backend="triton"`` is named, which refuses them. Unlike PyLate
+    (which zips, dropping the extra ones), unequal counts are an error."""
     for name, x in (("queries_embeddings", queries_embeddings), ("documents_embeddings", documents_embeddings)):
         if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim != 3:
             raise ValueError(f"{name} must be a list of [S, H] embeddings or one [N, S, H] array, got "
@@ -326,7 +330,8 @@ def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str 
     if _backend(backend, groups[0][0]) == "triton":
         scores = _rerank_scores_kernel(groups)
     else:
-        scores = [colbert_scores(q.unsqueeze(0), torch.nn.utils.rnn.pad_sequence(docs, batch_first=True))[0]
+        scores = [colbert_scores(q.unsqueeze(0), torch.nn.utils.rnn.pad_sequence(docs, batch_first=True),
+                                 backend="torch")[0]
                   if docs else None for q, _, docs in groups]
     results = []
     for (_, ids, _), row in zip(groups, scores):
