@@ -27,6 +27,23 @@ def close(actual, expected):
     torch.testing.assert_close(actual.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
+def same_ranking(got, expected, **tolerance):
+    """One query's rerank results: the same ids in the same order, the same scores."""
+    assert [r["id"] for r in got] == [r["id"] for r in expected]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in expected],
+                               **(tolerance or {"atol": 1e-5}))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The queries' shape of every call that reaches the MaxSim kernel through scoring.maxsim."""
+    calls = []
+    maxsim = scoring.maxsim
+    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: calls.append(args[0].shape) or
+                        maxsim(*args, **kwargs))
+    return calls
+
+
 @pytest.fixture(scope="module")
 def ref():
     return require_reference("pylate.scores")
@@ -116,8 +133,7 @@ def test_rerank(backend):
                         backend=backend)
     assert got[-1] == []
     for exp, mine in zip(expected, got):
-        assert [r["id"] for r in mine] == [r["id"] for r in exp]
-        np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in exp], atol=1e-5)
+        same_ranking(mine, exp)
 
 
 def test_errors():
@@ -187,15 +203,11 @@ def test_backend_names_resolve_as_in_pylate(ref, monkeypatch):
         dropin.colbert_scores(q, d)
 
 
-def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, monkeypatch, triton_by_default):
+def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, kernel_calls, triton_by_default):
     """With the kernel as the default (CUDA, once it is), embedding dims it does not take (over
     1024; over 512 in float32, pairs of mixed 16-bit dtypes included) get PyLate's formula and
     results, not an error; dims it takes still reach it."""
     rank = require_reference("pylate.rank")
-    kernel_calls = []
-    maxsim = scoring.maxsim
-    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: kernel_calls.append(args[0].shape) or
-                        maxsim(*args, **kwargs))
     q, d, g = _data(seed=9, h=513)
     qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
     close(dropin.colbert_scores(q, d, qm, dm), ref.colbert_scores(q, d, qm, dm, backend="torch"))
@@ -287,8 +299,7 @@ def test_empty_axes_as_in_pylate(ref, backend):
     ids, docs = [["empty", "x"]], [[d[0, :0], d[1]]]
     expected = rank.rerank(ids, [q[0]], docs)
     got = dropin.rerank(ids, moved(backend, q[0]), [moved(backend, *docs[0])], backend=backend)
-    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
-    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], atol=1e-5)
+    same_ranking(got[0], expected[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -401,8 +412,7 @@ def test_rerank_takes_one_query_as_a_2d_array_as_pylate_does(backend, as_numpy):
         pytest.skip("numpy inputs are CPU tensors; the GPU kernel takes CUDA tensors")
     q = query.numpy() if as_numpy else query.to(on(backend))
     got = dropin.rerank([["a", "b"]], q, [moved(backend, *docs)], backend=backend)
-    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
-    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], atol=1e-5)
+    same_ranking(got[0], expected[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -464,7 +474,7 @@ def test_a_flat_list_mixing_ints_and_floats_is_one_float32_tensor():
     assert got.dtype == torch.float32 and got.tolist() == [1.0, 2.5, 0.0]
 
 
-def test_rerank_with_torch_named_never_reaches_the_kernel(monkeypatch, triton_by_default):
+def test_rerank_with_torch_named_never_reaches_the_kernel(monkeypatch, kernel_calls, triton_by_default):
     """backend="torch" holds for the whole call: PYLATE_SCORES_BACKEND=triton does not send the
     scoring inside rerank to the kernel (which would refuse a dim past its limit)."""
     rank = require_reference("pylate.rank")
@@ -472,13 +482,8 @@ def test_rerank_with_torch_named_never_reaches_the_kernel(monkeypatch, triton_by
     query, docs = torch.randn(3, 1100, generator=g), [torch.randn(n, 1100, generator=g) for n in (2, 4)]
     expected = rank.rerank([["a", "b"]], [query], [docs])  # before the variable PyLate reads too
     monkeypatch.setenv("PYLATE_SCORES_BACKEND", "triton")
-    kernel_calls = []
-    maxsim = scoring.maxsim
-    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: kernel_calls.append(1) or
-                        maxsim(*args, **kwargs))
     got = dropin.rerank([["a", "b"]], [query], [docs], backend="torch")
-    assert [r["id"] for r in got[0]] == [r["id"] for r in expected[0]]
-    np.testing.assert_allclose([r["score"] for r in got[0]], [r["score"] for r in expected[0]], rtol=1e-5)
+    same_ranking(got[0], expected[0], rtol=1e-5)
     assert kernel_calls == []
 
 
