@@ -3,6 +3,10 @@
 # Builds what the GPU machine lacks and cannot download, in folders git ignores:
 #   .whl/    wheels: the MaxSim peers, PyLate 1.6.0 and what it needs beyond the machine's own
 #            packages (its transformers stays: the HF baselines run on the installed one)
+#            (datasets, which PyLate imports, is pinned with the dill and multiprocess it accepts;
+#            5.2.0 asks pip for pyarrow >= 24 but imports, with PyLate, on pyarrow 19-22 as well,
+#            checked here; pyarrow 18 lacks pyarrow.json_ and fails. The image's numpy 2.5 rules
+#            out pyarrow before 16)
 #   .carry/  all-MiniLM-L6-v2 in float16 (the fp32 file is 91 MB, over the 64 MiB carry limit)
 # Then call the device with carry [".whl", ".carry"] and `bash bench/device/run.sh`.
 set -euo pipefail
@@ -11,7 +15,7 @@ rm -rf .whl .carry && mkdir -p .whl .carry
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl flash-maxsim==0.3.0 late-interaction-kernels==0.4.5 pylate==1.6.0 \
-  sentence-transformers==5.3.0 ujson==5.12.0 datasets dill multiprocess
+  sentence-transformers==5.3.0 ujson==5.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 python3 - <<'PY'
 import json, shutil
 from pathlib import Path

@@ -41,6 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$R/env.txt"
 # A carried wheel can shadow the machine's packages (PYTHONPATH comes first): the references the
 # benchmarks and parity tests need must still import, or they would be skipped silently.
+python3 -c "import pyarrow; print('pyarrow', pyarrow.__version__)" 2>&1 | tee -a "$R/env.txt"
 python3 -c "import transformers, sentence_transformers, pylate; print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'pylate', pylate.__version__)" 2>&1 | tee -a "$R/env.txt" \
   || echo "run.sh: WARNING: the reference packages do not import (stale .whl? re-run bench/device/prepare.sh)"
 parallel=()
