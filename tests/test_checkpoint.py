@@ -202,13 +202,43 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     ("artifact.metadata", {"mask_punctuation": "no"}, "artifact.metadata: mask_punctuation must be true or false"),
     ("artifact.metadata", {"query_token_id": 5}, "artifact.metadata: query_token_id must be a string"),
     ("tokenizer_config.json", {"do_lower_case": "yes"}, "do_lower_case must be true or false"),
-], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text"])
+    ("special_tokens_map.json", [1], "special_tokens_map.json: expected a JSON object of settings"),
+    ("special_tokens_map.json", {"cls_token": 5}, "special_tokens_map.json: cls_token must be a string, a token"),
+    ("special_tokens_map.json", {"sep_token": {"content": "[SEP]", "normalized": "no"}},
+     "special_tokens_map.json: sep_token has unknown keys or non-boolean flags"),
+    ("tokenizer_config.json", {"sep_token": {"content": "[SEP]", "strip": True}},
+     "tokenizer_config.json: sep_token has unknown keys"),
+    ("special_tokens_map.json", {"cls_token": None}, r"tokenizer.json: the tokenizer's cls_token is null"),
+    ("special_tokens_map.json", {"cls_token": "<cls>"}, r"no cls_token \(as the checkpoint names it\) token '<cls>'"),
+    ("special_tokens_map.json", {"unk_token": "<unk>"}, "tokenizer.json: the tokenizer has no unk token '<unk>'"),
+    ("special_tokens_map.json", {"unk_token": None}, "unk_token is null"),
+    ("special_tokens_map.json", {"mask_token": None, "pad_token": None},
+     "mask_token, eos_token, pad_token are all null"),
+], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text",
+        "tokens-map-list", "special-number", "special-flag-text", "special-unknown-key", "cls-null",
+        "cls-missing", "unk-missing", "unk-null", "no-expansion-token"])
 def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
     copy = _corrupt(tmp_path, stanford_dir, "settings")
     path = copy / file
     data = changes if isinstance(changes, list) else {**json.loads(path.read_text()), **changes}
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+def test_a_special_token_past_the_embedding_is_refused(tmp_path, stanford_dir):
+    """A special token that tokenizer.json adds past the vocabulary (transformers would too) has
+    no embedding row: refused at load, naming it."""
+    copy = tmp_path / "s"
+    shutil.copytree(stanford_dir, copy)
+    path = copy / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["added_tokens"].append({"id": 30522, "content": "<cls>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    path.write_text(json.dumps(data))
+    path = copy / "special_tokens_map.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cls_token": "<cls>"}))
+    with pytest.raises(CheckpointError, match=r"CLS \(30522\) token id is past the 30522-row embedding"):
         ColBERT.from_pretrained(copy, device="cpu")
 
 

@@ -225,7 +225,9 @@ def test_stanford_mask_punctuation_false_keeps_punctuation(tmp_path):
 ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "[MASK] and [unused0] and [UNUSED0] [Unused1] [sep] [SEP]", "  padded  ", "x[Q] ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
-             "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious"]
+             "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
+             # special tokens by the names the cases below give them, and an unknown character
+             "a [unused10] b [UNUSED10] c [unused11]x ☃ [unused12] [PAD] [UNK] [unused13] z"]
 
 
 def _edit_json(path, **changes):
@@ -248,6 +250,31 @@ def _add_special_markers(path):
     path.write_text(json.dumps(data))
 
 
+def _special_token(content, **flags):
+    """A special token as special_tokens_map.json writes one (an AddedToken's fields)."""
+    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
+            "single_word": False, **flags}
+
+
+def _rename_special_tokens(directory, *, config=None, tokens_map=None, drop_map=False, drop_tokenizer=False):
+    if drop_map:
+        (directory / "special_tokens_map.json").unlink()
+    if drop_tokenizer:
+        (directory / "tokenizer.json").unlink()
+    if config:
+        _edit_json(directory / "tokenizer_config.json", **config)
+    if tokens_map:
+        _edit_json(directory / "special_tokens_map.json", **tokens_map)
+
+
+# Special tokens renamed to vocabulary entries [unused10..13]: transformers (PyLate's tokenizer)
+# takes tokenizer_config.json's names, special_tokens_map.json's over them unless
+# tokenizer_config.json lists added_tokens_decoder.
+RENAMED = {"cls_token": "[unused10]", "sep_token": "[unused11]", "mask_token": "[unused12]",
+           "unk_token": "[unused13]"}
+ADDED_TOKENS_DECODER = {str(i): {**_special_token(t), "special": True}
+                        for i, t in ((0, "[PAD]"), (100, "[UNK]"), (101, "[CLS]"), (102, "[SEP]"), (103, "[MASK]"))}
+
 SETTINGS_FILES = {
     # tokenizer_config.json rules the normalisation, whatever tokenizer.json's normalizer says
     "cased": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", do_lower_case=False)),
@@ -268,6 +295,21 @@ SETTINGS_FILES = {
                                                      skiplist_words=None)),
     "null-metadata": ("stanford", lambda d: _edit_json(d / "artifact.metadata", query_maxlen=None,
                                                        query_token_id=None, doc_maxlen=None)),
+    "special-tokens-in-config": ("stanford", lambda d: _rename_special_tokens(d, config=RENAMED, drop_map=True)),
+    "special-tokens-in-map": ("pylate", lambda d: _rename_special_tokens(
+        d / "0_Transformer", tokens_map={**RENAMED, "cls_token": _special_token("[unused10]")})),
+    "special-tokens-map-over-config": ("stanford", lambda d: _rename_special_tokens(
+        d, config={"cls_token": "[unused20]"}, tokens_map=RENAMED)),
+    "special-tokens-config-with-decoder": ("stanford", lambda d: _rename_special_tokens(
+        d, config={**RENAMED, "added_tokens_decoder": ADDED_TOKENS_DECODER}, tokens_map={"cls_token": "[unused20]"})),
+    "special-token-flags": ("stanford", lambda d: _rename_special_tokens(d, tokens_map={
+        "cls_token": _special_token("[unused10]", normalized=True),
+        "sep_token": _special_token("[unused11]", lstrip=True, rstrip=True)})),
+    "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
+        d, tokens_map=RENAMED, drop_tokenizer=True)),
+    # no mask token: PyLate expands queries with the pad token
+    "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
+        d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),
 }
 
 

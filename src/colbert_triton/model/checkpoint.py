@@ -178,6 +178,24 @@ class _SettingsFile:
         return value
 
 
+@dataclass(frozen=True)
+class SpecialToken:
+    """A special token's text and its matching flags (transformers' AddedToken)."""
+
+    content: str
+    lstrip: bool = False
+    rstrip: bool = False
+    normalized: bool = False
+    single_word: bool = False
+
+
+# transformers' special-token attributes with BertTokenizer's defaults: the tokenizer PyLate and
+# Stanford ColBERT load a BERT checkpoint with.
+BERT_SPECIAL_TOKENS = {"bos_token": None, "eos_token": None, "unk_token": SpecialToken("[UNK]"),
+                       "sep_token": SpecialToken("[SEP]"), "pad_token": SpecialToken("[PAD]"),
+                       "cls_token": SpecialToken("[CLS]"), "mask_token": SpecialToken("[MASK]")}
+
+
 @dataclass
 class Checkpoint:
     """Everything read from disk: config, settings, raw tensors and the tokenizer file."""
@@ -192,6 +210,8 @@ class Checkpoint:
     vocab_file: Path | None  # vocab.txt, the fallback
     # BertNormalizer settings from tokenizer_config.json; None: tokenizer.json's normalizer as is
     bert_normalizer: dict | None = None
+    # special tokens by attribute (see BERT_SPECIAL_TOKENS), None for one set to null
+    special_tokens: dict[str, SpecialToken | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
     metadata_dim: int | None = field(default=None)
 
 
@@ -333,8 +353,43 @@ def _tokenizer_files(files: _Files, directory: str):
             )
     where = prefix + "tokenizer_config.json"
     tok_config = files.json(where, required=False)
-    return tokenizer_file, vocab_file, _bert_normalizer(
-        _SettingsFile({} if tok_config is None else tok_config, files.describe(where)))
+    tok_config = _SettingsFile({} if tok_config is None else tok_config, files.describe(where))
+    map_where = prefix + "special_tokens_map.json"
+    tokens_map = files.json(map_where, required=False)
+    if tokens_map is not None:
+        tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
+    return tokenizer_file, vocab_file, _bert_normalizer(tok_config), _special_tokens(tok_config, tokens_map)
+
+
+def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None) -> dict:
+    """The special tokens as transformers (v5, PyLate's) resolves them: BertTokenizer's
+    defaults, then tokenizer_config.json's keys, then special_tokens_map.json's unless
+    tokenizer_config.json lists its added_tokens_decoder. A value is the token's text or an
+    AddedToken object; null means none (a key given as null is not unset here: it is how
+    transformers reads it)."""
+    layers = [tok_config]
+    if tokens_map is not None and "added_tokens_decoder" not in tok_config.data:
+        layers.append(tokens_map)
+    resolved = {}
+    for name, default in BERT_SPECIAL_TOKENS.items():
+        resolved[name] = default
+        for settings in layers:
+            if name in settings.data:
+                resolved[name] = _special_token(settings.data[name], name, settings.source)
+    return resolved
+
+
+def _special_token(value, name: str, source: str) -> SpecialToken | None:
+    if value is None or isinstance(value, str):
+        return None if value is None else SpecialToken(value)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {key: value[key] for key in ("lstrip", "rstrip", "normalized", "single_word") if key in value}
+        unknown = set(value) - set(flags) - {"content", "special", "__type"}
+        if unknown or not all(isinstance(flag, bool) for flag in flags.values()):
+            raise CheckpointError(f"{source}: {name} has unknown keys or non-boolean flags: {value!r}")
+        return SpecialToken(value["content"], **flags)
+    raise CheckpointError(f"{source}: {name} must be a string, a token object with a 'content' "
+                          f"string, or null; got {value!r}")
 
 
 def _bert_normalizer(get: _SettingsFile) -> dict | None:
@@ -399,12 +454,12 @@ def _load_stanford(files: _Files) -> Checkpoint:
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    tokenizer_file, vocab_file, normalizer = _tokenizer_files(files, "")
+    tokenizer_file, vocab_file, normalizer, special_tokens = _tokenizer_files(files, "")
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
         head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
-        vocab_file=vocab_file, bert_normalizer=normalizer,
+        vocab_file=vocab_file, bert_normalizer=normalizer, special_tokens=special_tokens,
         metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
 
@@ -439,9 +494,10 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
-    tokenizer_file, vocab_file, normalizer = _tokenizer_files(files, encoder_dir)
+    tokenizer_file, vocab_file, normalizer, special_tokens = _tokenizer_files(files, encoder_dir)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
         tokenizer_file=tokenizer_file, vocab_file=vocab_file, bert_normalizer=normalizer,
+        special_tokens=special_tokens,
     )

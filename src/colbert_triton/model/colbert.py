@@ -180,10 +180,15 @@ class ColBERT:
                 f"projects to {weights.dim}"
             )
         tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.bert_normalizer,
-                                                settings, ckpt.config.max_position_embeddings)
+                                                settings, ckpt.config.max_position_embeddings,
+                                                ckpt.special_tokens)
         vocab_rows = weights.word.shape[0]
-        top_id = max([tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, *tokenizer.query_marker,
-                      *tokenizer.doc_marker])
+        specials = {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "query expansion": tokenizer.mask_id}
+        past = [f"{what} ({i})" for what, i in specials.items() if i >= vocab_rows]
+        if past:
+            raise CheckpointError(f"{ckpt.source}: the tokenizer's {', '.join(past)} token id is past "
+                                  f"the {vocab_rows}-row embedding")
+        top_id = max([*tokenizer.query_marker, *tokenizer.doc_marker], default=0)
         if top_id >= vocab_rows:
             # PyLate would add the marker tokens and grow the embedding with untrained rows.
             raise CheckpointError(

@@ -16,9 +16,14 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from .checkpoint import CheckpointError, ColBERTSettings
+from .checkpoint import (
+    BERT_SPECIAL_TOKENS,
+    CheckpointError,
+    ColBERTSettings,
+    SpecialToken,
+)
 
 
 @dataclass
@@ -65,10 +70,21 @@ def check_texts(texts, what: str) -> list[str]:
 
 
 class ColBERTTokenizer:
-    def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int):
+    def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int,
+                 special_tokens: dict[str, SpecialToken | None] | None = None):
+        """``special_tokens``: the checkpoint's, by attribute (checkpoint.BERT_SPECIAL_TOKENS,
+        the default)."""
         self.settings = settings
+        special_tokens = BERT_SPECIAL_TOKENS if special_tokens is None else special_tokens
         tokenizer.no_padding()
         tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
+        # transformers registers the checkpoint's special tokens, so such a token written in a
+        # text is that token. One missing from the vocabulary it would add with a new id past
+        # the embedding: not added here (the ones used below are then refused).
+        tokenizer.add_special_tokens([
+            AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
+                       single_word=t.single_word, special=True)
+            for t in special_tokens.values() if t is not None and tokenizer.token_to_id(t.content) is not None])
         base = tokenizer.to_str()  # before the markers are added: see _prepared
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
         # already lists as added keeps its own flags), so a marker written in a text is one token.
@@ -81,10 +97,20 @@ class ColBERTTokenizer:
                 raise CheckpointError(f"the tokenizer has no {what} token {token!r}")
             return found
 
-        self.cls_id = token_id("[CLS]", "[CLS]")
-        self.sep_id = token_id("[SEP]", "[SEP]")
-        self.mask_id = token_id("[MASK]", "[MASK]")
-        unk_id = tokenizer.token_to_id("[UNK]")
+        def special_id(*names: str) -> int:
+            """The first of these special tokens that is set (not null)."""
+            for name in names:
+                if special_tokens[name] is not None:
+                    return token_id(special_tokens[name].content, f"{name} (as the checkpoint names it)")
+            raise CheckpointError(f"the tokenizer's {', '.join(names)} {'is' if len(names) == 1 else 'are all'} "
+                                  f"null (tokenizer_config.json or special_tokens_map.json)")
+
+        self.cls_id = special_id("cls_token")
+        self.sep_id = special_id("sep_token")
+        # The query expansion token: [MASK], or as PyLate falls back when there is none, EOS or PAD.
+        self.mask_id = special_id("mask_token", "eos_token", "pad_token")
+        unk = special_tokens["unk_token"]
+        unk_id = None if unk is None else tokenizer.token_to_id(unk.content)
         self.query_marker = [token_id(settings.query_prefix, "query marker")] if settings.query_prefix else []
         self.doc_marker = [token_id(settings.document_prefix, "document marker")] if settings.document_prefix else []
         # PyLate maps each skip word with convert_tokens_to_ids, which gives [UNK] for a word
@@ -127,38 +153,48 @@ class ColBERTTokenizer:
 
     @classmethod
     def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, bert_normalizer: dict | None,
-                   settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
+                   settings: ColBERTSettings, max_positions: int,
+                   special_tokens: dict[str, SpecialToken | None] | None = None) -> "ColBERTTokenizer":
         """``bert_normalizer``: the BertNormalizer settings transformers would use (see
         checkpoint._bert_normalizer), or None to take the tokenizer file as it is.
+        ``special_tokens``: see __init__.
 
         With them, the parts transformers' BertTokenizer (v5, PyLate's) rebuilds whatever
         tokenizer.json says are rebuilt the same way: the normalizer from those settings, the
         BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to 100
-        characters, longer ones [UNK]). A well-formed BERT checkpoint's file says the same."""
+        characters, longer ones the checkpoint's unknown token). A well-formed BERT
+        checkpoint's file says the same. From a vocabulary alone, the tokenizer is built as
+        transformers builds it: word pieces over it, those parts, and the special tokens."""
+        special_tokens = BERT_SPECIAL_TOKENS if special_tokens is None else special_tokens
+        unk = special_tokens["unk_token"]
+        source = tokenizer_file or vocab_file
+        if unk is None and (bert_normalizer is not None or tokenizer_file is None):
+            raise CheckpointError(f"{source}: the tokenizer's unk_token is null (word pieces need one)")
         if tokenizer_file is not None:
             try:
                 tokenizer = Tokenizer.from_file(str(tokenizer_file))
             except Exception as bad:  # the Rust side raises plain Exception
                 raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad})") from None
         else:
-            from tokenizers.implementations import BertWordPieceTokenizer
-            from tokenizers.models import WordPiece
-
             try:
-                vocab = WordPiece.read_file(str(vocab_file))
-                tokenizer = BertWordPieceTokenizer(vocab)._tokenizer
+                tokenizer = Tokenizer(models.WordPiece(models.WordPiece.read_file(str(vocab_file)),
+                                                       unk_token=unk.content))
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
+            bert_normalizer = {} if bert_normalizer is None else bert_normalizer  # BERT's defaults
         if bert_normalizer is not None:
             tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
             tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             if isinstance(tokenizer.model, models.WordPiece):
                 tokenizer.model.continuing_subword_prefix = "##"
                 tokenizer.model.max_input_chars_per_word = 100
+                tokenizer.model.unk_token = unk.content
+                if tokenizer.token_to_id(unk.content) is None:
+                    raise CheckpointError(f"{source}: the tokenizer has no unk token {unk.content!r}")
         try:
-            return cls(tokenizer, settings, max_positions)
+            return cls(tokenizer, settings, max_positions, special_tokens)
         except CheckpointError as bad:  # name the file that lacks the token
-            raise CheckpointError(f"{tokenizer_file or vocab_file}: {bad}") from None
+            raise CheckpointError(f"{source}: {bad}") from None
 
     def _pack(self, tok: Tokenizer, texts: list[str], head: list[int], budget: int,
               pad_to: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
