@@ -214,9 +214,16 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     ("special_tokens_map.json", {"unk_token": None}, "unk_token is null"),
     ("special_tokens_map.json", {"mask_token": None, "pad_token": None},
      "mask_token, eos_token, pad_token are all null"),
+    ("tokenizer_config.json", {"added_tokens_decoder": [1]}, "added_tokens_decoder must map token ids to tokens"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "[PAD]"}}}, "must map token ids"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"0": "[PAD]"}},
+     r"added_tokens_decoder\[0\] must be a token object with a 'content' string"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"0": {"content": "[PAD]", "special": 1}}},
+     r"added_tokens_decoder\[0\] has unknown keys or non-boolean flags"),
 ], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text",
         "tokens-map-list", "special-number", "special-flag-text", "special-unknown-key", "cls-null",
-        "cls-missing", "unk-missing", "unk-null", "no-expansion-token"])
+        "cls-missing", "unk-missing", "unk-null", "no-expansion-token", "decoder-list", "decoder-key",
+        "decoder-entry-text", "decoder-flag-number"])
 def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
     copy = _corrupt(tmp_path, stanford_dir, "settings")
     path = copy / file
@@ -239,6 +246,25 @@ def test_a_special_token_past_the_embedding_is_refused(tmp_path, stanford_dir):
     path = copy / "special_tokens_map.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "cls_token": "<cls>"}))
     with pytest.raises(CheckpointError, match=r"CLS \(30522\) token id is past the 30522-row embedding"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+@pytest.mark.parametrize("where", ["tokenizer.json", "added_tokens_decoder"])
+def test_an_added_token_past_the_embedding_is_refused(tmp_path, stanford_dir, where):
+    """A text holding it would index past the embedding (PyLate grows the embedding with an
+    untrained row): refused at load, naming it."""
+    copy = tmp_path / "s"
+    shutil.copytree(stanford_dir, copy)
+    token = {"content": "<new>", "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False}
+    path = copy / ("tokenizer.json" if where == "tokenizer.json" else "tokenizer_config.json")
+    data = json.loads(path.read_text())
+    if where == "tokenizer.json":
+        data["added_tokens"].append({"id": 30522, **token})
+    else:
+        data["added_tokens_decoder"] = {"30522": token}
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"adds tokens past the 30522-row embedding: '<new>' \(30522\)"):
         ColBERT.from_pretrained(copy, device="cpu")
 
 

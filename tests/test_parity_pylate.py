@@ -307,6 +307,14 @@ SETTINGS_FILES = {
         "sep_token": _special_token("[unused11]", lstrip=True, rstrip=True)})),
     "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
         d, tokens_map=RENAMED, drop_tokenizer=True)),
+    # added_tokens_decoder: transformers' added tokens come from it, not from tokenizer.json
+    "added-tokens-decoder": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", added_tokens_decoder={
+        **ADDED_TOKENS_DECODER, "1": {**_special_token("[unused0]"), "special": True},
+        "2": {"content": "[unused1]"}, "11": {"content": "[unused10]", "special": True, "normalized": True}})),
+    "added-tokens-decoder-vocab-only": ("pylate", lambda d: (
+        (d / "0_Transformer" / "tokenizer.json").unlink(),
+        _edit_json(d / "0_Transformer" / "tokenizer_config.json", added_tokens_decoder={
+            **ADDED_TOKENS_DECODER, "11": {**_special_token("[unused10]"), "special": True}}))),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

@@ -179,21 +179,23 @@ class _SettingsFile:
 
 
 @dataclass(frozen=True)
-class SpecialToken:
-    """A special token's text and its matching flags (transformers' AddedToken)."""
+class TokenSpec:
+    """An added token: its text and matching flags, as transformers' AddedToken (a special
+    token's default: matched in the raw text, not the normalised one)."""
 
     content: str
     lstrip: bool = False
     rstrip: bool = False
     normalized: bool = False
     single_word: bool = False
+    special: bool = True
 
 
 # transformers' special-token attributes with BertTokenizer's defaults: the tokenizer PyLate and
 # Stanford ColBERT load a BERT checkpoint with.
-BERT_SPECIAL_TOKENS = {"bos_token": None, "eos_token": None, "unk_token": SpecialToken("[UNK]"),
-                       "sep_token": SpecialToken("[SEP]"), "pad_token": SpecialToken("[PAD]"),
-                       "cls_token": SpecialToken("[CLS]"), "mask_token": SpecialToken("[MASK]")}
+BERT_SPECIAL_TOKENS = {"bos_token": None, "eos_token": None, "unk_token": TokenSpec("[UNK]"),
+                       "sep_token": TokenSpec("[SEP]"), "pad_token": TokenSpec("[PAD]"),
+                       "cls_token": TokenSpec("[CLS]"), "mask_token": TokenSpec("[MASK]")}
 
 
 @dataclass
@@ -211,7 +213,9 @@ class Checkpoint:
     # BertNormalizer settings from tokenizer_config.json; None: tokenizer.json's normalizer as is
     bert_normalizer: dict | None = None
     # special tokens by attribute (see BERT_SPECIAL_TOKENS), None for one set to null
-    special_tokens: dict[str, SpecialToken | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
+    special_tokens: dict[str, TokenSpec | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
+    # tokenizer_config.json's added_tokens_decoder by id; None: tokenizer.json's added tokens
+    added_tokens: dict[int, TokenSpec] | None = None
     metadata_dim: int | None = field(default=None)
 
 
@@ -358,7 +362,20 @@ def _tokenizer_files(files: _Files, directory: str):
     tokens_map = files.json(map_where, required=False)
     if tokens_map is not None:
         tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
-    return tokenizer_file, vocab_file, _bert_normalizer(tok_config), _special_tokens(tok_config, tokens_map)
+    return (tokenizer_file, vocab_file, _bert_normalizer(tok_config), _special_tokens(tok_config, tokens_map),
+            _added_tokens(tok_config))
+
+
+def _added_tokens(tok_config: _SettingsFile) -> dict[int, TokenSpec] | None:
+    """tokenizer_config.json's added_tokens_decoder, which transformers (v5) takes the added
+    tokens from instead of tokenizer.json's list; None when it has none."""
+    decoder = tok_config.data.get("added_tokens_decoder")
+    if decoder is None:
+        return None
+    if not isinstance(decoder, dict) or not all(isinstance(i, str) and i.isdigit() for i in decoder):
+        raise CheckpointError(f"{tok_config.source}: added_tokens_decoder must map token ids to tokens")
+    return {int(i): _token_spec(token, f"added_tokens_decoder[{i}]", tok_config.source, special=None)
+            for i, token in decoder.items()}
 
 
 def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None) -> dict:
@@ -375,21 +392,29 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None)
         resolved[name] = default
         for settings in layers:
             if name in settings.data:
-                resolved[name] = _special_token(settings.data[name], name, settings.source)
+                resolved[name] = _token_spec(settings.data[name], name, settings.source, special=True)
     return resolved
 
 
-def _special_token(value, name: str, source: str) -> SpecialToken | None:
-    if value is None or isinstance(value, str):
-        return None if value is None else SpecialToken(value)
+def _token_spec(value, name: str, source: str, *, special: bool | None) -> TokenSpec | None:
+    """A token as transformers reads it: a special token's text, an AddedToken object, or null
+    (special=True), or an added_tokens_decoder entry, an object whose own "special" counts
+    (special=None)."""
+    if special and (value is None or isinstance(value, str)):
+        return None if value is None else TokenSpec(value)
     if isinstance(value, dict) and isinstance(value.get("content"), str):
-        flags = {key: value[key] for key in ("lstrip", "rstrip", "normalized", "single_word") if key in value}
-        unknown = set(value) - set(flags) - {"content", "special", "__type"}
-        if unknown or not all(isinstance(flag, bool) for flag in flags.values()):
+        flags = {key: value[key] for key in ("lstrip", "rstrip", "normalized", "single_word", "special")
+                 if key in value}
+        if special:
+            flags["special"] = True  # transformers makes it special whatever the object says
+        flags.setdefault("special", False)
+        flags.setdefault("normalized", not flags["special"])
+        if set(value) - set(flags) - {"content", "__type"} or not all(isinstance(f, bool) for f in flags.values()):
             raise CheckpointError(f"{source}: {name} has unknown keys or non-boolean flags: {value!r}")
-        return SpecialToken(value["content"], **flags)
-    raise CheckpointError(f"{source}: {name} must be a string, a token object with a 'content' "
-                          f"string, or null; got {value!r}")
+        return TokenSpec(value["content"], **flags)
+    what = "a string, a token object with a 'content' string, or null" if special else \
+        "a token object with a 'content' string"
+    raise CheckpointError(f"{source}: {name} must be {what}; got {value!r}")
 
 
 def _bert_normalizer(get: _SettingsFile) -> dict | None:
@@ -454,13 +479,13 @@ def _load_stanford(files: _Files) -> Checkpoint:
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    tokenizer_file, vocab_file, normalizer, special_tokens = _tokenizer_files(files, "")
+    tokenizer_file, vocab_file, normalizer, special_tokens, added_tokens = _tokenizer_files(files, "")
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
         head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
         vocab_file=vocab_file, bert_normalizer=normalizer, special_tokens=special_tokens,
-        metadata_dim=_SettingsFile(meta, where).integer("dim", None),
+        added_tokens=added_tokens, metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
 
 
@@ -494,10 +519,10 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
-    tokenizer_file, vocab_file, normalizer, special_tokens = _tokenizer_files(files, encoder_dir)
+    tokenizer_file, vocab_file, normalizer, special_tokens, added_tokens = _tokenizer_files(files, encoder_dir)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
         tokenizer_file=tokenizer_file, vocab_file=vocab_file, bert_normalizer=normalizer,
-        special_tokens=special_tokens,
+        special_tokens=special_tokens, added_tokens=added_tokens,
     )

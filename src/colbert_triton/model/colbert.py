@@ -181,7 +181,7 @@ class ColBERT:
             )
         tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.bert_normalizer,
                                                 settings, ckpt.config.max_position_embeddings,
-                                                ckpt.special_tokens)
+                                                ckpt.special_tokens, ckpt.added_tokens)
         vocab_rows = weights.word.shape[0]
         specials = {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "query expansion": tokenizer.mask_id}
         past = [f"{what} ({i})" for what, i in specials.items() if i >= vocab_rows]
@@ -196,6 +196,12 @@ class ColBERT:
                 f"{settings.document_prefix!r}) are not in the tokenizer's vocabulary (token id "
                 f"{top_id} is past the {vocab_rows}-row embedding); a PyLate checkpoint names them "
                 f"in config_sentence_transformers.json (query_prefix, document_prefix)")
+        beyond = sorted((i, token) for i, token in tokenizer.added_tokens().items() if i >= vocab_rows)
+        if beyond:
+            # A text holding one would index past the embedding (PyLate fails there too).
+            listed = ", ".join(f"{token!r} ({i})" for i, token in beyond[:5])
+            raise CheckpointError(f"{ckpt.source}: the tokenizer adds tokens past the {vocab_rows}-row "
+                                  f"embedding: {listed}{', ...' if len(beyond) > 5 else ''}")
         return cls(weights, tokenizer, device, dtype, backend=backend, source=ckpt.source,
                    cuda_graphs=cuda_graphs)
 

@@ -11,7 +11,8 @@ in Python is only list concatenation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .checkpoint import (
     BERT_SPECIAL_TOKENS,
     CheckpointError,
     ColBERTSettings,
-    SpecialToken,
+    TokenSpec,
 )
 
 
@@ -71,7 +72,7 @@ def check_texts(texts, what: str) -> list[str]:
 
 class ColBERTTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int,
-                 special_tokens: dict[str, SpecialToken | None] | None = None):
+                 special_tokens: dict[str, TokenSpec | None] | None = None):
         """``special_tokens``: the checkpoint's, by attribute (checkpoint.BERT_SPECIAL_TOKENS,
         the default)."""
         self.settings = settings
@@ -139,6 +140,10 @@ class ColBERTTokenizer:
         self._query_tok = self._prepared(base, markers, self._query_budget)
         self._doc_tok = self._prepared(base, markers, self._doc_budget)
 
+    def added_tokens(self) -> dict[int, str]:
+        """Every token matched whole in a text (special tokens, markers, added tokens), by id."""
+        return {i: token.content for i, token in self._doc_tok.get_added_tokens_decoder().items()}
+
     @staticmethod
     def _prepared(base: str, markers: list[str], budget: int) -> Tokenizer:
         """A tokenizer of its own for one word-piece budget, from the JSON taken before the
@@ -154,10 +159,13 @@ class ColBERTTokenizer:
     @classmethod
     def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, bert_normalizer: dict | None,
                    settings: ColBERTSettings, max_positions: int,
-                   special_tokens: dict[str, SpecialToken | None] | None = None) -> "ColBERTTokenizer":
+                   special_tokens: dict[str, TokenSpec | None] | None = None,
+                   added_tokens: dict[int, TokenSpec] | None = None) -> "ColBERTTokenizer":
         """``bert_normalizer``: the BertNormalizer settings transformers would use (see
         checkpoint._bert_normalizer), or None to take the tokenizer file as it is.
-        ``special_tokens``: see __init__.
+        ``special_tokens``: see __init__. ``added_tokens``: tokenizer_config.json's
+        added_tokens_decoder, which transformers (v5) registers instead of tokenizer.json's
+        added tokens; None to keep those.
 
         With them, the parts transformers' BertTokenizer (v5, PyLate's) rebuilds whatever
         tokenizer.json says are rebuilt the same way: the normalizer from those settings, the
@@ -182,6 +190,10 @@ class ColBERTTokenizer:
             except Exception as bad:
                 raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
             bert_normalizer = {} if bert_normalizer is None else bert_normalizer  # BERT's defaults
+        if added_tokens is not None:
+            data = json.loads(tokenizer.to_str())
+            data["added_tokens"] = [{"id": i, **asdict(token)} for i, token in sorted(added_tokens.items())]
+            tokenizer = Tokenizer.from_str(json.dumps(data))
         if bert_normalizer is not None:
             tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
             tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
