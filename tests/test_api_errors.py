@@ -343,8 +343,7 @@ def _build(layout: str, dst):
     ("stanford", "[CLS]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[CLS\] token"),
     ("stanford", "[SEP]", "tokenizer.json", r"tokenizer\.json: the tokenizer has no \[SEP\] token"),
     ("stanford", "[MASK]", "vocab.txt", r"vocab\.txt: the tokenizer has no \[MASK\] token"),
-    # The vocab.txt reader itself needs [CLS] and [SEP]; its error names the file.
-    ("stanford", "[CLS]", "vocab.txt", r"vocab\.txt: unreadable vocabulary \(cls_token not found"),
+    ("stanford", "[CLS]", "vocab.txt", r"vocab\.txt: the tokenizer has no \[CLS\] token \(the checkpoint's cls_token\)"),
 ])
 def test_tokenizer_without_a_special_token(tmp_path, layout, token, tokenizer_file, message):
     path, tokenizer_dir = _build(layout, tmp_path / "ckpt")

@@ -209,7 +209,7 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     ("tokenizer_config.json", {"sep_token": {"content": "[SEP]", "strip": True}},
      "tokenizer_config.json: sep_token has unknown keys"),
     ("special_tokens_map.json", {"cls_token": None}, r"tokenizer.json: the tokenizer's cls_token is null"),
-    ("special_tokens_map.json", {"cls_token": "<cls>"}, r"no cls_token \(as the checkpoint names it\) token '<cls>'"),
+    ("special_tokens_map.json", {"cls_token": "<cls>"}, r"tokenizer\.json: the tokenizer has no <cls> token \(the checkpoint's cls_token\)"),
     ("special_tokens_map.json", {"unk_token": "<unk>"}, "tokenizer.json: the tokenizer has no unk token '<unk>'"),
     ("special_tokens_map.json", {"unk_token": None}, "unk_token is null"),
     ("special_tokens_map.json", {"mask_token": None, "pad_token": None},

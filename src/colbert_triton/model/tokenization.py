@@ -102,7 +102,11 @@ class ColBERTTokenizer:
             """The first of these special tokens that is set (not null)."""
             for name in names:
                 if special_tokens[name] is not None:
-                    return token_id(special_tokens[name].content, f"{name} (as the checkpoint names it)")
+                    content = special_tokens[name].content
+                    found = tokenizer.token_to_id(content)
+                    if found is None:
+                        raise CheckpointError(f"the tokenizer has no {content} token (the checkpoint's {name})")
+                    return found
             raise CheckpointError(f"the tokenizer's {', '.join(names)} {'is' if len(names) == 1 else 'are all'} "
                                   f"null (tokenizer_config.json or special_tokens_map.json)")
 
