@@ -227,7 +227,7 @@ ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
              "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
              # special tokens by the names the cases below give them, and an unknown character
-             "a [unused10] b [UNUSED10] c [unused11]x ☃ [unused12] [PAD] [UNK] [unused13] z"]
+             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z"]
 
 
 def _edit_json(path, **changes):
@@ -304,13 +304,15 @@ SETTINGS_FILES = {
         d, config={**RENAMED, "added_tokens_decoder": ADDED_TOKENS_DECODER}, tokens_map={"cls_token": "[unused20]"})),
     "special-token-flags": ("stanford", lambda d: _rename_special_tokens(d, tokens_map={
         "cls_token": _special_token("[unused10]", normalized=True),
-        "sep_token": _special_token("[unused11]", lstrip=True, rstrip=True)})),
+        "sep_token": _special_token("[unused11]", lstrip=True, rstrip=True),
+        "mask_token": {"content": "[unused12]", "special": False}})),  # special all the same: not normalised
     "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
         d, tokens_map=RENAMED, drop_tokenizer=True)),
     # added_tokens_decoder: transformers' added tokens come from it, not from tokenizer.json
     "added-tokens-decoder": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", added_tokens_decoder={
         **ADDED_TOKENS_DECODER, "1": {**_special_token("[unused0]"), "special": True},
-        "2": {"content": "[unused1]"}, "11": {"content": "[unused10]", "special": True, "normalized": True}})),
+        "2": {"content": "[unused1]"}, "11": {"content": "[unused10]", "special": True, "normalized": True},
+        "12": {"content": "[unused11]"}})),  # not special: normalised by default
     "added-tokens-decoder-vocab-only": ("pylate", lambda d: (
         (d / "0_Transformer" / "tokenizer.json").unlink(),
         _edit_json(d / "0_Transformer" / "tokenizer_config.json", added_tokens_decoder={

@@ -198,16 +198,10 @@ BERT_SPECIAL_TOKENS = {"bos_token": None, "eos_token": None, "unk_token": TokenS
                        "cls_token": TokenSpec("[CLS]"), "mask_token": TokenSpec("[MASK]")}
 
 
-@dataclass
-class Checkpoint:
-    """Everything read from disk: config, settings, raw tensors and the tokenizer file."""
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What the tokenizer is built from (tokenization.ColBERTTokenizer.from_files)."""
 
-    source: str
-    config: BertConfig
-    settings: ColBERTSettings
-    encoder_tensors: dict[str, torch.Tensor]  # BertModel names, no "bert." prefix
-    head_weight: torch.Tensor  # [dim, hidden]
-    head_bias: torch.Tensor | None
     tokenizer_file: Path | None  # tokenizer.json
     vocab_file: Path | None  # vocab.txt, the fallback
     # BertNormalizer settings from tokenizer_config.json; None: tokenizer.json's normalizer as is
@@ -216,6 +210,23 @@ class Checkpoint:
     special_tokens: dict[str, TokenSpec | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
     # tokenizer_config.json's added_tokens_decoder by id; None: tokenizer.json's added tokens
     added_tokens: dict[int, TokenSpec] | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.tokenizer_file or self.vocab_file
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from disk: config, settings, raw tensors and the tokenizer files."""
+
+    source: str
+    config: BertConfig
+    settings: ColBERTSettings
+    encoder_tensors: dict[str, torch.Tensor]  # BertModel names, no "bert." prefix
+    head_weight: torch.Tensor  # [dim, hidden]
+    head_bias: torch.Tensor | None
+    tokenizer: TokenizerFiles
     metadata_dim: int | None = field(default=None)
 
 
@@ -343,7 +354,7 @@ def _encoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _tokenizer_files(files: _Files, directory: str):
+def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
     prefix = f"{directory}/" if directory else ""
     tokenizer_file = files.get(prefix + "tokenizer.json", required=False)
     if tokenizer_file is None and directory:
@@ -362,8 +373,8 @@ def _tokenizer_files(files: _Files, directory: str):
     tokens_map = files.json(map_where, required=False)
     if tokens_map is not None:
         tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
-    return (tokenizer_file, vocab_file, _bert_normalizer(tok_config), _special_tokens(tok_config, tokens_map),
-            _added_tokens(tok_config))
+    return TokenizerFiles(tokenizer_file, vocab_file, _bert_normalizer(tok_config),
+                          _special_tokens(tok_config, tokens_map), _added_tokens(tok_config))
 
 
 def _added_tokens(tok_config: _SettingsFile) -> dict[int, TokenSpec] | None:
@@ -479,13 +490,11 @@ def _load_stanford(files: _Files) -> Checkpoint:
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    tokenizer_file, vocab_file, normalizer, special_tokens, added_tokens = _tokenizer_files(files, "")
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
-        head_bias=tensors.get("linear.bias"), tokenizer_file=tokenizer_file,
-        vocab_file=vocab_file, bert_normalizer=normalizer, special_tokens=special_tokens,
-        added_tokens=added_tokens, metadata_dim=_SettingsFile(meta, where).integer("dim", None),
+        head_bias=tensors.get("linear.bias"), tokenizer=_tokenizer_files(files, ""),
+        metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
 
 
@@ -519,10 +528,8 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
-    tokenizer_file, vocab_file, normalizer, special_tokens, added_tokens = _tokenizer_files(files, encoder_dir)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
-        tokenizer_file=tokenizer_file, vocab_file=vocab_file, bert_normalizer=normalizer,
-        special_tokens=special_tokens, added_tokens=added_tokens,
+        tokenizer=_tokenizer_files(files, encoder_dir),
     )

@@ -179,9 +179,7 @@ class ColBERT:
                 f"{ckpt.source}: artifact.metadata says dim {ckpt.metadata_dim} but linear.weight "
                 f"projects to {weights.dim}"
             )
-        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer_file, ckpt.vocab_file, ckpt.bert_normalizer,
-                                                settings, ckpt.config.max_position_embeddings,
-                                                ckpt.special_tokens, ckpt.added_tokens)
+        tokenizer = ColBERTTokenizer.from_files(ckpt.tokenizer, settings, ckpt.config.max_position_embeddings)
         vocab_rows = weights.word.shape[0]
         specials = {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "query expansion": tokenizer.mask_id}
         past = [f"{what} ({i})" for what, i in specials.items() if i >= vocab_rows]

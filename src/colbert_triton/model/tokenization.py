@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
@@ -23,6 +22,7 @@ from .checkpoint import (
     BERT_SPECIAL_TOKENS,
     CheckpointError,
     ColBERTSettings,
+    TokenizerFiles,
     TokenSpec,
 )
 
@@ -161,42 +161,37 @@ class ColBERTTokenizer:
         return tok
 
     @classmethod
-    def from_files(cls, tokenizer_file: Path | None, vocab_file: Path | None, bert_normalizer: dict | None,
-                   settings: ColBERTSettings, max_positions: int,
-                   special_tokens: dict[str, TokenSpec | None] | None = None,
-                   added_tokens: dict[int, TokenSpec] | None = None) -> "ColBERTTokenizer":
-        """``bert_normalizer``: the BertNormalizer settings transformers would use (see
-        checkpoint._bert_normalizer), or None to take the tokenizer file as it is.
-        ``special_tokens``: see __init__. ``added_tokens``: tokenizer_config.json's
-        added_tokens_decoder, which transformers (v5) registers instead of tokenizer.json's
-        added tokens; None to keep those.
+    def from_files(cls, files: TokenizerFiles, settings: ColBERTSettings, max_positions: int) -> "ColBERTTokenizer":
+        """The tokenizer as transformers' BertTokenizer (v5, PyLate's) builds it from these files.
 
-        With them, the parts transformers' BertTokenizer (v5, PyLate's) rebuilds whatever
-        tokenizer.json says are rebuilt the same way: the normalizer from those settings, the
-        BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to 100
-        characters, longer ones the checkpoint's unknown token). A well-formed BERT
-        checkpoint's file says the same. From a vocabulary alone, the tokenizer is built as
-        transformers builds it: word pieces over it, those parts, and the special tokens."""
-        special_tokens = BERT_SPECIAL_TOKENS if special_tokens is None else special_tokens
+        With ``files.bert_normalizer`` (the BertNormalizer settings transformers would use, see
+        checkpoint._bert_normalizer; None takes tokenizer.json as it is), the parts it rebuilds
+        whatever tokenizer.json says are rebuilt the same way: the normalizer from those
+        settings, the BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to
+        100 characters, longer ones the checkpoint's unknown token). A well-formed BERT
+        checkpoint's file says the same. From a vocabulary alone: word pieces over it, those
+        parts with BERT's defaults, and the special tokens. ``files.added_tokens`` (from
+        tokenizer_config.json), when given, replace tokenizer.json's added tokens, as in
+        transformers."""
+        special_tokens, bert_normalizer, source = files.special_tokens, files.bert_normalizer, files.source
         unk = special_tokens["unk_token"]
-        source = tokenizer_file or vocab_file
-        if unk is None and (bert_normalizer is not None or tokenizer_file is None):
+        if unk is None and (bert_normalizer is not None or files.tokenizer_file is None):
             raise CheckpointError(f"{source}: the tokenizer's unk_token is null (word pieces need one)")
-        if tokenizer_file is not None:
+        if files.tokenizer_file is not None:
             try:
-                tokenizer = Tokenizer.from_file(str(tokenizer_file))
+                tokenizer = Tokenizer.from_file(str(files.tokenizer_file))
             except Exception as bad:  # the Rust side raises plain Exception
-                raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad})") from None
+                raise CheckpointError(f"{source}: unreadable tokenizer ({bad})") from None
         else:
             try:
-                tokenizer = Tokenizer(models.WordPiece(models.WordPiece.read_file(str(vocab_file)),
+                tokenizer = Tokenizer(models.WordPiece(models.WordPiece.read_file(str(files.vocab_file)),
                                                        unk_token=unk.content))
             except Exception as bad:
-                raise CheckpointError(f"{vocab_file}: unreadable vocabulary ({bad})") from None
+                raise CheckpointError(f"{source}: unreadable vocabulary ({bad})") from None
             bert_normalizer = {} if bert_normalizer is None else bert_normalizer  # BERT's defaults
-        if added_tokens is not None:
+        if files.added_tokens is not None:
             data = json.loads(tokenizer.to_str())
-            data["added_tokens"] = [{"id": i, **asdict(token)} for i, token in sorted(added_tokens.items())]
+            data["added_tokens"] = [{"id": i, **asdict(token)} for i, token in sorted(files.added_tokens.items())]
             tokenizer = Tokenizer.from_str(json.dumps(data))
         if bert_normalizer is not None:
             tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
