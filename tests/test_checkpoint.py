@@ -220,10 +220,14 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
      r"added_tokens_decoder\[0\] must be a token object with a 'content' string"),
     ("tokenizer_config.json", {"added_tokens_decoder": {"0": {"content": "[PAD]", "special": 1}}},
      r"added_tokens_decoder\[0\] has unknown keys or non-boolean flags"),
+    ("tokenizer_config.json", {"additional_special_tokens": "[unused5]"},
+     "tokenizer_config.json: additional_special_tokens must be a list or an object of tokens"),
+    ("special_tokens_map.json", {"extra_special_tokens": [5]},
+     r"special_tokens_map.json: extra_special_tokens\[0\] must be a string"),
 ], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text",
         "tokens-map-list", "special-number", "special-flag-text", "special-unknown-key", "cls-null",
         "cls-missing", "unk-missing", "unk-null", "no-expansion-token", "decoder-list", "decoder-key",
-        "decoder-entry-text", "decoder-flag-number"])
+        "decoder-entry-text", "decoder-flag-number", "additional-text", "extra-number"])
 def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
     copy = _corrupt(tmp_path, stanford_dir, "settings")
     path = copy / file
@@ -246,6 +250,15 @@ def test_a_special_token_past_the_embedding_is_refused(tmp_path, stanford_dir):
     path = copy / "special_tokens_map.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "cls_token": "<cls>"}))
     with pytest.raises(CheckpointError, match=r"CLS \(30522\) token id is past the 30522-row embedding"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+@pytest.mark.parametrize("content", [[1], {"[unused5]": "6"}, {"[unused5]": -1}, {"[unused5]": True}])
+def test_a_malformed_added_tokens_json_is_named(tmp_path, stanford_dir, content):
+    copy = tmp_path / "s"
+    shutil.copytree(stanford_dir, copy)
+    (copy / "added_tokens.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match="added_tokens.json: expected an object mapping tokens to ids"):
         ColBERT.from_pretrained(copy, device="cpu")
 
 

@@ -317,6 +317,16 @@ SETTINGS_FILES = {
         (d / "0_Transformer" / "tokenizer.json").unlink(),
         _edit_json(d / "0_Transformer" / "tokenizer_config.json", added_tokens_decoder={
             **ADDED_TOKENS_DECODER, "11": {**_special_token("[unused10]"), "special": True}}))),
+    # the other special tokens transformers registers, and the older added_tokens.json
+    "additional-special-tokens": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json",
+                                                                   additional_special_tokens=["[unused10]"])),
+    "extra-special-tokens-in-map": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "special_tokens_map.json",
+                                                                   extra_special_tokens={"foo_token": "[unused11]"})),
+    "model-specific-special-token": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json",
+                                                                      foo_token="[unused12]")),
+    "added-tokens-json": ("stanford", lambda d: (
+        (d / "added_tokens.json").write_text(json.dumps({"[unused13]": 14, "[unused10]": 11})),
+        _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]))),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

@@ -208,7 +208,10 @@ class TokenizerFiles:
     bert_normalizer: dict | None = None
     # special tokens by attribute (see BERT_SPECIAL_TOKENS), None for one set to null
     special_tokens: dict[str, TokenSpec | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
-    # tokenizer_config.json's added_tokens_decoder by id; None: tokenizer.json's added tokens
+    # the other special tokens transformers registers (extra_special_tokens and the like)
+    extra_special_tokens: tuple[TokenSpec, ...] = ()
+    # the added tokens by id when transformers reads them from other files than tokenizer.json
+    # (tokenizer_config.json's added_tokens_decoder, added_tokens.json); None: tokenizer.json's
     added_tokens: dict[int, TokenSpec] | None = None
 
     @property
@@ -373,31 +376,56 @@ def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
     tokens_map = files.json(map_where, required=False)
     if tokens_map is not None:
         tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
-    return TokenizerFiles(tokenizer_file, vocab_file, _bert_normalizer(tok_config),
-                          _special_tokens(tok_config, tokens_map), _added_tokens(tok_config))
-
-
-def _added_tokens(tok_config: _SettingsFile) -> dict[int, TokenSpec] | None:
-    """tokenizer_config.json's added_tokens_decoder, which transformers (v5) takes the added
-    tokens from instead of tokenizer.json's list; None when it has none."""
-    decoder = tok_config.data.get("added_tokens_decoder")
-    if decoder is None:
-        return None
-    if not isinstance(decoder, dict) or not all(isinstance(i, str) and i.isdigit() for i in decoder):
-        raise CheckpointError(f"{tok_config.source}: added_tokens_decoder must map token ids to tokens")
-    return {int(i): _token_spec(token, f"added_tokens_decoder[{i}]", tok_config.source, special=None)
-            for i, token in decoder.items()}
-
-
-def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None) -> dict:
-    """The special tokens as transformers (v5, PyLate's) resolves them: BertTokenizer's
-    defaults, then tokenizer_config.json's keys, then special_tokens_map.json's unless
-    tokenizer_config.json lists its added_tokens_decoder. A value is the token's text or an
-    AddedToken object; null means none (a key given as null is not unset here: it is how
-    transformers reads it)."""
+    # As transformers (v5, PyLate's) reads them: tokenizer_config.json's settings, then
+    # special_tokens_map.json's over them, unless tokenizer_config.json lists its
+    # added_tokens_decoder (then the map and added_tokens.json are not read).
     layers = [tok_config]
     if tokens_map is not None and "added_tokens_decoder" not in tok_config.data:
         layers.append(tokens_map)
+    special_tokens, extra_special_tokens = _special_tokens(layers), _extra_special_tokens(layers)
+    return TokenizerFiles(
+        tokenizer_file, vocab_file, _bert_normalizer(tok_config), special_tokens, extra_special_tokens,
+        _added_tokens(files, prefix, tok_config, tokenizer_file,
+                      {t.content for t in (*special_tokens.values(), *extra_special_tokens) if t is not None}))
+
+
+def _added_tokens(files: _Files, prefix: str, tok_config: _SettingsFile, tokenizer_file: Path | None,
+                  special_texts: set[str]) -> dict[int, TokenSpec] | None:
+    """The added tokens by id where transformers reads them from other files than
+    tokenizer.json: tokenizer_config.json's added_tokens_decoder, which replaces tokenizer.json's
+    list, or else an added_tokens.json (text -> id), whose tokens join that list (special if
+    they are among the special tokens). None when neither file has them."""
+    decoder = tok_config.data.get("added_tokens_decoder")
+    if decoder is not None:
+        if not isinstance(decoder, dict) or not all(isinstance(i, str) and i.isdigit() for i in decoder):
+            raise CheckpointError(f"{tok_config.source}: added_tokens_decoder must map token ids to tokens")
+        return {int(i): _token_spec(token, f"added_tokens_decoder[{i}]", tok_config.source, special=None)
+                for i, token in decoder.items()}
+    where = prefix + "added_tokens.json"
+    legacy = files.json(where, required=False)
+    if legacy is None:
+        return None
+    if not isinstance(legacy, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in legacy.values()):
+        raise CheckpointError(f"{files.describe(where)}: expected an object mapping tokens to ids")
+    added = {i: TokenSpec(text, normalized=text not in special_texts, special=text in special_texts)
+             for text, i in legacy.items()}
+    if tokenizer_file is not None:  # transformers reads tokenizer.json's list after it
+        try:
+            listed = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
+            ids = [token["id"] for token in listed]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError) as bad:
+            raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad!r})") from None
+        for i, token in zip(ids, listed):
+            added[i] = _token_spec({k: v for k, v in token.items() if k != "id"}, f"added_tokens[{i}]",
+                                   str(tokenizer_file), special=None)
+    return added
+
+
+def _special_tokens(layers: list[_SettingsFile]) -> dict[str, TokenSpec | None]:
+    """The named special tokens: BertTokenizer's defaults, then each settings file's keys in
+    turn. A value is the token's text or an AddedToken object; null means none (a key given as
+    null is not unset here: it is how transformers reads it)."""
     resolved = {}
     for name, default in BERT_SPECIAL_TOKENS.items():
         resolved[name] = default
@@ -405,6 +433,30 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None)
             if name in settings.data:
                 resolved[name] = _token_spec(settings.data[name], name, settings.source, special=True)
     return resolved
+
+
+def _extra_special_tokens(layers: list[_SettingsFile]) -> tuple[TokenSpec, ...]:
+    """The other special tokens transformers registers: extra_special_tokens (or its older name
+    additional_special_tokens), a list or an object of named tokens, and any other key ending in
+    "_token" that holds a string. All of them, from every file: where one file lists both names,
+    or each file one, transformers keeps some lists over others, a case no saved tokenizer makes."""
+    found = {}
+    for settings in layers:
+        for key, value in settings.data.items():
+            if key in ("extra_special_tokens", "additional_special_tokens") and value is not None:
+                if isinstance(value, dict):
+                    entries = value.items()
+                elif isinstance(value, list):
+                    entries = enumerate(value)
+                else:
+                    raise CheckpointError(f"{settings.source}: {key} must be a list or an object of tokens")
+                for name, entry in entries:
+                    token = _token_spec(entry, f"{key}[{name!r}]", settings.source, special=True)
+                    if token is not None:
+                        found[token.content] = token
+            elif key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
+                found[value] = TokenSpec(value)
+    return tuple(found.values())
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None) -> TokenSpec | None:

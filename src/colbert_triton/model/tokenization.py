@@ -72,9 +72,10 @@ def check_texts(texts, what: str) -> list[str]:
 
 class ColBERTTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int,
-                 special_tokens: dict[str, TokenSpec | None] | None = None):
+                 special_tokens: dict[str, TokenSpec | None] | None = None,
+                 extra_special_tokens: tuple[TokenSpec, ...] = ()):
         """``special_tokens``: the checkpoint's, by attribute (checkpoint.BERT_SPECIAL_TOKENS,
-        the default)."""
+        the default); ``extra_special_tokens``: its others (see checkpoint.TokenizerFiles)."""
         self.settings = settings
         special_tokens = BERT_SPECIAL_TOKENS if special_tokens is None else special_tokens
         tokenizer.no_padding()
@@ -85,7 +86,8 @@ class ColBERTTokenizer:
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
                        single_word=t.single_word, special=True)
-            for t in special_tokens.values() if t is not None and tokenizer.token_to_id(t.content) is not None])
+            for t in (*special_tokens.values(), *extra_special_tokens)
+            if t is not None and tokenizer.token_to_id(t.content) is not None])
         base = tokenizer.to_str()  # before the markers are added: see _prepared
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
         # already lists as added keeps its own flags), so a marker written in a text is one token.
@@ -170,9 +172,8 @@ class ColBERTTokenizer:
         settings, the BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to
         100 characters, longer ones the checkpoint's unknown token). A well-formed BERT
         checkpoint's file says the same. From a vocabulary alone: word pieces over it, those
-        parts with BERT's defaults, and the special tokens. ``files.added_tokens`` (from
-        tokenizer_config.json), when given, replace tokenizer.json's added tokens, as in
-        transformers."""
+        parts with BERT's defaults, and the special tokens. ``files.added_tokens``, when given,
+        replace tokenizer.json's added tokens, as in transformers."""
         special_tokens, bert_normalizer, source = files.special_tokens, files.bert_normalizer, files.source
         unk = special_tokens["unk_token"]
         if unk is None and (bert_normalizer is not None or files.tokenizer_file is None):
@@ -203,7 +204,7 @@ class ColBERTTokenizer:
                 if tokenizer.token_to_id(unk.content) is None:
                     raise CheckpointError(f"{source}: the tokenizer has no unk token {unk.content!r}")
         try:
-            return cls(tokenizer, settings, max_positions, special_tokens)
+            return cls(tokenizer, settings, max_positions, special_tokens, files.extra_special_tokens)
         except CheckpointError as bad:  # name the file that lacks the token
             raise CheckpointError(f"{source}: {bad}") from None
 
