@@ -327,6 +327,8 @@ SETTINGS_FILES = {
     "added-tokens-json": ("stanford", lambda d: (
         (d / "added_tokens.json").write_text(json.dumps({"[unused13]": 14, "[unused10]": 11})),
         _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]))),
+    # special tokens written in a text are word pieces then (the markers still match)
+    "split-special-tokens": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", split_special_tokens=True)),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

@@ -210,6 +210,8 @@ class TokenizerFiles:
     special_tokens: dict[str, TokenSpec | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
     # the other special tokens transformers registers (extra_special_tokens and the like)
     extra_special_tokens: tuple[TokenSpec, ...] = ()
+    # tokenizer_config.json's split_special_tokens: special tokens written in a text are not matched
+    split_special_tokens: bool = False
     # the added tokens by id when transformers reads them from other files than tokenizer.json
     # (tokenizer_config.json's added_tokens_decoder, added_tokens.json); None: tokenizer.json's
     added_tokens: dict[int, TokenSpec] | None = None
@@ -385,6 +387,7 @@ def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
     special_tokens, extra_special_tokens = _special_tokens(layers), _extra_special_tokens(layers)
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(tok_config), special_tokens, extra_special_tokens,
+        tok_config.flag("split_special_tokens", False),
         _added_tokens(files, prefix, tok_config, tokenizer_file,
                       {t.content for t in (*special_tokens.values(), *extra_special_tokens) if t is not None}))
 

@@ -18,13 +18,7 @@ from itertools import pairwise
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from .checkpoint import (
-    BERT_SPECIAL_TOKENS,
-    CheckpointError,
-    ColBERTSettings,
-    TokenizerFiles,
-    TokenSpec,
-)
+from .checkpoint import CheckpointError, ColBERTSettings, TokenizerFiles
 
 
 @dataclass
@@ -72,12 +66,12 @@ def check_texts(texts, what: str) -> list[str]:
 
 class ColBERTTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int,
-                 special_tokens: dict[str, TokenSpec | None] | None = None,
-                 extra_special_tokens: tuple[TokenSpec, ...] = ()):
-        """``special_tokens``: the checkpoint's, by attribute (checkpoint.BERT_SPECIAL_TOKENS,
-        the default); ``extra_special_tokens``: its others (see checkpoint.TokenizerFiles)."""
+                 files: TokenizerFiles | None = None):
+        """``files``: where the special tokens come from (their names, the other special tokens,
+        split_special_tokens); None: BERT's (checkpoint.BERT_SPECIAL_TOKENS)."""
         self.settings = settings
-        special_tokens = BERT_SPECIAL_TOKENS if special_tokens is None else special_tokens
+        files = TokenizerFiles(None, None) if files is None else files
+        special_tokens = files.special_tokens
         tokenizer.no_padding()
         tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
         # transformers registers the checkpoint's special tokens, so such a token written in a
@@ -86,7 +80,7 @@ class ColBERTTokenizer:
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
                        single_word=t.single_word, special=True)
-            for t in (*special_tokens.values(), *extra_special_tokens)
+            for t in (*special_tokens.values(), *files.extra_special_tokens)
             if t is not None and tokenizer.token_to_id(t.content) is not None])
         base = tokenizer.to_str()  # before the markers are added: see _prepared
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
@@ -143,21 +137,23 @@ class ColBERTTokenizer:
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
                 f"the model's {max_positions} positions"
             )
-        self._query_tok = self._prepared(base, markers, self._query_budget)
-        self._doc_tok = self._prepared(base, markers, self._doc_budget)
+        self._query_tok = self._prepared(base, markers, self._query_budget, files.split_special_tokens)
+        self._doc_tok = self._prepared(base, markers, self._doc_budget, files.split_special_tokens)
 
     def added_tokens(self) -> dict[int, str]:
         """Every token matched whole in a text (special tokens, markers, added tokens), by id."""
         return {i: token.content for i, token in self._doc_tok.get_added_tokens_decoder().items()}
 
     @staticmethod
-    def _prepared(base: str, markers: list[str], budget: int) -> Tokenizer:
+    def _prepared(base: str, markers: list[str], budget: int, split_special_tokens: bool) -> Tokenizer:
         """A tokenizer of its own for one word-piece budget, from the JSON taken before the
         markers were added, with the markers added as PyLate adds them. (A copy serialised after
         add_tokens would list a marker the file already had with add_tokens' flags, which the
-        live tokenizer, like PyLate's, does not apply.)"""
+        live tokenizer, like PyLate's, does not apply.) With split_special_tokens, special tokens
+        written in a text are word pieces, as in transformers (other added tokens still match)."""
         tok = Tokenizer.from_str(base)
         tok.add_tokens(markers)
+        tok.encode_special_tokens = split_special_tokens
         if budget > 0:
             tok.enable_truncation(max_length=budget)
         return tok
@@ -204,7 +200,7 @@ class ColBERTTokenizer:
                 if tokenizer.token_to_id(unk.content) is None:
                     raise CheckpointError(f"{source}: the tokenizer has no unk token {unk.content!r}")
         try:
-            return cls(tokenizer, settings, max_positions, special_tokens, files.extra_special_tokens)
+            return cls(tokenizer, settings, max_positions, files)
         except CheckpointError as bad:  # name the file that lacks the token
             raise CheckpointError(f"{source}: {bad}") from None
 
