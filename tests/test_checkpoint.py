@@ -223,12 +223,13 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     ("tokenizer_config.json", {"additional_special_tokens": "[unused5]"},
      "tokenizer_config.json: additional_special_tokens must be a list or an object of tokens"),
     ("tokenizer_config.json", {"split_special_tokens": "yes"}, "split_special_tokens must be true or false"),
+    ("tokenizer_config.json", {"truncation_side": "middle"}, "truncation_side must be 'right' or 'left', got 'middle'"),
     ("special_tokens_map.json", {"extra_special_tokens": [5]},
      r"special_tokens_map.json: extra_special_tokens\[0\] must be a string"),
 ], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text",
         "tokens-map-list", "special-number", "special-flag-text", "special-unknown-key", "cls-null",
         "cls-missing", "unk-missing", "unk-null", "no-expansion-token", "decoder-list", "decoder-key",
-        "decoder-entry-text", "decoder-flag-number", "additional-text", "split-text", "extra-number"])
+        "decoder-entry-text", "decoder-flag-number", "additional-text", "split-text", "truncation-middle", "extra-number"])
 def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
     copy = _corrupt(tmp_path, stanford_dir, "settings")
     path = copy / file

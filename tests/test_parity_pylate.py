@@ -227,7 +227,9 @@ ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
              "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
              # special tokens by the names the cases below give them, and an unknown character
-             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z"]
+             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z",
+             # longer than both lengths: which end is cut shows
+             "the first words " + "filler " * 400 + "the last words"]
 
 
 def _edit_json(path, **changes):
@@ -329,6 +331,9 @@ SETTINGS_FILES = {
         _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]))),
     # special tokens written in a text are word pieces then (the markers still match)
     "split-special-tokens": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", split_special_tokens=True)),
+    # long texts keep their last word pieces
+    "truncation-side-left": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "tokenizer_config.json",
+                                                            truncation_side="left")),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

@@ -212,6 +212,8 @@ class TokenizerFiles:
     extra_special_tokens: tuple[TokenSpec, ...] = ()
     # tokenizer_config.json's split_special_tokens: special tokens written in a text are not matched
     split_special_tokens: bool = False
+    # tokenizer_config.json's truncation_side: "left" keeps a long text's last word pieces
+    truncation_side: str = "right"
     # the added tokens by id when transformers reads them from other files than tokenizer.json
     # (tokenizer_config.json's added_tokens_decoder, added_tokens.json); None: tokenizer.json's
     added_tokens: dict[int, TokenSpec] | None = None
@@ -387,9 +389,16 @@ def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
     special_tokens, extra_special_tokens = _special_tokens(layers), _extra_special_tokens(layers)
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(tok_config), special_tokens, extra_special_tokens,
-        tok_config.flag("split_special_tokens", False),
+        tok_config.flag("split_special_tokens", False), _truncation_side(tok_config),
         _added_tokens(files, prefix, tok_config, tokenizer_file,
                       {t.content for t in (*special_tokens.values(), *extra_special_tokens) if t is not None}))
+
+
+def _truncation_side(tok_config: _SettingsFile) -> str:
+    side = tok_config.text("truncation_side", "right")
+    if side not in ("right", "left"):
+        raise CheckpointError(f"{tok_config.source}: truncation_side must be 'right' or 'left', got {side!r}")
+    return side
 
 
 def _added_tokens(files: _Files, prefix: str, tok_config: _SettingsFile, tokenizer_file: Path | None,

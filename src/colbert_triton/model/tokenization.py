@@ -137,25 +137,26 @@ class ColBERTTokenizer:
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
                 f"the model's {max_positions} positions"
             )
-        self._query_tok = self._prepared(base, markers, self._query_budget, files.split_special_tokens)
-        self._doc_tok = self._prepared(base, markers, self._doc_budget, files.split_special_tokens)
+        self._query_tok = self._prepared(base, markers, self._query_budget, files)
+        self._doc_tok = self._prepared(base, markers, self._doc_budget, files)
 
     def added_tokens(self) -> dict[int, str]:
         """Every token matched whole in a text (special tokens, markers, added tokens), by id."""
         return {i: token.content for i, token in self._doc_tok.get_added_tokens_decoder().items()}
 
     @staticmethod
-    def _prepared(base: str, markers: list[str], budget: int, split_special_tokens: bool) -> Tokenizer:
+    def _prepared(base: str, markers: list[str], budget: int, files: TokenizerFiles) -> Tokenizer:
         """A tokenizer of its own for one word-piece budget, from the JSON taken before the
         markers were added, with the markers added as PyLate adds them. (A copy serialised after
         add_tokens would list a marker the file already had with add_tokens' flags, which the
-        live tokenizer, like PyLate's, does not apply.) With split_special_tokens, special tokens
-        written in a text are word pieces, as in transformers (other added tokens still match)."""
+        live tokenizer, like PyLate's, does not apply.) As in transformers, with
+        split_special_tokens special tokens written in a text are word pieces (other added
+        tokens still match), and truncation_side says which end of a long text is cut."""
         tok = Tokenizer.from_str(base)
         tok.add_tokens(markers)
-        tok.encode_special_tokens = split_special_tokens
+        tok.encode_special_tokens = files.split_special_tokens
         if budget > 0:
-            tok.enable_truncation(max_length=budget)
+            tok.enable_truncation(max_length=budget, direction=files.truncation_side)
         return tok
 
     @classmethod
