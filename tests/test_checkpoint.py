@@ -292,6 +292,21 @@ def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir):
         ColBERT.from_pretrained(copy, device="cpu")
 
 
+@pytest.mark.parametrize("args, message", [
+    ([1], "sentence_bert_config.json: tokenizer_args: expected a JSON object of settings"),
+    ({"do_lower_case": "no"}, "tokenizer_config.json with .*sentence_bert_config.json: tokenizer_args: "
+                              "do_lower_case must be true or false"),
+    ({"sep_token": 3}, "sentence_bert_config.json: tokenizer_args: sep_token must be a string"),
+])
+def test_malformed_tokenizer_args_are_named(tmp_path, pylate_dir, args, message):
+    copy = tmp_path / "p"
+    shutil.copytree(pylate_dir, copy)
+    path = copy / "0_Transformer" / "sentence_bert_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_args": args}))
+    with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
 def test_lengths_given_at_load_must_be_integers(stanford_dir):
     for bad in (8.9, "32", True):
         with pytest.raises(ValueError, match="query_maxlen must be an integer"):

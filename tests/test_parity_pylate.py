@@ -334,6 +334,11 @@ SETTINGS_FILES = {
     # long texts keep their last word pieces
     "truncation-side-left": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "tokenizer_config.json",
                                                             truncation_side="left")),
+    # sentence-transformers passes sentence_bert_config.json's tokenizer_args to transformers
+    "st-tokenizer-args": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "sentence_bert_config.json",
+                                                         tokenizer_args={"do_lower_case": False,
+                                                                         "truncation_side": "left",
+                                                                         "cls_token": "[unused10]"})),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

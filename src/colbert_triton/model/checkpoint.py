@@ -361,7 +361,9 @@ def _encoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
+def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFile | None = None) -> TokenizerFiles:
+    """``tokenizer_args``: sentence-transformers' (sentence_bert_config.json), which it passes
+    to transformers as arguments: they win over every file."""
     prefix = f"{directory}/" if directory else ""
     tokenizer_file = files.get(prefix + "tokenizer.json", required=False)
     if tokenizer_file is None and directory:
@@ -382,14 +384,19 @@ def _tokenizer_files(files: _Files, directory: str) -> TokenizerFiles:
         tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
     # As transformers (v5, PyLate's) reads them: tokenizer_config.json's settings, then
     # special_tokens_map.json's over them, unless tokenizer_config.json lists its
-    # added_tokens_decoder (then the map and added_tokens.json are not read).
+    # added_tokens_decoder (then the map and added_tokens.json are not read), then the arguments.
     layers = [tok_config]
     if tokens_map is not None and "added_tokens_decoder" not in tok_config.data:
         layers.append(tokens_map)
+    config = tok_config
+    if tokenizer_args is not None:
+        layers.append(tokenizer_args)
+        config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
+                               f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens, extra_special_tokens = _special_tokens(layers), _extra_special_tokens(layers)
     return TokenizerFiles(
-        tokenizer_file, vocab_file, _bert_normalizer(tok_config), special_tokens, extra_special_tokens,
-        tok_config.flag("split_special_tokens", False), _truncation_side(tok_config),
+        tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, extra_special_tokens,
+        config.flag("split_special_tokens", False), _truncation_side(config),
         _added_tokens(files, prefix, tok_config, tokenizer_file,
                       {t.content for t in (*special_tokens.values(), *extra_special_tokens) if t is not None}))
 
@@ -586,8 +593,11 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     # sentence-transformers' Transformer module lowercases texts itself when its config says so.
     sbert_where = prefix + "sentence_bert_config.json"
     sbert = files.json(sbert_where, required=False)
-    lowercase = _SettingsFile({} if sbert is None else sbert, files.describe(sbert_where)).flag(
-        "do_lower_case", False)
+    sbert = _SettingsFile({} if sbert is None else sbert, files.describe(sbert_where))
+    lowercase = sbert.flag("do_lower_case", False)
+    tokenizer_args = sbert.value("tokenizer_args", None)
+    if tokenizer_args is not None:
+        tokenizer_args = _SettingsFile(tokenizer_args, f"{sbert.source}: tokenizer_args")
     settings = ColBERTSettings.from_sentence_transformers(
         st_config, files.describe("config_sentence_transformers.json"), lowercase_texts=lowercase)
     tensors, _ = files.tensors(encoder_dir)
@@ -595,5 +605,5 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
-        tokenizer=_tokenizer_files(files, encoder_dir),
+        tokenizer=_tokenizer_files(files, encoder_dir, tokenizer_args),
     )
