@@ -67,8 +67,8 @@ def check_texts(texts, what: str) -> list[str]:
 class ColBERTTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: ColBERTSettings, max_positions: int,
                  files: TokenizerFiles | None = None):
-        """``files``: where the special tokens come from (their names, the other special tokens,
-        split_special_tokens); None: BERT's (checkpoint.BERT_SPECIAL_TOKENS)."""
+        """``files``: the checkpoint's tokenizer settings this applies (special tokens,
+        split_special_tokens, truncation_side); None: BERT's defaults."""
         self.settings = settings
         files = TokenizerFiles(None, None) if files is None else files
         special_tokens = files.special_tokens
@@ -104,7 +104,7 @@ class ColBERTTokenizer:
                         raise CheckpointError(f"the tokenizer has no {content} token (the checkpoint's {name})")
                     return found
             raise CheckpointError(f"the tokenizer's {', '.join(names)} {'is' if len(names) == 1 else 'are all'} "
-                                  f"null (tokenizer_config.json or special_tokens_map.json)")
+                                  f"null in the checkpoint's tokenizer settings")
 
         self.cls_id = special_id("cls_token")
         self.sep_id = special_id("sep_token")
