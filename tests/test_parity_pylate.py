@@ -308,6 +308,11 @@ SETTINGS_FILES = {
         "cls_token": _special_token("[unused10]", normalized=True),
         "sep_token": _special_token("[unused11]", lstrip=True, rstrip=True),
         "mask_token": {"content": "[unused12]", "special": False}})),  # special all the same: not normalised
+    # a special token that is an added token already keeps that token's flags
+    "special-token-flags-of-an-added-token": ("stanford", lambda d: _rename_special_tokens(d, tokens_map={
+        "sep_token": _special_token("[SEP]", normalized=True)})),
+    "special-token-flags-from-the-decoder": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", added_tokens_decoder={
+        **ADDED_TOKENS_DECODER, "102": {**_special_token("[SEP]", normalized=True), "special": True}})),
     "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
         d, tokens_map=RENAMED, drop_tokenizer=True)),
     # added_tokens_decoder: transformers' added tokens come from it, not from tokenizer.json
