@@ -227,7 +227,7 @@ ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
              "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
              # special tokens by the names the cases below give them, and an unknown character
-             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z",
+             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z [unused4]",
              # longer than both lengths: which end is cut shows
              "the first words " + "filler " * 400 + "the last words"]
 
@@ -313,6 +313,12 @@ SETTINGS_FILES = {
         "sep_token": _special_token("[SEP]", normalized=True)})),
     "special-token-flags-from-the-decoder": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", added_tokens_decoder={
         **ADDED_TOKENS_DECODER, "102": {**_special_token("[SEP]", normalized=True), "special": True}})),
+    # ... and a named one becomes special: split_special_tokens then splits it in texts
+    "split-a-named-token-listed-as-not-special": ("stanford", lambda d: _edit_json(
+        d / "tokenizer_config.json", split_special_tokens=True, added_tokens_decoder={
+            **ADDED_TOKENS_DECODER, "102": {**_special_token("[SEP]"), "special": False},
+            "5": {**_special_token("[unused4]"), "special": False}},
+        additional_special_tokens=["[unused4]"])),
     "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
         d, tokens_map=RENAMED, drop_tokenizer=True)),
     # added_tokens_decoder: transformers' added tokens come from it, not from tokenizer.json

@@ -75,17 +75,22 @@ class ColBERTTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
         # transformers registers the checkpoint's special tokens, so such a token written in a
-        # text is that token. One that is an added token already keeps that token's flags (as in
-        # transformers; adding it again would change them in the serialised copies _prepared
-        # makes, not in this tokenizer). One missing from the vocabulary it would add with a new
-        # id past the embedding: not added here (the ones used below are then refused).
+        # text is that token. One that is an added token already keeps that token's flags, but a
+        # named one (CLS, SEP, ...) becomes special (what split_special_tokens looks at); adding
+        # it again would change its flags in the serialised copies _prepared makes, not in this
+        # tokenizer. One missing from the vocabulary transformers would add with a new id past
+        # the embedding: not added here (the ones used below are then refused).
         added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
                        single_word=t.single_word, special=True)
             for t in (*special_tokens.values(), *files.extra_special_tokens)
             if t is not None and t.content not in added and tokenizer.token_to_id(t.content) is not None])
-        base = tokenizer.to_str()  # before the markers are added: see _prepared
+        named = {t.content for t in special_tokens.values() if t is not None}
+        serialised = json.loads(tokenizer.to_str())
+        for token in serialised["added_tokens"]:
+            token["special"] = token["special"] or token["content"] in named
+        base = json.dumps(serialised)  # before the markers are added: see _prepared
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
         # already lists as added keeps its own flags), so a marker written in a text is one token.
         markers = [p for p in (settings.query_prefix, settings.document_prefix) if p]
