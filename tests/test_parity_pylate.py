@@ -335,6 +335,11 @@ SETTINGS_FILES = {
                                                                    additional_special_tokens=["[unused10]"])),
     "extra-special-tokens-in-map": ("pylate", lambda d: _edit_json(d / "0_Transformer" / "special_tokens_map.json",
                                                                    extra_special_tokens={"foo_token": "[unused11]"})),
+    # the map's additional_special_tokens count only where the config gave none; its extra list joins
+    "extra-special-tokens-precedence": ("stanford", lambda d: (
+        _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]),
+        _edit_json(d / "special_tokens_map.json", additional_special_tokens=["[unused11]"],
+                   extra_special_tokens=["[unused12]"]))),
     "model-specific-special-token": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json",
                                                                       foo_token="[unused12]")),
     "added-tokens-json": ("stanford", lambda d: (

@@ -385,15 +385,15 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
     # As transformers (v5, PyLate's) reads them: tokenizer_config.json's settings, then
     # special_tokens_map.json's over them, unless tokenizer_config.json lists its
     # added_tokens_decoder (then the map and added_tokens.json are not read), then the arguments.
-    layers = [tok_config]
-    if tokens_map is not None and "added_tokens_decoder" not in tok_config.data:
-        layers.append(tokens_map)
+    if "added_tokens_decoder" in tok_config.data:
+        tokens_map = None
+    layers = [settings for settings in (tok_config, tokens_map, tokenizer_args) if settings is not None]
     config = tok_config
     if tokenizer_args is not None:
-        layers.append(tokenizer_args)
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
-    special_tokens, extra_special_tokens = _special_tokens(layers), _extra_special_tokens(layers)
+    special_tokens = _special_tokens(layers)
+    extra_special_tokens = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, extra_special_tokens,
         config.flag("split_special_tokens", False), _truncation_side(config),
@@ -454,28 +454,48 @@ def _special_tokens(layers: list[_SettingsFile]) -> dict[str, TokenSpec | None]:
     return resolved
 
 
-def _extra_special_tokens(layers: list[_SettingsFile]) -> tuple[TokenSpec, ...]:
+def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
+                          tokenizer_args: _SettingsFile | None) -> tuple[TokenSpec, ...]:
     """The other special tokens transformers registers: extra_special_tokens (or its older name
     additional_special_tokens), a list or an object of named tokens, and any other key ending in
-    "_token" that holds a string. All of them, from every file: where one file lists both names,
-    or each file one, transformers keeps some lists over others, a case no saved tokenizer makes."""
-    found = {}
-    for settings in layers:
-        for key, value in settings.data.items():
-            if key in ("extra_special_tokens", "additional_special_tokens") and value is not None:
-                if isinstance(value, dict):
-                    entries = value.items()
-                elif isinstance(value, list):
-                    entries = enumerate(value)
-                else:
-                    raise CheckpointError(f"{settings.source}: {key} must be a list or an object of tokens")
-                for name, entry in entries:
-                    token = _token_spec(entry, f"{key}[{name!r}]", settings.source, special=True)
-                    if token is not None:
-                        found[token.content] = token
-            elif key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
-                found[value] = TokenSpec(value)
+    "_token" that holds a string. With transformers' precedence: the arguments over
+    tokenizer_config.json, the older name only where the newer is not given, then
+    special_tokens_map.json (when read): its extra_special_tokens list joins the list, its other
+    keys replace theirs, and the older name still counts only where no list was given; a map
+    key the arguments set is skipped."""
+    given: dict = {}  # key -> its tokens (None where the key is null)
+
+    def read(key, value, source, merge=False):
+        if key in ("extra_special_tokens", "additional_special_tokens"):
+            tokens = None if value is None else _token_list(value, key, source)
+            given[key] = (given.get(key) or []) + tokens if merge and isinstance(value, list) else tokens
+        elif key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
+            given[key] = [TokenSpec(value)]
+
+    for settings in (tok_config, tokenizer_args):
+        for key, value in ({} if settings is None else settings.data).items():
+            read(key, value, settings.source)
+    if "additional_special_tokens" in given:
+        given.setdefault("extra_special_tokens", given.pop("additional_special_tokens"))
+    for key, value in ({} if tokens_map is None else tokens_map.data).items():
+        if tokenizer_args is None or not tokenizer_args.data.get(key):
+            read(key, value, tokens_map.source, merge=key == "extra_special_tokens")
+    if "extra_special_tokens" in given:
+        given.pop("additional_special_tokens", None)
+    found = {token.content: token for tokens in given.values() if tokens for token in tokens}
     return tuple(found.values())
+
+
+def _token_list(value, key: str, source: str) -> list[TokenSpec]:
+    """A list of special tokens, or an object of named ones."""
+    if isinstance(value, dict):
+        entries = value.items()
+    elif isinstance(value, list):
+        entries = enumerate(value)
+    else:
+        raise CheckpointError(f"{source}: {key} must be a list or an object of tokens")
+    tokens = [_token_spec(entry, f"{key}[{name!r}]", source, special=True) for name, entry in entries]
+    return [token for token in tokens if token is not None]
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None) -> TokenSpec | None:
