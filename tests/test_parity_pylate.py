@@ -340,6 +340,16 @@ SETTINGS_FILES = {
         _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]),
         _edit_json(d / "special_tokens_map.json", additional_special_tokens=["[unused11]"],
                    extra_special_tokens=["[unused12]"]))),
+    # an object of named extra tokens does not stand for a list: the map's additional ones count
+    "named-extra-special-tokens": ("pylate", lambda d: (
+        _edit_json(d / "0_Transformer" / "tokenizer_config.json", extra_special_tokens={"foo_token": "[unused10]"}),
+        _edit_json(d / "0_Transformer" / "special_tokens_map.json", additional_special_tokens=["[unused11]"]))),
+    # a null in tokenizer_args does not stand against the map's token (seen from a vocabulary
+    # alone, where only the special tokens are added tokens)
+    "tokenizer-args-null-token": ("pylate", lambda d: (
+        (d / "0_Transformer" / "tokenizer.json").unlink(),
+        _edit_json(d / "0_Transformer" / "sentence_bert_config.json",
+                   tokenizer_args={"pad_token": None, "sep_token": "[unused11]"}))),
     "model-specific-special-token": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json",
                                                                       foo_token="[unused12]")),
     "added-tokens-json": ("stanford", lambda d: (

@@ -382,17 +382,17 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
     tokens_map = files.json(map_where, required=False)
     if tokens_map is not None:
         tokens_map = _SettingsFile(tokens_map, files.describe(map_where))
-    # As transformers (v5, PyLate's) reads them: tokenizer_config.json's settings, then
-    # special_tokens_map.json's over them, unless tokenizer_config.json lists its
-    # added_tokens_decoder (then the map and added_tokens.json are not read), then the arguments.
+    # As transformers (v5, PyLate's) reads them: tokenizer_config.json's settings, the arguments
+    # over them, then special_tokens_map.json's special tokens over those (but for one the
+    # arguments set), unless tokenizer_config.json lists its added_tokens_decoder (then the map
+    # and added_tokens.json are not read).
     if "added_tokens_decoder" in tok_config.data:
         tokens_map = None
-    layers = [settings for settings in (tok_config, tokens_map, tokenizer_args) if settings is not None]
     config = tok_config
     if tokenizer_args is not None:
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
-    special_tokens = _special_tokens(layers)
+    special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
     extra_special_tokens = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, extra_special_tokens,
@@ -441,16 +441,21 @@ def _added_tokens(files: _Files, prefix: str, tok_config: _SettingsFile, tokeniz
     return added
 
 
-def _special_tokens(layers: list[_SettingsFile]) -> dict[str, TokenSpec | None]:
-    """The named special tokens: BertTokenizer's defaults, then each settings file's keys in
-    turn. A value is the token's text or an AddedToken object; null means none (a key given as
-    null is not unset here: it is how transformers reads it)."""
+def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
+                    tokenizer_args: _SettingsFile | None) -> dict[str, TokenSpec | None]:
+    """The named special tokens: BertTokenizer's defaults, tokenizer_config.json's keys, the
+    arguments' over them, then special_tokens_map.json's (when read) but for those the arguments
+    set to a token. A value is the token's text or an AddedToken object; null means none (a key
+    given as null is not unset here: it is how transformers reads it)."""
     resolved = {}
     for name, default in BERT_SPECIAL_TOKENS.items():
         resolved[name] = default
-        for settings in layers:
-            if name in settings.data:
-                resolved[name] = _token_spec(settings.data[name], name, settings.source, special=True)
+        for settings in (tok_config, tokenizer_args, tokens_map):
+            if settings is None or name not in settings.data:
+                continue
+            if settings is tokens_map and tokenizer_args is not None and tokenizer_args.data.get(name):
+                continue
+            resolved[name] = _token_spec(settings.data[name], name, settings.source, special=True)
     return resolved
 
 
@@ -459,35 +464,39 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     """The other special tokens transformers registers: extra_special_tokens (or its older name
     additional_special_tokens), a list or an object of named tokens, and any other key ending in
     "_token" that holds a string. With transformers' precedence: the arguments over
-    tokenizer_config.json, the older name only where the newer is not given, then
-    special_tokens_map.json (when read): its extra_special_tokens list joins the list, its other
-    keys replace theirs, and the older name still counts only where no list was given; a map
-    key the arguments set is skipped."""
-    given: dict = {}  # key -> its tokens (None where the key is null)
+    tokenizer_config.json, the older name only where the newer is not given as a list, then
+    special_tokens_map.json (when read): its extra_special_tokens list joins the list, its
+    additional_special_tokens count only where no list was given, its other keys replace
+    theirs; a map key the arguments set is skipped. Named tokens (an object, a *_token key) all
+    count."""
+    lists: dict = {}  # extra_special_tokens / additional_special_tokens -> tokens, None if null
+    named: dict = {}  # a named token's key -> token
 
-    def read(key, value, source, merge=False):
+    def read(key, value, source, join=False):
         if key in ("extra_special_tokens", "additional_special_tokens"):
-            tokens = None if value is None else _token_list(value, key, source)
-            given[key] = (given.get(key) or []) + tokens if merge and isinstance(value, list) else tokens
+            if isinstance(value, dict):
+                named.update({f"{key}.{name}": token for name, token in
+                              zip(value, _token_list(value, key, source, keep_null=True)) if token})
+            else:
+                tokens = None if value is None else _token_list(value, key, source)
+                lists[key] = (lists.get(key) or []) + tokens if join and tokens is not None else tokens
         elif key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
-            given[key] = [TokenSpec(value)]
+            named[key] = TokenSpec(value)
 
     for settings in (tok_config, tokenizer_args):
         for key, value in ({} if settings is None else settings.data).items():
             read(key, value, settings.source)
-    if "additional_special_tokens" in given:
-        given.setdefault("extra_special_tokens", given.pop("additional_special_tokens"))
+    if "additional_special_tokens" in lists:
+        lists.setdefault("extra_special_tokens", lists.pop("additional_special_tokens"))
     for key, value in ({} if tokens_map is None else tokens_map.data).items():
         if tokenizer_args is None or not tokenizer_args.data.get(key):
-            read(key, value, tokens_map.source, merge=key == "extra_special_tokens")
-    if "extra_special_tokens" in given:
-        given.pop("additional_special_tokens", None)
-    found = {token.content: token for tokens in given.values() if tokens for token in tokens}
-    return tuple(found.values())
+            read(key, value, tokens_map.source, join=key == "extra_special_tokens")
+    listed = lists.get("extra_special_tokens", lists.get("additional_special_tokens")) or []
+    return tuple({token.content: token for token in (*listed, *named.values())}.values())
 
 
-def _token_list(value, key: str, source: str) -> list[TokenSpec]:
-    """A list of special tokens, or an object of named ones."""
+def _token_list(value, key: str, source: str, keep_null: bool = False) -> list[TokenSpec | None]:
+    """A list of special tokens, or an object of named ones (keep_null: one per name)."""
     if isinstance(value, dict):
         entries = value.items()
     elif isinstance(value, list):
@@ -495,7 +504,7 @@ def _token_list(value, key: str, source: str) -> list[TokenSpec]:
     else:
         raise CheckpointError(f"{source}: {key} must be a list or an object of tokens")
     tokens = [_token_spec(entry, f"{key}[{name!r}]", source, special=True) for name, entry in entries]
-    return [token for token in tokens if token is not None]
+    return tokens if keep_null else [token for token in tokens if token is not None]
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None) -> TokenSpec | None:

@@ -81,11 +81,13 @@ class ColBERTTokenizer:
         # tokenizer. One missing from the vocabulary transformers would add with a new id past
         # the embedding: not added here (the ones used below are then refused).
         added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+        registered = {}  # by text: a named token's flags over an extra one's with the same text
+        for t in (*special_tokens.values(), *files.extra_special_tokens):
+            if t is not None and t.content not in added and tokenizer.token_to_id(t.content) is not None:
+                registered.setdefault(t.content, t)
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
-                       single_word=t.single_word, special=True)
-            for t in (*special_tokens.values(), *files.extra_special_tokens)
-            if t is not None and t.content not in added and tokenizer.token_to_id(t.content) is not None])
+                       single_word=t.single_word, special=True) for t in registered.values()])
         named = {t.content for t in special_tokens.values() if t is not None}
         serialised = json.loads(tokenizer.to_str())
         for token in serialised["added_tokens"]:
