@@ -385,6 +385,69 @@ def test_checkpoint_settings_files_read_as_pylate_reads_them(tmp_path, stanford_
     _assert_same_tokens_and_embeddings(ours, ref, ODD_TEXTS)
 
 
+# Random tokenizer settings (a differential fuzz against PyLate, seeded): token names from the
+# vocabulary, AddedToken flags, lists of extra special tokens, the map or tokenizer.json left
+# out, tokenizer_args. Flags are given to named tokens drawn apart from the extra ones: a text
+# given as both with different flags is the one known difference (the tokenizers library then
+# matches it both ways; our serialised tokenizer holds one entry).
+NAMED_POOL = ["[unused3]", "[unused4]", "[unused5]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "[PAD]", "[unused0]"]
+EXTRA_POOL = ["[unused6]", "[unused7]", "[unused8]", "[unused1]"]
+FUZZ_WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", "[", "]", "x"] + [
+    form for t in NAMED_POOL + EXTRA_POOL for form in (t, t.lower(), t.upper(), t + "x")]
+
+
+def _random_settings(rng, config: bool) -> dict:
+    settings = {}
+    for name in ("cls_token", "sep_token", "mask_token", "unk_token", "pad_token"):
+        if rng.random() < 0.25:
+            token = rng.choice(NAMED_POOL)
+            flags = {f: rng.random() < 0.5 for f in ("lstrip", "rstrip", "normalized", "single_word")
+                     if rng.random() < 0.4}
+            # an object in tokenizer_config.json (or the arguments) carries its type, as saved
+            typed = {"__type": "AddedToken"} if config else {}
+            settings[name] = {"content": token, **flags, **typed} if rng.random() < 0.4 else token
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if rng.random() < 0.2:
+            tokens = [rng.choice(EXTRA_POOL) for _ in range(rng.randint(0, 2))]
+            named = key == "extra_special_tokens" and rng.random() < 0.3  # transformers' newer form only
+            settings[key] = {"foo_token": rng.choice(EXTRA_POOL)} if named else tokens
+    if rng.random() < 0.1:
+        settings["bar_token"] = rng.choice(EXTRA_POOL)
+    if config:
+        for key, values in (("do_lower_case", [True, False]), ("strip_accents", [True, False, None]),
+                            ("split_special_tokens", [True, False]), ("truncation_side", ["left", "right"])):
+            if rng.random() < 0.2:
+                settings[key] = rng.choice(values)
+    return settings
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_tokenizer_settings_read_as_pylate_reads_them(tmp_path, stanford_dir, pylate_dir, seed):
+    import random
+
+    models = require_reference("pylate.models")
+    rng = random.Random(seed)
+    layout = rng.choice(["stanford", "pylate"])
+    path = tmp_path / "ckpt"
+    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path)
+    tokenizer_dir = path if layout == "stanford" else path / "0_Transformer"
+    _edit_json(tokenizer_dir / "tokenizer_config.json", **_random_settings(rng, config=True))
+    if rng.random() < 0.5:
+        _edit_json(tokenizer_dir / "special_tokens_map.json", **_random_settings(rng, config=False))
+    if rng.random() < 0.2:
+        (tokenizer_dir / "tokenizer.json").unlink()
+    if layout == "pylate" and rng.random() < 0.3:
+        _edit_json(tokenizer_dir / "sentence_bert_config.json", tokenizer_args=_random_settings(rng, config=True))
+    texts = [" ".join(rng.choice(FUZZ_WORDS) for _ in range(rng.randint(0, 40))) for _ in range(6)]
+    texts.append("first " + "filler " * 350 + "last")
+    try:
+        ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    except Exception as bad:  # transformers refuses some of these settings itself
+        pytest.skip(f"PyLate does not load these settings: {bad.__context__ or bad!r}"[:200])
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    _assert_same_tokens(ours, ref, texts, texts)
+
+
 def _assert_same_tokens_and_embeddings(ours, ref, texts):
     for is_query in (True, False):
         theirs = ref.tokenize(texts, is_query=is_query)

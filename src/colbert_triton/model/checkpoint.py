@@ -393,12 +393,14 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
-    extra_special_tokens = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
+    listed, named = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
+    extra_special_tokens = tuple({token.content: token for token in (*listed, *named)}.values())
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, extra_special_tokens,
         config.flag("split_special_tokens", False), _truncation_side(config),
+        # an added_tokens.json token is special if it is a named special token or a listed one
         _added_tokens(files, prefix, tok_config, tokenizer_file,
-                      {t.content for t in (*special_tokens.values(), *extra_special_tokens) if t is not None}))
+                      {t.content for t in (*special_tokens.values(), *listed) if t is not None}))
 
 
 def _truncation_side(tok_config: _SettingsFile) -> str:
@@ -460,8 +462,8 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
 
 
 def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
-                          tokenizer_args: _SettingsFile | None) -> tuple[TokenSpec, ...]:
-    """The other special tokens transformers registers: extra_special_tokens (or its older name
+                          tokenizer_args: _SettingsFile | None) -> tuple[tuple[TokenSpec, ...], ...]:
+    """The other special tokens transformers registers, (listed, named): extra_special_tokens (or its older name
     additional_special_tokens), a list or an object of named tokens, and any other key ending in
     "_token" that holds a string. With transformers' precedence: the arguments over
     tokenizer_config.json, the older name only where the newer is not given as a list, then
@@ -492,7 +494,7 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
         if tokenizer_args is None or not tokenizer_args.data.get(key):
             read(key, value, tokens_map.source, join=key == "extra_special_tokens")
     listed = lists.get("extra_special_tokens", lists.get("additional_special_tokens")) or []
-    return tuple({token.content: token for token in (*listed, *named.values())}.values())
+    return tuple(listed), tuple(named.values())
 
 
 def _token_list(value, key: str, source: str, keep_null: bool = False) -> list[TokenSpec | None]:
