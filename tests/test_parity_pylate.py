@@ -319,6 +319,10 @@ SETTINGS_FILES = {
             **ADDED_TOKENS_DECODER, "102": {**_special_token("[SEP]"), "special": False},
             "5": {**_special_token("[unused4]"), "special": False}},
         additional_special_tokens=["[unused4]"])),
+    # ... and so does a model-specific one (a *_token key)
+    "split-a-model-specific-token-listed-as-not-special": ("stanford", lambda d: _edit_json(
+        d / "tokenizer_config.json", split_special_tokens=True, foo_token="[unused10]", added_tokens_decoder={
+            **ADDED_TOKENS_DECODER, "11": {**_special_token("[unused10]"), "special": False}})),
     "special-tokens-vocab-only": ("stanford", lambda d: _rename_special_tokens(
         d, tokens_map=RENAMED, drop_tokenizer=True)),
     # added_tokens_decoder: transformers' added tokens come from it, not from tokenizer.json

@@ -208,8 +208,10 @@ class TokenizerFiles:
     bert_normalizer: dict | None = None
     # special tokens by attribute (see BERT_SPECIAL_TOKENS), None for one set to null
     special_tokens: dict[str, TokenSpec | None] = field(default_factory=lambda: dict(BERT_SPECIAL_TOKENS))
-    # the other special tokens transformers registers (extra_special_tokens and the like)
+    # the other special tokens transformers registers: listed (extra_special_tokens and its
+    # older name) and model-specific (an object of named tokens, other *_token keys)
     extra_special_tokens: tuple[TokenSpec, ...] = ()
+    model_specific_tokens: tuple[TokenSpec, ...] = ()
     # tokenizer_config.json's split_special_tokens: special tokens written in a text are not matched
     split_special_tokens: bool = False
     # tokenizer_config.json's truncation_side: "left" keeps a long text's last word pieces
@@ -393,10 +395,9 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
-    listed, named = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
-    extra_special_tokens = tuple({token.content: token for token in (*listed, *named)}.values())
+    listed, model_specific = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
     return TokenizerFiles(
-        tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, extra_special_tokens,
+        tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, listed, model_specific,
         config.flag("split_special_tokens", False), _truncation_side(config),
         # an added_tokens.json token is special if it is a named special token or a listed one
         _added_tokens(files, prefix, tok_config, tokenizer_file,
@@ -463,14 +464,13 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
 
 def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
                           tokenizer_args: _SettingsFile | None) -> tuple[tuple[TokenSpec, ...], ...]:
-    """The other special tokens transformers registers, (listed, named): extra_special_tokens (or its older name
-    additional_special_tokens), a list or an object of named tokens, and any other key ending in
-    "_token" that holds a string. With transformers' precedence: the arguments over
-    tokenizer_config.json, the older name only where the newer is not given as a list, then
-    special_tokens_map.json (when read): its extra_special_tokens list joins the list, its
-    additional_special_tokens count only where no list was given, its other keys replace
-    theirs; a map key the arguments set is skipped. Named tokens (an object, a *_token key) all
-    count."""
+    """The other special tokens transformers registers, as (listed, model-specific): the list
+    extra_special_tokens (or its older name additional_special_tokens), and named tokens (an
+    object given as extra_special_tokens, any other key ending in "_token" that holds a string).
+    With transformers' precedence: the arguments over tokenizer_config.json, the older name only
+    where the newer is not given as a list, then special_tokens_map.json (when read): its
+    extra_special_tokens list joins the list, its additional_special_tokens count only where no
+    list was given, its other keys replace theirs; a map key the arguments set is skipped."""
     lists: dict = {}  # extra_special_tokens / additional_special_tokens -> tokens, None if null
     named: dict = {}  # a named token's key -> token
 

@@ -76,19 +76,20 @@ class ColBERTTokenizer:
         tokenizer.no_truncation()  # some tokenizer.json files carry padding/truncation to 128
         # transformers registers the checkpoint's special tokens, so such a token written in a
         # text is that token. One that is an added token already keeps that token's flags, but a
-        # named one (CLS, SEP, ...) becomes special (what split_special_tokens looks at); adding
-        # it again would change its flags in the serialised copies _prepared makes, not in this
-        # tokenizer. One missing from the vocabulary transformers would add with a new id past
-        # the embedding: not added here (the ones used below are then refused).
+        # named one (CLS, SEP, ..., or model-specific) becomes special (what split_special_tokens
+        # looks at); adding it again would change its flags in the serialised copies _prepared
+        # makes, not in this tokenizer. One missing from the vocabulary transformers would add
+        # with a new id past the embedding: not added here (the ones used below are refused).
+        named = [t for t in (*special_tokens.values(), *files.model_specific_tokens) if t is not None]
         added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-        registered = {}  # by text: a named token's flags over an extra one's with the same text
-        for t in (*special_tokens.values(), *files.extra_special_tokens):
-            if t is not None and t.content not in added and tokenizer.token_to_id(t.content) is not None:
+        registered = {}  # by text: a named token's flags over a listed one's with the same text
+        for t in (*named, *files.extra_special_tokens):
+            if t.content not in added and tokenizer.token_to_id(t.content) is not None:
                 registered.setdefault(t.content, t)
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
                        single_word=t.single_word, special=True) for t in registered.values()])
-        named = {t.content for t in special_tokens.values() if t is not None}
+        named = {t.content for t in named}
         serialised = json.loads(tokenizer.to_str())
         for token in serialised["added_tokens"]:
             token["special"] = token["special"] or token["content"] in named
