@@ -348,6 +348,12 @@ SETTINGS_FILES = {
     "named-extra-special-tokens": ("pylate", lambda d: (
         _edit_json(d / "0_Transformer" / "tokenizer_config.json", extra_special_tokens={"foo_token": "[unused10]"}),
         _edit_json(d / "0_Transformer" / "special_tokens_map.json", additional_special_tokens=["[unused11]"]))),
+    # the map's model-specific tokens add to the config's (one key in both: both count), and an
+    # object of named tokens in the map takes the place of the config's list
+    "model-specific-tokens-in-both-files": ("stanford", lambda d: (
+        _edit_json(d / "tokenizer_config.json", foo_token="[unused10]", extra_special_tokens=["[unused12]"]),
+        _edit_json(d / "special_tokens_map.json", foo_token="[unused11]",
+                   extra_special_tokens={"bar_token": "[unused13]"}))),
     # a null in tokenizer_args does not stand against the map's token (seen from a vocabulary
     # alone, where only the special tokens are added tokens)
     "tokenizer-args-null-token": ("pylate", lambda d: (

@@ -467,34 +467,54 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     """The other special tokens transformers registers, as (listed, model-specific): the list
     extra_special_tokens (or its older name additional_special_tokens), and named tokens (an
     object given as extra_special_tokens, any other key ending in "_token" that holds a string).
-    With transformers' precedence: the arguments over tokenizer_config.json, the older name only
-    where the newer is not given as a list, then special_tokens_map.json (when read): its
-    extra_special_tokens list joins the list, its additional_special_tokens count only where no
-    list was given, its other keys replace theirs; a map key the arguments set is skipped."""
-    lists: dict = {}  # extra_special_tokens / additional_special_tokens -> tokens, None if null
-    named: dict = {}  # a named token's key -> token
 
-    def read(key, value, source, join=False):
+    In transformers' order: tokenizer_config.json's keys with the arguments' over them; the
+    older list name only where the newer key is absent; named tokens set aside by name. Then
+    special_tokens_map.json's (when read; a key the arguments set is skipped): its
+    extra_special_tokens list joins the list, an object (or null) takes its place, its
+    additional_special_tokens count only where no list is left, and its named tokens count
+    under names not taken yet."""
+
+    def parse(key, value, source):
+        """("list", tokens or None) or ("named", {name: token}), or None for another key."""
         if key in ("extra_special_tokens", "additional_special_tokens"):
             if isinstance(value, dict):
-                named.update({f"{key}.{name}": token for name, token in
-                              zip(value, _token_list(value, key, source, keep_null=True)) if token})
-            else:
-                tokens = None if value is None else _token_list(value, key, source)
-                lists[key] = (lists.get(key) or []) + tokens if join and tokens is not None else tokens
-        elif key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
-            named[key] = TokenSpec(value)
+                tokens = _token_list(value, key, source, keep_null=True)
+                return "named", {name: token for name, token in zip(value, tokens) if token is not None}
+            return "list", None if value is None else _token_list(value, key, source)
+        if key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
+            return "named", {key: TokenSpec(value)}
+        return None
 
+    given = {}  # the arguments' keys over tokenizer_config.json's, as transformers updates them
     for settings in (tok_config, tokenizer_args):
         for key, value in ({} if settings is None else settings.data).items():
-            read(key, value, settings.source)
-    if "additional_special_tokens" in lists:
-        lists.setdefault("extra_special_tokens", lists.pop("additional_special_tokens"))
+            if (parsed := parse(key, value, settings.source)) is not None:
+                given[key] = parsed
+    if "additional_special_tokens" in given:
+        given.setdefault("extra_special_tokens", given.pop("additional_special_tokens"))
+    named = {name: token for kind, tokens in given.values() if kind == "named" for name, token in tokens.items()}
+    has_list = given.get("extra_special_tokens", ("named",))[0] == "list"
+    listed = given["extra_special_tokens"][1] if has_list else None
+    map_additional = None
     for key, value in ({} if tokens_map is None else tokens_map.data).items():
-        if tokenizer_args is None or not tokenizer_args.data.get(key):
-            read(key, value, tokens_map.source, join=key == "extra_special_tokens")
-    listed = lists.get("extra_special_tokens", lists.get("additional_special_tokens")) or []
-    return tuple(listed), tuple(named.values())
+        if (tokenizer_args is not None and tokenizer_args.data.get(key)) or \
+                (parsed := parse(key, value, tokens_map.source)) is None:
+            continue
+        kind, tokens = parsed
+        if key == "extra_special_tokens" and kind == "list" and tokens is not None:
+            listed = (listed or []) + [t for t in tokens if t.content not in {u.content for u in listed or []}]
+            has_list = True
+        elif key == "additional_special_tokens" and kind == "list":
+            map_additional = tokens
+        else:
+            if key == "extra_special_tokens":  # an object or null takes the list's place
+                listed, has_list = None, kind == "list"
+            for name, token in (tokens or {}).items() if kind == "named" else ():
+                named.setdefault(name, token)
+    if not has_list and map_additional is not None:
+        listed = map_additional
+    return tuple(listed or ()), tuple(named.values())
 
 
 def _token_list(value, key: str, source: str, keep_null: bool = False) -> list[TokenSpec | None]:
