@@ -89,10 +89,10 @@ class ColBERTTokenizer:
         tokenizer.add_special_tokens([
             AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
                        single_word=t.single_word, special=True) for t in registered.values()])
-        named = {t.content for t in named}
+        named_texts = {t.content for t in named}
         serialised = json.loads(tokenizer.to_str())
         for token in serialised["added_tokens"]:
-            token["special"] = token["special"] or token["content"] in named
+            token["special"] = token["special"] or token["content"] in named_texts
         base = json.dumps(serialised)  # before the markers are added: see _prepared
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
         # already lists as added keeps its own flags), so a marker written in a text is one token.
