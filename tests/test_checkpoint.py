@@ -294,8 +294,8 @@ def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir):
 
 @pytest.mark.parametrize("args, message", [
     ([1], "sentence_bert_config.json: tokenizer_args: expected a JSON object of settings"),
-    ({"do_lower_case": "no"}, "tokenizer_config.json with .*sentence_bert_config.json: tokenizer_args: "
-                              "do_lower_case must be true or false"),
+    ({"do_lower_case": "no"}, ("tokenizer_config.json with .*sentence_bert_config.json: tokenizer_args: "
+                               "do_lower_case must be true or false")),
     ({"sep_token": 3}, "sentence_bert_config.json: tokenizer_args: sep_token must be a string"),
 ])
 def test_malformed_tokenizer_args_are_named(tmp_path, pylate_dir, args, message):
