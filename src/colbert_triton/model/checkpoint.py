@@ -216,9 +216,11 @@ class TokenizerFiles:
     split_special_tokens: bool = False
     # tokenizer_config.json's truncation_side: "left" keeps a long text's last word pieces
     truncation_side: str = "right"
-    # the added tokens by id when transformers reads them from other files than tokenizer.json
-    # (tokenizer_config.json's added_tokens_decoder, added_tokens.json); None: tokenizer.json's
-    added_tokens: dict[int, TokenSpec] | None = None
+    # tokenizer_config.json's added_tokens_decoder by id, which replaces tokenizer.json's added
+    # tokens; None when it has none
+    added_tokens_decoder: dict[int, TokenSpec] | None = None
+    # added_tokens.json's tokens by id, which join tokenizer.json's (read without a decoder)
+    added_tokens_json: dict[int, TokenSpec] = field(default_factory=dict)
 
     @property
     def source(self) -> Path:
@@ -396,12 +398,14 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
                                f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
     listed, model_specific = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
+    decoder = _added_tokens_decoder(tok_config)
+    # added_tokens.json only without a decoder; its token is special if it is a named special
+    # token or a listed one
+    legacy = {} if decoder is not None else _added_tokens_json(
+        files, prefix, {t.content for t in (*special_tokens.values(), *listed) if t is not None})
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, listed, model_specific,
-        config.flag("split_special_tokens", False), _truncation_side(config),
-        # an added_tokens.json token is special if it is a named special token or a listed one
-        _added_tokens(files, prefix, tok_config, tokenizer_file,
-                      {t.content for t in (*special_tokens.values(), *listed) if t is not None}))
+        config.flag("split_special_tokens", False), _truncation_side(config), decoder, legacy)
 
 
 def _truncation_side(tok_config: _SettingsFile) -> str:
@@ -411,37 +415,28 @@ def _truncation_side(tok_config: _SettingsFile) -> str:
     return side
 
 
-def _added_tokens(files: _Files, prefix: str, tok_config: _SettingsFile, tokenizer_file: Path | None,
-                  special_texts: set[str]) -> dict[int, TokenSpec] | None:
-    """The added tokens by id where transformers reads them from other files than
-    tokenizer.json: tokenizer_config.json's added_tokens_decoder, which replaces tokenizer.json's
-    list, or else an added_tokens.json (text -> id), whose tokens join that list (special if
-    they are among the special tokens). None when neither file has them."""
+def _added_tokens_decoder(tok_config: _SettingsFile) -> dict[int, TokenSpec] | None:
     decoder = tok_config.data.get("added_tokens_decoder")
-    if decoder is not None:
-        if not isinstance(decoder, dict) or not all(isinstance(i, str) and i.isdigit() for i in decoder):
-            raise CheckpointError(f"{tok_config.source}: added_tokens_decoder must map token ids to tokens")
-        return {int(i): _token_spec(token, f"added_tokens_decoder[{i}]", tok_config.source, special=None)
-                for i, token in decoder.items()}
+    if decoder is None:
+        return None
+    if not isinstance(decoder, dict) or not all(isinstance(i, str) and i.isdigit() for i in decoder):
+        raise CheckpointError(f"{tok_config.source}: added_tokens_decoder must map token ids to tokens")
+    return {int(i): _token_spec(token, f"added_tokens_decoder[{i}]", tok_config.source, special=None)
+            for i, token in decoder.items()}
+
+
+def _added_tokens_json(files: _Files, prefix: str, special_texts: set[str]) -> dict[int, TokenSpec]:
+    """The older added_tokens.json (text -> id), as transformers reads it: a token is special
+    (and then not normalised) if its text is among the special tokens."""
     where = prefix + "added_tokens.json"
     legacy = files.json(where, required=False)
     if legacy is None:
-        return None
+        return {}
     if not isinstance(legacy, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                for i in legacy.values()):
         raise CheckpointError(f"{files.describe(where)}: expected an object mapping tokens to ids")
-    added = {i: TokenSpec(text, normalized=text not in special_texts, special=text in special_texts)
-             for text, i in legacy.items()}
-    if tokenizer_file is not None:  # transformers reads tokenizer.json's list after it
-        try:
-            listed = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
-            ids = [token["id"] for token in listed]
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError) as bad:
-            raise CheckpointError(f"{tokenizer_file}: unreadable tokenizer ({bad!r})") from None
-        for i, token in zip(ids, listed):
-            added[i] = _token_spec({k: v for k, v in token.items() if k != "id"}, f"added_tokens[{i}]",
-                                   str(tokenizer_file), special=None)
-    return added
+    return {i: TokenSpec(text, normalized=text not in special_texts, special=text in special_texts)
+            for text, i in legacy.items()}
 
 
 def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
@@ -503,7 +498,8 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
             continue
         kind, tokens = parsed
         if key == "extra_special_tokens" and kind == "list" and tokens is not None:
-            listed = (listed or []) + [t for t in tokens if t.content not in {u.content for u in listed or []}]
+            have = {t.content for t in listed or []}
+            listed = (listed or []) + [t for t in tokens if t.content not in have]
             has_list = True
         elif key == "additional_special_tokens" and kind == "list":
             map_additional = tokens

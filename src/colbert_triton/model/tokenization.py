@@ -180,8 +180,8 @@ class ColBERTTokenizer:
         settings, the BERT pre-tokenizer, and the word-piece limits ("##" pieces, words of up to
         100 characters, longer ones the checkpoint's unknown token). A well-formed BERT
         checkpoint's file says the same. From a vocabulary alone: word pieces over it, those
-        parts with BERT's defaults, and the special tokens. ``files.added_tokens``, when given,
-        replace tokenizer.json's added tokens, as in transformers."""
+        parts with BERT's defaults, and the special tokens. The added tokens are tokenizer.json's
+        as transformers amends them (files.added_tokens_decoder, files.added_tokens_json)."""
         special_tokens, bert_normalizer, source = files.special_tokens, files.bert_normalizer, files.source
         unk = special_tokens["unk_token"]
         if unk is None and (bert_normalizer is not None or files.tokenizer_file is None):
@@ -198,9 +198,16 @@ class ColBERTTokenizer:
             except Exception as bad:
                 raise CheckpointError(f"{source}: unreadable vocabulary ({bad})") from None
             bert_normalizer = {} if bert_normalizer is None else bert_normalizer  # BERT's defaults
-        if files.added_tokens is not None:
+        replaced = files.added_tokens_decoder is not None
+        if replaced or files.added_tokens_json:
+            # The decoder's list replaces tokenizer.json's; added_tokens.json's joins it, and
+            # tokenizer.json's entry wins an id both give (transformers reads it last).
             data = json.loads(tokenizer.to_str())
-            data["added_tokens"] = [{"id": i, **asdict(token)} for i, token in sorted(files.added_tokens.items())]
+            given = files.added_tokens_decoder if replaced else files.added_tokens_json
+            tokens = {i: {"id": i, **asdict(token)} for i, token in given.items()}
+            if not replaced:
+                tokens.update({token["id"]: token for token in data["added_tokens"]})
+            data["added_tokens"] = [tokens[i] for i in sorted(tokens)]
             tokenizer = Tokenizer.from_str(json.dumps(data))
         if bert_normalizer is not None:
             tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, **bert_normalizer)
