@@ -1,6 +1,7 @@
 """Encoding, scoring and reranking against PyLate 1.6.0 loading the same checkpoint directories."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -227,7 +228,8 @@ ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
              "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
              # special tokens by the names the cases below give them, and an unknown character
-             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [PAD] [UNK] [unused13] z [unused4]",
+             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [unused12]x [PAD] [UNK] [unused13] z "
+             "[unused4]",
              # longer than both lengths: which end is cut shows
              "the first words " + "filler " * 400 + "the last words"]
 
@@ -378,6 +380,26 @@ SETTINGS_FILES = {
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),
+    # one text given twice with different flags: the tokenizers library matches the texts the
+    # first allows, with the last one's lstrip/rstrip/single_word (two named tokens, from a
+    # vocabulary alone; a named and a listed one)
+    "one-text-two-named-tokens": ("stanford", lambda d: _rename_special_tokens(
+        d, config={"pad_token": {"content": "[unused11]", "single_word": True, "__type": "AddedToken"},
+                   "mask_token": "[unused11]"}, drop_map=True, drop_tokenizer=True)),
+    "one-text-named-and-listed": ("stanford", lambda d: _rename_special_tokens(
+        d, config={"mask_token": "[unused12]", "additional_special_tokens": [
+            {"content": "[unused12]", "single_word": True, "__type": "AddedToken"}]}, drop_map=True)),
+    # a listed token object from tokenizer_config.json is special only if it says so (or if it
+    # is a named token's text): else normalised, and matched despite split_special_tokens
+    "listed-object-not-special": ("stanford", lambda d: _edit_json(
+        d / "tokenizer_config.json", split_special_tokens=True,
+        extra_special_tokens=[{"content": "[unused10]", "__type": "AddedToken"}, "[unused13]"])),
+    # model-specific tokens: special_tokens_map.json's object over tokenizer_config.json's by
+    # name, a "_token" key's string under both, a token object under such a key
+    "model-specific-objects": ("stanford", lambda d: _rename_special_tokens(
+        d, config={"extra_special_tokens": {"foo_token": "[unused10]", "baz_token": "[unused11]"},
+                   "bar_token": {"content": "[unused13]", "rstrip": True, "__type": "AddedToken"}},
+        tokens_map={"extra_special_tokens": {"foo_token": "[unused12]"}, "baz_token": "[unused4]"})),
 }
 
 
@@ -397,28 +419,40 @@ def test_checkpoint_settings_files_read_as_pylate_reads_them(tmp_path, stanford_
 
 # Random tokenizer settings (a differential fuzz against PyLate, seeded): token names from the
 # vocabulary, AddedToken flags, lists of extra special tokens, the map or tokenizer.json left
-# out, tokenizer_args. Flags are given to named tokens drawn apart from the extra ones: a text
-# given as both with different flags is the one known difference (the tokenizers library then
-# matches it both ways; our serialised tokenizer holds one entry).
+# out, tokenizer_args. The pools overlap: a text given twice with different flags (as two named
+# tokens, or as a named and a listed one) is read as the tokenizers library reads it.
 NAMED_POOL = ["[unused3]", "[unused4]", "[unused5]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "[PAD]", "[unused0]"]
-EXTRA_POOL = ["[unused6]", "[unused7]", "[unused8]", "[unused1]"]
+EXTRA_POOL = ["[unused6]", "[unused7]", "[unused8]", "[unused1]", "[unused3]", "[SEP]"]
 FUZZ_WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", "[", "]", "x"] + [
     form for t in NAMED_POOL + EXTRA_POOL for form in (t, t.lower(), t.upper(), t + "x")]
 
 
+def _link_weights(source, destination):
+    if str(source).endswith(".safetensors"):
+        os.link(source, destination)
+    else:
+        shutil.copy2(source, destination)
+
+
 def _random_settings(rng, config: bool) -> dict:
+    # an object in tokenizer_config.json (or the arguments) carries its type, as saved
+    typed = {"__type": "AddedToken"} if config else {}
+
+    def token(pool, as_object=True):
+        content = rng.choice(pool)
+        flags = {f: rng.random() < 0.5 for f in ("lstrip", "rstrip", "normalized", "single_word")
+                 if rng.random() < 0.4}
+        return {"content": content, **flags, **typed} if as_object and rng.random() < 0.4 else content
+
     settings = {}
     for name in ("cls_token", "sep_token", "mask_token", "unk_token", "pad_token"):
         if rng.random() < 0.25:
-            token = rng.choice(NAMED_POOL)
-            flags = {f: rng.random() < 0.5 for f in ("lstrip", "rstrip", "normalized", "single_word")
-                     if rng.random() < 0.4}
-            # an object in tokenizer_config.json (or the arguments) carries its type, as saved
-            typed = {"__type": "AddedToken"} if config else {}
-            settings[name] = {"content": token, **flags, **typed} if rng.random() < 0.4 else token
+            settings[name] = token(NAMED_POOL)
     for key in ("additional_special_tokens", "extra_special_tokens"):
         if rng.random() < 0.2:
-            tokens = [rng.choice(EXTRA_POOL) for _ in range(rng.randint(0, 2))]
+            # a listed object is read from tokenizer_config.json's typed form only (transformers
+            # refuses one in special_tokens_map.json)
+            tokens = [token(EXTRA_POOL, as_object=config) for _ in range(rng.randint(0, 2))]
             named = key == "extra_special_tokens" and rng.random() < 0.3  # transformers' newer form only
             settings[key] = {"foo_token": rng.choice(EXTRA_POOL)} if named else tokens
     if rng.random() < 0.1:
@@ -439,7 +473,9 @@ def test_random_tokenizer_settings_read_as_pylate_reads_them(tmp_path, stanford_
     rng = random.Random(seed)
     layout = rng.choice(["stanford", "pylate"])
     path = tmp_path / "ckpt"
-    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path)
+    # the weights linked, not copied (only the settings files are edited): a wide run of seeds
+    # would otherwise write ~90 MB each
+    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path, copy_function=_link_weights)
     tokenizer_dir = path if layout == "stanford" else path / "0_Transformer"
     _edit_json(tokenizer_dir / "tokenizer_config.json", **_random_settings(rng, config=True))
     if rng.random() < 0.5:

@@ -186,7 +186,9 @@ class TokenSpec:
     content: str
     lstrip: bool = False
     rstrip: bool = False
-    normalized: bool = False
+    # None only while reading a listed token object that does not say: then the opposite of
+    # special, once transformers has settled that (_extra_special_tokens)
+    normalized: bool | None = False
     single_word: bool = False
     special: bool = True
 
@@ -397,7 +399,7 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
-    listed, model_specific = _extra_special_tokens(tok_config, tokens_map, tokenizer_args)
+    listed, model_specific = _extra_special_tokens(tok_config, tokens_map, tokenizer_args, special_tokens)
     decoder = _added_tokens_decoder(tok_config)
     # added_tokens.json only without a decoder; its token is special if it is a named special
     # token or a listed one
@@ -458,88 +460,138 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
 
 
 def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
-                          tokenizer_args: _SettingsFile | None) -> tuple[tuple[TokenSpec, ...], ...]:
+                          tokenizer_args: _SettingsFile | None,
+                          special_tokens: dict[str, TokenSpec | None]) -> tuple[tuple[TokenSpec, ...], ...]:
     """The other special tokens transformers registers, as (listed, model-specific): the list
     extra_special_tokens (or its older name additional_special_tokens), and named tokens (an
-    object given as extra_special_tokens, any other key ending in "_token" that holds a string).
+    object given as extra_special_tokens, any other key ending in "_token").
 
-    In transformers' order: tokenizer_config.json's keys with the arguments' over them; the
-    older list name only where the newer key is absent; named tokens set aside by name. Then
-    special_tokens_map.json's (when read; a key the arguments set is skipped): its
-    extra_special_tokens list joins the list, an object (or null) takes its place, its
-    additional_special_tokens count only where no list is left, and its named tokens count
-    under names not taken yet."""
+    Step by step as transformers 5 reads them (PreTrainedTokenizerBase._from_pretrained, then
+    __init__): tokenizer_config.json's keys with the arguments' over them, the older list name
+    only where the newer key is absent; the "_token" keys holding a string, then the object's
+    names over them, set aside (model-specific). Then special_tokens_map.json's keys (when read;
+    one the arguments set is skipped) replace those left, but for its extra_special_tokens list,
+    which joins the list, and its object, whose names go over the ones set aside. Its
+    additional_special_tokens count where no extra_special_tokens key is left; its "_token"
+    keys (and token objects under such keys in tokenizer_config.json) count under names not set
+    aside.
 
-    def parse(key, value, source):
-        """("list", tokens or None) or ("named", {name: token}), or None for another key."""
+    A listed token is special when given as a string, or as an object from
+    special_tokens_map.json; an object from tokenizer_config.json (or the arguments) is special
+    if it says so or if its text is a named token's (``special_tokens``, the model-specific)."""
+    args = {} if tokenizer_args is None else tokenizer_args.data
+
+    def given(key, value, source, from_map=False):
+        """A key's value with its file and whether that is special_tokens_map.json; a list's
+        entries each with theirs and their name (lists merge)."""
         if key in ("extra_special_tokens", "additional_special_tokens"):
-            if isinstance(value, dict):
-                tokens = _token_list(value, key, source, keep_null=True)
-                return "named", {name: token for name, token in zip(value, tokens) if token is not None}
-            return "list", None if value is None else _token_list(value, key, source)
-        if key.endswith("_token") and key not in BERT_SPECIAL_TOKENS and isinstance(value, str):
-            return "named", {key: TokenSpec(value)}
+            if isinstance(value, list):
+                value = [(entry, source, from_map, f"{key}[{i}]") for i, entry in enumerate(value)]
+            elif value is not None and not isinstance(value, dict):
+                raise CheckpointError(f"{source}: {key} must be a list or an object of tokens")
+        return value, source, from_map
+
+    kwargs = {key: given(key, value, tok_config.source) for key, value in tok_config.data.items()}
+    kwargs.update((key, given(key, value, tokenizer_args.source)) for key, value in args.items())
+    if "additional_special_tokens" in kwargs:
+        kwargs.setdefault("extra_special_tokens", kwargs.pop("additional_special_tokens"))
+
+    def model_specific(key, value, source, from_map=False) -> TokenSpec | None:
+        """A "_token" key's token, or None where transformers does not take one."""
+        if key in BERT_SPECIAL_TOKENS or not key.endswith("_token"):
+            return None
+        if isinstance(value, str) or (isinstance(value, dict) and (from_map or value.get("__type") == "AddedToken")):
+            return _token_spec(value, key, source, special=True)
         return None
 
-    given = {}  # the arguments' keys over tokenizer_config.json's, as transformers updates them
-    for settings in (tok_config, tokenizer_args):
-        for key, value in ({} if settings is None else settings.data).items():
-            if (parsed := parse(key, value, settings.source)) is not None:
-                given[key] = parsed
-    if "additional_special_tokens" in given:
-        given.setdefault("extra_special_tokens", given.pop("additional_special_tokens"))
-    named = {name: token for kind, tokens in given.values() if kind == "named" for name, token in tokens.items()}
-    has_list = given.get("extra_special_tokens", ("named",))[0] == "list"
-    listed = given["extra_special_tokens"][1] if has_list else None
-    map_additional = None
-    for key, value in ({} if tokens_map is None else tokens_map.data).items():
-        if (tokenizer_args is not None and tokenizer_args.data.get(key)) or \
-                (parsed := parse(key, value, tokens_map.source)) is None:
-            continue
-        kind, tokens = parsed
-        if key == "extra_special_tokens" and kind == "list" and tokens is not None:
-            have = {t.content for t in listed or []}
-            listed = (listed or []) + [t for t in tokens if t.content not in have]
-            has_list = True
-        elif key == "additional_special_tokens" and kind == "list":
-            map_additional = tokens
-        else:
-            if key == "extra_special_tokens":  # an object or null takes the list's place
-                listed, has_list = None, kind == "list"
-            for name, token in (tokens or {}).items() if kind == "named" else ():
-                named.setdefault(name, token)
-    if not has_list and map_additional is not None:
-        listed = map_additional
-    return tuple(listed or ()), tuple(named.values())
+    explicit = {}  # the model-specific tokens set aside first
+    for key, (value, source, _) in list(kwargs.items()):
+        if isinstance(value, str) and (token := model_specific(key, value, source)) is not None:
+            explicit[key] = token
+            del kwargs[key]
+
+    def set_aside_object():
+        if isinstance(kwargs.get("extra_special_tokens", (None,))[0], dict):
+            value, source, _ = kwargs.pop("extra_special_tokens")
+            tokens = _token_list(value, "extra_special_tokens", source, keep_null=True)
+            explicit.update((name, token) for name, token in zip(value, tokens) if token is not None)
+
+    set_aside_object()
+    if tokens_map is not None:
+        for key, value in tokens_map.data.items():
+            if args.get(key):
+                continue
+            value, source, from_map = given(key, value, tokens_map.source, from_map=True)
+            if key == "extra_special_tokens" and isinstance(value, list):
+                old = kwargs.get(key, (None,))[0]
+                entries = old if isinstance(old, list) else []
+                for entry in value:
+                    # as transformers compares them: texts by text, the map's objects by their
+                    # fields, never a tokenizer_config.json object (not read yet)
+                    if not any(_same_listed(entry, other) for other in entries):
+                        entries.append(entry)
+                value = entries
+            kwargs[key] = (value, source, from_map)
+        set_aside_object()
+    # (transformers' __init__)
+    if "additional_special_tokens" in kwargs and "extra_special_tokens" not in kwargs:
+        kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
+    listed = [token for entry, source, from_map, name in kwargs.get("extra_special_tokens", (None,))[0] or ()
+              if (token := _token_spec(entry, name, source, special=True, own_flag=not from_map)) is not None]
+    found = {key: token for key, (value, source, from_map) in kwargs.items()
+             if (token := model_specific(key, value, source, from_map)) is not None}
+    named = {**found, **explicit}
+    # transformers makes a listed token special when its text is a named token's; an object's
+    # normalized flag, if not given, follows that (AddedToken's default is read when used).
+    named_texts = {t.content for t in (*special_tokens.values(), *named.values()) if t is not None}
+    listed = [replace(t, special=special, normalized=not special if t.normalized is None else t.normalized)
+              for t in listed for special in [t.special or t.content in named_texts]]
+    return tuple(listed), tuple(named.values())
 
 
-def _token_list(value, key: str, source: str, keep_null: bool = False) -> list[TokenSpec | None]:
-    """A list of special tokens, or an object of named ones (keep_null: one per name)."""
+def _same_listed(entry, other) -> bool:
+    """Whether transformers finds a special_tokens_map.json list entry (value, source,
+    from_map, name) already listed."""
+    value, source, _, name = entry
+    other_value, other_source, other_from_map, other_name = other
+    if isinstance(value, str) or isinstance(other_value, str):
+        return value == other_value
+    return other_from_map and _token_spec(value, name, source, special=True) == \
+        _token_spec(other_value, other_name, other_source, special=True)
+
+
+def _token_list(value, key: str, source: str, keep_null: bool = False,
+                own_flag: bool = False) -> list[TokenSpec | None]:
+    """A list of special tokens, or an object of named ones (keep_null: one per name).
+    ``own_flag``: an object's own "special" counts (a list in tokenizer_config.json)."""
     if isinstance(value, dict):
         entries = value.items()
     elif isinstance(value, list):
         entries = enumerate(value)
     else:
         raise CheckpointError(f"{source}: {key} must be a list or an object of tokens")
-    tokens = [_token_spec(entry, f"{key}[{name!r}]", source, special=True) for name, entry in entries]
+    tokens = [_token_spec(entry, f"{key}[{name!r}]", source, special=True, own_flag=own_flag)
+              for name, entry in entries]
     return tokens if keep_null else [token for token in tokens if token is not None]
 
 
-def _token_spec(value, name: str, source: str, *, special: bool | None) -> TokenSpec | None:
+def _token_spec(value, name: str, source: str, *, special: bool | None,
+                own_flag: bool = False) -> TokenSpec | None:
     """A token as transformers reads it: a special token's text, an AddedToken object, or null
     (special=True), or an added_tokens_decoder entry, an object whose own "special" counts
-    (special=None)."""
+    (special=None). ``own_flag`` with special=True: a string or null as a special token, an
+    object as its own "special" says, its normalized flag left None when not given."""
     if special and (value is None or isinstance(value, str)):
         return None if value is None else TokenSpec(value)
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         flags = {key: value[key] for key in ("lstrip", "rstrip", "normalized", "single_word", "special")
                  if key in value}
-        if special:
+        if special and not own_flag:
             flags["special"] = True  # transformers makes it special whatever the object says
-        flags.setdefault("special", False)
-        flags.setdefault("normalized", not flags["special"])
         if set(value) - set(flags) - {"content", "__type"} or not all(isinstance(f, bool) for f in flags.values()):
             raise CheckpointError(f"{source}: {name} has unknown keys or non-boolean flags: {value!r}")
+        flags.setdefault("special", False)
+        flags.setdefault("normalized", None if own_flag else not flags["special"])
         return TokenSpec(value["content"], **flags)
     what = "a string, a token object with a 'content' string, or null" if special else \
         "a token object with a 'content' string"

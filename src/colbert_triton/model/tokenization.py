@@ -77,23 +77,27 @@ class ColBERTTokenizer:
         # transformers registers the checkpoint's special tokens, so such a token written in a
         # text is that token. One that is an added token already keeps that token's flags, but a
         # named one (CLS, SEP, ..., or model-specific) becomes special (what split_special_tokens
-        # looks at); adding it again would change its flags in the serialised copies _prepared
-        # makes, not in this tokenizer. One missing from the vocabulary transformers would add
-        # with a new id past the embedding: not added here (the ones used below are refused).
+        # looks at). One missing from the vocabulary transformers would add with a new id past
+        # the embedding: not added here (the ones used below are refused).
         named = [t for t in (*special_tokens.values(), *files.model_specific_tokens) if t is not None]
-        added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-        registered = {}  # by text: a named token's flags over a listed one's with the same text
-        for t in (*named, *files.extra_special_tokens):
-            if t.content not in added and tokenizer.token_to_id(t.content) is not None:
-                registered.setdefault(t.content, t)
-        tokenizer.add_special_tokens([
-            AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
-                       single_word=t.single_word, special=True) for t in registered.values()])
         named_texts = {t.content for t in named}
         serialised = json.loads(tokenizer.to_str())
         for token in serialised["added_tokens"]:
             token["special"] = token["special"] or token["content"] in named_texts
-        base = json.dumps(serialised)  # before the markers are added: see _prepared
+        base = json.dumps(serialised)  # before the others are added: see _prepared
+        added = {token["content"] for token in serialised["added_tokens"]}
+        # The others are added as transformers adds them: in one call, in its order (the named
+        # tokens, then the listed ones), a token given twice with the same flags once. The
+        # tokenizers library then reads a text given twice with different flags in a way of its
+        # own (which texts match from the first, the lstrip/rstrip/single_word flags from the
+        # last) that a serialised copy loses: _prepared repeats the call.
+        to_add = []
+        for t in (*named, *files.extra_special_tokens):
+            if t.content not in added and t not in to_add and tokenizer.token_to_id(t.content) is not None:
+                to_add.append(t)
+        special = [AddedToken(t.content, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
+                              single_word=t.single_word, special=t.special) for t in to_add]
+        tokenizer.add_tokens(special)
         # PyLate registers the markers as added tokens (plain strings: a token the tokenizer
         # already lists as added keeps its own flags), so a marker written in a text is one token.
         markers = [p for p in (settings.query_prefix, settings.document_prefix) if p]
@@ -148,22 +152,26 @@ class ColBERTTokenizer:
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
                 f"the model's {max_positions} positions"
             )
-        self._query_tok = self._prepared(base, markers, self._query_budget, files)
-        self._doc_tok = self._prepared(base, markers, self._doc_budget, files)
+        self._query_tok = self._prepared(base, special, markers, self._query_budget, files)
+        self._doc_tok = self._prepared(base, special, markers, self._doc_budget, files)
 
     def added_tokens(self) -> dict[int, str]:
         """Every token matched whole in a text (special tokens, markers, added tokens), by id."""
         return {i: token.content for i, token in self._doc_tok.get_added_tokens_decoder().items()}
 
     @staticmethod
-    def _prepared(base: str, markers: list[str], budget: int, files: TokenizerFiles) -> Tokenizer:
-        """A tokenizer of its own for one word-piece budget, from the JSON taken before the
-        markers were added, with the markers added as PyLate adds them. (A copy serialised after
-        add_tokens would list a marker the file already had with add_tokens' flags, which the
-        live tokenizer, like PyLate's, does not apply.) As in transformers, with
-        split_special_tokens special tokens written in a text are word pieces (other added
-        tokens still match), and truncation_side says which end of a long text is cut."""
+    def _prepared(base: str, special: list[AddedToken], markers: list[str], budget: int,
+                  files: TokenizerFiles) -> Tokenizer:
+        """A tokenizer of its own for one word-piece budget: from the JSON taken before the
+        special tokens and the markers were added, with those added by the same calls as
+        transformers and PyLate make. (A copy serialised after them would lose how the live
+        tokenizer reads a text added twice with different flags, and would list a marker the
+        file already had with add_tokens' flags, which the live tokenizer, like PyLate's, does
+        not apply.) As in transformers, with split_special_tokens special tokens written in a
+        text are word pieces (other added tokens still match), and truncation_side says which
+        end of a long text is cut."""
         tok = Tokenizer.from_str(base)
+        tok.add_tokens(special)
         tok.add_tokens(markers)
         tok.encode_special_tokens = files.split_special_tokens
         if budget > 0:
