@@ -385,7 +385,8 @@ SETTINGS_FILES = {
     # vocabulary alone; a named and a listed one)
     "one-text-two-named-tokens": ("stanford", lambda d: _rename_special_tokens(
         d, config={"pad_token": {"content": "[unused11]", "single_word": True, "__type": "AddedToken"},
-                   "mask_token": "[unused11]"}, drop_map=True, drop_tokenizer=True)),
+                   "mask_token": {"content": "[unused11]", "normalized": True, "__type": "AddedToken"}},
+        drop_map=True, drop_tokenizer=True)),
     "one-text-named-and-listed": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": "[unused12]", "additional_special_tokens": [
             {"content": "[unused12]", "single_word": True, "__type": "AddedToken"}]}, drop_map=True)),
