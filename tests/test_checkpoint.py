@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import build_pylate, build_stanford
-from conftest import KERNEL_DEVICE
+from conftest import KERNEL_DEVICE, require_reference
 
 from colbert_triton import CheckpointError, ColBERT
 from colbert_triton.model.checkpoint import load_checkpoint
@@ -522,3 +522,26 @@ def test_encoder_tensor_of_the_wrong_shape_is_refused_at_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' "
                                               r"has shape \(1536, 384\), config says \(1000, 384\)"):
         ColBERT.from_pretrained(path, device="cpu", backend="torch")
+
+
+def test_listed_token_objects_are_special_as_transformers_makes_them(tmp_path, stanford_dir):
+    """A listed token given as a string is special; one given as an object in
+    tokenizer_config.json is special only if it says so or if its text is a named token's, and
+    its unstated normalized flag is then the opposite (what transformers' tokenizer holds after
+    loading). Through tokenization the forced case is not seen (the named token is registered
+    first, with the same text): checked here, on what is read."""
+    path = shutil.copytree(stanford_dir, tmp_path / "listed")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(foo_token="[unused10]", extra_special_tokens=[
+        {"content": "[unused10]", "__type": "AddedToken"},
+        {"content": "[unused11]", "rstrip": True, "__type": "AddedToken"},
+        {"content": "[unused13]", "special": True, "__type": "AddedToken"}, "[unused12]"])
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    listed = load_checkpoint(path).tokenizer.extra_special_tokens
+    assert [(t.content, t.special, t.normalized, t.rstrip) for t in listed] == [
+        ("[unused10]", True, False, False), ("[unused11]", False, True, True),
+        ("[unused13]", True, False, False), ("[unused12]", True, False, False)]
+    transformers = require_reference("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path))._extra_special_tokens
+    assert [(str(t), t.special, t.normalized, t.rstrip) if not isinstance(t, str) else (t, True, False, False)
+            for t in theirs] == [(t.content, t.special, t.normalized, t.rstrip) for t in listed]

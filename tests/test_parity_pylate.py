@@ -377,6 +377,11 @@ SETTINGS_FILES = {
                                                          tokenizer_args={"do_lower_case": False,
                                                                          "truncation_side": "left",
                                                                          "cls_token": "[unused10]"})),
+    # a list in tokenizer_args stands: special_tokens_map.json's list does not join it
+    "st-tokenizer-args-list-over-map": ("pylate", lambda d: (
+        _edit_json(d / "0_Transformer" / "sentence_bert_config.json",
+                   tokenizer_args={"extra_special_tokens": ["[unused10]"]}),
+        _edit_json(d / "0_Transformer" / "special_tokens_map.json", extra_special_tokens=["[unused11]"]))),
     # no mask token: PyLate expands queries with the pad token
     "no-mask-token": ("stanford", lambda d: _rename_special_tokens(
         d, config={"mask_token": None, "pad_token": "[unused12]"}, drop_map=True)),

@@ -523,14 +523,9 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
                 continue
             value, source, from_map = given(key, value, tokens_map.source, from_map=True)
             if key == "extra_special_tokens" and isinstance(value, list):
+                # joins the list (transformers drops a repeat: so does the registration)
                 old = kwargs.get(key, (None,))[0]
-                entries = old if isinstance(old, list) else []
-                for entry in value:
-                    # as transformers compares them: texts by text, the map's objects by their
-                    # fields, never a tokenizer_config.json object (not read yet)
-                    if not any(_same_listed(entry, other) for other in entries):
-                        entries.append(entry)
-                value = entries
+                value = (old if isinstance(old, list) else []) + value
             kwargs[key] = (value, source, from_map)
         set_aside_object()
     # (transformers' __init__)
@@ -547,17 +542,6 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     listed = [replace(t, special=special, normalized=not special if t.normalized is None else t.normalized)
               for t in listed for special in [t.special or t.content in named_texts]]
     return tuple(listed), tuple(named.values())
-
-
-def _same_listed(entry, other) -> bool:
-    """Whether transformers finds a special_tokens_map.json list entry (value, source,
-    from_map, name) already listed."""
-    value, source, _, name = entry
-    other_value, other_source, other_from_map, other_name = other
-    if isinstance(value, str) or isinstance(other_value, str):
-        return value == other_value
-    return other_from_map and _token_spec(value, name, source, special=True) == \
-        _token_spec(other_value, other_name, other_source, special=True)
 
 
 def _token_list(value, key: str, source: str, keep_null: bool = False,
