@@ -226,10 +226,13 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
     ("tokenizer_config.json", {"truncation_side": "middle"}, "truncation_side must be 'right' or 'left', got 'middle'"),
     ("special_tokens_map.json", {"extra_special_tokens": [5]},
      r"special_tokens_map.json: extra_special_tokens\[0\] must be a string"),
+    ("special_tokens_map.json", {"additional_special_tokens": {"foo_token": "[unused1]"}},
+     "special_tokens_map.json: additional_special_tokens must be a list of tokens"),
 ], ids=["metadata-list", "dim-text", "length-text", "flag-text", "marker-number", "lowercase-text",
         "tokens-map-list", "special-number", "special-flag-text", "special-unknown-key", "cls-null",
         "cls-missing", "unk-missing", "unk-null", "no-expansion-token", "decoder-list", "decoder-key",
-        "decoder-entry-text", "decoder-flag-number", "additional-text", "split-text", "truncation-middle", "extra-number"])
+        "decoder-entry-text", "decoder-flag-number", "additional-text", "split-text", "truncation-middle", "extra-number",
+        "map-additional-object"])
 def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, message):
     copy = _corrupt(tmp_path, stanford_dir, "settings")
     path = copy / file

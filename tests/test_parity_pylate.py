@@ -228,8 +228,8 @@ ODD_TEXTS = ["Hello WORLD Ça va Crème", "東京 tokyo naïve résumé ÅÄÖ",
              "  [Q]   ", "a [D]", "[UNUSED0] x [unused0] y", "hello[unused1]world",
              "abcdefghijklmnopqrstuvwxyz hi, there?! supercalifragilisticexpialidocious",
              # special tokens by the names the cases below give them, and an unknown character
-             "a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [unused12]x [PAD] [UNK] [unused13] z "
-             "[unused4]",
+             ("a [unused10] b [UNUSED10] c [unused11]x [UNUSED11] ☃ [unused12] [UNUSED12] [unused12]x [PAD] [UNK] "
+              "[unused13] z [unused4]"),
              # longer than both lengths: which end is cut shows
              "the first words " + "filler " * 400 + "the last words"]
 

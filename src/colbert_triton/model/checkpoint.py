@@ -513,8 +513,9 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     def set_aside_object():
         if isinstance(kwargs.get("extra_special_tokens", (None,))[0], dict):
             value, source, _ = kwargs.pop("extra_special_tokens")
-            tokens = _token_list(value, "extra_special_tokens", source, keep_null=True)
-            explicit.update((name, token) for name, token in zip(value, tokens) if token is not None)
+            for name, entry in value.items():
+                if (token := _token_spec(entry, f"extra_special_tokens[{name!r}]", source, special=True)) is not None:
+                    explicit[name] = token
 
     set_aside_object()
     if tokens_map is not None:
@@ -531,7 +532,10 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     # (transformers' __init__)
     if "additional_special_tokens" in kwargs and "extra_special_tokens" not in kwargs:
         kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
-    listed = [token for entry, source, from_map, name in kwargs.get("extra_special_tokens", (None,))[0] or ()
+    value, source, _ = kwargs.get("extra_special_tokens", (None, None, None))
+    if isinstance(value, dict):  # special_tokens_map.json's additional_special_tokens (transformers fails too)
+        raise CheckpointError(f"{source}: additional_special_tokens must be a list of tokens")
+    listed = [token for entry, source, from_map, name in value or ()
               if (token := _token_spec(entry, name, source, special=True, own_flag=not from_map)) is not None]
     found = {key: token for key, (value, source, from_map) in kwargs.items()
              if (token := model_specific(key, value, source, from_map)) is not None}
@@ -542,21 +546,6 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     listed = [replace(t, special=special, normalized=not special if t.normalized is None else t.normalized)
               for t in listed for special in [t.special or t.content in named_texts]]
     return tuple(listed), tuple(named.values())
-
-
-def _token_list(value, key: str, source: str, keep_null: bool = False,
-                own_flag: bool = False) -> list[TokenSpec | None]:
-    """A list of special tokens, or an object of named ones (keep_null: one per name).
-    ``own_flag``: an object's own "special" counts (a list in tokenizer_config.json)."""
-    if isinstance(value, dict):
-        entries = value.items()
-    elif isinstance(value, list):
-        entries = enumerate(value)
-    else:
-        raise CheckpointError(f"{source}: {key} must be a list or an object of tokens")
-    tokens = [_token_spec(entry, f"{key}[{name!r}]", source, special=True, own_flag=own_flag)
-              for name, entry in entries]
-    return tokens if keep_null else [token for token in tokens if token is not None]
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None,
