@@ -367,6 +367,14 @@ SETTINGS_FILES = {
     "added-tokens-json": ("stanford", lambda d: (
         (d / "added_tokens.json").write_text(json.dumps({"[unused13]": 14, "[unused10]": 11})),
         _edit_json(d / "tokenizer_config.json", additional_special_tokens=["[unused10]"]))),
+    # ... special (not normalised) only if transformers holds its text as a special token when it
+    # reads the file: not special_tokens_map.json's additional_special_tokens (read later), nor a
+    # token object in tokenizer_config.json (not converted yet)
+    "added-tokens-json-and-later-special-tokens": ("stanford", lambda d: (
+        (d / "added_tokens.json").write_text(json.dumps({"[unused10]": 11, "[unused11]": 12})),
+        _edit_json(d / "special_tokens_map.json", additional_special_tokens=["[unused10]"]),
+        _edit_json(d / "tokenizer_config.json", extra_special_tokens=[
+            {"content": "[unused11]", "special": True, "__type": "AddedToken"}]))),
     # special tokens written in a text are word pieces then (the markers still match)
     "split-special-tokens": ("stanford", lambda d: _edit_json(d / "tokenizer_config.json", split_special_tokens=True)),
     # long texts keep their last word pieces
@@ -425,8 +433,9 @@ def test_checkpoint_settings_files_read_as_pylate_reads_them(tmp_path, stanford_
 
 # Random tokenizer settings (a differential fuzz against PyLate, seeded): token names from the
 # vocabulary, AddedToken flags, lists of extra special tokens, the map or tokenizer.json left
-# out, tokenizer_args. The pools overlap: a text given twice with different flags (as two named
-# tokens, or as a named and a listed one) is read as the tokenizers library reads it.
+# out, tokenizer_args, and the rarer forms of _random_token_files. The pools overlap: a text
+# given twice with different flags (as two named tokens, or as a named and a listed one) is
+# read as the tokenizers library reads it.
 NAMED_POOL = ["[unused3]", "[unused4]", "[unused5]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "[PAD]", "[unused0]"]
 EXTRA_POOL = ["[unused6]", "[unused7]", "[unused8]", "[unused1]", "[unused3]", "[SEP]"]
 FUZZ_WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", "[", "]", "x"] + [
@@ -438,6 +447,34 @@ def _link_weights(source, destination):
         os.link(source, destination)
     else:
         shutil.copy2(source, destination)
+
+
+def _random_token_files(rng, directory):
+    """Rarer forms: an added_tokens_decoder (the special tokens' entries, pool tokens', some
+    flags changed), added_tokens.json, token objects under a "_token" key and in a
+    model-specific object."""
+    vocab = {word: i for i, word in enumerate((directory / "vocab.txt").read_text().splitlines())}
+
+    def flags():
+        return {f: rng.random() < 0.5 for f in ("lstrip", "rstrip", "normalized", "single_word") if rng.random() < 0.4}
+
+    if rng.random() < 0.15:
+        decoder = {}
+        for text in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + rng.sample(NAMED_POOL + EXTRA_POOL, rng.randint(0, 2)):
+            entry = _special_token(text, special=True)
+            if rng.random() < 0.3:
+                entry.update(flags(), special=rng.random() < 0.5)
+            decoder[str(vocab[text])] = entry
+        _edit_json(directory / "tokenizer_config.json", added_tokens_decoder=decoder)
+    if rng.random() < 0.1:
+        (directory / "added_tokens.json").write_text(json.dumps({t: vocab[t] for t in rng.sample(NAMED_POOL + EXTRA_POOL, 2)}))
+    if rng.random() < 0.1:
+        _edit_json(directory / "tokenizer_config.json",
+                   baz_token={"content": rng.choice(EXTRA_POOL), **flags(), "__type": "AddedToken"})
+    if rng.random() < 0.1:
+        _edit_json(directory / "tokenizer_config.json", extra_special_tokens={
+            "qux_token": {"content": rng.choice(EXTRA_POOL + NAMED_POOL), **flags(), "__type": "AddedToken"},
+            "foo_token": rng.choice(EXTRA_POOL)})
 
 
 def _random_settings(rng, config: bool) -> dict:
@@ -490,6 +527,7 @@ def test_random_tokenizer_settings_read_as_pylate_reads_them(tmp_path, stanford_
         (tokenizer_dir / "tokenizer.json").unlink()
     if layout == "pylate" and rng.random() < 0.3:
         _edit_json(tokenizer_dir / "sentence_bert_config.json", tokenizer_args=_random_settings(rng, config=True))
+    _random_token_files(rng, tokenizer_dir)
     texts = [" ".join(rng.choice(FUZZ_WORDS) for _ in range(rng.randint(0, 40))) for _ in range(6)]
     texts.append("first " + "filler " * 350 + "last")
     ref = models.ColBERT(model_name_or_path=str(path), device="cpu")

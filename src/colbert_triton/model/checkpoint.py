@@ -399,12 +399,11 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
     special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
-    listed, model_specific = _extra_special_tokens(tok_config, tokens_map, tokenizer_args, special_tokens)
+    listed, model_specific, legacy_special = _extra_special_tokens(tok_config, tokens_map, tokenizer_args,
+                                                                   special_tokens)
     decoder = _added_tokens_decoder(tok_config)
-    # added_tokens.json only without a decoder; its token is special if it is a named special
-    # token or a listed one
-    legacy = {} if decoder is not None else _added_tokens_json(
-        files, prefix, {t.content for t in (*special_tokens.values(), *listed) if t is not None})
+    # added_tokens.json only without a decoder
+    legacy = {} if decoder is not None else _added_tokens_json(files, prefix, legacy_special)
     return TokenizerFiles(
         tokenizer_file, vocab_file, _bert_normalizer(config), special_tokens, listed, model_specific,
         config.flag("split_special_tokens", False), _truncation_side(config), decoder, legacy)
@@ -429,7 +428,8 @@ def _added_tokens_decoder(tok_config: _SettingsFile) -> dict[int, TokenSpec] | N
 
 def _added_tokens_json(files: _Files, prefix: str, special_texts: set[str]) -> dict[int, TokenSpec]:
     """The older added_tokens.json (text -> id), as transformers reads it: a token is special
-    (and then not normalised) if its text is among the special tokens."""
+    (and then not normalised) if its text is among ``special_texts`` (the special tokens
+    transformers holds as texts by then: see _extra_special_tokens)."""
     where = prefix + "added_tokens.json"
     legacy = files.json(where, required=False)
     if legacy is None:
@@ -461,10 +461,12 @@ def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
 
 def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
                           tokenizer_args: _SettingsFile | None,
-                          special_tokens: dict[str, TokenSpec | None]) -> tuple[tuple[TokenSpec, ...], ...]:
-    """The other special tokens transformers registers, as (listed, model-specific): the list
-    extra_special_tokens (or its older name additional_special_tokens), and named tokens (an
-    object given as extra_special_tokens, any other key ending in "_token").
+                          special_tokens: dict[str, TokenSpec | None]
+                          ) -> tuple[tuple[TokenSpec, ...], tuple[TokenSpec, ...], set[str]]:
+    """The other special tokens transformers registers, as (listed, model-specific, the texts
+    it counts as special when it reads added_tokens.json): the list extra_special_tokens (or its
+    older name additional_special_tokens), and named tokens (an object given as
+    extra_special_tokens, any other key ending in "_token").
 
     Step by step as transformers 5 reads them (PreTrainedTokenizerBase._from_pretrained, then
     __init__): tokenizer_config.json's keys with the arguments' over them, the older list name
@@ -529,6 +531,18 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
                 value = (old if isinstance(old, list) else []) + value
             kwargs[key] = (value, source, from_map)
         set_aside_object()
+    # added_tokens.json is read here: its special tokens are the named ones and the listed ones
+    # transformers holds as texts so far (strings, special_tokens_map.json's objects; not
+    # tokenizer_config.json's objects, nor special_tokens_map.json's additional_special_tokens)
+    def text(value, from_map):
+        return value if isinstance(value, str) else value.get("content") if from_map and isinstance(value, dict) else None
+
+    listed_then = kwargs.get("extra_special_tokens", (None,))[0]
+    legacy_special = {text(value, from_map) for name in BERT_SPECIAL_TOKENS
+                      for value, _, from_map in [kwargs.get(name, (None, None, False))]}
+    legacy_special |= {text(entry, from_map) for entry, _, from_map, _ in
+                       (listed_then if isinstance(listed_then, list) else ())}
+    legacy_special.discard(None)
     # (transformers' __init__)
     if "additional_special_tokens" in kwargs and "extra_special_tokens" not in kwargs:
         kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
@@ -545,7 +559,7 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     named_texts = {t.content for t in (*special_tokens.values(), *named.values()) if t is not None}
     listed = [replace(t, special=special, normalized=not special if t.normalized is None else t.normalized)
               for t in listed for special in [t.special or t.content in named_texts]]
-    return tuple(listed), tuple(named.values())
+    return tuple(listed), tuple(named.values()), legacy_special
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None,
