@@ -186,9 +186,7 @@ class TokenSpec:
     content: str
     lstrip: bool = False
     rstrip: bool = False
-    # None only while reading a listed token object that does not say: then the opposite of
-    # special, once transformers has settled that (_extra_special_tokens)
-    normalized: bool | None = False
+    normalized: bool = False
     single_word: bool = False
     special: bool = True
 
@@ -398,9 +396,8 @@ def _tokenizer_files(files: _Files, directory: str, tokenizer_args: _SettingsFil
     if tokenizer_args is not None:
         config = _SettingsFile({**tok_config.data, **tokenizer_args.data},
                                f"{tok_config.source} with {tokenizer_args.source}")
-    special_tokens = _special_tokens(tok_config, tokens_map, tokenizer_args)
-    listed, model_specific, legacy_special = _extra_special_tokens(tok_config, tokens_map, tokenizer_args,
-                                                                   special_tokens)
+    special_tokens, listed, model_specific, legacy_special = _special_token_settings(
+        tok_config, tokens_map, tokenizer_args)
     decoder = _added_tokens_decoder(tok_config)
     # added_tokens.json only without a decoder
     legacy = {} if decoder is not None else _added_tokens_json(files, prefix, legacy_special)
@@ -441,32 +438,15 @@ def _added_tokens_json(files: _Files, prefix: str, special_texts: set[str]) -> d
             for text, i in legacy.items()}
 
 
-def _special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
-                    tokenizer_args: _SettingsFile | None) -> dict[str, TokenSpec | None]:
-    """The named special tokens: BertTokenizer's defaults, tokenizer_config.json's keys, the
-    arguments' over them, then special_tokens_map.json's (when read) but for those the arguments
-    set to a token. A value is the token's text or an AddedToken object; null means none (a key
-    given as null is not unset here: it is how transformers reads it)."""
-    resolved = {}
-    for name, default in BERT_SPECIAL_TOKENS.items():
-        resolved[name] = default
-        for settings in (tok_config, tokenizer_args, tokens_map):
-            if settings is None or name not in settings.data:
-                continue
-            if settings is tokens_map and tokenizer_args is not None and tokenizer_args.data.get(name):
-                continue
-            resolved[name] = _token_spec(settings.data[name], name, settings.source, special=True)
-    return resolved
-
-
-def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
-                          tokenizer_args: _SettingsFile | None,
-                          special_tokens: dict[str, TokenSpec | None]
-                          ) -> tuple[tuple[TokenSpec, ...], tuple[TokenSpec, ...], set[str]]:
-    """The other special tokens transformers registers, as (listed, model-specific, the texts
-    it counts as special when it reads added_tokens.json): the list extra_special_tokens (or its
-    older name additional_special_tokens), and named tokens (an object given as
-    extra_special_tokens, any other key ending in "_token").
+def _special_token_settings(tok_config: _SettingsFile, tokens_map: _SettingsFile | None,
+                            tokenizer_args: _SettingsFile | None) -> tuple[
+        dict[str, TokenSpec | None], tuple[TokenSpec, ...], tuple[TokenSpec, ...], set[str]]:
+    """The special tokens transformers registers, as (named by attribute, listed,
+    model-specific, the texts it counts as special when it reads added_tokens.json). Named:
+    BertTokenizer's defaults and the cls_token etc. keys (a text or an AddedToken object; null
+    means none: a key given as null is not unset here, it is how transformers reads it).
+    Listed: extra_special_tokens (or its older name additional_special_tokens). Model-specific:
+    an object given as extra_special_tokens, any other key ending in "_token".
 
     Step by step as transformers 5 reads them (PreTrainedTokenizerBase._from_pretrained, then
     __init__): tokenizer_config.json's keys with the arguments' over them, the older list name
@@ -480,13 +460,15 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
 
     A listed token is special when given as a string, or as an object from
     special_tokens_map.json; an object from tokenizer_config.json (or the arguments) is special
-    if it says so or if its text is a named token's (``special_tokens``, the model-specific)."""
+    if it says so or if its text is a named or model-specific token's."""
     args = {} if tokenizer_args is None else tokenizer_args.data
 
     def given(key, value, source, from_map=False):
         """A key's value with its file and whether that is special_tokens_map.json; a list's
         entries each with theirs and their name (lists merge)."""
-        if key in ("extra_special_tokens", "additional_special_tokens"):
+        if key in BERT_SPECIAL_TOKENS:
+            _token_spec(value, key, source, special=True)  # checked here, if overridden later too
+        elif key in ("extra_special_tokens", "additional_special_tokens"):
             if isinstance(value, list):
                 value = [(entry, source, from_map, f"{key}[{i}]") for i, entry in enumerate(value)]
             elif value is not None and not isinstance(value, dict):
@@ -543,42 +525,44 @@ def _extra_special_tokens(tok_config: _SettingsFile, tokens_map: _SettingsFile |
     legacy_special |= {text(entry, from_map) for entry, _, from_map, _ in
                        (listed_then if isinstance(listed_then, list) else ())}
     legacy_special.discard(None)
+    named = {name: default if name not in kwargs else _token_spec(kwargs[name][0], name, kwargs[name][1], special=True)
+             for name, default in BERT_SPECIAL_TOKENS.items()}
     # (transformers' __init__)
     if "additional_special_tokens" in kwargs and "extra_special_tokens" not in kwargs:
         kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
-    value, source, _ = kwargs.get("extra_special_tokens", (None, None, None))
-    if isinstance(value, dict):  # special_tokens_map.json's additional_special_tokens (transformers fails too)
-        raise CheckpointError(f"{source}: additional_special_tokens must be a list of tokens")
-    listed = [token for entry, source, from_map, name in value or ()
-              if (token := _token_spec(entry, name, source, special=True, own_flag=not from_map)) is not None]
+    entries, entries_source, _ = kwargs.get("extra_special_tokens", (None, None, None))
+    if isinstance(entries, dict):  # special_tokens_map.json's additional_special_tokens (transformers fails too)
+        raise CheckpointError(f"{entries_source}: additional_special_tokens must be a list of tokens")
     found = {key: token for key, (value, source, from_map) in kwargs.items()
              if (token := model_specific(key, value, source, from_map)) is not None}
-    named = {**found, **explicit}
-    # transformers makes a listed token special when its text is a named token's; an object's
-    # normalized flag, if not given, follows that (AddedToken's default is read when used).
-    named_texts = {t.content for t in (*special_tokens.values(), *named.values()) if t is not None}
-    listed = [replace(t, special=special, normalized=not special if t.normalized is None else t.normalized)
-              for t in listed for special in [t.special or t.content in named_texts]]
-    return tuple(listed), tuple(named.values()), legacy_special
+    model_specific_tokens = {**found, **explicit}
+    named_texts = {t.content for t in (*named.values(), *model_specific_tokens.values()) if t is not None}
+    listed = [token for entry, source, from_map, name in entries or ()
+              if (token := _token_spec(entry, name, source, special=True,
+                                       named_texts=None if from_map else named_texts)) is not None]
+    return named, tuple(listed), tuple(model_specific_tokens.values()), legacy_special
 
 
 def _token_spec(value, name: str, source: str, *, special: bool | None,
-                own_flag: bool = False) -> TokenSpec | None:
+                named_texts: set[str] | None = None) -> TokenSpec | None:
     """A token as transformers reads it: a special token's text, an AddedToken object, or null
     (special=True), or an added_tokens_decoder entry, an object whose own "special" counts
-    (special=None). ``own_flag`` with special=True: a string or null as a special token, an
-    object as its own "special" says, its normalized flag left None when not given."""
+    (special=None). ``named_texts`` with special=True (a listed token in tokenizer_config.json):
+    an object is special as it says, or if its text is a named token's (transformers makes it
+    so; its unstated normalized flag follows, AddedToken's default being read when used)."""
     if special and (value is None or isinstance(value, str)):
         return None if value is None else TokenSpec(value)
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         flags = {key: value[key] for key in ("lstrip", "rstrip", "normalized", "single_word", "special")
                  if key in value}
-        if special and not own_flag:
+        if special and named_texts is None:
             flags["special"] = True  # transformers makes it special whatever the object says
         if set(value) - set(flags) - {"content", "__type"} or not all(isinstance(f, bool) for f in flags.values()):
             raise CheckpointError(f"{source}: {name} has unknown keys or non-boolean flags: {value!r}")
+        if named_texts is not None:
+            flags["special"] = flags.get("special", False) or value["content"] in named_texts
         flags.setdefault("special", False)
-        flags.setdefault("normalized", None if own_flag else not flags["special"])
+        flags.setdefault("normalized", not flags["special"])
         return TokenSpec(value["content"], **flags)
     what = "a string, a token object with a 'content' string, or null" if special else \
         "a token object with a 'content' string"
