@@ -179,9 +179,21 @@ def test_bad_device_and_dtype(stanford_dir):
         ColBERT.from_pretrained(stanford_dir, device="cpu", dtype="int8")
     with pytest.raises(ValueError, match="device must be like"):
         ColBERT.from_pretrained(stanford_dir, device="gpu")
+    with pytest.raises(ValueError, match="a CPU or a CUDA device, got meta"):
+        ColBERT.from_pretrained(stanford_dir, device="meta")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             ColBERT.from_pretrained(stanford_dir, device="cuda")
+
+
+def test_a_cuda_index_past_the_machines_gpus_is_a_clear_error(monkeypatch):
+    from colbert_triton.packed import available_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="cuda:2 requested but this machine has 2 CUDA device"):
+        available_device("cuda:2")
 
 
 def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
@@ -189,6 +201,7 @@ def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert _pick_device("cuda") == torch.device("cuda", 2)
     assert _pick_device(None) == torch.device("cuda", 2)
     assert _pick_device("cuda:1") == torch.device("cuda", 1)

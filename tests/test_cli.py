@@ -107,6 +107,9 @@ def test_argument_errors_are_one_line(stanford_dir, docs_file, tmp_path, capsys)
     code = main(["rank", "--model", str(stanford_dir), "--device", "gpu", "--documents", str(docs_file),
                  "--query", "x"])
     assert code == 2 and "device must be like" in capsys.readouterr().err
+    code = main(["rank", "--model", str(stanford_dir), "--device", "meta", "--documents", str(docs_file),
+                 "--query", "x"])
+    assert code == 2 and "a CPU or a CUDA device" in capsys.readouterr().err
     code = main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
                  "--output", str(tmp_path)])
     assert code == 2 and "is a directory" in capsys.readouterr().err

@@ -143,6 +143,8 @@ def test_load_onto_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
     save_embeddings(tmp_path / "e.safetensors", _packed([1, 2]))
     with pytest.raises(ValueError, match="device must be like"):
         load_embeddings(tmp_path / "e.safetensors", device="gpu")
+    with pytest.raises(ValueError, match="a CPU or a CUDA device"):
+        load_embeddings(tmp_path / "e.safetensors", device="meta")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             load_embeddings(tmp_path / "e.safetensors", device="cuda")

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             _rank(args, sys.stdout)
         else:
             _encode(args)
-    except (InputError, CheckpointError, ValueError, TypeError) as error:
+    except (InputError, CheckpointError, ValueError) as error:
         print(f"colbert-triton: error: {error}", file=sys.stderr)
         return 2
     return 0

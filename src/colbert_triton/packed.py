@@ -431,8 +431,16 @@ def available_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        # meta has no data and the others (mps, xpu, ...) are untested: refused here, not deep
+        # in the first op that meets a CPU tensor.
+        raise ValueError(f"device must be a CPU or a CUDA device, got {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
