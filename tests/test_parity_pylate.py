@@ -472,9 +472,12 @@ def _random_token_files(rng, directory):
         _edit_json(directory / "tokenizer_config.json",
                    baz_token={"content": rng.choice(EXTRA_POOL), **flags(), "__type": "AddedToken"})
     if rng.random() < 0.1:
-        _edit_json(directory / "tokenizer_config.json", extra_special_tokens={
-            "qux_token": {"content": rng.choice(EXTRA_POOL + NAMED_POOL), **flags(), "__type": "AddedToken"},
-            "foo_token": rng.choice(EXTRA_POOL)})
+        qux = rng.choice(EXTRA_POOL + NAMED_POOL)
+        model_specific = {"qux_token": {"content": qux, **flags(), "__type": "AddedToken"},
+                          "foo_token": rng.choice(EXTRA_POOL)}
+        if rng.random() < 0.5:  # one text under two model-specific names, flags drawn apart
+            model_specific["quux_token"] = {"content": qux, **flags(), "__type": "AddedToken"}
+        _edit_json(directory / "tokenizer_config.json", extra_special_tokens=model_specific)
 
 
 def _random_settings(rng, config: bool) -> dict:
@@ -499,7 +502,7 @@ def _random_settings(rng, config: bool) -> dict:
             named = key == "extra_special_tokens" and rng.random() < 0.3  # transformers' newer form only
             settings[key] = {"foo_token": rng.choice(EXTRA_POOL)} if named else tokens
     if rng.random() < 0.1:
-        settings["bar_token"] = rng.choice(EXTRA_POOL)
+        settings["bar_token"] = token(EXTRA_POOL, as_object=config)
     if config:
         for key, values in (("do_lower_case", [True, False]), ("strip_accents", [True, False, None]),
                             ("split_special_tokens", [True, False]), ("truncation_side", ["left", "right"])):
