@@ -272,9 +272,10 @@ def main(case: str, arch: int = 90) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from colbert_triton.kernels import linear
+    from colbert_triton.kernels import linear, maxsim
 
-    linear.shared_memory_limit = lambda device: SHARED_MEMORY[arch]  # the GPU compiled for
+    # the GPU compiled for
+    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: SHARED_MEMORY[arch]
     recorders = CASES[case]()
     if case in ("maxsim-counts", "encoder-batches"):  # specialisations only, nothing compiled
         for name, recorder in recorders.items():

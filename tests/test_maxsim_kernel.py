@@ -156,6 +156,34 @@ def test_many_queries_several_query_blocks(dtype):
     assert_scores(maxsim(queries, values, starts, lens), queries, values, starts, lens)
 
 
+@pytest.mark.parametrize("dim", [96, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_small_tiles_of_a_gpu_with_little_shared_memory(monkeypatch, dtype, dim):
+    """The tiles chosen for a T4's 64 KiB of shared memory (compiled for sm_75 in
+    test_launches_fit_the_shared_memory_of_other_gpus), run here: one 32-row query per tile, K
+    chunks of at most 32 (d = 256: 4 x 64), long queries in 32-row chunks, candidates too."""
+    monkeypatch.setattr(maxsim_module, "shared_memory_limit", lambda device: 65536)
+    launched = []
+    launch = maxsim_module._launch
+    monkeypatch.setattr(maxsim_module, "_launch", lambda *args: launched.append(args[-1]) or launch(*args))
+    gen = torch.Generator().manual_seed(dim)
+    values, starts, lens = packed_docs([37, 0, 1, 70, 64, 5], dim, dtype, gen)
+    for num_queries, query_len in [(3, 32), (2, 45)]:
+        queries = unit_rows(num_queries, query_len, dim, dtype=dtype, gen=gen)
+        q, v, st, ln = to_dev(queries, values, starts, lens)
+        assert_scores(maxsim(q, v, st, ln), q, v, st, ln)
+    pick = torch.tensor([[3, 1, 0], [5, 3, 2]])
+    floor = torch.tensor([[True, False, True], [False, True, True]])
+    q, v, st, ln, fl = to_dev(queries, values, starts[pick], lens[pick], floor)
+    assert_scores(maxsim(q, v, st, ln, pad_floor=fl), q, v, st, ln, fl)
+    assert len(launched) == 3 and all(cfg.qb * cfg.lq_tile == 32 for cfg in launched)
+    assert all(cfg.block_k <= (64 if dim > 128 else 32) for cfg in launched)
+    assert launched[1].num_lq_chunks == 2
+    wide = torch.zeros(1, 4, 288, dtype=dtype, device=DEV)
+    with pytest.raises(ValueError, match="64 KiB of shared memory a block.*dims up to 256, got 288"):
+        maxsim(wide, wide[0], torch.tensor([0], device=DEV), torch.tensor([4], device=DEV))
+
+
 def test_padded_layout_viewed_as_rows():
     # A padded [N, Ld, d] batch; padded slots hold large junk that must never be read.
     gen = torch.Generator().manual_seed(7)
@@ -818,6 +846,23 @@ def test_colbert_launches_compile_for_sm90():
                 # wgmma tiles read both operands from shared memory unless q_in_regs says
                 # otherwise (test_query_tile_in_registers_compiles_to_register_operands).
                 assert launch["wgmma"] and not any("registers" in k for k in launch["wgmma"]), launch
+
+
+@pytest.mark.parametrize("arch", [75, 80, 86])
+def test_launches_fit_the_shared_memory_of_other_gpus(arch):
+    """The same launches compiled for a T4 (sm_75: 64 KiB of shared memory a block, small tiles),
+    an A100 (163 KiB) and an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same): each fits,
+    and the 16-bit ColBERT configurations spill nothing."""
+    from aot_compile import SHARED_MEMORY, compile_case
+
+    launches = compile_case("maxsim", arch)
+    assert len(launches) == 30, launches
+    for launch in launches:
+        assert launch["shared"] <= SHARED_MEMORY[arch], launch
+        if launch["dtype"] != "torch.float32" and launch["config"].get("NUM_LQ_CHUNKS") == 1:
+            assert launch["spill_bytes"] in (0, None), launch
+        if arch == 75:
+            assert launch["config"]["QB"] * launch["config"]["LQ_TILE"] == 32, launch
 
 
 def test_query_tile_in_registers_compiles_to_register_operands():

@@ -88,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device
+from ._device import SM90_SHARED_MEMORY, on_device, shared_memory_limit
 
 __all__ = ["maxsim", "takes"]
 
@@ -100,6 +100,10 @@ _MAX_DIM_FP32 = 512
 _MAX_DOCS_PER_PROGRAM = 16
 _PROGRAMS_PER_SM = 8  # grid size target of the document split (bench/device/tune.py sweeps it)
 _MAX_GRID = 2**31 - 1
+# The largest default tile takes 82 KiB of shared memory on sm_80-sm_89: a GPU offering less
+# (sm_75, the T4: 64 KiB) gets the small tiles of _kernel_config.
+_SMALL_TILES_BELOW = 84 * 1024
+_MAX_DIM_SMALL_TILES = 256  # K chunks of 128 and more (d > 256) exceed 64 KiB there
 
 
 def takes(dtype: torch.dtype, dim: int) -> bool:
@@ -452,8 +456,10 @@ def _split_dim(dim: int, max_block_k: int = 128) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int) -> _Config:
-    """Block sizes from the dtype, d, Lq and how many queries may share a tile (no autotuning).
+def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int,
+                   max_shared: int = SM90_SHARED_MEMORY) -> _Config:
+    """Block sizes from the dtype, d, Lq, how many queries may share a tile, and the shared
+    memory a block may use on the device (no autotuning).
 
     Checked ahead of time by compiling for sm_90 and sm_89 and reading cuobjdump's resource
     usage: the ColBERT configurations (16-bit, d <= 128, Lq <= 128; on sm_90 also Lq = 300)
@@ -479,11 +485,19 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int) 
       With 3 stages that tile takes 136 registers (1 program per SM), with 2 stages 128 (2 per
       SM: 2 x 256 threads x 128 = the whole register file); tests/test_maxsim_kernel.py checks
       the 2-per-SM fit of the 256-row configurations in the sm_90 build.
+    - Small tiles below _SMALL_TILES_BELOW of shared memory (sm_75): 32 rows, K chunks of at
+      most 32, 64 document rows (16-bit). sm_75's dots take both operands from registers, so
+      larger tiles spill there too; these fit (at most 40 KiB up to d = 256, the limit there)
+      and spill nothing at Lq = 32, d <= 128 (compiled for sm_75 in tests/test_maxsim_kernel.py).
+      Untimed: no T4 has been lent to this project.
     """
     is_fp32 = dtype == torch.float32
-    block_k, num_k = _split_dim(dim, 64 if is_fp32 else 128)
+    small = max_shared < _SMALL_TILES_BELOW
+    block_k, num_k = _split_dim(dim, 32 if small else 64 if is_fp32 else 128)
     d_eff = block_k * num_k
-    if is_fp32:
+    if small:
+        max_rows = 32
+    elif is_fp32:
         max_rows = 64 if d_eff <= 128 else 32
     else:
         max_rows = 256 if d_eff <= 128 else 128 if d_eff <= 256 else 32
@@ -495,7 +509,7 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int) 
     if is_fp32 or d_eff > 256:
         block_n = 32
     else:
-        block_n = 128 if rows <= 64 and d_eff <= 128 else 64
+        block_n = 128 if rows <= 64 and d_eff <= 128 and not small else 64
     num_warps = 8 if rows >= 128 else 4
     num_stages = 2 if is_fp32 or d_eff > 256 or (rows >= 256 and d_eff > 96) else 3
     return _Config(qb, lq_tile, num_lq_chunks, block_n, block_k, num_k, num_warps, num_stages)
@@ -624,6 +638,11 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, out=
     Empty documents score 0.0. Returns float32 scores (``out`` when given).
     """
     out_shape = _validate(queries, doc_values, doc_starts, doc_lengths, pad_floor, out)
+    max_shared = shared_memory_limit(queries.device)
+    if max_shared < _SMALL_TILES_BELOW and queries.shape[2] > _MAX_DIM_SMALL_TILES:
+        raise ValueError(f"on this GPU ({max_shared // 1024} KiB of shared memory a block) the Triton "
+                         f"MaxSim kernel takes embedding dims up to {_MAX_DIM_SMALL_TILES}, got "
+                         f"{queries.shape[2]}: score them with backend='torch'")
     num_rows = doc_values.shape[0]
     if check_ranges or (check_ranges is None and doc_starts.device.type == "cpu"):
         _check_ranges(doc_starts, doc_lengths, num_rows)
@@ -636,7 +655,7 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, out=
         return out
     if query_len == 0 or num_rows == 0:
         return out.zero_()  # no query rows, or every document empty (and no pointer to pass)
-    cfg = _kernel_config(queries.dtype, dim, query_len, 1 if candidate_mode else num_queries)
+    cfg = _kernel_config(queries.dtype, dim, query_len, 1 if candidate_mode else num_queries, max_shared)
     _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg)
     return out
 
