@@ -60,6 +60,16 @@ def head_weight(dim: int, hidden: int = 384, seed: int = 0) -> torch.Tensor:
     return (torch.randn(dim, hidden, generator=generator) / hidden**0.5).contiguous()
 
 
+def link_weights(source, destination):
+    """A copytree copy_function for checkpoint variants: the weights hard-linked (a variant
+    edits settings files only; copies would write ~90 MB each), every other file copied, so
+    editing it leaves the original alone."""
+    if str(source).endswith(".safetensors"):
+        os.link(source, destination)
+    else:
+        shutil.copy2(source, destination)
+
+
 def build_stanford(dst: Path, *, dim: int = 96, num_layers: int | None = None, seed: int = 0,
                    metadata: dict | None = None) -> Path:
     """Stanford colbert-ai layout: bert.-prefixed encoder + root linear.weight + artifact.metadata."""

@@ -1,12 +1,12 @@
 """Encoding, scoring and reranking against PyLate 1.6.0 loading the same checkpoint directories."""
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from checkpoints import link_weights
 from conftest import require_reference
 from texts import DOCUMENTS, QUERIES
 
@@ -442,13 +442,6 @@ FUZZ_WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", "[", "]
     form for t in NAMED_POOL + EXTRA_POOL for form in (t, t.lower(), t.upper(), t + "x")]
 
 
-def _link_weights(source, destination):
-    if str(source).endswith(".safetensors"):
-        os.link(source, destination)
-    else:
-        shutil.copy2(source, destination)
-
-
 def _random_token_files(rng, directory):
     """Rarer forms: an added_tokens_decoder (the special tokens' entries, pool tokens', some
     flags changed), added_tokens.json, token objects under a "_token" key and in a
@@ -521,7 +514,7 @@ def test_random_tokenizer_settings_read_as_pylate_reads_them(tmp_path, stanford_
     path = tmp_path / "ckpt"
     # the weights linked, not copied (only the settings files are edited): a wide run of seeds
     # would otherwise write ~90 MB each
-    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path, copy_function=_link_weights)
+    shutil.copytree(stanford_dir if layout == "stanford" else pylate_dir, path, copy_function=link_weights)
     tokenizer_dir = path if layout == "stanford" else path / "0_Transformer"
     _edit_json(tokenizer_dir / "tokenizer_config.json", **_random_settings(rng, config=True))
     if rng.random() < 0.5:
