@@ -135,3 +135,23 @@ def test_scores_and_ranking_match_stanford_colbert(stanford_dir):
         # Stanford sorts its scores; equal ones (the duplicated document) keep the lower index
         order = sorted(range(len(DOCUMENTS)), key=lambda j: (-float(theirs[i, j]), j))
         assert ranked == order, query
+
+
+WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", ".", "?!", "(x)", "a-b", "[", "]",
+         "[MASK]", "[CLS]", "x" * 120, "tokenization", "3.5%", "\t", "naïve", "ÅÄÖ", "🙂"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_settings_and_texts_read_as_stanford_colbert_reads_them(tmp_path, stanford_dir, seed):
+    """Seeded draws of the metadata Stanford ColBERT reads (lengths down to 3, no room for a word
+    piece, and past the texts, the mask flags, other markers) and of texts around those lengths."""
+    import random
+
+    rng = random.Random(seed)
+    metadata = {"query_maxlen": rng.choice([3, 4, 5, 9, 32, 70]), "doc_maxlen": rng.choice([3, 4, 7, 16, 300]),
+                "attend_to_mask_tokens": rng.random() < 0.5, "mask_punctuation": rng.random() < 0.5}
+    if rng.random() < 0.3:
+        metadata.update(query_token_id="[unused5]", doc_token_id="[unused6]")
+    path = _variant(tmp_path, stanford_dir, **metadata)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))) for _ in range(8)]
+    _assert_same_embeddings(path, texts, texts)
