@@ -1,0 +1,54 @@
+"""The README's Python examples run as written, on the tests' checkpoint instead of the hub's.
+
+Only what the examples leave to the reader is supplied: the texts and ids, the padded tensors the
+drop-in takes, and the checkpoint path in place of the hub id (no hub here).
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from conftest import require_reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+HUB_ID = '"answerdotai/answerai-colbert-small-v1"'
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_the_readme_has_the_examples_these_tests_run():
+    blocks = _python_blocks()
+    assert len(blocks) == 2
+    assert HUB_ID in blocks[0] and "from colbert_triton import pylate as scores" in blocks[1]
+
+
+def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
+    code = _python_blocks()[0].replace(HUB_ID, repr(str(stanford_dir)))
+    monkeypatch.chdir(tmp_path)  # it writes corpus.safetensors
+    texts = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "ColBERT scores with late interaction."]
+    scope = {"texts": texts, "my_ids": ["eiffel", "banana", "colbert"]}
+    exec(compile(code, str(README), "exec"), scope)  # noqa: S102 (the README's own code)
+    # what the example's comments say it returns
+    assert [tuple(q.shape) for q in scope["queries"]] == [(32, 96)]
+    assert all(d.shape[1] == 96 for d in scope["docs"]) and len(scope["docs"]) == 3
+    assert tuple(scope["corpus"].values.shape) == (sum(len(d) for d in scope["docs"]), 96)
+    assert scope["model"].score(scope["queries"], scope["corpus"]).shape == (1, 3)
+    assert scope["ids"] == ["eiffel", "banana", "colbert"]
+    assert (tmp_path / "corpus.safetensors").is_file()
+
+
+def test_pylate_drop_in_example():
+    require_reference("pylate.scores")  # the drop-in hands PyLate's other names through
+    gen = torch.Generator().manual_seed(0)
+    # as many queries as documents: the example's colbert_scores_pairwise pairs them
+    queries = torch.nn.functional.normalize(torch.randn(3, 32, 96, generator=gen), dim=-1)
+    documents = torch.nn.functional.normalize(torch.randn(3, 10, 96, generator=gen), dim=-1)
+    lengths = torch.tensor([10, 4, 1])
+    scope = {"queries": queries, "documents": documents, "queries_mask": torch.ones(3, 32),
+             "documents_mask": (torch.arange(10) < lengths[:, None]).float(),
+             "candidates": documents[None].expand(3, -1, -1, -1),  # each query's K = 3 candidates
+             "candidates_mask": (torch.arange(10) < lengths[:, None]).float().expand(3, -1, -1)}
+    exec(compile(_python_blocks()[1], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
+    assert callable(scope["rerank"])
