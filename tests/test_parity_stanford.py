@@ -3,16 +3,15 @@ Stanford-layout checkpoint directories.
 
 PyLate is the reference everywhere else; this is the second one the README names. colbert-ai's
 `Checkpoint` encodes with its QueryTokenizer/DocTokenizer and `ColBERT.query/doc`, and scores
-with `colbert_score`. Two shims, neither touching what is compared: its HF wrapper calls
-`init_weights` where transformers 5 needs `post_init`, and it would build its model class from
-the metadata's hub id (no hub here), so the class comes from the checkpoint directory; its
-C++ extension (segmented MaxSim for indexing) is not built. A third fills a gap of its own:
-with `mask_punctuation: false` it has no skiplist (see `_stanford`).
+with `colbert_score`. Three shims, none touching what is compared: its HF wrapper calls
+`init_weights` where transformers 5 needs `post_init`; it would build its model class from the
+metadata's hub id (no hub here), so the class comes from the checkpoint directory; its C++
+extension (segmented MaxSim, for indexing) is not built. A fourth fills a gap of its own: with
+`mask_punctuation: false` it has no skiplist (see `_stanford`).
 """
 
 import io
 import json
-import os
 import shutil
 from contextlib import redirect_stdout
 
@@ -29,9 +28,9 @@ from colbert_triton import ColBERT
 LITERAL_MARKER = "tokens like [MASK] and [unused0] inside text"
 
 
-def _stanford(path):
+def _stanford(path, monkeypatch):
     """colbert-ai's Checkpoint for a directory, as it loads on a machine without a GPU."""
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # colbert-ai imports GitPython
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")  # colbert-ai imports GitPython
     hf_colbert = require_reference("colbert.modeling.hf_colbert")
     base_colbert = require_reference("colbert.modeling.base_colbert")
     modeling = require_reference("colbert.modeling.colbert")
@@ -40,7 +39,8 @@ def _stanford(path):
     if require_reference("colbert.parameters").DEVICE.type != "cpu":
         # it puts its model on the GPU when there is one (documents in fp16): these compare fp32
         pytest.skip("colbert-ai runs on the GPU where there is one; these tests compare on the CPU")
-    modeling.ColBERT.loaded_extensions = True  # the C++ indexing extension: not what is compared
+    # the C++ indexing extension: not what is compared
+    monkeypatch.setattr(modeling.ColBERT, "loaded_extensions", True, raising=False)
 
     def model_class(_name):
         wrapper = hf_colbert.class_factory(str(path))
@@ -52,7 +52,7 @@ def _stanford(path):
 
         return PostInit
 
-    base_colbert.class_factory = model_class
+    monkeypatch.setattr(base_colbert, "class_factory", model_class)
     with redirect_stdout(io.StringIO()):  # it prints each first query and document it encodes
         ref = checkpoint.Checkpoint(str(path), colbert_config=infra.ColBERTConfig(gpus=0))
     if not ref.colbert_config.mask_punctuation:
@@ -71,8 +71,8 @@ def _variant(tmp_path, stanford_dir, **metadata):
     return path
 
 
-def _assert_same_embeddings(path, queries, documents):
-    ref = _stanford(path)
+def _assert_same_embeddings(path, queries, documents, monkeypatch):
+    ref = _stanford(path, monkeypatch)
     ours = ColBERT.from_pretrained(path, device="cpu")
     with redirect_stdout(io.StringIO()):
         theirs_q = ref.queryFromText(queries)  # [B, query_maxlen, dim]
@@ -86,13 +86,13 @@ def _assert_same_embeddings(path, queries, documents):
     return ref, ours
 
 
-def test_embeddings_match_stanford_colbert(stanford_dir):
+def test_embeddings_match_stanford_colbert(stanford_dir, monkeypatch):
     queries = [q for q in QUERIES if q != LITERAL_MARKER]
-    _assert_same_embeddings(stanford_dir, queries, DOCUMENTS)
+    _assert_same_embeddings(stanford_dir, queries, DOCUMENTS, monkeypatch)
 
 
-def test_a_literal_marker_in_a_query_is_the_one_documented_difference(stanford_dir):
-    ref = _stanford(stanford_dir)
+def test_a_literal_marker_in_a_query_is_the_one_documented_difference(stanford_dir, monkeypatch):
+    ref = _stanford(stanford_dir, monkeypatch)
     ours = ColBERT.from_pretrained(stanford_dir, device="cpu")
     marker = ref.query_tokenizer.Q_marker_token_id
     with redirect_stdout(io.StringIO()):
@@ -109,17 +109,17 @@ def test_a_literal_marker_in_a_query_is_the_one_documented_difference(stanford_d
     {"query_maxlen": 64},
     {"query_token_id": "[unused2]", "doc_token_id": "[unused3]"},
 ], ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
-def test_checkpoint_settings_read_as_stanford_colbert_reads_them(tmp_path, stanford_dir, metadata):
+def test_checkpoint_settings_read_as_stanford_colbert_reads_them(tmp_path, stanford_dir, metadata, monkeypatch):
     path = _variant(tmp_path, stanford_dir, **metadata)
     queries = [q for q in QUERIES if q != LITERAL_MARKER]
-    ref, ours = _assert_same_embeddings(path, queries, DOCUMENTS)
+    ref, ours = _assert_same_embeddings(path, queries, DOCUMENTS, monkeypatch)
     assert ours.settings.query_maxlen == ref.colbert_config.query_maxlen
     assert ours.settings.doc_maxlen == ref.colbert_config.doc_maxlen
 
 
-def test_scores_and_ranking_match_stanford_colbert(stanford_dir):
+def test_scores_and_ranking_match_stanford_colbert(stanford_dir, monkeypatch):
     colbert_score = require_reference("colbert.modeling.colbert").colbert_score
-    ref = _stanford(stanford_dir)
+    ref = _stanford(stanford_dir, monkeypatch)
     ours = ColBERT.from_pretrained(stanford_dir, device="cpu")
     queries = [q for q in QUERIES if q != LITERAL_MARKER]
     with redirect_stdout(io.StringIO()):
@@ -142,7 +142,7 @@ WORDS = ["hello", "World", "Crème", "東京", "☃", "don't", ",", ".", "?!", "
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_settings_and_texts_read_as_stanford_colbert_reads_them(tmp_path, stanford_dir, seed):
+def test_random_settings_and_texts_read_as_stanford_colbert_reads_them(tmp_path, stanford_dir, seed, monkeypatch):
     """Seeded draws of the metadata Stanford ColBERT reads (lengths down to 3, no room for a word
     piece, and past the texts, the mask flags, other markers) and of texts around those lengths."""
     import random
@@ -154,4 +154,4 @@ def test_random_settings_and_texts_read_as_stanford_colbert_reads_them(tmp_path,
         metadata.update(query_token_id="[unused5]", doc_token_id="[unused6]")
     path = _variant(tmp_path, stanford_dir, **metadata)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))) for _ in range(8)]
-    _assert_same_embeddings(path, texts, texts)
+    _assert_same_embeddings(path, texts, texts, monkeypatch)
