@@ -77,12 +77,11 @@ def _assert_same_embeddings(path, queries, documents, monkeypatch):
     with redirect_stdout(io.StringIO()):
         theirs_q = ref.queryFromText(queries)  # [B, query_maxlen, dim]
         theirs_d = ref.docFromText(documents, keep_dims=False)  # kept rows only
-    for text, mine, theirs in zip(queries, ours.encode_queries(queries), theirs_q):
-        assert mine.shape == theirs.shape, text
-        torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0, msg=text)
-    for text, mine, theirs in zip(documents, ours.encode_documents(documents), theirs_d):
-        assert mine.shape == theirs.shape, text
-        torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0, msg=text)
+    for texts, encoded, expected in ((queries, ours.encode_queries(queries), theirs_q),
+                                     (documents, ours.encode_documents(documents), theirs_d)):
+        for text, mine, theirs in zip(texts, encoded, expected):
+            assert mine.shape == theirs.shape, text
+            torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=0, msg=text)
     return ref, ours
 
 

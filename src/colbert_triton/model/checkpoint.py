@@ -426,7 +426,7 @@ def _added_tokens_decoder(tok_config: _SettingsFile) -> dict[int, TokenSpec] | N
 def _added_tokens_json(files: _Files, prefix: str, special_texts: set[str]) -> dict[int, TokenSpec]:
     """The older added_tokens.json (text -> id), as transformers reads it: a token is special
     (and then not normalised) if its text is among ``special_texts`` (the special tokens
-    transformers holds as texts by then: see _extra_special_tokens)."""
+    transformers holds as texts by then: see _special_token_settings)."""
     where = prefix + "added_tokens.json"
     legacy = files.json(where, required=False)
     if legacy is None:
