@@ -25,7 +25,7 @@ import pytest
 
 # Shared memory a block may use (bytes, opt-in) by compute capability: the budget the launchers
 # read from the device (kernels/_device.py), given here for the GPU compiled for.
-SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def compile_case(case: str, arch: int = 90) -> list[dict]:

@@ -848,11 +848,12 @@ def test_colbert_launches_compile_for_sm90():
                 assert launch["wgmma"] and not any("registers" in k for k in launch["wgmma"]), launch
 
 
-@pytest.mark.parametrize("arch", [75, 80, 86])
+@pytest.mark.parametrize("arch", [75, 80, 86, 100, 120])
 def test_launches_fit_the_shared_memory_of_other_gpus(arch):
     """The same launches compiled for a T4 (sm_75: 64 KiB of shared memory a block, small tiles),
-    an A100 (163 KiB) and an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same): each fits,
-    and the 16-bit ColBERT configurations spill nothing."""
+    an A100 (163 KiB), an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same), a B200
+    (sm_100, 227 KiB) and an RTX 50 (sm_120, 99 KiB): each fits, and the 16-bit ColBERT
+    configurations spill nothing."""
     from aot_compile import SHARED_MEMORY, compile_case
 
     launches = compile_case("maxsim", arch)
