@@ -578,8 +578,10 @@ def test_inputs_that_need_gradients_never_reach_the_kernel(gen, monkeypatch):
 
 
 def test_the_default_backend_is_the_kernel_only_on_verified_gpus(monkeypatch):
-    """No backend named: the kernels on a CUDA device whose compute capability is listed (passed
-    natively), PyTorch on any other GPU and on the CPU; a named backend is taken as named."""
+    """No backend named: the kernels on an NVIDIA GPU whose compute capability is listed (passed
+    natively), PyTorch on any other GPU (an AMD one under ROCm too) and on the CPU; a named
+    backend is taken as named, but for the kernels on an AMD GPU (a clear error: they fail to
+    compile there)."""
     from colbert_triton import scoring
     from colbert_triton.kernels import _device
 
@@ -599,6 +601,12 @@ def test_the_default_backend_is_the_kernel_only_on_verified_gpus(monkeypatch):
     assert scoring.resolve_backend(torch.device("cuda"), None) == "torch"
     assert scoring.resolve_backend(torch.device("cuda", 1), "triton") == "triton"
     assert scoring.resolve_backend(torch.device("cuda", 0), "torch") == "torch"
+    # A ROCm build: its GPUs are "cuda" devices, and an MI200 reports (9, 0); never verified.
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert scoring.resolve_backend(torch.device("cuda", 0), None) == "torch"
+    assert scoring.resolve_backend(torch.device("cuda", 0), "torch") == "torch"
+    with pytest.raises(ValueError, match="NVIDIA GPUs only; on this ROCm build .* use backend='torch'"):
+        scoring.resolve_backend(torch.device("cuda", 0), "triton")
 
 
 def test_the_kernels_dim_limits_match_its_checks():

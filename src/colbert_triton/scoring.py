@@ -38,19 +38,26 @@ from .packed import (
 # backend is named: those where the test suite has passed natively (see README, "Status").
 # Empty until a GPU session adds one; elsewhere the PyTorch path is the default. The kernels'
 # tiles are sized for sm_90 (compiled for sm_75, MaxSim's exceed its shared memory). The Triton
-# path is always available by name.
+# path is always available by name. NVIDIA's only: a ROCm build's AMD GPUs are "cuda" devices
+# too, and an MI200 (gfx90a) reports capability (9, 0).
 TRITON_DEFAULT_CAPABILITIES: frozenset[tuple[int, int]] = frozenset()
 
 
 def resolve_backend(device: torch.device, backend: str | None) -> str:
     if backend is None:
-        if device.type == "cuda" and TRITON_DEFAULT_CAPABILITIES:
+        if device.type == "cuda" and torch.version.hip is None and TRITON_DEFAULT_CAPABILITIES:
             return "triton" if cuda_capability(device) in TRITON_DEFAULT_CAPABILITIES else "torch"
         return "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    if backend == "triton" and device.type == "cuda" and torch.version.hip is not None:
+        # Compiled for gfx90a, every MaxSim launch and a third of the encoder's fail in Triton
+        # (no "tf32" dot precision there); for gfx942 the fp32 MaxSim's "tf32x3" does. Nothing
+        # has run on an AMD GPU.
+        raise ValueError("the Triton backend is written and checked for NVIDIA GPUs only; on this "
+                         f"ROCm build (HIP {torch.version.hip}) use backend='torch'")
     return backend
 
 
