@@ -37,7 +37,7 @@ from .packed import (
 # The GPU architectures (compute capabilities) whose CUDA tensors get the Triton kernels when no
 # backend is named: those where the test suite has passed natively (see README, "Status").
 # Empty until a GPU session adds one; elsewhere the PyTorch path is the default. The kernels'
-# tiles are sized for sm_90 (compiled for sm_75, MaxSim's exceed its shared memory). The Triton
+# tiles are sized for sm_90 (compiled for other GPUs they fit, never run: README). The Triton
 # path is always available by name. NVIDIA's only: a ROCm build's AMD GPUs are "cuda" devices
 # too, and an MI200 (gfx90a) reports capability (9, 0).
 TRITON_DEFAULT_CAPABILITIES: frozenset[tuple[int, int]] = frozenset()
