@@ -29,6 +29,9 @@ SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100:
 
 
 def compile_case(case: str, arch: int = 90) -> list[dict]:
+    if os.environ.get("COLBERT_TRITON_SKIP_AOT") == "1":
+        # bench/device/run.sh: CI's compiler gives the same answers, and device time is short.
+        pytest.skip("ahead-of-time compile checks off (COLBERT_TRITON_SKIP_AOT=1): CI runs them")
     pytest.importorskip("triton.backends.nvidia.compiler")
     import triton.runtime.jit
 

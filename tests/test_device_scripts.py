@@ -88,3 +88,14 @@ def test_a_cuda_fault_ends_the_process_that_hit_it(monkeypatch):
     conftest.end_process_on_cuda_fault("tests/x.py::test_bad")  # a serial run: pytest stops
     assert exits == [3] and len(stops) == 1
     assert "test_bad: CUDA error: an illegal memory access" in stops[0]
+
+
+def test_the_device_run_skips_the_compile_checks(monkeypatch):
+    """run.sh's tests step leaves the ahead-of-time compile checks to CI (the same Triton, and
+    ~5 CPU-minutes of device time); they still run wherever the variable is unset."""
+    from aot_compile import compile_case
+
+    monkeypatch.setenv("COLBERT_TRITON_SKIP_AOT", "1")
+    with pytest.raises(pytest.skip.Exception, match="CI runs them"):
+        compile_case("encoder")
+    assert "COLBERT_TRITON_SKIP_AOT=${COLBERT_TRITON_SKIP_AOT:-1} timeout" in (DEVICE_DIR / "run.sh").read_text()

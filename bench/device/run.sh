@@ -9,7 +9,9 @@
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
 #               pytest-xdist workers: compiling the kernel variants is most of its time, and
-#               the workers compile in parallel into Triton's shared on-disk cache. A worker
+#               the workers compile in parallel into Triton's shared on-disk cache (the
+#               ahead-of-time compile checks are skipped: ~5 CPU-minutes that CI already spends
+#               with the same Triton; COLBERT_TRITON_SKIP_AOT=0 keeps them). A worker
 #               whose test faulted the GPU (tests/conftest.py) or hung past --timeout (a watchdog
 #               thread: a signal cannot interrupt a CUDA wait) exits, and xdist starts a new one
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
@@ -64,7 +66,7 @@ for spec in "$@"; do
   limit=$((left - 10))
   case "$family" in
     tests)
-      timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
+      COLBERT_TRITON_SKIP_AOT=${COLBERT_TRITON_SKIP_AOT:-1} timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
         "${parallel[@]}" --timeout=120 --timeout-method=thread -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
