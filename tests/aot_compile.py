@@ -26,6 +26,9 @@ import pytest
 # Shared memory a block may use (bytes, opt-in) by compute capability: the budget the launchers
 # read from the device (kernels/_device.py), given here for the GPU compiled for.
 SHARED_MEMORY = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# The GPUs besides sm_90 whose launches must fit: a T4, an A100, an RTX 30/A10 (sm_89 has the
+# same budget), a B200 and an RTX 50.
+OTHER_GPUS = (75, 80, 86, 100, 120)
 
 
 def compile_case(case: str, arch: int = 90) -> list[dict]:

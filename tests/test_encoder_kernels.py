@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from aot_compile import OTHER_GPUS, SHARED_MEMORY
 from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned, randn
 
 from colbert_triton.kernels import attention as attention_mod
@@ -669,7 +670,7 @@ def test_every_launch_compiles_for_sm90():
         assert launch["spill_bytes"] in (0, None), launch
 
 
-@pytest.mark.parametrize("arch", [75, 80, 86, 100, 120])
+@pytest.mark.parametrize("arch", OTHER_GPUS)
 def test_every_launch_fits_other_gpus(arch):
     """The same launches compiled for a T4 (sm_75, 64 KiB of shared memory a block), an A100
     (163 KiB), an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same), a B200 (sm_100, 227
@@ -685,7 +686,7 @@ def test_every_launch_fits_other_gpus(arch):
         assert launch["shared"] <= SHARED_MEMORY[arch], launch
 
 
-@pytest.mark.parametrize("arch", [90, 89, 86, 80, 75, 100, 120])
+@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY))
 def test_fused_layernorm_tiles_fit_each_gpus_shared_memory(arch):
     """The LayerNorm-fused GEMM keeps a whole [N, BLOCK_K] slice of W per stage: its tiles are
     sized to the device's shared memory (sm_90's 227 KiB; the 99 KiB of sm_86/sm_89 took 112

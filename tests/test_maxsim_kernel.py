@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aot_compile import OTHER_GPUS
 from conftest import (
     INTERPRETED,
     KERNEL_DEVICE,
@@ -848,7 +849,7 @@ def test_colbert_launches_compile_for_sm90():
                 assert launch["wgmma"] and not any("registers" in k for k in launch["wgmma"]), launch
 
 
-@pytest.mark.parametrize("arch", [75, 80, 86, 100, 120])
+@pytest.mark.parametrize("arch", OTHER_GPUS)
 def test_launches_fit_the_shared_memory_of_other_gpus(arch):
     """The same launches compiled for a T4 (sm_75: 64 KiB of shared memory a block, small tiles),
     an A100 (163 KiB), an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same), a B200
