@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from aot_compile import OTHER_GPUS, SHARED_MEMORY
+from aot_compile import OTHER_GPUS, SHARED_MEMORY, compile_case
 from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned, randn
 
 from colbert_triton.kernels import attention as attention_mod
@@ -661,8 +661,6 @@ def _tiny_bert_as(params, dtype):
 
 def test_every_launch_compiles_for_sm90():
     """The interpreter enforces no GPU limit: compile what the launchers would launch, for sm_90."""
-    from aot_compile import compile_case
-
     launches = compile_case("encoder")
     assert len(launches) == 43, launches
     for launch in launches:
@@ -678,8 +676,6 @@ def test_every_launch_fits_other_gpus(arch):
     Spills are a matter of speed and of the Triton release there (sm_75 spills up to 8 KB a
     thread; the others 0-8 bytes in a few launches: bench/NOTES.md, session 19), so only sm_90,
     the GPU the tiles are tuned for, is held to none (test_every_launch_compiles_for_sm90)."""
-    from aot_compile import SHARED_MEMORY, compile_case
-
     launches = compile_case("encoder", arch)
     assert len(launches) >= 43, launches
     for launch in launches:
@@ -691,8 +687,6 @@ def test_fused_layernorm_tiles_fit_each_gpus_shared_memory(arch):
     """The LayerNorm-fused GEMM keeps a whole [N, BLOCK_K] slice of W per stage: its tiles are
     sized to the device's shared memory (sm_90's 227 KiB; the 99 KiB of sm_86/sm_89 took 112
     KiB with sm_90's tiles), and each launch, compiled for that GPU, fits it."""
-    from aot_compile import SHARED_MEMORY, compile_case
-
     launches = compile_case("fused-layernorm", arch)
     fused = [launch for launch in launches if launch["kernel"] == "_linear_residual_layernorm_kernel"]
     assert len(launches) >= 12 and fused, launches
@@ -951,8 +945,6 @@ def test_attention_checks_lengths_it_can_read_for_free():
 def test_batches_share_compiled_variants():
     """The CPU twin of test_no_recompile_when_batch_changes: batches of other T, B and lengths
     get the same specialisation per kernel; attention has its two tile buckets."""
-    from aot_compile import compile_case
-
     keys = {}
     for launch in compile_case("encoder-batches"):
         keys.setdefault(launch["kernel"], set()).add(launch["key"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aot_compile import OTHER_GPUS
+from aot_compile import OTHER_GPUS, SHARED_MEMORY, compile_case
 from conftest import (
     INTERPRETED,
     KERNEL_DEVICE,
@@ -830,8 +830,6 @@ def test_gpu_launch_does_not_synchronize():
 
 def test_colbert_launches_compile_for_sm90():
     """Compile the ColBERT-shaped launches for an H100 (the interpreter checks no GPU limit)."""
-    from aot_compile import compile_case
-
     launches = compile_case("maxsim")
     assert len(launches) == 30, launches
     for launch in launches:
@@ -855,8 +853,6 @@ def test_launches_fit_the_shared_memory_of_other_gpus(arch):
     an A100 (163 KiB), an RTX 30/A10 (sm_86, 99 KiB; sm_89's budget is the same), a B200
     (sm_100, 227 KiB) and an RTX 50 (sm_120, 99 KiB): each fits, and the 16-bit ColBERT
     configurations spill nothing."""
-    from aot_compile import SHARED_MEMORY, compile_case
-
     launches = compile_case("maxsim", arch)
     assert len(launches) == 30, launches
     for launch in launches:
@@ -873,8 +869,6 @@ def test_query_tile_in_registers_compiles_to_register_operands():
     BLOCK_N) takes the query chunk from registers, only the identity products (N = BLOCK_K)
     read it from shared memory, also for a long query's reloaded chunks; the flat loop spills
     nothing at d = 96, and the capped tile fits three programs per SM."""
-    from aot_compile import compile_case
-
     launches = compile_case("maxsim-query-registers")
     assert len(launches) == 18, launches
     capped = 0
@@ -926,8 +920,6 @@ def test_counts_and_lengths_share_one_compiled_variant():
     """The CPU twin of test_gpu_no_recompilation_when_counts_change: Triton's JIT keys a variant
     on its specialisation (ints equal to 1 or divisible by 16 included, unless marked
     do_not_specialize); calls with other Q, N, K and lengths must all get the same one per mode."""
-    from aot_compile import compile_case
-
     keys = {launch["key"] for launch in compile_case("maxsim-counts")}
     assert len(keys) == 2, keys  # shared documents, per-query candidates
 

@@ -50,14 +50,15 @@ def resolve_backend(device: torch.device, backend: str | None) -> str:
         return "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch', 'triton' or None, got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    if backend == "triton" and device.type == "cuda" and torch.version.hip is not None:
-        # Compiled for gfx90a, every MaxSim launch and a third of the encoder's fail in Triton
-        # (no "tf32" dot precision there); for gfx942 the fp32 MaxSim's "tf32x3" does. Nothing
-        # has run on an AMD GPU.
-        raise ValueError("the Triton backend is written and checked for NVIDIA GPUs only; on this "
-                         f"ROCm build (HIP {torch.version.hip}) use backend='torch'")
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+        if device.type == "cuda" and torch.version.hip is not None:
+            # Compiled for gfx90a, every MaxSim launch and a third of the encoder's fail in Triton
+            # (no "tf32" dot precision there); for gfx942 the fp32 MaxSim's "tf32x3" does.
+            # Nothing has run on an AMD GPU.
+            raise ValueError("the Triton backend is written and checked for NVIDIA GPUs only; on "
+                             f"this ROCm build (HIP {torch.version.hip}) use backend='torch'")
     return backend
 
 

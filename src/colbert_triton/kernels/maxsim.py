@@ -465,8 +465,8 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int,
     usage: the ColBERT configurations (16-bit, d <= 128, Lq <= 128; on sm_90 also Lq = 300)
     use no local memory; 256-row chunks of long queries at d = 128 on sm_89, d > 256, and fp32
     with long queries spill a little (tests/test_maxsim_kernel.py compiles them for sm_90, and
-    for sm_75, sm_80, sm_86, sm_100 and sm_120 and their shared memory). Not yet timed on a GPU: max_rows and
-    BLOCK_N are the first numbers to tune.
+    for sm_75, sm_80, sm_86, sm_100 and sm_120 and their shared memory). Not yet timed on a GPU:
+    max_rows and BLOCK_N are the first numbers to tune.
     - Tile rows (M = QB * LQ_TILE): up to 256 for 16-bit inputs with d <= 128. The more queries
       share a document tile, the fewer L2->SM bytes per FLOP: M = 256 needs ~4 TB/s at the
       H100's tensor rate, M = 128 ~8 TB/s. 128 rows for d <= 256, 32 beyond (register budget).
