@@ -203,10 +203,11 @@ def test_backend_names_resolve_as_in_pylate(ref, monkeypatch):
         dropin.colbert_scores(q, d)
 
 
-def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, kernel_calls, triton_by_default):
+def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, kernel_calls, triton_by_default,
+                                                                 monkeypatch):
     """With the kernel as the default (CUDA, once it is), embedding dims it does not take (over
-    1024; over 512 in float32, pairs of mixed 16-bit dtypes included) get PyLate's formula and
-    results, not an error; dims it takes still reach it."""
+    1024; over 512 in float32, pairs of mixed 16-bit dtypes included; over 256 on a T4) get
+    PyLate's formula and results, not an error; dims it takes still reach it."""
     rank = require_reference("pylate.rank")
     q, d, g = _data(seed=9, h=513)
     qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
@@ -227,6 +228,15 @@ def test_dims_past_the_kernels_limits_score_as_pylate_by_default(ref, kernel_cal
         torch.testing.assert_close(dropin.colbert_scores(q, d).cpu().float(),
                                    ref.colbert_scores(q.cpu().float(), d.cpu().float()), atol=2e-2, rtol=2e-3)
         assert kernel_calls == [torch.Size([1, 2, 600])]
+    from colbert_triton.kernels import maxsim as kernel
+
+    monkeypatch.setattr(kernel, "shared_memory_limit", lambda device: 65536)  # a T4's
+    kernel_calls.clear()
+    q, d, g = _data(seed=11, h=300)
+    qm, dm = _masks(g, 3, 6, 5, 7, "suffix")
+    q, d, qm, dm = (t.to(KERNEL_DEVICE) for t in (q.half(), d.half(), qm, dm))
+    close(dropin.colbert_scores(q, d, qm, dm), ref.colbert_scores(q, d, qm, dm, backend="torch"))
+    assert kernel_calls == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -629,6 +629,31 @@ def test_the_kernels_dim_limits_match_its_checks():
     assert not kernel.takes(torch.int32, 96)
 
 
+def test_a_gpu_with_little_shared_memory_takes_dims_up_to_256(monkeypatch):
+    """On a T4 (64 KiB of shared memory a block, the small tiles) the kernel takes d <= 256 and
+    `takes` says so for that device, so the default dispatch never sends it a dim it refuses;
+    with no device, or one with more shared memory, the limits stay 512/1024."""
+    from colbert_triton.kernels import maxsim as kernel
+
+    device = torch.device(KERNEL_DEVICE)
+    limits = {torch.device("cuda", 0): 65536, torch.device("cuda", 1): 101376}
+    monkeypatch.setattr(kernel, "shared_memory_limit", lambda where: limits.get(where, 65536))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert kernel.takes(dtype, 256, device) and not kernel.takes(dtype, 257, device)
+        assert kernel.takes(dtype, 257, torch.device("cuda", 1)) and kernel.takes(dtype, 257)
+        assert not kernel.takes(dtype, 257, torch.device("cuda", 0))
+    for dim in (256, 257):
+        queries = torch.zeros(1, 1, dim, dtype=torch.float16, device=KERNEL_DEVICE)
+        index = torch.zeros(1, dtype=torch.int64, device=KERNEL_DEVICE)
+        try:
+            kernel.maxsim(queries, queries[0], index, index + 1)
+            accepted = True
+        except ValueError as error:
+            assert "dims up to 256" in str(error), error
+            accepted = False
+        assert accepted == kernel.takes(torch.float16, dim, device) == (dim == 256)
+
+
 def test_dims_past_the_kernels_limits_take_the_pytorch_path_by_default(gen, monkeypatch, triton_by_default):
     """The kernel takes d <= 1024 (512 in float32): named, it refuses larger ones; chosen by
     default (as on CUDA once it is the default), they are scored by PyTorch, with its results;
@@ -661,6 +686,13 @@ def test_dims_past_the_kernels_limits_take_the_pytorch_path_by_default(gen, monk
             exact = reference([q.double() for q in queries], [d.double() for d in corpus]).float()
             tolerance = 2e-3 if dtype == torch.float16 else 1e-4
             torch.testing.assert_close(got.cpu(), exact, atol=tolerance, rtol=tolerance)
+
+    # A T4's 64 KiB of shared memory: the kernel takes d <= 256 there, wider dims go to PyTorch.
+    monkeypatch.setattr(kernel, "shared_memory_limit", lambda device: 65536)
+    queries = random_docs(gen, [3, 2], 288, torch.float16, device=KERNEL_DEVICE)
+    corpus = random_docs(gen, [4, 1, 2], 288, torch.float16, device=KERNEL_DEVICE)
+    torch.testing.assert_close(score(queries, corpus), score(queries, corpus, backend="torch"), atol=0, rtol=0)
+    assert launched == []
 
 
 def test_masked_query_rows_never_reach_the_scores():

@@ -115,7 +115,7 @@ def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
         dims = {t.shape[-1] for t in tensors}
         dim = max(dims)
-        if dim and dtype.is_floating_point and (len(dims) > 1 or not kernel.takes(dtype, dim)):
+        if dim and dtype.is_floating_point and (len(dims) > 1 or not kernel.takes(dtype, dim, device)):
             return "torch"
     return resolved
 

@@ -370,7 +370,7 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, back
     if chosen == "triton":
         from .kernels import maxsim as kernel
 
-        if backend is not None or kernel.takes(queries.dtype, queries.shape[-1]):
+        if backend is not None or kernel.takes(queries.dtype, queries.shape[-1], queries.device):
             return kernel.maxsim(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor)
     return maxsim_torch(queries, doc_values, doc_starts, doc_lengths, pad_floor=pad_floor,
                         lengths_host=lengths_host)

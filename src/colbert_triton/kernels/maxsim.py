@@ -106,15 +106,23 @@ _SMALL_TILES_BELOW = 84 * 1024
 _MAX_DIM_SMALL_TILES = 256  # K chunks of 128 and more (d > 256) exceed 64 KiB there
 
 
-def takes(dtype: torch.dtype, dim: int) -> bool:
+def takes(dtype: torch.dtype, dim: int, device: torch.device | None = None) -> bool:
     """Whether the kernel scores embeddings of this dtype and dim (float64 counts as float32,
-    the dtype the scoring layer converts it to). When no backend is named, others are scored
-    by PyTorch."""
+    the dtype the scoring layer converts it to) on ``device`` (None: a GPU with the shared memory
+    of the sm_90 build; a T4's 64 KiB takes dims up to 256). When no backend is named, others
+    are scored by PyTorch."""
     if dtype == torch.float64:
         dtype = torch.float32
     if dtype not in _FLOAT_DTYPES:
         return False
+    if device is not None and _small_tiles(shared_memory_limit(device)) and dim > _MAX_DIM_SMALL_TILES:
+        return False
     return 1 <= dim <= (_MAX_DIM_FP32 if dtype == torch.float32 else _MAX_DIM)
+
+
+def _small_tiles(max_shared: int) -> bool:
+    """Whether a GPU with this much shared memory a block gets the small tiles (sm_75)."""
+    return max_shared < _SMALL_TILES_BELOW
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +501,7 @@ def _kernel_config(dtype: torch.dtype, dim: int, query_len: int, qb_limit: int,
       Untimed: no T4 has been lent to this project.
     """
     is_fp32 = dtype == torch.float32
-    small = max_shared < _SMALL_TILES_BELOW
+    small = _small_tiles(max_shared)
     block_k, num_k = _split_dim(dim, 32 if small else 64 if is_fp32 else 128)
     d_eff = block_k * num_k
     if small:
@@ -640,7 +648,7 @@ def maxsim(queries, doc_values, doc_starts, doc_lengths, *, pad_floor=None, out=
     """
     out_shape = _validate(queries, doc_values, doc_starts, doc_lengths, pad_floor, out)
     max_shared = shared_memory_limit(queries.device)
-    if max_shared < _SMALL_TILES_BELOW and queries.shape[2] > _MAX_DIM_SMALL_TILES:
+    if _small_tiles(max_shared) and queries.shape[2] > _MAX_DIM_SMALL_TILES:
         raise ValueError(f"on this GPU ({max_shared // 1024} KiB of shared memory a block) the Triton "
                          f"MaxSim kernel takes embedding dims up to {_MAX_DIM_SMALL_TILES}, got "
                          f"{queries.shape[2]}: score them with backend='torch'")
