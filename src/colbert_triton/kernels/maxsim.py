@@ -115,7 +115,8 @@ def takes(dtype: torch.dtype, dim: int, device: torch.device | None = None) -> b
         dtype = torch.float32
     if dtype not in _FLOAT_DTYPES:
         return False
-    if device is not None and _small_tiles(shared_memory_limit(device)) and dim > _MAX_DIM_SMALL_TILES:
+    # Only dims past the small tiles' limit read the device (ColBERT's never do: a hot path).
+    if dim > _MAX_DIM_SMALL_TILES and device is not None and _small_tiles(shared_memory_limit(device)):
         return False
     return 1 <= dim <= (_MAX_DIM_FP32 if dtype == torch.float32 else _MAX_DIM)
 
