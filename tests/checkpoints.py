@@ -37,10 +37,12 @@ def minilm_dir() -> Path:
     return path
 
 
-def _encoder(num_layers: int | None):
+def _encoder(num_layers: int | None, width: dict | None = None):
     src = minilm_dir()
     config = json.loads((src / "config.json").read_text())
     tensors = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items() if "position_ids" not in k}
+    if width is not None:
+        config, tensors = _narrowed(config, tensors, **width)
     if num_layers is not None and num_layers != config["num_hidden_layers"]:
         # Deeper stacks reuse the real layers cyclically: realistic activations, not a trained model.
         base = config["num_hidden_layers"]
@@ -53,6 +55,33 @@ def _encoder(num_layers: int | None):
         tensors = out
         config["num_hidden_layers"] = num_layers
     return src, config, tensors
+
+
+# BERT shapes with the other head dims the Triton attention takes (MiniLM's is 32), narrowed from
+# MiniLM's weights by `_narrowed`; "head64" is BERT-base's and -large's head dim.
+OTHER_HEAD_DIMS = {
+    "head16": {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256},
+    "head64": {"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512},
+    "head128": {"hidden_size": 256, "num_attention_heads": 2, "intermediate_size": 1024},
+}
+
+
+def _narrowed(config: dict, tensors: dict, *, hidden_size: int, num_attention_heads: int,
+              intermediate_size: int):
+    """Another BERT shape from the real weights: every axis of MiniLM's 384 hidden units (1536
+    FFN units) cut to its first hidden_size (intermediate_size), the heads regrouped, so head
+    dims other than MiniLM's 32 (BERT-base and -large have 64) run on real embeddings."""
+    if hidden_size > config["hidden_size"] or intermediate_size > config["intermediate_size"]:
+        raise ValueError("a narrowed checkpoint cannot be wider than MiniLM")
+    cut = {config["hidden_size"]: hidden_size, config["intermediate_size"]: intermediate_size}
+    out = {}
+    for name, tensor in tensors.items():
+        for axis, size in enumerate(tensor.shape):
+            tensor = tensor.narrow(axis, 0, cut.get(size, size))
+        out[name] = tensor.contiguous()
+    config = {**config, "hidden_size": hidden_size, "num_attention_heads": num_attention_heads,
+              "intermediate_size": intermediate_size}
+    return config, out
 
 
 def head_weight(dim: int, hidden: int = 384, seed: int = 0) -> torch.Tensor:
@@ -71,9 +100,10 @@ def link_weights(source, destination):
 
 
 def build_stanford(dst: Path, *, dim: int = 96, num_layers: int | None = None, seed: int = 0,
-                   metadata: dict | None = None) -> Path:
-    """Stanford colbert-ai layout: bert.-prefixed encoder + root linear.weight + artifact.metadata."""
-    src, config, tensors = _encoder(num_layers)
+                   metadata: dict | None = None, width: dict | None = None) -> Path:
+    """Stanford colbert-ai layout: bert.-prefixed encoder + root linear.weight + artifact.metadata.
+    width: keyword arguments of `_narrowed`, for another BERT shape."""
+    src, config, tensors = _encoder(num_layers, width)
     dst.mkdir(parents=True, exist_ok=True)
     config = {**config, "architectures": ["HF_ColBERT"]}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
@@ -93,9 +123,10 @@ def build_stanford(dst: Path, *, dim: int = 96, num_layers: int | None = None, s
 
 
 def build_pylate(dst: Path, *, dim: int = 96, num_layers: int | None = None, seed: int = 0,
-                 settings: dict | None = None) -> Path:
-    """PyLate / sentence-transformers layout: modules.json, 0_Transformer/, 1_Dense/."""
-    src, config, tensors = _encoder(num_layers)
+                 settings: dict | None = None, width: dict | None = None) -> Path:
+    """PyLate / sentence-transformers layout: modules.json, 0_Transformer/, 1_Dense/.
+    width: as build_stanford's."""
+    src, config, tensors = _encoder(num_layers, width)
     dst.mkdir(parents=True, exist_ok=True)
     enc = dst / "0_Transformer"
     dense = dst / "1_Dense"

@@ -1,6 +1,8 @@
 """The packed encoder against transformers.BertModel on the same real weights."""
 
+import pytest
 import torch
+from checkpoints import OTHER_HEAD_DIMS, build_stanford
 from conftest import require_reference
 from texts import DOCUMENTS, QUERIES
 
@@ -46,6 +48,17 @@ def test_deep_checkpoint_matches(tmp_path):
     path = build_stanford(tmp_path / "deep", num_layers=12, dim=128)
     model = ColBERT.from_pretrained(path, device="cpu")
     _compare(model, _hf_model(path), model.tokenizer.documents(DOCUMENTS[:6]))
+
+
+@pytest.mark.parametrize("width", OTHER_HEAD_DIMS)
+def test_other_bert_shapes_match(tmp_path, width):
+    """Head dims 16, 64 and 128 with their hidden and FFN widths, read from the config."""
+    from colbert_triton import ColBERT
+
+    path = build_stanford(tmp_path / width, num_layers=2, dim=128, width=OTHER_HEAD_DIMS[width])
+    model = ColBERT.from_pretrained(path, device="cpu")
+    _compare(model, _hf_model(path), model.tokenizer.documents(DOCUMENTS[:6]))
+    _compare(model, _hf_model(path), model.tokenizer.queries(QUERIES[:4]))
 
 
 def test_layer_norm_eps_comes_from_the_config(tmp_path):

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from checkpoints import link_weights
+from checkpoints import OTHER_HEAD_DIMS, build_pylate, link_weights
 from conftest import require_reference
 from texts import DOCUMENTS, QUERIES
 
@@ -90,6 +90,19 @@ def test_embeddings_match(pair):
             assert a.shape == b.shape, text
             assert a.dtype == torch.float32
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=text)
+
+
+def test_embeddings_match_on_a_bert_base_head_dim(tmp_path):
+    """A PyLate checkpoint with 64-wide heads (BERT-base's, as colbertv2.0's encoder): the shapes
+    come from its config on both sides."""
+    models = require_reference("pylate.models")
+    path = build_pylate(tmp_path / "head64", num_layers=2, dim=128, width=OTHER_HEAD_DIMS["head64"])
+    ours, ref = ColBERT.from_pretrained(path, device="cpu"), models.ColBERT(model_name_or_path=str(path), device="cpu")
+    for is_query, texts in ((True, QUERIES[:4]), (False, DOCUMENTS[:6])):
+        theirs = ref.encode(texts, is_query=is_query)
+        mine = (ours.encode_queries if is_query else ours.encode_documents)(texts)
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
 
 
 def _assert_same_ranking(mine: list[tuple[int, float]], ids: list, scores: list[float]):

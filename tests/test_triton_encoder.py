@@ -6,6 +6,7 @@ whole text set, in float16 and bfloat16.
 
 import pytest
 import torch
+from checkpoints import OTHER_HEAD_DIMS, build_stanford
 from conftest import INTERPRETED, KERNEL_DEVICE
 from texts import DOCUMENTS, QUERIES
 
@@ -78,3 +79,25 @@ def test_triton_encoder_matches_torch_path(stanford_dir, reference, dtype, cuda_
         in_ref_order = ref_row[order]
         inversion = float((in_ref_order[1:] - in_ref_order[:-1]).max())
         assert inversion <= near_tie, f"{dtype}: documents {inversion:.4f} apart in the reference swapped"
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("width", OTHER_HEAD_DIMS)
+def test_other_bert_shapes_match_the_torch_path(tmp_path, width, dtype):
+    """Checkpoints whose heads are 16, 64 (BERT-base, -large) or 128 wide, with other hidden and
+    FFN widths: the model layer shapes every Triton op from the config, as the PyTorch path."""
+    path = build_stanford(tmp_path / width, num_layers=2, dim=128, width=OTHER_HEAD_DIMS[width])
+    texts = QUERY_TEXTS[:2], DOC_TEXTS[:3]
+    reference = ColBERT.from_pretrained(path, device=KERNEL_DEVICE, dtype=torch.float32, backend="torch")
+    ref = reference.encode_queries(texts[0]) + reference.encode_documents(texts[1])
+    model = ColBERT.from_pretrained(path, device=KERNEL_DEVICE, dtype=dtype, backend="triton")
+    assert model.backend == "triton"
+    ours = model.encode_queries(texts[0]) + model.encode_documents(texts[1])
+    for x, expected in zip(ours, ref):
+        assert x.shape == expected.shape == (x.shape[0], 128) and x.dtype == dtype
+    if dtype == torch.float32:
+        for x, expected in zip(ours, ref):
+            torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+    else:
+        # Two layers of real-weight activations in float16: the bound of the MiniLM test above.
+        assert float(_cosines(ours, ref).min()) >= 0.9999
