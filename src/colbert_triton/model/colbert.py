@@ -18,7 +18,6 @@ from ..packed import (
     EmbeddingsFile,
     PackedEmbeddings,
     available_device,
-    embeddings_file_info,
     load_embeddings,
     save_embeddings,
 )
@@ -314,12 +313,6 @@ class ColBERT:
         # The header is checked before the values are read, in the same file.
         saved = load_embeddings(path, check=lambda info: self._check_header(info, path, kind))
         return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
-
-    def check_embeddings_file(self, path, *, kind: str = "documents") -> None:
-        """Refuse, from its header alone, a file of the other kind, of another dim, or made by
-        another model (fingerprint)."""
-        _check_kind(kind)
-        self._check_header(embeddings_file_info(path), path, kind)
 
     def _check_header(self, info, path, kind: str) -> None:
         meta = info.metadata
