@@ -1,6 +1,7 @@
 """Loading both checkpoint layouts, from a directory or the hub cache, and the errors on bad files."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_length_overrides(stanford_dir):
     assert model.encode_documents(["word " * 100])[0].shape == (20, 96)
     with pytest.raises(ValueError, match="positions"):
         ColBERT.from_pretrained(stanford_dir, device="cpu", doc_maxlen=600)
-    with pytest.raises(ValueError, match="room"):
+    with pytest.raises(ValueError, match=r"query_maxlen=2 / doc_maxlen=300 leave no room .* at least 3 / 3"):
         ColBERT.from_pretrained(stanford_dir, device="cpu", query_maxlen=2)
 
 
@@ -252,6 +253,30 @@ def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, mes
     data = changes if isinstance(changes, list) else {**json.loads(path.read_text()), **changes}
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ([1], "expected a JSON object of settings, got list"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be at least 1, got 0"),
+    ({"num_attention_heads": -2}, "num_attention_heads must be at least 1, got -2"),
+    ({"hidden_size": "384"}, "hidden_size must be an integer, got '384'"),
+    ({"intermediate_size": 1536.5}, "intermediate_size must be an integer, got 1536.5"),
+    ({"type_vocab_size": 0}, "type_vocab_size must be at least 1, got 0"),
+    ({"num_hidden_layers": None}, "missing key 'num_hidden_layers'"),
+    ({"layer_norm_eps": -1e-12}, "layer_norm_eps must be a positive number, got -1e-12"),
+    ({"layer_norm_eps": 0}, "layer_norm_eps must be a positive number, got 0"),
+    ({"layer_norm_eps": "1e-12"}, "layer_norm_eps must be a positive number, got '1e-12'"),
+], ids=["list", "heads-zero", "heads-negative", "hidden-text", "ffn-fraction", "token-types-zero",
+        "layers-null", "eps-negative", "eps-zero", "eps-text"])
+def test_malformed_bert_configs_are_named(tmp_path, stanford_dir, changes, message):
+    """Each of these crashed deep in the encoder (a division by zero, a negative reshape) or, for
+    a negative or zero epsilon, encoded NaNs."""
+    copy = _corrupt(tmp_path, stanford_dir, "config")
+    path = copy / "config.json"
+    data = changes if isinstance(changes, list) else {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
         ColBERT.from_pretrained(copy, device="cpu")
 
 

@@ -17,6 +17,7 @@ huggingface_hub's cache, which honours ``HF_HUB_OFFLINE``), with an optional ``r
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import string
 from dataclasses import dataclass, field, replace
@@ -47,31 +48,40 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_json(cls, data: dict, source: str) -> "BertConfig":
-        model_type = data.get("model_type", "bert")
+    def from_json(cls, data, source: str) -> "BertConfig":
+        get = _SettingsFile(data, source)
+        model_type = get.value("model_type", "bert")
         if model_type != "bert":
             raise CheckpointError(f"{source}: model_type {model_type!r} is not a BERT model")
-        if data.get("hidden_act", "gelu") != "gelu":
+        if get.value("hidden_act", "gelu") != "gelu":
             raise CheckpointError(
                 f"{source}: hidden_act {data['hidden_act']!r} is not supported (exact 'gelu' only)"
             )
-        if data.get("position_embedding_type", "absolute") != "absolute":
+        if get.value("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{source}: only absolute position embeddings are supported")
-        try:
-            config = cls(
-                vocab_size=int(data["vocab_size"]),
-                hidden_size=int(data["hidden_size"]),
-                num_layers=int(data["num_hidden_layers"]),
-                num_heads=int(data["num_attention_heads"]),
-                intermediate_size=int(data["intermediate_size"]),
-                max_position_embeddings=int(data.get("max_position_embeddings", 512)),
-                type_vocab_size=int(data.get("type_vocab_size", 2)),
-                layer_norm_eps=float(data.get("layer_norm_eps", 1e-12)),
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"{source}: missing key {missing}") from None
-        except (TypeError, ValueError) as bad:
-            raise CheckpointError(f"{source}: malformed value ({bad})") from None
+
+        def size(key: str, default: int | None = None, minimum: int = 1) -> int:
+            value = get.integer(key, default)
+            if value is None:
+                raise CheckpointError(f"{source}: missing key {key!r}")
+            if value < minimum:
+                raise CheckpointError(f"{source}: {key} must be at least {minimum}, got {value}")
+            return value
+
+        # A zero or negative epsilon makes LayerNorm divide by zero or take a negative root: NaNs.
+        eps = get.value("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise CheckpointError(f"{source}: layer_norm_eps must be a positive number, got {eps!r}")
+        config = cls(
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            num_layers=size("num_hidden_layers", minimum=0),
+            num_heads=size("num_attention_heads"),
+            intermediate_size=size("intermediate_size"),
+            max_position_embeddings=size("max_position_embeddings", 512),
+            type_vocab_size=size("type_vocab_size", 2),
+            layer_norm_eps=float(eps),
+        )
         if config.hidden_size % config.num_heads:
             raise CheckpointError(f"{source}: hidden_size is not a multiple of num_attention_heads")
         return config

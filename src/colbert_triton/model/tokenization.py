@@ -146,7 +146,11 @@ class ColBERTTokenizer:
         self._query_budget = settings.query_maxlen - len(self._query_head) - 1
         self._doc_budget = settings.doc_maxlen - len(self._doc_head) - 1
         if self._query_budget < 0 or self._doc_budget < 0:
-            raise ValueError("query_maxlen and doc_maxlen must leave room for [CLS], marker and [SEP]")
+            raise ValueError(
+                f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} leave no room "
+                f"for [CLS], the marker and [SEP]: each must be at least "
+                f"{len(self._query_head) + 1} / {len(self._doc_head) + 1}"
+            )
         if max(settings.query_maxlen, settings.doc_maxlen) > max_positions:
             raise ValueError(
                 f"query_maxlen={settings.query_maxlen} / doc_maxlen={settings.doc_maxlen} exceed "
