@@ -70,10 +70,13 @@ def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, mode
     ('{"id": 1e400, "text": "x"}\n', "docs.jsonl:1: 1e400 is outside the range of a float"),
     ('{"text": "ok"}\n{"id": {"a": -2E+999}, "text": "x"}\n', "docs.jsonl:2: -2E+999 is outside"),
     ('{"id": ' + "[" * 100_000 + "]" * 100_000 + ', "text": "x"}\n', "docs.jsonl:1: JSON nested too deeply"),
+    (b'{"text": "caf\xe9"}\n', "docs.jsonl: not UTF-8 text"),  # Latin-1
 ])
 def test_input_errors(stanford_dir, tmp_path, capsys, content, message):
     path = tmp_path / "docs.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     code = main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(path),
                  "--query", "x"])
@@ -113,6 +116,9 @@ def test_argument_errors_are_one_line(stanford_dir, docs_file, tmp_path, capsys)
     code = main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
                  "--output", str(tmp_path)])
     assert code == 2 and "is a directory" in capsys.readouterr().err
+    code = main(["rank", "--model", str(stanford_dir), "--device", "cpu", "--documents", str(docs_file),
+                 "--query", "x", "-k", "0"])
+    assert code == 2 and "-k must be at least 1" in capsys.readouterr().err
 
 
 def test_txt_lines_end_at_newlines_only(stanford_dir, tmp_path, capsys):

@@ -154,6 +154,25 @@ def test_errors():
         dropin.colbert_scores_pairwise(q[0], d[0])
     with pytest.raises(ValueError, match="document ids"):
         dropin.rerank([["a"]], [q[0]], [[d[0], d[1]]])
+    # PyLate: einsum's "number of subscripts" error; integer embeddings it scores in integer
+    # arithmetic (README).
+    with pytest.raises(ValueError, match=r"expected queries with 3 dims and documents with 3, got shapes \(6, 16\)"):
+        dropin.colbert_scores(q[0], d)
+    with pytest.raises(TypeError, match="queries embeddings must be floating point, got torch.int64"):
+        dropin.colbert_scores(q.long(), d.long())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerank_takes_candidates_as_one_array_and_no_queries_as_pylate_does(backend):
+    rank = require_reference("pylate.rank")
+    g = torch.Generator().manual_seed(9)
+    queries, candidates = torch.randn(2, 5, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    ids = [["a", "b", "c"], [7, 8, 9]]
+    expected = rank.rerank(ids, queries, candidates)
+    got = dropin.rerank(ids, *moved(backend, queries, candidates), backend=backend)
+    for exp, mine in zip(expected, got, strict=True):
+        same_ranking(mine, exp)
+    assert dropin.rerank([], [], [], backend=backend) == rank.rerank([], [], []) == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
