@@ -65,6 +65,23 @@ def test_all_pairs_forms_agree_with_reference(gen, backend, device, dim):
     assert as_list.dtype == torch.float32 and as_list.shape == (5, 7)
 
 
+def test_single_arrays_and_embeddings_files_are_accepted_forms(gen, backend, device, tmp_path):
+    """One [L, dim] document or query is a corpus or batch of one; an EmbeddingsFile (what
+    load_embeddings returns) of queries or documents is scored as its embeddings."""
+    from colbert_triton import load_embeddings, save_embeddings
+
+    queries = random_docs(gen, [5, 32, 2], 96, device=device)
+    docs = random_docs(gen, [4, 1, 9], 96, device=device)
+    expected = reference(queries, docs).float()
+    close(score(queries, docs[2], backend=backend), expected[:, 2:])
+    close(score(queries[1], docs, backend=backend), expected[1:2])
+    save_embeddings(tmp_path / "q.safetensors", PackedEmbeddings.from_list([q.cpu() for q in queries]))
+    save_embeddings(tmp_path / "d.safetensors", PackedEmbeddings.from_list([d.cpu() for d in docs]))
+    saved_queries, saved_docs = (load_embeddings(tmp_path / f"{name}.safetensors", device=device)
+                                 for name in "qd")
+    close(score(saved_queries, saved_docs, backend=backend), expected)
+
+
 def test_query_masks_and_ragged_queries(gen, backend, device):
     docs = random_docs(gen, [4, 9], 96, device=device)
     queries = random_docs(gen, [3, 32, 1], 96, device=device)
