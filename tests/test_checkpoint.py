@@ -92,6 +92,39 @@ def test_unreachable_hub_says_so(tmp_path, monkeypatch):
         ColBERT.from_pretrained("someone/uncached-model", device="cpu", cache_dir=tmp_path)
 
 
+def _hub_answer(kind: str):
+    """The exception huggingface_hub's hf_hub_download raises for each of the hub's answers."""
+    import httpx
+    from huggingface_hub import errors
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/someone/x"))
+    return {
+        "no-repository": errors.RepositoryNotFoundError("404 Repository Not Found", response=response),
+        "no-revision": errors.RevisionNotFoundError("404 Revision Not Found", response=response),
+        "no-file": errors.EntryNotFoundError("404 Entry Not Found"),
+        "bad-id": errors.HFValidationError("Repo id must use alphanumeric chars"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("no-repository", "someone/tiny-colbert: not a local directory and not a model on the hub"),
+    ("no-revision", "someone/tiny-colbert: revision 'v9' not found"),
+    ("no-file", r"someone/tiny-colbert@v9:config.json: missing checkpoint file \(not in the repository\)"),
+    ("bad-id", r"someone/tiny-colbert: not a valid hub id or local path \(Repo id must"),
+])
+def test_the_hubs_answers_are_named(monkeypatch, kind, message):
+    """No hub here: its answers, as huggingface_hub raises them, each become an error that says
+    what was not found (a typo in a model id is the common case)."""
+    import huggingface_hub
+
+    def download(repo_id, filename, **kwargs):
+        raise _hub_answer(kind)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(CheckpointError, match=message):
+        ColBERT.from_pretrained("someone/tiny-colbert", revision="v9", device="cpu")
+
+
 def test_markers_missing_from_the_vocabulary(tmp_path):
     """A PyLate checkpoint without its prefixes falls back to "[Q] "/"[D] ", which are not in the
     vocabulary: a clear error instead of an embedding lookup past the table (or NaN on Triton)."""
@@ -136,6 +169,24 @@ def test_missing_and_malformed_files_are_named(tmp_path, stanford_dir):
     with pytest.raises(CheckpointError, match="model.safetensors"):
         ColBERT.from_pretrained(copy, device="cpu")
 
+    copy = _corrupt(tmp_path, stanford_dir, "bad_bin")
+    (copy / "model.safetensors").unlink()
+    (copy / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: unreadable weights file"):
+        ColBERT.from_pretrained(copy, device="cpu")
+    torch.save([1, 2], copy / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: expected a state dict"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
+    with pytest.raises(CheckpointError, match=r"config\.json: is a file; expected a checkpoint directory"):
+        ColBERT.from_pretrained(stanford_dir / "config.json", device="cpu")
+
+    copy = _corrupt(tmp_path, stanford_dir, "roberta")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    with pytest.raises(CheckpointError, match="config.json: model_type 'roberta' is not a BERT model"):
+        ColBERT.from_pretrained(copy, device="cpu")
+
     copy = _corrupt(tmp_path, stanford_dir, "dim_mismatch")
     meta = json.loads((copy / "artifact.metadata").read_text())
     (copy / "artifact.metadata").write_text(json.dumps({**meta, "dim": 128}))
@@ -172,6 +223,24 @@ def test_missing_tensors_are_named(tmp_path):
     path = build_pylate(tmp_path / "p2")
     (path / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "sentence_transformers.models.Pooling"}]))
     with pytest.raises(CheckpointError, match="Pooling"):
+        ColBERT.from_pretrained(path, device="cpu")
+    (path / "modules.json").write_text(json.dumps({"0": "0_Transformer"}))
+    with pytest.raises(CheckpointError, match="modules.json: expected a list of module entries"):
+        ColBERT.from_pretrained(path, device="cpu")
+
+    path = build_pylate(tmp_path / "p3")
+    save_file({"weight": torch.zeros(96, 384)}, str(path / "1_Dense" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1_Dense/model\.safetensors: no 'linear\.weight' tensor"):
+        ColBERT.from_pretrained(path, device="cpu")
+    save_file({"linear.weight": torch.zeros(96)}, str(path / "1_Dense" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'linear\.weight' has shape \(96,\), expected \[out, in\]"):
+        ColBERT.from_pretrained(path, device="cpu")
+    save_file({"linear.weight": torch.zeros(96, 384), "linear.bias": torch.zeros(95)},
+              str(path / "1_Dense" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1_Dense/model\.safetensors: 'linear\.bias' has shape \(95,\), expected \(96,\)"):
+        ColBERT.from_pretrained(path, device="cpu")
+    (path / "1_Dense" / "config.json").write_text(json.dumps({"activation_function": 1}))
+    with pytest.raises(CheckpointError, match=r"1_Dense/config\.json: activation_function must be a string"):
         ColBERT.from_pretrained(path, device="cpu")
 
 
@@ -511,6 +580,10 @@ def test_a_chain_of_dense_layers_with_biases_folds_into_one(tmp_path, pylate_dir
     ckpt = load_checkpoint(path)
     torch.testing.assert_close(ckpt.head_weight, (w2.double() @ w1.double()).float())
     torch.testing.assert_close(ckpt.head_bias, (w2.double() @ b1.double() + b2.double()).float())
+    save_file({"linear.weight": w2[:, 1:].contiguous()}, str(path / "2_Dense" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"Dense layers do not chain: \S*1_Dense/model\.safetensors gives "
+                                              r"96 features, \S*2_Dense/model\.safetensors takes 95"):
+        load_checkpoint(path)
 
 
 def test_a_sentence_transformers_model_without_a_dense_module_is_refused(tmp_path, pylate_dir):

@@ -591,33 +591,39 @@ def _bert_normalizer(get: _SettingsFile) -> dict | None:
             "handle_chinese_chars": get.flag("tokenize_chinese_chars", True)}
 
 
-def _load_dense(files: _Files, directory: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load_dense(files: _Files, directory: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """One Dense module: (where its weights are, weight [out, in], bias [out] or None)."""
     prefix = f"{directory}/" if directory else ""
-    config = files.json(prefix + "config.json", required=False) or {}
-    activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
+    config = files.json(prefix + "config.json", required=False)
+    config = _SettingsFile({} if config is None else config, files.describe(prefix + "config.json"))
+    activation = config.text("activation_function", "torch.nn.modules.linear.Identity")
     if not activation.endswith("Identity"):
-        raise CheckpointError(
-            f"{files.describe(prefix + 'config.json')}: activation {activation!r} is not supported (Identity only)"
-        )
+        raise CheckpointError(f"{config.source}: activation {activation!r} is not supported (Identity only)")
     tensors, path = files.tensors(directory)
-    weight = tensors.get("linear.weight")
+    weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
     if weight is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
-    return weight, tensors.get("linear.bias")
+    if weight.dim() != 2:
+        raise CheckpointError(f"{path}: 'linear.weight' has shape {tuple(weight.shape)}, expected [out, in]")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointError(f"{path}: 'linear.bias' has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    return str(path), weight, bias
 
 
-def _fold_dense(layers: list[tuple[torch.Tensor, torch.Tensor | None]]):
+def _fold_dense(layers: list[tuple[str, torch.Tensor, torch.Tensor | None]]):
     """Compose a chain of bias-affine Dense layers with identity activations into one."""
-    weight, bias = layers[0]
+    where, weight, bias = layers[0]
     weight = weight.double()
     bias = None if bias is None else bias.double()
-    for next_weight, next_bias in layers[1:]:
+    for next_where, next_weight, next_bias in layers[1:]:
         if next_weight.shape[1] != weight.shape[0]:
-            raise CheckpointError("Dense layers do not chain: output and input sizes differ")
+            raise CheckpointError(f"Dense layers do not chain: {where} gives {weight.shape[0]} features, "
+                                  f"{next_where} takes {next_weight.shape[1]}")
         bias = None if bias is None else next_weight.double() @ bias
         if next_bias is not None:
             bias = next_bias.double() if bias is None else bias + next_bias.double()
         weight = next_weight.double() @ weight
+        where = next_where
     return weight.float(), None if bias is None else bias.float()
 
 
