@@ -181,6 +181,7 @@ def test_packed_embeddings_rejects_offsets_that_disagree_with_lengths(offsets):
     (np.array([2.0, 3.0001]), r"lengths\[1\] = 3.0001 is not a whole number"),
     ([2, float("nan")], r"lengths\[1\] = nan is not a whole number"),
     ([2**64, 3], r"lengths\[0\] = 18446744073709551616 is out of range"),
+    (np.array([2, 2**64 - 1], dtype=np.uint64), r"lengths\[1\] = 18446744073709551615 is out of range"),
     (torch.tensor(5), "lengths must be one-dimensional"),
 ])
 def test_from_lengths_checks_the_lengths(lengths, message):

@@ -35,6 +35,10 @@ def test_equality_is_identity():
 def test_values_and_offsets_are_tensors_on_one_device():
     with pytest.raises(TypeError, match="values must be a torch.Tensor, got ndarray"):
         PackedEmbeddings.from_lengths(torch.zeros(3, 4).numpy(), [3])
+    with pytest.raises(TypeError, match="offsets must be a torch.Tensor, got list"):
+        PackedEmbeddings(torch.zeros(3, 4), [0, 3], (3,))
+    with pytest.raises(ValueError, match="cannot pack an empty list of embeddings"):
+        PackedEmbeddings.from_list([])
     with pytest.raises(ValueError, match="offsets are on meta but values on cpu"):
         PackedEmbeddings(torch.zeros(3, 4), torch.tensor([0, 3], device="meta"), (3,))
 
