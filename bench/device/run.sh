@@ -5,7 +5,9 @@
 # call after a 1-2 min start, so the tool's 30-s warm window still allows one short rerun):
 #   tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16   (DEADLINE_S=560)
 # the fp16 shapes of both families first (the issues' targets), then bf16 with what is left;
-# a second call runs what was cut (e.g. `maxsim/bf16 encoder-ops`).
+# a second call runs what was cut (e.g. `maxsim/bf16 encoder-ops`), at once (the machine is
+# given back after 30 s idle), with DEADLINE_S ~60 s under the lease's budget_left_s and the
+# call's timeout_s ~20 s above DEADLINE_S: a call the tool ends returns no run.tgz.
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
 #               pytest-xdist workers: compiling the kernel variants is most of its time, and
