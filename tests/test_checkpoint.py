@@ -331,8 +331,9 @@ def test_malformed_settings_are_named(tmp_path, stanford_dir, file, changes, mes
     ({"layer_norm_eps": -1e-12}, "layer_norm_eps must be a positive number, got -1e-12"),
     ({"layer_norm_eps": 0}, "layer_norm_eps must be a positive number, got 0"),
     ({"layer_norm_eps": "1e-12"}, "layer_norm_eps must be a positive number, got '1e-12'"),
+    ({"layer_norm_eps": True}, "layer_norm_eps must be a positive number, got True"),
 ], ids=["list", "roberta", "heads-zero", "heads-negative", "hidden-text", "ffn-fraction", "token-types-zero",
-        "layers-null", "eps-negative", "eps-zero", "eps-text"])
+        "layers-null", "eps-negative", "eps-zero", "eps-text", "eps-true"])
 def test_malformed_bert_configs_are_named(tmp_path, stanford_dir, changes, message):
     """Each of these crashed deep in the encoder (a division by zero, a negative reshape) or, for
     a negative or zero epsilon, encoded NaNs."""
