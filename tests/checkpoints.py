@@ -100,15 +100,19 @@ def link_weights(source, destination):
 
 
 def build_stanford(dst: Path, *, dim: int = 96, num_layers: int | None = None, seed: int = 0,
-                   metadata: dict | None = None, width: dict | None = None) -> Path:
+                   metadata: dict | None = None, width: dict | None = None,
+                   head_bias: float | None = None) -> Path:
     """Stanford colbert-ai layout: bert.-prefixed encoder + root linear.weight + artifact.metadata.
-    width: keyword arguments of `_narrowed`, for another BERT shape."""
+    width: keyword arguments of `_narrowed`, for another BERT shape; head_bias: a linear.bias of
+    that value too (which Stanford's bias-free projection does not use)."""
     src, config, tensors = _encoder(num_layers, width)
     dst.mkdir(parents=True, exist_ok=True)
     config = {**config, "architectures": ["HF_ColBERT"]}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     state = {f"bert.{k}": v for k, v in tensors.items()}
     state["linear.weight"] = head_weight(dim, config["hidden_size"], seed)
+    if head_bias is not None:
+        state["linear.bias"] = torch.full((dim,), float(head_bias))
     save_file(state, str(dst / "model.safetensors"))
     meta = {
         "query_token_id": "[unused0]", "doc_token_id": "[unused1]", "query_token": "[Q]",

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from checkpoints import OTHER_HEAD_DIMS, build_pylate, link_weights
+from checkpoints import OTHER_HEAD_DIMS, build_pylate, build_stanford, link_weights
 from conftest import require_reference
 from texts import DOCUMENTS, QUERIES
 
@@ -103,6 +103,16 @@ def test_embeddings_match_on_a_bert_base_head_dim(tmp_path):
         mine = (ours.encode_queries if is_query else ours.encode_documents)(texts)
         for a, b in zip(mine, theirs, strict=True):
             torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
+
+
+def test_a_projection_bias_in_a_stanford_checkpoint_is_unused_as_in_pylate(tmp_path):
+    models = require_reference("pylate.models")
+    path = build_stanford(tmp_path / "bias", head_bias=0.5)
+    with pytest.warns(UserWarning, match="'linear.bias' is not used"):
+        ours = ColBERT.from_pretrained(path, device="cpu")
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    for a, b in zip(ours.encode_documents(DOCUMENTS[:4]), ref.encode(DOCUMENTS[:4], is_query=False), strict=True):
+        torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
 
 
 def _assert_same_ranking(mine: list[tuple[int, float]], ids: list, scores: list[float]):

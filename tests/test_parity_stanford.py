@@ -17,7 +17,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from checkpoints import link_weights
+from checkpoints import build_stanford, link_weights
 from conftest import require_reference
 from texts import DOCUMENTS, QUERIES
 
@@ -154,3 +154,11 @@ def test_random_settings_and_texts_read_as_stanford_colbert_reads_them(tmp_path,
     path = _variant(tmp_path, stanford_dir, **metadata)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12))) for _ in range(8)]
     _assert_same_embeddings(path, texts, texts, monkeypatch)
+
+
+def test_a_projection_bias_in_a_stanford_checkpoint_is_unused_as_in_colbert_ai(tmp_path, monkeypatch):
+    """Stanford's projection has no bias: colbert-ai (and PyLate) load a checkpoint that holds a
+    'linear.bias' without it; so do we, with a warning that says so."""
+    path = build_stanford(tmp_path / "bias", head_bias=0.5)
+    with pytest.warns(UserWarning, match="'linear.bias' is not used"):
+        _assert_same_embeddings(path, QUERIES[:3], DOCUMENTS[:3], monkeypatch)

@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import string
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -607,6 +608,16 @@ def _load_dense(files: _Files, directory: str) -> tuple[str, torch.Tensor, torch
         raise CheckpointError(f"{path}: 'linear.weight' has shape {tuple(weight.shape)}, expected [out, in]")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise CheckpointError(f"{path}: 'linear.bias' has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    # What the config says of the weights must hold (sentence-transformers builds the module from
+    # it and refuses weights that do not fit).
+    out_features, in_features = config.integer("out_features", None), config.integer("in_features", None)
+    if out_features not in (None, weight.shape[0]) or in_features not in (None, weight.shape[1]):
+        raise CheckpointError(f"{config.source}: in_features {in_features} / out_features {out_features}, but "
+                              f"{path} holds a {weight.shape[0]} x {weight.shape[1]} linear.weight")
+    has_bias = config.flag("bias", None)
+    if has_bias is not None and has_bias != (bias is not None):
+        raise CheckpointError(f"{config.source}: bias is {str(has_bias).lower()}, but {path} "
+                              f"{'lacks' if has_bias else 'holds'} a linear.bias")
     return str(path), weight, bias
 
 
@@ -647,10 +658,15 @@ def _load_stanford(files: _Files) -> Checkpoint:
     head = tensors.get("linear.weight")
     if head is None:
         raise CheckpointError(f"{path}: no 'linear.weight' tensor (the ColBERT projection)")
+    if "linear.bias" in tensors:
+        # Stanford's projection is nn.Linear(bias=False): colbert-ai (transformers drops the
+        # unexpected key) and PyLate load such a checkpoint without the bias, and so must we.
+        warnings.warn(f"{path}: 'linear.bias' is not used: Stanford ColBERT's projection has no bias, "
+                      "and colbert-ai and PyLate load this checkpoint without it", UserWarning, stacklevel=4)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
         encoder_tensors=_encoder_tensors(tensors), head_weight=head,
-        head_bias=tensors.get("linear.bias"), tokenizer=_tokenizer_files(files, ""),
+        head_bias=None, tokenizer=_tokenizer_files(files, ""),
         metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
 
