@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from checkpoints import build_pylate, build_stanford
+from checkpoints import build_pylate, build_stanford, link_weights
 from conftest import KERNEL_DEVICE, require_reference
 
 from colbert_triton import CheckpointError, ColBERT
@@ -398,12 +398,21 @@ def test_an_added_token_past_the_embedding_is_refused(tmp_path, stanford_dir, wh
         ColBERT.from_pretrained(copy, device="cpu")
 
 
-def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir):
+@pytest.mark.parametrize("changes, message", [
+    ({"skiplist_words": "!?"}, "skiplist_words must be a list"),
+    ({"prompts": ["query: "]}, "prompts must be an object of prompt texts"),
+    ({"prompts": {"query": 1}}, "prompts must be an object of prompt texts"),
+    ({"default_prompt_name": 1}, "default_prompt_name must be a string"),
+    # sentence-transformers refuses it too (its starting prompts are "query" and "document").
+    ({"prompts": {"q": "query: "}, "default_prompt_name": "search"},
+     r"default_prompt_name 'search' is not one of the prompts \['document', 'q', 'query'\]"),
+], ids=["skiplist-text", "prompts-list", "prompt-number", "prompt-name-number", "prompt-name-unknown"])
+def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir, changes, message):
     copy = tmp_path / "p"
-    shutil.copytree(pylate_dir, copy)
+    shutil.copytree(pylate_dir, copy, copy_function=link_weights)
     path = copy / "config_sentence_transformers.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "skiplist_words": "!?"}))
-    with pytest.raises(CheckpointError, match="config_sentence_transformers.json: skiplist_words must be a list"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(CheckpointError, match="config_sentence_transformers.json: " + message):
         ColBERT.from_pretrained(copy, device="cpu")
 
 

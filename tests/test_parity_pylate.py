@@ -200,6 +200,27 @@ def test_device_mismatch_is_reported():
         score(q, [torch.zeros(3, 8, device="meta")])
 
 
+@pytest.mark.parametrize("settings", [
+    {"prompts": {"query": "search_query: ", "document": "search_document: "}, "default_prompt_name": "query"},
+    {"prompts": {"nl": "  Vraag:"}, "default_prompt_name": "nl"},  # spaces PyLate strips
+    {"prompts": {}, "default_prompt_name": "document"},  # sentence-transformers' empty prompt
+    {"prompts": {"query": "search_query: "}, "default_prompt_name": None},  # none by default
+], ids=["query-prompt", "spaced-prompt", "empty-prompt", "no-default"])
+def test_a_default_prompt_is_put_before_every_text_as_in_pylate(tmp_path, settings):
+    """PyLate's encode puts the checkpoint's default prompt before every query and document
+    (and counts it against their lengths), so a query is encoded as "search_query: ..."."""
+    models = require_reference("pylate.models")
+    path = build_pylate(tmp_path / "prompt", num_layers=2, settings=settings)
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    texts = [QUERIES[0], "  padded text  ", "", " ".join(DOCUMENTS)]  # the last past both lengths
+    for is_query in (True, False):
+        theirs = ref.encode(texts, is_query=is_query)
+        mine = (ours.encode_queries if is_query else ours.encode_documents)(texts)
+        for text, a, b in zip(texts, mine, theirs, strict=True):
+            torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0, msg=text)
+
+
 @pytest.mark.parametrize("settings", [{"attend_to_expansion_tokens": True}, {"do_query_expansion": False}])
 def test_query_settings_match_pylate(tmp_path, settings):
     """The query settings the model's own checkpoint leaves at their defaults."""

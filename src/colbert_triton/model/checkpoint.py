@@ -111,6 +111,10 @@ class ColBERTSettings:
     # sentence-transformers' `do_lower_case` (sentence_bert_config.json): texts lowercased in
     # Python before tokenizing, so a literal [MASK] in a text is no longer the special token.
     lowercase_texts: bool = False
+    # sentence-transformers' default prompt (config_sentence_transformers.json's
+    # `default_prompt_name` into its `prompts`): PyLate's encode puts it before every query and
+    # document text, and so does the tokenizer here.
+    prompt: str = ""
 
     def with_lengths(self, query_maxlen: int | None, doc_maxlen: int | None) -> "ColBERTSettings":
         for name, value in (("query_maxlen", query_maxlen), ("doc_maxlen", doc_maxlen)):
@@ -144,6 +148,14 @@ class ColBERTSettings:
         skiplist = get.value("skiplist_words", PUNCTUATION)
         if not isinstance(skiplist, (list, tuple)) or not all(isinstance(w, str) for w in skiplist):
             raise CheckpointError(f"{source}: skiplist_words must be a list of strings")
+        given = get.value("prompts", {})
+        if not isinstance(given, dict) or not all(isinstance(p, str) for p in given.values()):
+            raise CheckpointError(f"{source}: prompts must be an object of prompt texts")
+        prompts = {"query": "", "document": "", **given}  # sentence-transformers' starting prompts
+        prompt_name = get.text("default_prompt_name", None)
+        if prompt_name is not None and prompt_name not in prompts:
+            raise CheckpointError(f"{source}: default_prompt_name {prompt_name!r} is not one of the "
+                                  f"prompts {sorted(prompts)}")
         return cls(
             query_prefix=get.text("query_prefix", "[Q] "),
             document_prefix=get.text("document_prefix", "[D] "),
@@ -154,6 +166,7 @@ class ColBERTSettings:
             do_query_expansion=expansion,
             skiplist_words=tuple(skiplist),
             lowercase_texts=lowercase_texts,
+            prompt="" if prompt_name is None else prompts[prompt_name],
         )
 
 

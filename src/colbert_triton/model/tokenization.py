@@ -245,10 +245,12 @@ class ColBERTTokenizer:
         numpy passes over the whole batch cost more than this for one short query.
         """
         if budget > 0 and texts:  # `tok` truncates to the budget
-            # As sentence-transformers' Transformer module (PyLate's tokenizer) prepares them:
-            # stripped (it matters only to a marker with a space in it, such as "[Q] "), and
-            # lowercased where the checkpoint says so.
-            texts = [t.strip() for t in texts]
+            # As PyLate's encode and sentence-transformers' Transformer module (its tokenizer)
+            # prepare them: after the checkpoint's default prompt, if any, stripped (it matters
+            # only to a marker with a space in it, such as "[Q] "), and lowercased where the
+            # checkpoint says so.
+            prompt = self.settings.prompt
+            texts = [(prompt + t).strip() for t in texts] if prompt else [t.strip() for t in texts]
             if self.settings.lowercase_texts:
                 texts = [t.lower() for t in texts]
             word_pieces = (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
