@@ -416,17 +416,19 @@ def test_pylate_settings_of_the_wrong_type_are_named(tmp_path, pylate_dir, chang
         ColBERT.from_pretrained(copy, device="cpu")
 
 
-@pytest.mark.parametrize("args, message", [
-    ([1], "sentence_bert_config.json: tokenizer_args: expected a JSON object of settings"),
-    ({"do_lower_case": "no"}, ("tokenizer_config.json with .*sentence_bert_config.json: tokenizer_args: "
-                               "do_lower_case must be true or false")),
-    ({"sep_token": 3}, "sentence_bert_config.json: tokenizer_args: sep_token must be a string"),
+@pytest.mark.parametrize("changes, message", [
+    ({"config_args": [1]}, "sentence_bert_config.json: config_args: expected a JSON object of settings"),
+    ({"config_args": {"num_attention_heads": 0}}, r"config\.json with config_args: num_attention_heads must be at least 1"),
+    ({"tokenizer_args": [1]}, "sentence_bert_config.json: tokenizer_args: expected a JSON object of settings"),
+    ({"tokenizer_args": {"do_lower_case": "no"}}, ("tokenizer_config.json with .*sentence_bert_config.json: "
+                                                   "tokenizer_args: do_lower_case must be true or false")),
+    ({"tokenizer_args": {"sep_token": 3}}, "sentence_bert_config.json: tokenizer_args: sep_token must be a string"),
 ])
-def test_malformed_tokenizer_args_are_named(tmp_path, pylate_dir, args, message):
+def test_malformed_sentence_bert_configs_are_named(tmp_path, pylate_dir, changes, message):
     copy = tmp_path / "p"
-    shutil.copytree(pylate_dir, copy)
+    shutil.copytree(pylate_dir, copy, copy_function=link_weights)
     path = copy / "0_Transformer" / "sentence_bert_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_args": args}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     with pytest.raises(CheckpointError, match=message):
         ColBERT.from_pretrained(copy, device="cpu")
 

@@ -221,6 +221,20 @@ def test_a_default_prompt_is_put_before_every_text_as_in_pylate(tmp_path, settin
             torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0, msg=text)
 
 
+def test_config_args_override_the_encoder_config_as_in_pylate(tmp_path):
+    """sentence_bert_config.json's config_args go to AutoConfig, which lets them override
+    config.json: here BERT's LayerNorm epsilon, which every layer uses."""
+    models = require_reference("pylate.models")
+    path = build_pylate(tmp_path / "config-args", num_layers=2)
+    sbert = path / "0_Transformer" / "sentence_bert_config.json"
+    sbert.write_text(json.dumps({**json.loads(sbert.read_text()), "config_args": {"layer_norm_eps": 0.1}}))
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    ours = ColBERT.from_pretrained(path, device="cpu")
+    assert ours.weights.config.layer_norm_eps == ref[0].auto_model.config.layer_norm_eps == 0.1
+    for a, b in zip(ours.encode_documents(DOCUMENTS[:3]), ref.encode(DOCUMENTS[:3], is_query=False), strict=True):
+        torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("settings", [{"attend_to_expansion_tokens": True}, {"do_query_expansion": False}])
 def test_query_settings_match_pylate(tmp_path, settings):
     """The query settings the model's own checkpoint leaves at their defaults."""

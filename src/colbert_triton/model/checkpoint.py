@@ -702,13 +702,18 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         raise CheckpointError(f"{where}: expected one Transformer module followed by Dense modules")
     encoder_dir = transformer_dirs[0]
     prefix = f"{encoder_dir}/" if encoder_dir else ""
-    config = BertConfig.from_json(files.json(prefix + "config.json"), files.describe(prefix + "config.json"))
     st_config = files.json("config_sentence_transformers.json", required=False)
     st_config = {} if st_config is None else st_config
-    # sentence-transformers' Transformer module lowercases texts itself when its config says so.
     sbert_where = prefix + "sentence_bert_config.json"
     sbert = files.json(sbert_where, required=False)
     sbert = _SettingsFile({} if sbert is None else sbert, files.describe(sbert_where))
+    # sentence-transformers' Transformer module passes its config_args to AutoConfig, whose
+    # keyword arguments override what config.json says.
+    config_args = _SettingsFile(sbert.value("config_args", {}), f"{sbert.source}: config_args").data
+    config_json = files.json(prefix + "config.json")
+    config = BertConfig.from_json({**config_json, **config_args} if isinstance(config_json, dict) else config_json,
+                                  files.describe(prefix + "config.json") + (" with config_args" if config_args else ""))
+    # ... and lowercases texts itself when its config says so.
     lowercase = sbert.flag("do_lower_case", False)
     tokenizer_args = sbert.value("tokenizer_args", None)
     if tokenizer_args is not None:
