@@ -221,6 +221,27 @@ def test_a_default_prompt_is_put_before_every_text_as_in_pylate(tmp_path, settin
             torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0, msg=text)
 
 
+def test_modules_other_than_transformer_and_dense_are_dropped_as_in_pylate(tmp_path):
+    """A Pooling module between the Transformer and the Dense and a Normalize after it (as a model
+    built on a sentence-transformers checkpoint may list them): PyLate keeps the Transformer and
+    Dense modules and drops the rest, and so do we, with a warning."""
+    models = require_reference("pylate.models")
+    path = build_pylate(tmp_path / "pooling", num_layers=2)
+    transformer, dense = json.loads((path / "modules.json").read_text())
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384}))
+    (path / "modules.json").write_text(json.dumps([
+        transformer, {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {**dense, "idx": 2}, {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    ref = models.ColBERT(model_name_or_path=str(path), device="cpu")
+    with pytest.warns(UserWarning, match=r"modules not used \(sentence_transformers.models.Pooling, "
+                                         r"sentence_transformers.models.Normalize\)"):
+        ours = ColBERT.from_pretrained(path, device="cpu")
+    for a, b in zip(ours.encode_documents(DOCUMENTS[:3]), ref.encode(DOCUMENTS[:3], is_query=False), strict=True):
+        torch.testing.assert_close(a, torch.as_tensor(np.asarray(b)), atol=1e-5, rtol=0)
+
+
 def test_config_args_override_the_encoder_config_as_in_pylate(tmp_path):
     """sentence_bert_config.json's config_args go to AutoConfig, which lets them override
     config.json: here BERT's LayerNorm epsilon, which every layer uses."""

@@ -688,7 +688,7 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     where = files.describe("modules.json")
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(f"{where}: expected a list of module entries")
-    transformer_dirs, dense_dirs = [], []
+    transformer_dirs, dense_dirs, unused = [], [], []
     for module in sorted(modules, key=lambda m: m.get("idx", 0)):
         kind = str(module.get("type", ""))
         directory = str(module.get("path", "")).strip("/")
@@ -697,9 +697,16 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
         elif kind.endswith(".Dense"):
             dense_dirs.append(directory)
         else:
-            raise CheckpointError(f"{where}: module {kind!r} is not part of a ColBERT model")
+            unused.append(kind)
     if len(transformer_dirs) != 1 or not dense_dirs:
-        raise CheckpointError(f"{where}: expected one Transformer module followed by Dense modules")
+        # PyLate would add a Dense module of random weights to a model that has none.
+        found = ", ".join(unused) or "none other"
+        raise CheckpointError(f"{where}: expected one Transformer module followed by Dense modules "
+                              f"(other modules: {found})")
+    if unused:
+        # PyLate keeps a model's Transformer and Dense modules and drops the rest.
+        warnings.warn(f"{where}: modules not used ({', '.join(unused)}): a ColBERT model is its "
+                      "Transformer and Dense modules, as PyLate loads it", UserWarning, stacklevel=4)
     encoder_dir = transformer_dirs[0]
     prefix = f"{encoder_dir}/" if encoder_dir else ""
     st_config = files.json("config_sentence_transformers.json", required=False)
