@@ -54,10 +54,9 @@ class BertConfig:
         model_type = get.value("model_type", "bert")
         if model_type != "bert":
             raise CheckpointError(f"{source}: model_type {model_type!r} is not a BERT model")
-        if get.value("hidden_act", "gelu") != "gelu":
-            raise CheckpointError(
-                f"{source}: hidden_act {data['hidden_act']!r} is not supported (exact 'gelu' only)"
-            )
+        hidden_act = get.value("hidden_act", "gelu")
+        if hidden_act != "gelu":
+            raise CheckpointError(f"{source}: hidden_act {hidden_act!r} is not supported (exact 'gelu' only)")
         if get.value("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{source}: only absolute position embeddings are supported")
 
@@ -717,9 +716,10 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     # sentence-transformers' Transformer module passes its config_args to AutoConfig, whose
     # keyword arguments override what config.json says.
     config_args = _SettingsFile(sbert.value("config_args", {}), f"{sbert.source}: config_args").data
-    config_json = files.json(prefix + "config.json")
-    config = BertConfig.from_json({**config_json, **config_args} if isinstance(config_json, dict) else config_json,
-                                  files.describe(prefix + "config.json") + (" with config_args" if config_args else ""))
+    config_where = files.describe(prefix + "config.json")
+    config_json = _SettingsFile(files.json(prefix + "config.json"), config_where).data
+    config = BertConfig.from_json({**config_json, **config_args},
+                                  config_where + (" with config_args" if config_args else ""))
     # ... and lowercases texts itself when its config says so.
     lowercase = sbert.flag("do_lower_case", False)
     tokenizer_args = sbert.value("tokenizer_args", None)

@@ -85,8 +85,6 @@ class EncoderWeights:
             raise CheckpointError(
                 f"{source}: projection 'linear.weight' has shape {tuple(head_weight.shape)}, expected [dim, {h}]"
             )
-        if head_bias is not None and tuple(head_bias.shape) != (head_weight.shape[0],):
-            raise CheckpointError(f"{source}: projection bias does not match its weight")
         return cls(
             config=config,
             word=get("embeddings.word_embeddings.weight", (config.vocab_size, h)),

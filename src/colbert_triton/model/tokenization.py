@@ -250,7 +250,7 @@ class ColBERTTokenizer:
             # only to a marker with a space in it, such as "[Q] "), and lowercased where the
             # checkpoint says so.
             prompt = self.settings.prompt
-            texts = [(prompt + t).strip() for t in texts] if prompt else [t.strip() for t in texts]
+            texts = [(prompt + t).strip() for t in texts]
             if self.settings.lowercase_texts:
                 texts = [t.lower() for t in texts]
             word_pieces = (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))
