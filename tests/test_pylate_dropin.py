@@ -1,6 +1,7 @@
 """colbert_triton.pylate against pylate.scores / pylate.rank, PyLate's zero-padding semantics included."""
 
 import importlib.util
+import inspect
 
 import numpy as np
 import pytest
@@ -291,9 +292,20 @@ def test_gradients_flow_as_in_pylate(ref, backend):
     assert pair.requires_grad
 
 
-def test_the_rest_of_pylate_scores_resolves_to_pylate(ref):
-    for name in ("ColBERTScores", "SimilarityFunction", "XTRScores", "xtr_scores"):
-        assert getattr(dropin, name) is getattr(ref, name)
+def test_the_rest_of_pylate_scores_and_rank_resolves_to_pylate(ref):
+    """Code that changed `from pylate import rank, scores` to this module keeps every other name
+    of both: each public name of either is ours or PyLate's own object."""
+    rank = require_reference("pylate.rank")
+    for module in (ref, rank):
+        public = [name for name in vars(module) if not name.startswith("_") and name != "annotations"
+                  and not inspect.ismodule(getattr(module, name))]
+        assert public
+        for name in public:
+            ours = getattr(dropin, name)
+            if name in ("colbert_scores", "colbert_scores_pairwise", "colbert_kd_scores", "rerank", "RerankResult"):
+                assert ours.__module__ == dropin.__name__, name
+            else:
+                assert ours is getattr(module, name), name
     with pytest.raises(AttributeError, match="has no attribute 'colbert_scorez'"):
         dropin.colbert_scorez  # noqa: B018
 

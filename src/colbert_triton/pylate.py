@@ -37,21 +37,24 @@ import torch
 
 from . import scoring
 
-# The rest of ``pylate.scores``: training-side classes and the XTR scores, which this module does
-# not reimplement; they resolve to PyLate's own (module __getattr__ below), so code written
-# against ``pylate.scores`` keeps working after the import is changed.
-_PYLATE_ONLY = ("ColBERTScores", "SimilarityFunction", "XTRScores", "XTRKDScores", "xtr_scores",
-                "xtr_kd_scores")
+# The rest of ``pylate.scores`` and ``pylate.rank``: training-side classes and the XTR scores,
+# which this module does not reimplement; they resolve to PyLate's own (module __getattr__
+# below), so code written against either module keeps working after the import is changed.
+_PYLATE_ONLY = {
+    **dict.fromkeys(("ColBERTScores", "SimilarityFunction", "XTRScores", "XTRKDScores", "xtr_scores",
+                     "xtr_kd_scores"), "pylate.scores"),
+    "score_xtr": "pylate.rank",
+}
 
 
 def __getattr__(name: str):
     if name in _PYLATE_ONLY:
         try:
-            scores = importlib.import_module("pylate.scores")
+            module = importlib.import_module(_PYLATE_ONLY[name])
         except ImportError:
             raise AttributeError(f"colbert_triton.pylate.{name} is PyLate's own (not reimplemented "
                                  f"here): install pylate to use it") from None
-        return getattr(scores, name)
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
