@@ -2,6 +2,8 @@
 
 import importlib.util
 import inspect
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -538,3 +540,136 @@ def test_pairs_of_different_dims_score_as_pylate_by_default(ref, triton_by_defau
     if "triton" in BACKENDS:
         with pytest.raises(ValueError, match="dim"):
             dropin.colbert_scores_pairwise(moved("triton", *qs), moved("triton", *ds), backend="triton")
+
+
+# patch_pylate: PyLate's own code scoring with the drop-in
+
+_SITES = {
+    "colbert_scores": ("pylate.scores", "pylate.scores.similarity_functions"),
+    "colbert_scores_pairwise": ("pylate.scores", "pylate.scores.similarity_functions",
+                                "pylate.evaluation.colbert_triplet"),
+    "rerank": ("pylate.rank", "pylate.rank.rank", "pylate.retrieve.colbert"),
+}
+
+
+@pytest.fixture
+def pylate_modules(ref):
+    """Every module that binds a patched function, imported; PyLate's own again after the test."""
+    modules = {name: require_reference(name) for names in _SITES.values() for name in names}
+    originals = {(name, home): getattr(modules[home], name) for name, homes in _SITES.items() for home in homes}
+    yield modules
+    dropin.unpatch_pylate()
+    for (name, home), original in originals.items():
+        setattr(modules[home], name, original)
+
+
+def test_patch_pylate_replaces_every_binding_and_unpatch_restores_it(pylate_modules):
+    originals = {(name, home): getattr(pylate_modules[home], name)
+                 for name, homes in _SITES.items() for home in homes}
+    assert all(f.__module__.startswith("pylate.") for f in originals.values())
+    for _ in range(2):  # a second call changes nothing
+        dropin.patch_pylate()
+        for (name, home) in originals:
+            assert getattr(pylate_modules[home], name) is getattr(dropin, name), f"{home}.{name}"
+    similarity = pylate_modules["pylate.scores.similarity_functions"].SimilarityFunction
+    assert similarity.to_similarity_fn("MaxSim") is dropin.colbert_scores  # what a new model takes
+    assert similarity.to_similarity_pairwise_fn("MaxSim") is dropin.colbert_scores_pairwise
+    dropin.patch_pylate(backend="Triton")  # another backend replaces ours, PyLate's name case
+    for (name, home) in originals:
+        installed = getattr(pylate_modules[home], name)
+        assert installed.func is getattr(dropin, name) and installed.keywords == {"backend": "Triton"}
+    dropin.unpatch_pylate()
+    for (name, home), original in originals.items():
+        assert getattr(pylate_modules[home], name) is original, f"{home}.{name}"
+    dropin.unpatch_pylate()  # unpatched: nothing to undo
+    assert all(getattr(pylate_modules[home], name) is f for (name, home), f in originals.items())
+    # A binding the user replaced with something of their own is theirs, patched or not.
+    def own(*args, **kwargs):
+        pass
+
+    pylate_modules["pylate.retrieve.colbert"].rerank = own
+    dropin.patch_pylate()
+    assert pylate_modules["pylate.retrieve.colbert"].rerank is own
+    assert pylate_modules["pylate.rank"].rerank is dropin.rerank
+    dropin.unpatch_pylate()
+    assert pylate_modules["pylate.retrieve.colbert"].rerank is own
+
+
+class _TokenIndex:
+    """A token-level index as PyLate's retriever sees one (Voyager's interface): per query token,
+    the ids of its nearest documents; then the candidates' embeddings."""
+
+    is_end_to_end_index = False
+
+    def __init__(self, documents: dict[str, torch.Tensor]):
+        self.documents = documents
+
+    def __call__(self, queries_embeddings, k):
+        ids = sorted(self.documents)
+        # Each query token's "nearest" documents: three, spread over the corpus.
+        return {"documents_ids": [[[ids[(3 * i + j) % len(ids)] for j in range(3)] for i in range(len(q))]
+                                  for q in queries_embeddings]}
+
+    def get_documents_embeddings(self, documents_ids):
+        return [[self.documents[i] for i in ids] for ids in documents_ids]
+
+
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_patched_pylate_retriever_reranks_with_the_dropin(pylate_modules, kernel_calls, backend):
+    """PyLate's retriever over a token index, patched: the same ranking as PyLate's own. Patched
+    with backend="triton", every call PyLate makes reaches the kernel, while PyLate's own
+    functions (training's) keep working: the name is not put in PYLATE_SCORES_BACKEND, which
+    they refuse."""
+    g = torch.Generator().manual_seed(17)
+    documents = {f"doc-{i}": torch.nn.functional.normalize(torch.randn(int(n), 16, generator=g), dim=-1)
+                 for i, n in enumerate(torch.randint(1, 9, (12,), generator=g))}
+    queries = [torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=-1) for _ in range(3)]
+    retriever = pylate_modules["pylate.retrieve.colbert"].ColBERT(index=_TokenIndex(documents))
+    expected = retriever.retrieve(queries, k=4, device="cpu")
+    dropin.patch_pylate(backend=backend)
+    ours = retriever.retrieve(queries, k=4, device=KERNEL_DEVICE)
+    # on the CPU the default is PyLate's formula; the named kernel takes the three queries'
+    # candidates in one launch
+    assert len(kernel_calls) == (1 if backend else 0)
+    assert [[r["id"] for r in row] for row in ours] == [[r["id"] for r in row] for row in expected]
+    for ours_row, expected_row in zip(ours, expected):
+        np.testing.assert_allclose([r["score"] for r in ours_row], [r["score"] for r in expected_row],
+                                   rtol=1e-5, atol=1e-5)
+    similarity = pylate_modules["pylate.scores.similarity_functions"].SimilarityFunction.to_similarity_fn("MaxSim")
+    padded = torch.nn.utils.rnn.pad_sequence(list(documents.values()), batch_first=True)
+    pylate_own = require_reference("pylate.scores.colbert").colbert_scores  # what training's ColBERTScores calls
+    torch.testing.assert_close(similarity(torch.stack(queries), padded), pylate_own(torch.stack(queries), padded))
+
+
+def test_patch_pylate_refuses_what_it_cannot_do(pylate_modules, monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of .* got 'cuda'"):
+        dropin.patch_pylate(backend="cuda")
+    monkeypatch.delattr(pylate_modules["pylate.rank"], "rerank")
+    with pytest.raises(RuntimeError, match="this PyLate has no pylate.rank.rerank to replace"):
+        dropin.patch_pylate()
+    monkeypatch.setitem(sys.modules, "pylate.scores", None)  # `import pylate.scores` raises ImportError
+    with pytest.raises(ImportError, match="patch_pylate: pylate is not installed"):
+        dropin.patch_pylate()
+    assert pylate_modules["pylate.scores.similarity_functions"].colbert_scores.__module__ == "pylate.scores.colbert"
+
+
+def test_pylate_imported_after_the_patch_binds_ours_but_training_keeps_its_own():
+    """A module imported after patch_pylate binds ours through `pylate.scores`/`pylate.rank`;
+    unpatch_pylate gives it PyLate's back. The distillation loss's default score stays PyLate's."""
+    require_reference("pylate.scores")
+    script = """
+import inspect
+from colbert_triton import pylate as dropin
+dropin.patch_pylate()
+import pylate.retrieve.colbert as retriever, pylate.evaluation.colbert_triplet as triplet
+import pylate.losses.distillation as distillation, pylate.scores.colbert as pylate_colbert
+assert retriever.rerank is dropin.rerank and triplet.colbert_scores_pairwise is dropin.colbert_scores_pairwise
+default = inspect.signature(distillation.Distillation.__init__).parameters["score_metric"].default
+assert default is pylate_colbert.colbert_kd_scores
+dropin.unpatch_pylate()
+assert retriever.rerank.__module__ == "pylate.rank.rank"
+assert triplet.colbert_scores_pairwise is pylate_colbert.colbert_scores_pairwise
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

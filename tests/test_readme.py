@@ -20,8 +20,9 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_these_tests_run():
     blocks = _python_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     assert HUB_ID in blocks[0] and "from colbert_triton import pylate as scores" in blocks[1]
+    assert "patch_pylate()" in blocks[2]
 
 
 def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
@@ -52,3 +53,15 @@ def test_pylate_drop_in_example():
              "candidates_mask": (torch.arange(10) < lengths[:, None]).float().expand(3, -1, -1)}
     exec(compile(_python_blocks()[1], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
     assert callable(scope["rerank"])
+
+
+def test_patch_pylate_example():
+    scores = require_reference("pylate.scores")
+    from colbert_triton import pylate as dropin
+
+    try:
+        exec(compile(_python_blocks()[2], str(README), "exec"), {})  # noqa: S102 (the README's own code)
+        assert scores.colbert_scores is dropin.colbert_scores
+    finally:
+        dropin.unpatch_pylate()
+    assert scores.colbert_scores.__module__ == "pylate.scores.colbert"

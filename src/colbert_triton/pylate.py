@@ -7,6 +7,8 @@ enters the max as 0.0 rather than being excluded, and a masked query row contrib
     - from pylate import rank, scores
     + from colbert_triton import pylate as rank, pylate as scores
 
+or, for PyLate's own callers too (its retriever, ``model.similarity``), ``patch_pylate()``.
+
 On CPU tensors these run PyLate's own PyTorch formula (chunked over documents so the
 ``[A, B, S, T]`` similarity block stays bounded). With ``backend="triton"`` (or on CUDA
 tensors once the Triton scorer is the CUDA default) they run the MaxSim kernel: the masks are
@@ -30,6 +32,7 @@ import functools
 import importlib
 import math
 import os
+import sys
 from typing import TypedDict
 
 import numpy as np
@@ -94,13 +97,19 @@ def convert_to_tensor(x) -> torch.Tensor:
 _BACKENDS = {"auto": None, "torch": "torch", "triton": "triton", "flash": "triton", "lik": "triton"}
 
 
-def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
+def _backend_key(backend) -> str | None:
+    """A backend name, as PyLate reads it (None: ``PYLATE_SCORES_BACKEND``, any letter case), as
+    this module's backend: None (auto), "torch" or "triton"."""
     if backend is None:
         backend = os.environ.get("PYLATE_SCORES_BACKEND", "auto")
     if not isinstance(backend, str) or backend.lower() not in _BACKENDS:
         raise ValueError(f"backend must be one of 'auto', 'torch', 'triton', 'flash', 'lik' (or None), "
                          f"got {backend!r}")
-    backend = _BACKENDS[backend.lower()]
+    return _BACKENDS[backend.lower()]
+
+
+def _backend(backend: str | None, *tensors: torch.Tensor) -> str:
+    backend = _backend_key(backend)
     device = tensors[0].device
     for t in tensors[1:]:
         if t.device != device:
@@ -378,3 +387,73 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
                             pad_floor=torch.from_numpy(floor).to(device),
                             backend="triton").to(result_dtype)
     return [scores[i, :n] if n else None for i, n in enumerate(counts)]
+
+
+# Where PyLate's inference code finds the functions this module replaces. Each of its modules
+# binds them by name when it is imported (`from ..scores import colbert_scores`), so replacing
+# a function takes every binding: the public modules, `SimilarityFunction` (which hands
+# `colbert_scores` to every model made afterwards: `model.similarity`), the retriever that reranks
+# an index's candidates, and the triplet evaluator. A module imported after the patch binds ours
+# from `pylate.scores` / `pylate.rank` itself. Left alone: training, whose losses score through
+# `ColBERTScores` and a default `colbert_kd_scores` that need gradients (PyLate's formula on
+# every backend here) and would only gain our input checks and their device syncs.
+_PYLATE_SITES = {
+    "colbert_scores": ("pylate.scores", "pylate.scores.similarity_functions"),
+    "colbert_scores_pairwise": ("pylate.scores", "pylate.scores.similarity_functions",
+                                "pylate.evaluation.colbert_triplet"),
+    "rerank": ("pylate.rank", "pylate.rank.rank", "pylate.retrieve.colbert"),
+}
+_pylate_originals: dict[str, object] = {}  # PyLate's functions, by name
+_pylate_installed: dict[str, object] = {}  # what patch_pylate put in their place
+
+
+def patch_pylate(backend: str | None = None) -> None:
+    """Make PyLate itself score with this module: ``pylate.scores.colbert_scores`` and
+    ``colbert_scores_pairwise``, ``pylate.rank.rerank``, and the places PyLate's own code calls
+    them from (``model.similarity`` of models loaded afterwards, ``retrieve.ColBERT``'s reranking
+    of an index's candidates, the triplet evaluator). Same results, PyLate's semantics.
+
+    backend: what PyLate's callers, which pass none, get: None resolves each call as the
+    functions above do; ``"triton"`` names our kernel for every call (PyLate's own functions,
+    training's among them, refuse that name in ``PYLATE_SCORES_BACKEND``). Calling it again
+    replaces the backend; `unpatch_pylate` undoes it.
+
+        from colbert_triton.pylate import patch_pylate
+        patch_pylate()
+        retriever = pylate.retrieve.ColBERT(index=index)  # reranks with colbert_triton
+    """
+    if backend is not None:
+        _backend_key(backend)  # a bad name fails here, not at PyLate's first call
+    try:
+        roots = [importlib.import_module(name) for name in ("pylate.scores", "pylate.rank")]
+    except ImportError:
+        raise ImportError("patch_pylate: pylate is not installed") from None
+    for name, (home, *_) in _PYLATE_SITES.items():
+        root = next(module for module in roots if module.__name__ == home)
+        if not hasattr(root, name):
+            raise RuntimeError(f"patch_pylate: this PyLate has no {home}.{name} to replace")
+        _pylate_originals.setdefault(name, getattr(root, name))
+    installed = {name: globals()[name] if backend is None else functools.partial(globals()[name], backend=backend)
+                 for name in _PYLATE_SITES}
+    for name, module in _pylate_bindings():
+        current = getattr(module, name)
+        if current is _pylate_originals[name] or current is _pylate_installed.get(name):
+            setattr(module, name, installed[name])
+    _pylate_installed.update(installed)
+
+
+def unpatch_pylate() -> None:
+    """Give PyLate its own functions back wherever `patch_pylate` (or an import after it) put ours."""
+    for name, module in _pylate_bindings():
+        if name in _pylate_installed and getattr(module, name) is _pylate_installed[name]:
+            setattr(module, name, _pylate_originals[name])
+    _pylate_installed.clear()
+
+
+def _pylate_bindings():
+    """(name, module) for every site of _PYLATE_SITES whose module is imported and binds the name."""
+    for name, homes in _PYLATE_SITES.items():
+        for home in homes:
+            module = sys.modules.get(home)
+            if module is not None and hasattr(module, name):
+                yield name, module
