@@ -460,3 +460,20 @@ def test_dropin_rerank_says_each_query_is_2d(backend):
     query, document = PYLATE_QUERIES.to(device), PYLATE_DOCS[0].to(device)  # a 3-D "query"
     with pytest.raises(ValueError, match=r"each query must be \[S, H\], got shape \(3, 6, 16\)"):
         dropin.rerank([["a"]], [query], [[document]], backend=backend)
+
+
+@pytest.mark.parametrize(("bad", "error", "message"), [
+    (torch.ones(3, 8), ValueError, "queries have dim 16 but documents have dim 8"),
+    (torch.ones(3, 16, dtype=torch.float64), TypeError, "queries are torch.float32 but documents are torch.float64"),
+    (torch.ones(16), ValueError, r"expected queries with 2 dims and documents with 2, got shapes \(6, 16\) and \(16,\)"),
+    (torch.tensor(1.0), ValueError, r"got shapes \(6, 16\) and \(\)"),
+    (torch.ones(3, 16, dtype=torch.int32), TypeError, "documents embeddings must be floating point"),
+], ids=["dim", "dtype", "1-D", "0-D", "integer"])
+def test_dropin_rerank_names_a_bad_candidate_among_many(bad, error, message):
+    """The kernel path checks a query's candidates in one pass; one that differs, wherever it is
+    among them, still gets the error that names what is wrong with it."""
+    query = PYLATE_QUERIES[0].to(KERNEL_DEVICE)
+    candidates = [PYLATE_DOCS[i % 3].to(KERNEL_DEVICE) for i in range(40)]
+    candidates[29] = bad.to(KERNEL_DEVICE)
+    with pytest.raises(error, match=message):
+        dropin.rerank([list(range(40))], [query], [candidates], backend="triton")

@@ -359,22 +359,26 @@ def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str 
 def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
     """Every query against its own candidates in one MaxSim launch (candidate mode)."""
     queries = [q for q, _, _ in groups]
-    for q, _, docs in groups:
-        for d in docs:
-            _check_embeddings(q, d, 2, 2)
-        if docs:  # PyLate pads a query's candidates to the longest
-            _check_has_slots(max(docs, key=len), "a query's candidate documents")
     counts = [len(docs) for _, _, docs in groups]
     width = max(max(counts), 1)
     lengths = np.zeros((len(groups), width), dtype=np.int64)
     starts = np.zeros_like(lengths)
     floor = np.zeros(lengths.shape, dtype=bool)
     offset = 0
-    for i, (_, _, docs) in enumerate(groups):
+    for i, (q, _, docs) in enumerate(groups):
+        if not docs:
+            continue
+        # One pass over a query's candidates (a retriever hands thousands): shapes and dtypes
+        # compared as a set; a candidate that differs is named by the per-pair check.
+        _check_embeddings(q, docs[0], 2, 2)
+        if {(d.dim(), d.shape[-1:], d.dtype) for d in docs} != {(2, q.shape[-1:], q.dtype)}:
+            for d in docs:
+                _check_embeddings(q, d, 2, 2)
         n = np.array([d.shape[0] for d in docs], dtype=np.int64)
+        _check_has_slots(docs[int(n.argmax())], "a query's candidate documents")  # padded to the longest
         lengths[i, : len(n)] = n
-        starts[i, : len(n)] = offset + np.concatenate([[0], np.cumsum(n)[:-1]]) if len(n) else []
-        floor[i, : len(n)] = n < n.max(initial=0)  # PyLate pads each query's candidates to its longest
+        starts[i, : len(n)] = offset + np.cumsum(n) - n
+        floor[i, : len(n)] = n < n.max()  # PyLate pads each query's candidates to its longest
         offset += int(n.sum())
     device = queries[0].device
     values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
