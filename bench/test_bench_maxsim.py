@@ -18,6 +18,13 @@ One run compares, per shape, every implementation that is installed:
 - ``lik``: late-interaction-kernels 0.4.5 `maxsim` (no argmax saved without gradients) on padded
   documents with a bool mask (4-D documents in candidate mode), and `maxsim_varlen` on the
   packed corpus for variable lengths.
+- What a PyLate user gets (fp16, d = 96 only: the drop-in's cost over the kernel, not a new
+  kernel): ``pylate-auto``, PyLate's `colbert_scores` / `colbert_kd_scores` as called, with its
+  default backend (flash-maxsim where installed), and ``ours-pylate-dropin``, the same call on
+  `colbert_triton.pylate` (its input checks and mask folding included; a row of ours reported
+  as a variant). On the single-query shapes also the retriever's call, `rank.rerank(ids,
+  [query], [candidates])` with the candidates as a list of tensors (the whole call, host work
+  and result dicts included, by the wall clock): ``pylate-rerank`` and ``ours-pylate-rerank``.
 
 Inputs of every implementation (padding, packing, masks, gathered candidates) are prepared
 outside the timed call, and every implementation's scores are checked against ours once before
@@ -92,16 +99,28 @@ def _cases():
 
 
 CASES = list(_cases())
-# Other configurations of our kernel, candidates for its default: checked against ours, reported
-# in a column of their own, never as peers.
-VARIANTS = ("ours-qregs", "ours-qregs-128")
+# Other configurations of our kernel, candidates for its default: checked against ours exactly.
+KERNEL_VARIANTS = ("ours-qregs", "ours-qregs-128")
+# Our PyLate drop-in's entry points (colbert_triton.pylate), timed beside PyLate's own calls.
+DROPIN = ("ours-pylate-dropin", "ours-pylate-rerank")
+# Rows of ours other than the kernel's default: reported in a column of their own, never as peers.
+VARIANTS = (*KERNEL_VARIANTS, *DROPIN)
+# Rows under PyLate's semantics (a padded slot enters the max as 0.0): checked against ours so.
+ZERO_PADDING = ("pylate", "pylate-auto", "pylate-rerank", *DROPIN)
+# The whole call, host work included (the retriever's rerank: lists in, dicts out).
+WALL_CLOCK = ("pylate-rerank", "ours-pylate-rerank")
 # The variants come last: a configuration never run before that faulted the GPU would take the
 # rest of its case with it, not the peers'.
 IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "flash-maxsim-rerank-direct",
-         "lik", "lik-varlen", *VARIANTS]
+         "lik", "lik-varlen", *KERNEL_VARIANTS]
+# PyLate's calls as its users make them, on PyLate and on our drop-in (fp16, d = 96): a test of
+# their own after every kernel row, so a step its time cap cuts short loses these first.
+PYLATE_CALLS = ("pylate-auto", "pylate-rerank", *DROPIN)
+PYLATE_CASES = [c for c in CASES if c.dtype == torch.float16 and c.dim == 96]
 # The peers' packages (their Triton autotuners retune for each case) per implementation.
 PEER_PACKAGES = {"flash-maxsim": "flash_maxsim", "flash-maxsim-rerank": "flash_maxsim",
                  "flash-maxsim-rerank-direct": "flash_maxsim",
+                 "pylate-auto": "flash_maxsim", "pylate-rerank": "flash_maxsim",  # PyLate's default on CUDA
                  "lik": "late_interaction_kernels", "lik-varlen": "late_interaction_kernels"}
 
 
@@ -213,7 +232,7 @@ def prepare(impl: str, case: Case, data: Data):
         out = torch.full(data.reference.shape, float("nan"), device=DEVICE)
         return lambda: maxsim(q, data.values, starts, lengths, out=out)
 
-    if impl in VARIANTS:
+    if impl in KERNEL_VARIANTS:
         # Our kernel with the query tile as wgmma's register operand (maxsim._Config.q_in_regs),
         # candidate defaults timed beside it (bench/NOTES.md): the heuristic's tile, and 128
         # rows on one warpgroup (at d <= 96 capped at 168 registers: three programs per SM).
@@ -258,6 +277,9 @@ def prepare(impl: str, case: Case, data: Data):
                                       documents_mask=doc_mask[lo:lo + step], backend="torch")
                 for lo in range(0, case.num_docs, step)], dim=1)
         return run
+
+    if impl in ("pylate-auto", "ours-pylate-dropin", "pylate-rerank", "ours-pylate-rerank"):
+        return _prepare_pylate_call(impl, case, data)
 
     if impl == "flash-maxsim":
         fm = _import("flash_maxsim")
@@ -308,6 +330,29 @@ def prepare(impl: str, case: Case, data: Data):
     raise ValueError(impl)
 
 
+def _prepare_pylate_call(impl: str, case: Case, data: Data):
+    """PyLate's scoring calls as its users make them, on PyLate's functions or on ours."""
+    if case.dtype != torch.float16 or case.dim != 96:
+        pytest.skip("the PyLate calls are timed at fp16, d = 96 only (the drop-in's cost, not a kernel's)")
+    ours = impl.startswith("ours-")
+    q = data.queries
+    if impl.endswith("-rerank"):
+        if case.num_queries != 1 or case.candidates:
+            pytest.skip("the retriever's rerank call is timed on the single-query shapes")
+        rank = _import("colbert_triton.pylate" if ours else "pylate.rank")
+        ids = [list(range(case.num_docs))]
+        candidates = [list(torch.split(data.values, data.lengths.tolist()))]
+        kwargs = {"backend": "triton"} if ours else {}
+        return lambda: rank.rerank(ids, [q[0]], candidates, **kwargs)
+    scores = _import("colbert_triton.pylate" if ours else "pylate.scores")
+    backend = "triton" if ours else None  # PyLate's default: flash-maxsim where installed
+    if case.candidates:
+        cand, cand_mask = data.padded[data.pick], data.mask[data.pick].to(q.dtype)
+        return lambda: scores.colbert_kd_scores(q, cand, documents_mask=cand_mask, backend=backend)
+    doc_mask = data.mask.to(q.dtype)  # PyLate's attention masks: numbers, multiplied in
+    return lambda: scores.colbert_scores(q, data.padded, documents_mask=doc_mask, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------
@@ -329,11 +374,22 @@ def floors(case: Case, data: Data):
     return floor_ms(flops=flops, bytes_moved=bytes_moved)
 
 
-def ours_with_zero_padding(case: Case, data: Data) -> torch.Tensor:
+def ranked_scores(ranked: list[list[dict]], case: Case, data: Data) -> torch.Tensor:
+    """A rerank call's result (one query: dicts of id and score, best first) as [1, N] scores in
+    candidate order, comparable with the other implementations'."""
+    scores = torch.full((1, case.num_docs), float("nan"), device=data.queries.device)
+    (only,) = ranked
+    scores[0, [r["id"] for r in only]] = torch.tensor([r["score"] for r in only], device=scores.device)
+    return scores
+
+
+def ours_with_zero_padding(case: Case, data: Data, width: int | None = None) -> torch.Tensor:
     """Our scores under PyLate's semantics for the padded inputs it is given: a document shorter
-    than the padded width (case.max_len) also offers 0.0 to every query row's max."""
+    than the padded width (case.max_len, or ``width``: rerank pads to the longest candidate) also
+    offers 0.0 to every query row's max."""
     starts, lengths = our_ranges(case, data)
-    return maxsim(data.queries, data.values, starts, lengths, pad_floor=lengths < case.max_len).float()
+    width = case.max_len if width is None else width
+    return maxsim(data.queries, data.values, starts, lengths, pad_floor=lengths < width).float()
 
 
 def checked(impl: str, case: Case, data: Data):
@@ -343,18 +399,19 @@ def checked(impl: str, case: Case, data: Data):
         warnings.simplefilter("ignore", DeprecationWarning)
         fn = prepare(impl, case, data)
         with torch.no_grad():
-            got = fn().float()
+            got = ranked_scores(fn(), case, data) if impl in WALL_CLOCK else fn().float()
     ours = prepare("ours", case, data)().float() if impl != "ours" else got
     torch.testing.assert_close(ours, data.reference, atol=1e-2, rtol=1e-3)
-    if impl == "pylate":
-        ours = ours_with_zero_padding(case, data)
+    if impl in ZERO_PADDING:
+        ours = ours_with_zero_padding(case, data, int(data.lengths.max()) if impl in WALL_CLOCK else None)
     # Eager and PyLate compute similarities in 16 bits and round them before the max: a looser
     # tolerance, still far below the error of a wrong mask (a whole row's max, ~0.3 each). Our
-    # variants compute the same fp32 products and differ at most in summation order.
-    if impl in VARIANTS:
+    # kernel variants compute the same fp32 products and differ at most in summation order; the
+    # drop-in returns PyLate's dtype (fp16 here: scores of ~30 round by ~0.016).
+    if impl in KERNEL_VARIANTS:
         atol, rtol = 1e-5, 1e-6
     else:
-        atol, rtol = (0.15, 2e-2) if impl in ("eager", "pylate") else (2e-2, 2e-2)
+        atol, rtol = (0.15, 2e-2) if impl in ("eager", "pylate", "pylate-auto", "pylate-rerank") else (2e-2, 2e-2)
     torch.testing.assert_close(got, ours, atol=atol, rtol=rtol, msg=lambda m: f"{impl}: {m}")
     return fn
 
@@ -362,6 +419,16 @@ def checked(impl: str, case: Case, data: Data):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[c.ident for c in CASES])
 def test_maxsim(case, impl, measure):
+    bench(case, impl, measure)
+
+
+@pytest.mark.parametrize("impl", PYLATE_CALLS)
+@pytest.mark.parametrize("case", PYLATE_CASES, ids=[c.ident for c in PYLATE_CASES])
+def test_maxsim_pylate_calls(case, impl, measure):
+    bench(case, impl, measure)
+
+
+def bench(case: Case, impl: str, measure) -> None:
     data = get_data(case)
     fn = checked(impl, case, data)
     floor, kind = floors(case, data)
@@ -374,4 +441,5 @@ def test_maxsim(case, impl, measure):
     # What the peer's autotuner chose for this case (in the check's first call).
     configs = autotuned(PEER_PACKAGES[impl]) if impl in PEER_PACKAGES else {}
     measure(timed, suite=SUITE, shape=case.label, impl=impl, floor_ms=floor, floor_kind=kind,
-            ours=impl == "ours", variant=impl in VARIANTS, **({"autotuned": configs} if configs else {}))
+            ours=impl == "ours", variant=impl in VARIANTS, wall=impl in WALL_CLOCK,
+            **({"autotuned": configs} if configs else {}))

@@ -83,9 +83,40 @@ def test_pylate_check_uses_zero_padding(bench):
     torch.testing.assert_close(pylate, bench.ours_with_zero_padding(case, data), atol=2e-2, rtol=2e-2)
 
 
+PYLATE_CALLS = ("pylate-auto", "pylate-rerank", "ours-pylate-dropin", "ours-pylate-rerank")
+
+
+@pytest.mark.parametrize("impl", PYLATE_CALLS)
+def test_pylate_call_benchmarks_check_pass(bench, impl):
+    """PyLate's calls as its users make them, on PyLate and on our drop-in: checked under PyLate's
+    semantics, the retriever's rerank against padding to its longest candidate (shorter than the
+    case's width here, so a check against the width would fail), on fp16 at d = 96 only."""
+    require_reference("pylate.scores")
+    rerank, batch, candidates = _tiny_cases(bench)
+    short_rerank = bench.Case("rerank-varlen", 1, 3, 1, 13, 96, torch.float16)  # lengths 4, 3, 2
+    ran = []
+    for case in (rerank, short_rerank, batch, candidates):
+        data = bench.get_data(case)
+        try:
+            fn = bench.checked(impl, case, data)
+        except pytest.skip.Exception:
+            continue
+        ran.append(case.name)
+        got = bench.ranked_scores(fn(), case, data) if impl in bench.WALL_CLOCK else fn()
+        assert got.shape == data.reference.shape and not got.isnan().any()
+    is_rerank = impl.endswith("-rerank")
+    assert ran == (["rerank", "rerank-varlen"] if is_rerank else ["rerank", "rerank-varlen", "candidates"])
+    data = bench.get_data(short_rerank)
+    assert int(data.lengths.max()) < short_rerank.max_len
+    if is_rerank:
+        got = bench.ranked_scores(bench.prepare(impl, short_rerank, data)(), short_rerank, data)
+        assert (got - bench.ours_with_zero_padding(short_rerank, data)).abs().max() > 0.02
+
+
 def test_every_implementation_is_covered(bench):
     assert set(bench.IMPLS) == ({"ours", "ours-qregs", "ours-qregs-128", "eager", "pylate"} | set(PEERS)
                                 | CUDA_ONLY)
+    assert bench.PYLATE_CALLS == PYLATE_CALLS
 
 
 # --------------------------------------------------------------------------------------------
