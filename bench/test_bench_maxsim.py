@@ -22,9 +22,9 @@ One run compares, per shape, every implementation that is installed:
   kernel): ``pylate-auto``, PyLate's `colbert_scores` / `colbert_kd_scores` as called, with its
   default backend (flash-maxsim where installed), and ``ours-pylate-dropin``, the same call on
   `colbert_triton.pylate` (its input checks and mask folding included; a row of ours reported
-  as a variant). On the single-query shapes also the retriever's call, `rank.rerank(ids,
-  [query], [candidates])` with the candidates as a list of tensors (the whole call, host work
-  and result dicts included, by the wall clock): ``pylate-rerank`` and ``ours-pylate-rerank``.
+  as a variant). On batches of up to 64k candidates also the retriever's call, `rank.rerank(ids,
+  queries, candidates)` with each query's candidates as a list of tensors (the whole call, host
+  work and result dicts included, by the wall clock): ``pylate-rerank`` and ``ours-pylate-rerank``.
 
 Inputs of every implementation (padding, packing, masks, gathered candidates) are prepared
 outside the timed call, and every implementation's scores are checked against ours once before
@@ -337,13 +337,17 @@ def _prepare_pylate_call(impl: str, case: Case, data: Data):
     ours = impl.startswith("ours-")
     q = data.queries
     if impl.endswith("-rerank"):
-        if case.num_queries != 1 or case.candidates:
-            pytest.skip("the retriever's rerank call is timed on the single-query shapes")
+        if case.num_queries * case.num_docs > 64 * 1_000:
+            pytest.skip("the retriever's rerank call is timed on batches of up to 64k candidates")
         rank = _import("colbert_triton.pylate" if ours else "pylate.rank")
-        ids = [list(range(case.num_docs))]
-        candidates = [list(torch.split(data.values, data.lengths.tolist()))]
+        # A retriever's batch: each query with its candidates, a list of [Ld, d] tensors (ids:
+        # their positions, so the check can put the scores back in order).
+        rows = list(torch.split(data.values, data.lengths.tolist()))
+        candidates = ([[rows[j] for j in picks] for picks in data.pick.tolist()] if case.candidates
+                      else [rows] * case.num_queries)
+        ids = [list(range(case.num_docs))] * case.num_queries
         kwargs = {"backend": "triton"} if ours else {}
-        return lambda: rank.rerank(ids, [q[0]], candidates, **kwargs)
+        return lambda: rank.rerank(ids, list(q), candidates, **kwargs)
     scores = _import("colbert_triton.pylate" if ours else "pylate.scores")
     backend = "triton" if ours else None  # PyLate's default: flash-maxsim where installed
     if case.candidates:
@@ -375,20 +379,21 @@ def floors(case: Case, data: Data):
 
 
 def ranked_scores(ranked: list[list[dict]], case: Case, data: Data) -> torch.Tensor:
-    """A rerank call's result (one query: dicts of id and score, best first) as [1, N] scores in
-    candidate order, comparable with the other implementations'."""
-    scores = torch.full((1, case.num_docs), float("nan"), device=data.queries.device)
-    (only,) = ranked
-    scores[0, [r["id"] for r in only]] = torch.tensor([r["score"] for r in only], device=scores.device)
-    return scores
+    """A rerank call's result (per query, dicts of candidate position and score, best first) as
+    [Q, N] scores in candidate order, comparable with the other implementations'."""
+    scores = torch.full(data.reference.shape, float("nan"))
+    assert len(ranked) == case.num_queries
+    for row, results in zip(scores, ranked):
+        row[[r["id"] for r in results]] = torch.tensor([r["score"] for r in results])
+    return scores.to(data.queries.device)
 
 
-def ours_with_zero_padding(case: Case, data: Data, width: int | None = None) -> torch.Tensor:
+def ours_with_zero_padding(case: Case, data: Data, longest_candidate: bool = False) -> torch.Tensor:
     """Our scores under PyLate's semantics for the padded inputs it is given: a document shorter
-    than the padded width (case.max_len, or ``width``: rerank pads to the longest candidate) also
-    offers 0.0 to every query row's max."""
+    than the padded width (case.max_len; with ``longest_candidate``, each query's longest
+    candidate, to which rerank pads) also offers 0.0 to every query row's max."""
     starts, lengths = our_ranges(case, data)
-    width = case.max_len if width is None else width
+    width = lengths.amax(-1, keepdim=True) if longest_candidate else case.max_len
     return maxsim(data.queries, data.values, starts, lengths, pad_floor=lengths < width).float()
 
 
@@ -403,7 +408,7 @@ def checked(impl: str, case: Case, data: Data):
     ours = prepare("ours", case, data)().float() if impl != "ours" else got
     torch.testing.assert_close(ours, data.reference, atol=1e-2, rtol=1e-3)
     if impl in ZERO_PADDING:
-        ours = ours_with_zero_padding(case, data, int(data.lengths.max()) if impl in WALL_CLOCK else None)
+        ours = ours_with_zero_padding(case, data, longest_candidate=impl in WALL_CLOCK)
     # Eager and PyLate compute similarities in 16 bits and round them before the max: a looser
     # tolerance, still far below the error of a wrong mask (a whole row's max, ~0.3 each). Our
     # kernel variants compute the same fp32 products and differ at most in summation order; the

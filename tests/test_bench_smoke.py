@@ -94,8 +94,10 @@ def test_pylate_call_benchmarks_check_pass(bench, impl):
     require_reference("pylate.scores")
     rerank, batch, candidates = _tiny_cases(bench)
     short_rerank = bench.Case("rerank-varlen", 1, 3, 1, 13, 96, torch.float16)  # lengths 4, 3, 2
+    # Each query pads to its own longest candidate (3 and 4 here), not the batch's.
+    uneven = bench.Case("candidates", 2, 2, 1, 7, 96, torch.float16, candidates=True, corpus=4)
     ran = []
-    for case in (rerank, short_rerank, batch, candidates):
+    for case in (rerank, short_rerank, batch, candidates, uneven):
         data = bench.get_data(case)
         try:
             fn = bench.checked(impl, case, data)
@@ -105,7 +107,7 @@ def test_pylate_call_benchmarks_check_pass(bench, impl):
         got = bench.ranked_scores(fn(), case, data) if impl in bench.WALL_CLOCK else fn()
         assert got.shape == data.reference.shape and not got.isnan().any()
     is_rerank = impl.endswith("-rerank")
-    assert ran == (["rerank", "rerank-varlen"] if is_rerank else ["rerank", "rerank-varlen", "candidates"])
+    assert ran == ["rerank", "rerank-varlen", "candidates", "candidates"]
     data = bench.get_data(short_rerank)
     assert int(data.lengths.max()) < short_rerank.max_len
     if is_rerank:
