@@ -38,6 +38,8 @@ def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
         _record("maxsim", "rerank", "flash-maxsim", 0.06),
         _record("maxsim", "rerank", "lik", 0.08),
         _record("maxsim", "rerank", "ours-qregs", 0.01, variant=True),  # faster, but no peer
+        # A whole call by the wall clock is not compared with ours (CUDA events): listed apart.
+        _record("maxsim", "rerank", "pylate-rerank", 0.05, timing="wall"),
         _record("maxsim", "no ours here", "eager", 1.0),
         _record("encoder", "docs", "ours-torch", 2.0),
         _record("encoder", "docs", "hf-sdpa", 3.0),
@@ -52,7 +54,7 @@ def test_summarize_compares_ours_with_the_fastest_other(tmp_path, capsys):
     assert len(rows) == 3, out
     rerank = rows[0].split(" | ")
     assert rerank[3:8] == ["flash-maxsim", "0.0600", "3.00", "eager 25.00", "85%"]
-    assert rerank[-1] == "ours-qregs 0.0100 |"
+    assert rerank[-1] == "ours-qregs 0.0100, pylate-rerank 0.0500 (wall) |"
     # A shape without our record (a failed check, a cut step) keeps its peers' times.
     assert rows[1].split(" | ")[1:4] == ["no ours here", "(no record)", "eager 1.0000"]
     # The encoder's baseline is HF sdpa (the issue's yardstick), though our PyTorch path ran too.
