@@ -424,16 +424,16 @@ def checked(impl: str, case: Case, data: Data):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[c.ident for c in CASES])
 def test_maxsim(case, impl, measure):
-    bench(case, impl, measure)
+    run_case(case, impl, measure)
 
 
 @pytest.mark.parametrize("impl", PYLATE_CALLS)
 @pytest.mark.parametrize("case", PYLATE_CASES, ids=[c.ident for c in PYLATE_CASES])
 def test_maxsim_pylate_calls(case, impl, measure):
-    bench(case, impl, measure)
+    run_case(case, impl, measure)
 
 
-def bench(case: Case, impl: str, measure) -> None:
+def run_case(case: Case, impl: str, measure) -> None:
     data = get_data(case)
     fn = checked(impl, case, data)
     floor, kind = floors(case, data)

@@ -583,16 +583,21 @@ def test_patch_pylate_replaces_every_binding_and_unpatch_restores_it(pylate_modu
         assert getattr(pylate_modules[home], name) is original, f"{home}.{name}"
     dropin.unpatch_pylate()  # unpatched: nothing to undo
     assert all(getattr(pylate_modules[home], name) is f for (name, home), f in originals.items())
-    # A binding the user replaced with something of their own is theirs, patched or not.
+    # A binding the user replaced with something of their own is theirs, patched or not, the
+    # public module's included.
     def own(*args, **kwargs):
         pass
 
     pylate_modules["pylate.retrieve.colbert"].rerank = own
+    pylate_modules["pylate.scores"].colbert_scores = own
     dropin.patch_pylate()
     assert pylate_modules["pylate.retrieve.colbert"].rerank is own
+    assert pylate_modules["pylate.scores"].colbert_scores is own
     assert pylate_modules["pylate.rank"].rerank is dropin.rerank
+    assert pylate_modules["pylate.scores.similarity_functions"].colbert_scores is dropin.colbert_scores
     dropin.unpatch_pylate()
     assert pylate_modules["pylate.retrieve.colbert"].rerank is own
+    assert pylate_modules["pylate.scores"].colbert_scores is own
 
 
 class _TokenIndex:
@@ -644,8 +649,8 @@ def test_patched_pylate_retriever_reranks_with_the_dropin(pylate_modules, kernel
 def test_patch_pylate_refuses_what_it_cannot_do(pylate_modules, monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of .* got 'cuda'"):
         dropin.patch_pylate(backend="cuda")
-    monkeypatch.delattr(pylate_modules["pylate.rank"], "rerank")
-    with pytest.raises(RuntimeError, match="this PyLate has no pylate.rank.rerank to replace"):
+    monkeypatch.delattr(pylate_modules["pylate.rank.rank"], "rerank")
+    with pytest.raises(RuntimeError, match="this PyLate has no pylate.rank.rank.rerank to replace"):
         dropin.patch_pylate()
     monkeypatch.setitem(sys.modules, "pylate.scores", None)  # `import pylate.scores` raises ImportError
     with pytest.raises(ImportError, match="patch_pylate: pylate is not installed"):

@@ -401,11 +401,12 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
 # from `pylate.scores` / `pylate.rank` itself. Left alone: training, whose losses score through
 # `ColBERTScores` and a default `colbert_kd_scores` that need gradients (PyLate's formula on
 # every backend here) and would only gain our input checks and their device syncs.
+# Per name: the module that defines PyLate's function, and the modules whose binding is replaced.
 _PYLATE_SITES = {
-    "colbert_scores": ("pylate.scores", "pylate.scores.similarity_functions"),
-    "colbert_scores_pairwise": ("pylate.scores", "pylate.scores.similarity_functions",
-                                "pylate.evaluation.colbert_triplet"),
-    "rerank": ("pylate.rank", "pylate.rank.rank", "pylate.retrieve.colbert"),
+    "colbert_scores": ("pylate.scores.colbert", ("pylate.scores", "pylate.scores.similarity_functions")),
+    "colbert_scores_pairwise": ("pylate.scores.colbert", ("pylate.scores", "pylate.scores.similarity_functions",
+                                                          "pylate.evaluation.colbert_triplet")),
+    "rerank": ("pylate.rank.rank", ("pylate.rank", "pylate.rank.rank", "pylate.retrieve.colbert")),
 }
 _pylate_originals: dict[str, object] = {}  # PyLate's functions, by name
 _pylate_installed: dict[str, object] = {}  # what patch_pylate put in their place
@@ -429,14 +430,14 @@ def patch_pylate(backend: str | None = None) -> None:
     if backend is not None:
         _backend_key(backend)  # a bad name fails here, not at PyLate's first call
     try:
-        roots = [importlib.import_module(name) for name in ("pylate.scores", "pylate.rank")]
+        for public in ("pylate.scores", "pylate.rank"):  # they import the defining modules
+            importlib.import_module(public)
     except ImportError:
         raise ImportError("patch_pylate: pylate is not installed") from None
-    for name, (home, *_) in _PYLATE_SITES.items():
-        root = next(module for module in roots if module.__name__ == home)
-        if not hasattr(root, name):
+    for name, (home, _) in _PYLATE_SITES.items():
+        if not hasattr(sys.modules.get(home), name):
             raise RuntimeError(f"patch_pylate: this PyLate has no {home}.{name} to replace")
-        _pylate_originals.setdefault(name, getattr(root, name))
+        _pylate_originals.setdefault(name, getattr(sys.modules[home], name))
     installed = {name: globals()[name] if backend is None else functools.partial(globals()[name], backend=backend)
                  for name in _PYLATE_SITES}
     for name, module in _pylate_bindings():
@@ -456,8 +457,8 @@ def unpatch_pylate() -> None:
 
 def _pylate_bindings():
     """(name, module) for every site of _PYLATE_SITES whose module is imported and binds the name."""
-    for name, homes in _PYLATE_SITES.items():
-        for home in homes:
-            module = sys.modules.get(home)
+    for name, (_, sites) in _PYLATE_SITES.items():
+        for site in sites:
+            module = sys.modules.get(site)
             if module is not None and hasattr(module, name):
                 yield name, module
