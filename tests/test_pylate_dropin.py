@@ -78,6 +78,28 @@ def _masks(g, a, s, b, t, kind):
     return qmask, dmask
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton kernels")
+@pytest.mark.parametrize("kind", ["suffix", "bool", "empty-row", "interior", "float", "two"])
+def test_kernel_reads_plainly_masked_documents_in_place(ref, monkeypatch, kind):
+    """A 0/1 documents mask with each row's ones first (an attention mask) masks only slots the
+    kernel's loop never reaches: the documents go to it as they are, no masked copy. Any other
+    mask (an interior zero, weights, a 2) is multiplied in. PyLate's scores either way."""
+    q, d, g = _data()
+    qm, dm = _masks(g, 3, 6, 5, 7, "interior" if kind == "interior" else "float" if kind == "float" else
+                    "bool" if kind == "bool" else "suffix")
+    if kind == "empty-row":
+        dm[3] = 0
+    if kind == "two":
+        dm = dm * 2
+    expected = ref.colbert_scores(q, d, qm, dm, backend="torch")
+    rows = []
+    maxsim = scoring.maxsim
+    monkeypatch.setattr(scoring, "maxsim", lambda *args, **kwargs: rows.append(args[1]) or maxsim(*args, **kwargs))
+    q, d, qm, dm = moved("triton", q, d, qm, dm)
+    close(dropin.colbert_scores(q, d, qm, dm, backend="triton"), expected)
+    assert (rows[0].data_ptr() == d.data_ptr()) == (kind in ("suffix", "bool", "empty-row"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["none", "suffix", "interior", "float", "bool"])
 def test_colbert_scores(ref, backend, kind):

@@ -158,18 +158,28 @@ def _check_has_slots(documents: torch.Tensor, what: str) -> None:
                          f"them is undefined (PyLate raises IndexError); give each document a row")
 
 
-def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None]) -> None:
+def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None],
+                  prefix_mask: torch.Tensor | None = None) -> bool:
     """NaN/inf in an embedding or a float mask is an error (PyLate would return NaN or inf
     scores). Every input is read once and the device waited for once: a list is read as one
-    concatenation (a check per tensor costs a sync each, thousands for a large rerank)."""
+    concatenation (a check per tensor costs a sync each, thousands for a large rerank).
+    Returns whether ``prefix_mask`` (read in the same wait) is a plain length mask: only 0 and
+    1, each row's ones first."""
     flags = {}
     for what, value in inputs.items():
         if isinstance(value, list):
             value = torch.cat([v.reshape(-1) for v in value]) if value else None
         if value is not None and value.is_floating_point():
             flags[what] = scoring._finite_flag(value)
-    if flags:
-        scoring._check_flags(flags)
+    also = ()
+    if prefix_mask is not None:
+        nonzero = prefix_mask != 0
+        ones_first = nonzero == (torch.arange(prefix_mask.shape[-1], device=prefix_mask.device)
+                                 < nonzero.sum(-1, keepdim=True))
+        also = ((ones_first & ((prefix_mask == 1) | ~nonzero)).all(),)
+    if not flags and not also:
+        return False
+    return any(scoring._check_flags(flags, also))
 
 
 def _mask(mask, shape, device, what: str):
@@ -183,19 +193,22 @@ def _mask(mask, shape, device, what: str):
     return mask
 
 
-def _kernel_documents(documents: torch.Tensor, mask: torch.Tensor | None):
+def _kernel_documents(documents: torch.Tensor, mask: torch.Tensor | None, plain_mask: bool = False):
     """Padded documents [..., T, H] (+ mask [..., T]) as rows, lengths and the zero floor.
 
     Masked rows are zeroed (their similarity becomes exactly 0, as PyLate's product); each
     document's loop ends at its last unmasked slot; ``pad_floor`` marks documents that had
-    slots past that point, which in PyLate enter the max as 0.
+    slots past that point, which in PyLate enter the max as 0. A plain length mask (0 and 1,
+    ones first: PyLate's usual attention mask) masks only slots past that point, which the loop
+    never reads: the documents are then taken as they are, without a masked copy.
     """
     slots = documents.shape[-2]
     lead = documents.shape[:-2]
     starts = torch.arange(math.prod(lead), device=documents.device).view(lead) * slots
     if mask is None:
         return documents.reshape(-1, documents.shape[-1]), starts, torch.full_like(starts, slots), None
-    rows = (documents * mask.to(documents.dtype).unsqueeze(-1)).reshape(-1, documents.shape[-1])
+    rows = documents if plain_mask else documents * mask.to(documents.dtype).unsqueeze(-1)
+    rows = rows.reshape(-1, documents.shape[-1])
     positions = torch.arange(1, slots + 1, device=documents.device)
     lengths = ((mask != 0) * positions).amax(-1) if slots else torch.zeros_like(starts)
     return rows, starts, lengths, lengths < slots
@@ -225,11 +238,11 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     """PyLate's masked MaxSim for padded documents [B, T, H] or per-query groups [A, N, T, H]."""
     qm = _mask(queries_mask, q.shape[:2], q.device, "queries_mask")
     dm = _mask(documents_mask, d.shape[:-1], d.device, "documents_mask")
-    chosen = _backend(backend, q, d)
+    kernel = _backend(backend, q, d) != "torch" and q.shape[-1] != 0  # dim 0: PyLate's formula gives its zeros
     _check_has_slots(d, "documents")
-    _check_values({"queries embeddings": q, "documents embeddings": d, "queries_mask values": qm,
-                   "documents_mask values": dm})
-    if chosen == "torch" or q.shape[-1] == 0:  # dim 0: PyLate's formula gives its zeros
+    plain_mask = _check_values({"queries embeddings": q, "documents embeddings": d, "queries_mask values": qm,
+                                "documents_mask values": dm}, prefix_mask=dm if kernel else None)
+    if not kernel:
         return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
     # PyLate multiplies the masks into the similarities: they take part in the result's dtype
     # (fp16 embeddings with float32 masks give float32 scores; bool and integer masks do not).
@@ -240,7 +253,7 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     q, d = q.to(_kernel_dtype(q.dtype)), d.to(_kernel_dtype(d.dtype))
     if qm is not None:
         q = q * qm.to(q.dtype).unsqueeze(-1)
-    rows, starts, lengths, floor = _kernel_documents(d, dm)
+    rows, starts, lengths, floor = _kernel_documents(d, dm, plain_mask)
     return scoring.maxsim(q.contiguous(), rows, starts, lengths, pad_floor=floor,
                           backend="triton").to(result_dtype)
 

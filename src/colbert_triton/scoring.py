@@ -110,12 +110,15 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contain NaN or infinite values")
 
 
-def _check_flags(flags: dict[str, torch.Tensor]) -> None:
+def _check_flags(flags: dict[str, torch.Tensor], also: tuple[torch.Tensor, ...] = ()) -> list[bool]:
     """Raise for the first input whose `_finite_flag` is False: the flags (on one device) are
-    read in one sync."""
-    for what, finite in zip(flags, torch.stack(list(flags.values())).tolist()):
+    read in one sync, with any other bool scalars the caller needs (``also``: their values
+    are returned)."""
+    read = torch.stack([*flags.values(), *also]).tolist()
+    for what, finite in zip(flags, read):
         if not finite:
             raise ValueError(f"{what} contain NaN or infinite values")
+    return read[len(flags):]
 
 
 def _as_tensor_list(items, what: str) -> list[torch.Tensor]:
