@@ -507,6 +507,39 @@ def test_rerank_moves_everything_to_the_device_asked_for(monkeypatch):
     assert seen == [("meta", "meta")]
 
 
+@pytest.fixture
+def device_copies(monkeypatch):
+    """The shape of every tensor copied to another device through Tensor.to."""
+    copies = []
+    to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.device != self.device:
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    return copies
+
+
+def test_rerank_copies_host_candidates_to_the_device_once(monkeypatch, device_copies):
+    """A retriever's candidates come from an index in host memory: joined there and copied once
+    (as PyLate pads them on the host and copies once), not one copy per candidate; on both
+    backends' joins (padded for PyLate's formula, concatenated for the kernel)."""
+    monkeypatch.setattr(dropin, "colbert_scores", lambda q, d, *args, **kwargs: torch.zeros(1, d.shape[0]))
+    docs = [torch.randn(n, 8) for n in (2, 4, 3)]
+    dropin.rerank([["a", "b", "c"]], [torch.randn(3, 8)], [docs], device="meta", backend="torch")
+    assert device_copies == [(3, 8), (3, 4, 8)]  # the query, then all its candidates padded
+    device_copies.clear()
+    joined = dropin._joined(torch.cat, docs, torch.device("meta"))
+    assert joined.shape == (9, 8) and device_copies == [(9, 8)]
+    mixed = [docs[0].to("meta"), *docs[1:]]
+    device_copies.clear()
+    joined = dropin._joined(torch.cat, mixed, torch.device("meta"))
+    assert joined.shape == (9, 8) and device_copies == [(4, 8), (3, 8)]  # on two devices: one by one
+
+
 def test_lists_of_float64_arrays_become_float32_as_in_pylate(ref):
     """PyLate's convert_to_tensor stacks a list of arrays as float32 (numpy's float64 included),
     so such inputs score in float32; a float64 ndarray given whole stays float64."""

@@ -349,14 +349,13 @@ def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str 
         if len(docs) != len(ids):
             raise ValueError(f"{len(ids)} document ids but {len(docs)} document embeddings")
         target = device if device is not None else query.device
-        groups.append((query.to(target), list(ids), [d.to(target) for d in docs]))
+        groups.append((query.to(target), list(ids), docs))  # the candidates: moved once joined
     if not groups:
         return []
     if _backend(backend, groups[0][0]) == "triton":
         scores = _rerank_scores_kernel(groups)
     else:
-        scores = [colbert_scores(q.unsqueeze(0), torch.nn.utils.rnn.pad_sequence(docs, batch_first=True),
-                                 backend="torch")[0]
+        scores = [colbert_scores(q.unsqueeze(0), _joined(_padded, docs, q.device), backend="torch")[0]
                   if docs else None for q, _, docs in groups]
     results = []
     for (_, ids, _), row in zip(groups, scores):
@@ -367,6 +366,20 @@ def rerank(documents_ids, queries_embeddings, documents_embeddings, device: str 
         results.append([RerankResult(id=ids[i], score=s)
                         for i, s in zip(order.indices.tolist(), order.values.cpu().tolist())])
     return results
+
+
+def _padded(documents: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(documents, batch_first=True)
+
+
+def _joined(join, documents: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``join(documents)`` on ``device``: joined where the documents are, then copied once (an
+    index hands a retriever's candidates from host memory: one copy, not one per candidate, as
+    PyLate pads them on the host and copies once); documents on several devices are moved one
+    by one first."""
+    if len({d.device for d in documents}) > 1:
+        documents = [d.to(device) for d in documents]
+    return join(documents).to(device)
 
 
 def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
@@ -394,7 +407,7 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
         floor[i, : len(n)] = n < n.max()  # PyLate pads each query's candidates to its longest
         offset += int(n.sum())
     device = queries[0].device
-    values = torch.cat([d for _, _, docs in groups for d in docs]) if offset else queries[0][:0]
+    values = _joined(torch.cat, [d for _, _, docs in groups for d in docs], device) if offset else queries[0][:0]
     batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)
     _check_values({"queries embeddings": batch, "documents embeddings": values})  # the copies made anyway
     result_dtype = torch.result_type(batch, values)
