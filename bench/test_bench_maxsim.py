@@ -24,7 +24,9 @@ One run compares, per shape, every implementation that is installed:
   `colbert_triton.pylate` (its input checks and mask folding included; a row of ours reported
   as a variant). On batches of up to 64k candidates also the retriever's call, `rank.rerank(ids,
   queries, candidates)` with each query's candidates as a list of tensors (the whole call, host
-  work and result dicts included, by the wall clock): ``pylate-rerank`` and ``ours-pylate-rerank``.
+  work and result dicts included, by the wall clock): ``pylate-rerank`` and ``ours-pylate-rerank``;
+  ``-host`` the same with the candidates as a Voyager index hands them, float32 numpy arrays in
+  host memory (with float32 queries, scored on the GPU).
 
 Inputs of every implementation (padding, packing, masks, gathered candidates) are prepared
 outside the timed call, and every implementation's scores are checked against ours once before
@@ -102,20 +104,20 @@ CASES = list(_cases())
 # Other configurations of our kernel, candidates for its default: checked against ours exactly.
 KERNEL_VARIANTS = ("ours-qregs", "ours-qregs-128")
 # Our PyLate drop-in's entry points (colbert_triton.pylate), timed beside PyLate's own calls.
-DROPIN = ("ours-pylate-dropin", "ours-pylate-rerank")
+DROPIN = ("ours-pylate-dropin", "ours-pylate-rerank", "ours-pylate-rerank-host")
 # Rows of ours other than the kernel's default: reported in a column of their own, never as peers.
 VARIANTS = (*KERNEL_VARIANTS, *DROPIN)
 # Rows under PyLate's semantics (a padded slot enters the max as 0.0): checked against ours so.
-ZERO_PADDING = ("pylate", "pylate-auto", "pylate-rerank", *DROPIN)
+ZERO_PADDING = ("pylate", "pylate-auto", "pylate-rerank", "pylate-rerank-host", *DROPIN)
 # The whole call, host work included (the retriever's rerank: lists in, dicts out).
-WALL_CLOCK = ("pylate-rerank", "ours-pylate-rerank")
+WALL_CLOCK = ("pylate-rerank", "ours-pylate-rerank", "pylate-rerank-host", "ours-pylate-rerank-host")
 # The variants come last: a configuration never run before that faulted the GPU would take the
 # rest of its case with it, not the peers'.
 IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "flash-maxsim-rerank-direct",
          "lik", "lik-varlen", *KERNEL_VARIANTS]
 # PyLate's calls as its users make them, on PyLate and on our drop-in (fp16, d = 96): a test of
 # their own after every kernel row, so a step its time cap cuts short loses these first.
-PYLATE_CALLS = ("pylate-auto", "pylate-rerank", *DROPIN)
+PYLATE_CALLS = ("pylate-auto", "pylate-rerank", "pylate-rerank-host", *DROPIN)
 PYLATE_CASES = [c for c in CASES if c.dtype == torch.float16 and c.dim == 96]
 # The peers' packages (their Triton autotuners retune for each case) per implementation.
 PEER_PACKAGES = {"flash-maxsim": "flash_maxsim", "flash-maxsim-rerank": "flash_maxsim",
@@ -278,7 +280,7 @@ def prepare(impl: str, case: Case, data: Data):
                 for lo in range(0, case.num_docs, step)], dim=1)
         return run
 
-    if impl in ("pylate-auto", "ours-pylate-dropin", "pylate-rerank", "ours-pylate-rerank"):
+    if impl in PYLATE_CALLS:
         return _prepare_pylate_call(impl, case, data)
 
     if impl == "flash-maxsim":
@@ -336,18 +338,25 @@ def _prepare_pylate_call(impl: str, case: Case, data: Data):
         pytest.skip("the PyLate calls are timed at fp16, d = 96 only (the drop-in's cost, not a kernel's)")
     ours = impl.startswith("ours-")
     q = data.queries
-    if impl.endswith("-rerank"):
+    if "-rerank" in impl:
         if case.num_queries * case.num_docs > 64 * 1_000:
             pytest.skip("the retriever's rerank call is timed on batches of up to 64k candidates")
         rank = _import("colbert_triton.pylate" if ours else "pylate.rank")
         # A retriever's batch: each query with its candidates, a list of [Ld, d] tensors (ids:
-        # their positions, so the check can put the scores back in order).
-        rows = list(torch.split(data.values, data.lengths.tolist()))
+        # their positions, so the check can put the scores back in order). "-host": as a Voyager
+        # index hands them, float32 numpy arrays in host memory, scored on the queries' GPU.
+        host = impl.endswith("-host")
+        if host and case.num_queries * case.num_docs > 6_400:
+            pytest.skip("from host memory the retriever's call is timed on up to 6,400 candidates (seconds a call past that)")
+        values = data.values.float().cpu().numpy() if host else data.values
+        ends = torch.cumsum(data.lengths, 0).tolist()
+        rows = [values[end - n : end] for end, n in zip(ends, data.lengths.tolist())]
         candidates = ([[rows[j] for j in picks] for picks in data.pick.tolist()] if case.candidates
                       else [rows] * case.num_queries)
         ids = [list(range(case.num_docs))] * case.num_queries
+        queries = list(q.float() if host else q)
         kwargs = {"backend": "triton"} if ours else {}
-        return lambda: rank.rerank(ids, list(q), candidates, **kwargs)
+        return lambda: rank.rerank(ids, queries, candidates, device=str(q.device), **kwargs)
     scores = _import("colbert_triton.pylate" if ours else "pylate.scores")
     backend = "triton" if ours else None  # PyLate's default: flash-maxsim where installed
     if case.candidates:
@@ -416,7 +425,8 @@ def checked(impl: str, case: Case, data: Data):
     if impl in KERNEL_VARIANTS:
         atol, rtol = 1e-5, 1e-6
     else:
-        atol, rtol = (0.15, 2e-2) if impl in ("eager", "pylate", "pylate-auto", "pylate-rerank") else (2e-2, 2e-2)
+        atol, rtol = (0.15, 2e-2) if impl in ("eager", "pylate", "pylate-auto", "pylate-rerank",
+                                              "pylate-rerank-host") else (2e-2, 2e-2)
     torch.testing.assert_close(got, ours, atol=atol, rtol=rtol, msg=lambda m: f"{impl}: {m}")
     return fn
 
