@@ -347,7 +347,8 @@ def _prepare_pylate_call(impl: str, case: Case, data: Data):
         # index hands them, float32 numpy arrays in host memory, scored on the queries' GPU.
         host = impl.endswith("-host")
         if host and case.num_queries * case.num_docs > 6_400:
-            pytest.skip("from host memory the retriever's call is timed on up to 6,400 candidates (seconds a call past that)")
+            pytest.skip("from host memory the retriever's call is timed on up to 6,400 candidates "
+                        "(seconds a call past that)")
         values = data.values.float().cpu().numpy() if host else data.values
         ends = torch.cumsum(data.lengths, 0).tolist()
         rows = [values[end - n : end] for end, n in zip(ends, data.lengths.tolist())]
