@@ -159,12 +159,12 @@ def _check_has_slots(documents: torch.Tensor, what: str) -> None:
 
 
 def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None],
-                  prefix_mask: torch.Tensor | None = None) -> bool:
+                  documents_mask: torch.Tensor | None = None) -> bool:
     """NaN/inf in an embedding or a float mask is an error (PyLate would return NaN or inf
     scores). Every input is read once and the device waited for once: a list is read as one
     concatenation (a check per tensor costs a sync each, thousands for a large rerank).
-    Returns whether ``prefix_mask`` (read in the same wait) is a plain length mask: only 0 and
-    1, each row's ones first."""
+    Returns whether ``documents_mask`` (read in the same wait) is a plain length mask: only 0
+    and 1, each row's ones first."""
     flags = {}
     for what, value in inputs.items():
         if isinstance(value, list):
@@ -172,11 +172,11 @@ def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None],
         if value is not None and value.is_floating_point():
             flags[what] = scoring._finite_flag(value)
     also = ()
-    if prefix_mask is not None:
-        nonzero = prefix_mask != 0
-        ones_first = nonzero == (torch.arange(prefix_mask.shape[-1], device=prefix_mask.device)
+    if documents_mask is not None:
+        nonzero = documents_mask != 0
+        ones_first = nonzero == (torch.arange(documents_mask.shape[-1], device=documents_mask.device)
                                  < nonzero.sum(-1, keepdim=True))
-        also = ((ones_first & ((prefix_mask == 1) | ~nonzero)).all(),)
+        also = ((ones_first & ((documents_mask == 1) | ~nonzero)).all(),)
     if not flags and not also:
         return False
     return any(scoring._check_flags(flags, also))
@@ -241,7 +241,7 @@ def _masked_scores(q, d, queries_mask, documents_mask, equation: str, backend) -
     kernel = _backend(backend, q, d) != "torch" and q.shape[-1] != 0  # dim 0: PyLate's formula gives its zeros
     _check_has_slots(d, "documents")
     plain_mask = _check_values({"queries embeddings": q, "documents embeddings": d, "queries_mask values": qm,
-                                "documents_mask values": dm}, prefix_mask=dm if kernel else None)
+                                "documents_mask values": dm}, documents_mask=dm if kernel else None)
     if not kernel:
         return _pylate_torch(q, d, qm, dm, equation, _chunk(q, d))
     # PyLate multiplies the masks into the similarities: they take part in the result's dtype
