@@ -103,12 +103,14 @@ def _cases():
 CASES = list(_cases())
 # Other configurations of our kernel, candidates for its default: checked against ours exactly.
 KERNEL_VARIANTS = ("ours-qregs", "ours-qregs-128")
-# Our PyLate drop-in's entry points (colbert_triton.pylate), timed beside PyLate's own calls.
+# PyLate's own calls as its users make them (its einsum; its default backend; the retriever's
+# rerank), and our PyLate drop-in's entry points (colbert_triton.pylate), timed beside them.
+PYLATE_OWN = ("pylate", "pylate-auto", "pylate-rerank", "pylate-rerank-host")
 DROPIN = ("ours-pylate-dropin", "ours-pylate-rerank", "ours-pylate-rerank-host")
 # Rows of ours other than the kernel's default: reported in a column of their own, never as peers.
 VARIANTS = (*KERNEL_VARIANTS, *DROPIN)
 # Rows under PyLate's semantics (a padded slot enters the max as 0.0): checked against ours so.
-ZERO_PADDING = ("pylate", "pylate-auto", "pylate-rerank", "pylate-rerank-host", *DROPIN)
+ZERO_PADDING = (*PYLATE_OWN, *DROPIN)
 # The whole call, host work included (the retriever's rerank: lists in, dicts out).
 WALL_CLOCK = ("pylate-rerank", "ours-pylate-rerank", "pylate-rerank-host", "ours-pylate-rerank-host")
 # The variants come last: a configuration never run before that faulted the GPU would take the
@@ -117,7 +119,7 @@ IMPLS = ["ours", "eager", "pylate", "flash-maxsim", "flash-maxsim-rerank", "flas
          "lik", "lik-varlen", *KERNEL_VARIANTS]
 # PyLate's calls as its users make them, on PyLate and on our drop-in (fp16, d = 96): a test of
 # their own after every kernel row, so a step its time cap cuts short loses these first.
-PYLATE_CALLS = ("pylate-auto", "pylate-rerank", "pylate-rerank-host", *DROPIN)
+PYLATE_CALLS = (*PYLATE_OWN[1:], *DROPIN)
 PYLATE_CASES = [c for c in CASES if c.dtype == torch.float16 and c.dim == 96]
 # The peers' packages (their Triton autotuners retune for each case) per implementation.
 PEER_PACKAGES = {"flash-maxsim": "flash_maxsim", "flash-maxsim-rerank": "flash_maxsim",
@@ -426,8 +428,7 @@ def checked(impl: str, case: Case, data: Data):
     if impl in KERNEL_VARIANTS:
         atol, rtol = 1e-5, 1e-6
     else:
-        atol, rtol = (0.15, 2e-2) if impl in ("eager", "pylate", "pylate-auto", "pylate-rerank",
-                                              "pylate-rerank-host") else (2e-2, 2e-2)
+        atol, rtol = (0.15, 2e-2) if impl in ("eager", *PYLATE_OWN) else (2e-2, 2e-2)
     torch.testing.assert_close(got, ours, atol=atol, rtol=rtol, msg=lambda m: f"{impl}: {m}")
     return fn
 

@@ -171,15 +171,15 @@ def _check_values(inputs: dict[str, torch.Tensor | list[torch.Tensor] | None],
             value = torch.cat([v.reshape(-1) for v in value]) if value else None
         if value is not None and value.is_floating_point():
             flags[what] = scoring._finite_flag(value)
-    also = ()
-    if documents_mask is not None:
-        nonzero = documents_mask != 0
-        ones_first = nonzero == (torch.arange(documents_mask.shape[-1], device=documents_mask.device)
-                                 < nonzero.sum(-1, keepdim=True))
-        also = ((ones_first & ((documents_mask == 1) | ~nonzero)).all(),)
-    if not flags and not also:
+    if documents_mask is None:
+        if flags:
+            scoring._check_flags(flags)
         return False
-    return any(scoring._check_flags(flags, also))
+    nonzero = documents_mask != 0
+    ones_first = nonzero == (torch.arange(documents_mask.shape[-1], device=documents_mask.device)
+                             < nonzero.sum(-1, keepdim=True))
+    (plain,) = scoring._check_flags(flags, ((ones_first & ((documents_mask == 1) | ~nonzero)).all(),))
+    return plain
 
 
 def _mask(mask, shape, device, what: str):
@@ -408,7 +408,7 @@ def _rerank_scores_kernel(groups) -> list[torch.Tensor | None]:
         offset += int(n.sum())
     device = queries[0].device
     values = _joined(torch.cat, [d for _, _, docs in groups for d in docs], device) if offset else queries[0][:0]
-    batch = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True)
+    batch = _padded(queries)
     _check_values({"queries embeddings": batch, "documents embeddings": values})  # the copies made anyway
     result_dtype = torch.result_type(batch, values)
     scores = scoring.maxsim(batch.to(_kernel_dtype(batch.dtype)).contiguous(),
