@@ -92,6 +92,22 @@ def test_embeddings_match(pair):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=text)
 
 
+@pytest.mark.parametrize("pool_factor, protected_tokens", [(2, 1), (3, 0), (4, 3)])
+def test_pooled_embeddings_match(pair, pool_factor, protected_tokens):
+    from test_pooling import LONG_DOCUMENTS
+
+    ours, ref = pair
+    texts = DOCUMENTS + LONG_DOCUMENTS
+    theirs = ref.encode(texts, is_query=False, batch_size=5, pool_factor=pool_factor,
+                        protected_tokens=protected_tokens)
+    mine = ours.encode_documents(texts, batch_size=3, pool_factor=pool_factor, protected_tokens=protected_tokens)
+    assert sum(map(len, mine)) < 0.8 * sum(map(len, ours.encode_documents(texts)))
+    for text, a, b in zip(texts, mine, theirs):
+        b = torch.as_tensor(np.asarray(b))
+        assert a.shape == b.shape, text
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=text)
+
+
 def test_embeddings_match_on_a_bert_base_head_dim(tmp_path):
     """A PyLate checkpoint with 64-wide heads (BERT-base's, as colbertv2.0's encoder): the shapes
     come from its config on both sides."""

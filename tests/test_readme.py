@@ -36,6 +36,8 @@ def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
     assert all(d.shape[1] == 96 for d in scope["docs"]) and len(scope["docs"]) == 3
     assert tuple(scope["corpus"].values.shape) == (sum(len(d) for d in scope["docs"]), 96)
     assert scope["model"].score(scope["queries"], scope["corpus"]).shape == (1, 3)
+    # "about half the rows": all but the protected [CLS] row, halved (rounded down)
+    assert list(scope["pooled"].lengths_host) == [1 + (len(d) - 1) // 2 for d in scope["docs"]]
     assert scope["ids"] == ["eiffel", "banana", "colbert"]
     assert (tmp_path / "corpus.safetensors").is_file()
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .model.checkpoint import DEFAULT_MODEL, CheckpointError
+from .model.pooling import check_pooling
 from .packed import check_output_path, embeddings_file_info
 
 
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--input", required=True, help=".txt (one per line) or .jsonl")
     encode.add_argument("--kind", choices=("documents", "queries"), default="documents")
     encode.add_argument("--output", required=True, help="output .safetensors path")
+    encode.add_argument("--pool-factor", type=int, default=1,
+                        help="pool each document's rows into about 1/N as many, as PyLate's "
+                             "pool_factor (needs SciPy; documents only)")
+    encode.add_argument("--protected-tokens", type=int, default=1,
+                        help="leading rows of each document left out of pooling (default 1: [CLS])")
     return parser
 
 
@@ -203,10 +209,20 @@ def _encode(args) -> None:
     check_output_path(output)
     if output.suffix.lower() != ".safetensors":  # `rank` takes the corpus by that suffix
         raise InputError(f"--output must be a .safetensors file, got {args.output}")
-    model = _load_model(args)
-    encode = model.encode_documents if args.kind == "documents" else model.encode_queries
-    packed = encode(texts, args.batch_size, packed=True,
-                    show_progress=False if args.no_progress else None)
+    show_progress = False if args.no_progress else None
+    if args.kind == "documents":
+        try:
+            pooling = check_pooling(args.pool_factor, args.protected_tokens)
+        except ImportError as error:  # SciPy missing: the user's setup, said in one line
+            raise InputError(str(error)) from None
+        model = _load_model(args)
+        packed = model.encode_documents(texts, args.batch_size, packed=True, show_progress=show_progress,
+                                        pool_factor=pooling[0], protected_tokens=pooling[1])
+    else:
+        if args.pool_factor != 1:  # PyLate ignores pool_factor for queries: a user asking meant something else
+            raise InputError("--pool-factor pools documents; queries are never pooled")
+        model = _load_model(args)
+        packed = model.encode_queries(texts, args.batch_size, packed=True, show_progress=show_progress)
     model.save_embeddings(output, packed, ids=ids, kind=args.kind)
     print(f"wrote {len(texts)} {args.kind} ({packed.values.shape[0]} vectors of dim {model.dim}) to {output}",
           file=sys.stderr)

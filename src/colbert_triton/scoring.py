@@ -486,16 +486,17 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     return scores.gather(1, order), index.gather(1, order)
 
 
-def positive_int(value, name: str) -> int:
-    """``value`` as a positive Python int (numpy integers accepted), or a clear error."""
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int of at least ``minimum`` (numpy integers accepted), or a clear error."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
     try:
         if isinstance(value, bool):
             raise TypeError
         number = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be {wanted}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return number
 
 

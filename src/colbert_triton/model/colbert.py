@@ -24,6 +24,7 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
+from .pooling import check_pooling, pool_documents
 from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -215,12 +216,18 @@ class ColBERT:
         return self._encode(texts, "queries", batch_size, packed, show_progress)
 
     def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
-                         show_progress: bool | None = None):
+                         show_progress: bool | None = None, pool_factor: int = 1,
+                         protected_tokens: int = 1):
         """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
-        ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order."""
-        return self._encode(texts, "documents", batch_size, packed, show_progress)
+        ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order.
 
-    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress):
+        ``pool_factor`` > 1 pools each document's rows after its first ``protected_tokens``
+        (``[CLS]``) into about 1/pool_factor as many, as PyLate's ``encode(pool_factor=...)``
+        does (`model.pooling`; needs SciPy): an index that many times smaller."""
+        pooling = check_pooling(pool_factor, protected_tokens)
+        return self._encode(texts, "documents", batch_size, packed, show_progress, pooling)
+
+    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0)):
         batch_size = scoring.positive_int(batch_size, "batch_size")
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
@@ -246,7 +253,7 @@ class ColBERT:
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
                 for i in range(0, len(by_tokens), batch_size):
                     part = by_tokens[i : i + batch_size]
-                    values, part_lengths = self._encode_batch(tokens.subset(part))
+                    values, part_lengths = pool_documents(*self._encode_batch(tokens.subset(part)), *pooling)
                     index = chunk_index[part]  # the batch's texts, as input positions
                     batches.append((values, index, part_lengths))
                     lengths[index] = part_lengths

@@ -1,0 +1,77 @@
+"""Hierarchical token pooling of documents: PyLate's ``pool_factor``, computed as PyLate computes it.
+
+Each document's token rows (after its first ``protected_tokens``, kept as they are) are clustered
+into ``max(rows // pool_factor, 1)`` groups by Ward linkage on cosine distance, and each group is
+replaced by its mean: an index ``pool_factor`` times smaller, for a small loss of retrieval quality
+(Clavié et al., "Reducing the Footprint of Multi-Vector Retrieval with Minimal Performance Impact
+via Token Pooling", 2024). The means are not normalised again, and come after the protected rows in
+SciPy's cluster order, as in PyLate 1.6 (``ColBERT.pool_embeddings_hierarchical``). The clustering
+runs on the CPU with SciPy, which is needed only for this (``pip install scipy``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import scoring
+
+
+def check_pooling(pool_factor, protected_tokens) -> tuple[int, int]:
+    """Both settings as Python ints, with SciPy importable when pooling is asked for, or a clear
+    error: called before anything is encoded, so a corpus is not encoded only to fail here."""
+    pool_factor = scoring.positive_int(pool_factor, "pool_factor")
+    protected_tokens = scoring.positive_int(protected_tokens, "protected_tokens", minimum=0)
+    if pool_factor > 1:
+        _hierarchy()
+    return pool_factor, protected_tokens
+
+
+def _hierarchy():
+    try:
+        from scipy.cluster import hierarchy
+    except ImportError:
+        raise ImportError("pool_factor > 1 clusters each document's rows with SciPy, which is not "
+                          "installed: pip install scipy") from None
+    return hierarchy
+
+
+def pool_documents(values: torch.Tensor, lengths: np.ndarray, pool_factor: int,
+                   protected_tokens: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The documents packed in ``values [T, dim]`` (``lengths`` rows each, in order), pooled:
+    their rows packed in the same order, on ``values``' device and in its dtype, and their
+    lengths. One copy to the host and one back for the whole batch, not one per document."""
+    if pool_factor == 1:
+        return values, lengths
+    hierarchy = _hierarchy()
+    # float32 whatever the model's dtype: PyLate clusters in the model's dtype, which for
+    # float16 rounds every distance to 11 bits; on a float32 model the two are the same.
+    host = values.detach().to("cpu", torch.float32)
+    pooled = [_pool_one(document, pool_factor, protected_tokens, hierarchy)
+              for document in torch.split(host, lengths.tolist(), 0)]
+    pooled_lengths = np.array([len(p) for p in pooled], dtype=np.int64)
+    if np.array_equal(pooled_lengths, lengths):  # no document was long enough to pool
+        return values, lengths
+    return torch.cat(pooled, 0).to(values.device, values.dtype), pooled_lengths
+
+
+def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, hierarchy) -> torch.Tensor:
+    """One document's pooled rows: PyLate's steps one by one, so that on the same float32 rows
+    the clusters and the means are the same to the bit."""
+    protected, to_pool = document[:protected_tokens], document[protected_tokens:]
+    rows = to_pool.shape[0]
+    clusters = max(rows // pool_factor, 1)
+    if clusters >= rows:  # nothing to merge
+        return document
+    distances = 1 - torch.mm(to_pool, to_pool.t()).numpy()
+    condensed = distances[np.triu_indices(rows, k=1)]  # the upper triangle, row by row: SciPy's form
+    # Two rows equal to rounding can be at distance -1e-7, and SciPy refuses the linkage that
+    # makes ("contains negative distances"), as PyLate then fails. At 0 they merge first.
+    np.maximum(condensed, 0, out=condensed)
+    labels = hierarchy.fcluster(hierarchy.linkage(condensed, method="ward"), t=clusters, criterion="maxclust")
+    labels = torch.from_numpy(labels.astype(np.int64)) - 1
+    sums = torch.zeros(clusters, to_pool.shape[1], dtype=to_pool.dtype)
+    sums.scatter_add_(0, labels.unsqueeze(1).expand_as(to_pool), to_pool)
+    counts = torch.zeros(clusters, dtype=torch.long).scatter_add_(0, labels, torch.ones(rows, dtype=torch.long))
+    filled = counts > 0  # maxclust may make fewer clusters than asked for (tied distances)
+    return torch.cat([protected, sums[filled] / counts[filled].unsqueeze(1)], 0)

@@ -1,0 +1,174 @@
+"""Token pooling (PyLate's ``pool_factor``): the pooling against PyLate's own on the same rows,
+the encoder path around it, its errors and the CLI. Encoding parity with PyLate's
+``encode(pool_factor=...)``: test_parity_pylate.py."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, require_reference
+from safetensors import safe_open
+from texts import DOCUMENTS
+
+from colbert_triton import ColBERT, PackedEmbeddings
+from colbert_triton.cli import main
+from colbert_triton.model.pooling import pool_documents
+
+# Documents longer than texts.DOCUMENTS' (up to the 300-token cut), where the linkage makes
+# hundreds of merges.
+LONG_DOCUMENTS = [" ".join(np.random.default_rng(k).choice(DOCUMENTS, size=k)) for k in (3, 6, 10, 20, 40)]
+
+
+def _random_documents(lengths, dim=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1) for n in lengths]
+
+
+@pytest.mark.parametrize("pool_factor", [2, 3, 5])
+@pytest.mark.parametrize("protected_tokens", [0, 1, 4])
+def test_pooling_is_pylates_to_the_bit(pool_factor, protected_tokens):
+    models = require_reference("pylate.models")
+    docs = _random_documents([0, 1, 2, 3, 4, 5, 6, 17, 64, 300])
+    # Orthogonal rows: every merge at one height, where maxclust makes one cluster, not the few asked.
+    docs.append(torch.eye(96)[:13])
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    values, pooled_lengths = pool_documents(torch.cat(docs), lengths, pool_factor, protected_tokens)
+    # PyLate's method reads nothing of its model.
+    theirs = models.ColBERT.pool_embeddings_hierarchical(None, docs, pool_factor, protected_tokens)
+    assert pooled_lengths.tolist() == [len(t) for t in theirs]
+    assert pooled_lengths.tolist() != lengths.tolist()
+    for mine, ref in zip(torch.split(values, pooled_lengths.tolist()), theirs):
+        assert torch.equal(mine, ref)
+
+
+def test_rows_equal_to_rounding_merge_first_where_pylate_fails():
+    """Ten copies each of two rows: some copies' distances come out below 0, the linkage then has
+    a negative height and SciPy refuses it (PyLate raises); taken as 0, the copies merge first,
+    and each of the nine clusters asked for holds copies of one row: its mean is that row."""
+    models = require_reference("pylate.models")
+    twins = _random_documents([2], seed=3)[0]
+    doc = torch.cat([twins[:1].repeat(10, 1), twins[1:].repeat(10, 1)])
+    to_pool = doc[1:]
+    assert (1 - (to_pool @ to_pool.T)).min() < 0  # what makes SciPy refuse it
+    with pytest.raises(ValueError, match="negative distances"):
+        models.ColBERT.pool_embeddings_hierarchical(None, [doc], 2, 1)
+    pooled, lengths = pool_documents(doc, np.array([20]), 2, 1)
+    assert lengths.tolist() == [1 + 19 // 2]
+    assert torch.equal(pooled[0], doc[0])
+    nearest = torch.cdist(pooled[1:], twins).min(dim=1)
+    assert nearest.values.max() < 1e-6 and set(nearest.indices.tolist()) == {0, 1}
+
+
+def test_pool_factor_one_and_short_documents_leave_the_rows_as_they_are():
+    docs = _random_documents([1, 2, 3])
+    values, lengths = torch.cat(docs), np.array([len(d) for d in docs])
+    assert pool_documents(values, lengths, 1, 1)[0] is values
+    # One row past the protected [CLS] makes one cluster: nothing to merge.
+    short = values[:3]
+    assert pool_documents(short, lengths[:2], 2, 1)[0] is short
+    # Protected rows past the end: nothing left to pool.
+    pooled, pooled_lengths = pool_documents(values, lengths, 2, 25)
+    assert pooled is values and pooled_lengths is lengths
+    assert len(pool_documents(short, lengths[:2], 2, 0)[0]) == 2  # unprotected: 2 rows -> 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pooling_keeps_the_device_and_dtype_and_clusters_in_float32(dtype):
+    docs = _random_documents([40, 7, 90], seed=1)
+    lengths = np.array([len(d) for d in docs])
+    values = torch.cat(docs).to(KERNEL_DEVICE, dtype)
+    pooled, pooled_lengths = pool_documents(values, lengths, 3, 1)
+    assert pooled.device == values.device and pooled.dtype == dtype
+    expected, expected_lengths = pool_documents(values.cpu().float(), lengths, 3, 1)
+    assert pooled_lengths.tolist() == expected_lengths.tolist()
+    assert torch.equal(pooled.cpu(), expected.to(dtype))
+
+
+def test_encoding_pools_each_document_whatever_the_batches(model):
+    docs = DOCUMENTS + LONG_DOCUMENTS
+    plain = model.encode_documents(docs)
+    pooled = model.encode_documents(docs, batch_size=3, pool_factor=2, protected_tokens=1)
+    packed = model.encode_documents(docs, batch_size=64, packed=True, pool_factor=2, protected_tokens=1)
+    assert isinstance(packed, PackedEmbeddings) and len(packed) == len(docs)
+    for doc, unpooled, a, b in zip(docs, plain, pooled, packed.to_list()):
+        clusters = max((len(unpooled) - 1) // 2, 1)
+        assert len(a) == (1 + clusters if clusters < len(unpooled) - 1 else len(unpooled)), doc
+        torch.testing.assert_close(a[:1], unpooled[:1], atol=2e-6, rtol=0)  # the protected [CLS] row
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    assert sum(map(len, pooled)) < 0.6 * sum(map(len, plain))
+    for a, b in zip(model.encode_documents(docs, pool_factor=1), plain):
+        assert torch.equal(a, b)
+
+
+def test_a_16_bit_model_pools_its_own_rows(stanford_dir):
+    model = ColBERT.from_pretrained(stanford_dir, device="cpu", dtype=torch.float16)
+    plain = model.encode_documents(LONG_DOCUMENTS, packed=True)
+    pooled = model.encode_documents(LONG_DOCUMENTS, packed=True, pool_factor=3)
+    expected, lengths = pool_documents(plain.values, plain.lengths_array, 3, 1)
+    assert pooled.values.dtype == torch.float16 and list(pooled.lengths_host) == lengths.tolist()
+    assert torch.equal(pooled.values, expected)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"pool_factor": 0}, "pool_factor must be a positive integer, got 0"),
+    ({"pool_factor": -2}, "pool_factor must be a positive integer"),
+    ({"pool_factor": 1.5}, "pool_factor must be a positive integer, got 1.5"),
+    ({"pool_factor": True}, "pool_factor must be a positive integer"),
+    ({"pool_factor": "2"}, "pool_factor must be a positive integer"),
+    ({"pool_factor": 2, "protected_tokens": -1}, "protected_tokens must be an integer of at least 0, got -1"),
+    ({"pool_factor": 2, "protected_tokens": None}, "protected_tokens must be an integer of at least 0"),
+])
+def test_bad_pooling_settings_are_refused_before_encoding(model, monkeypatch, settings, message):
+    monkeypatch.setattr(ColBERT, "_encode", lambda *args: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError, match=message):
+        model.encode_documents(DOCUMENTS, **settings)
+
+
+def test_pooling_without_scipy_says_so_before_encoding(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.cluster", None)  # an import of it now fails
+    encode = ColBERT._encode
+    monkeypatch.setattr(ColBERT, "_encode", lambda *args: pytest.fail("encoded before the check"))
+    with pytest.raises(ImportError, match="pool_factor > 1 clusters .* with SciPy, which is not installed"):
+        model.encode_documents(DOCUMENTS, pool_factor=2)
+    monkeypatch.setattr(ColBERT, "_encode", encode)
+    assert len(model.encode_documents(DOCUMENTS[:2], pool_factor=1)) == 2  # no SciPy needed
+
+
+@pytest.fixture
+def docs_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(LONG_DOCUMENTS)))
+    return path
+
+
+def test_cli_encode_pools_documents(stanford_dir, docs_file, tmp_path, model, capsys):
+    common = ["--model", str(stanford_dir), "--device", "cpu"]
+    out = tmp_path / "pooled.safetensors"
+    assert main(["encode", *common, "--input", str(docs_file), "--output", str(out),
+                 "--pool-factor", "3", "--protected-tokens", "2"]) == 0
+    expected = model.encode_documents(LONG_DOCUMENTS, packed=True, pool_factor=3, protected_tokens=2)
+    with safe_open(str(out), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("values"), expected.values, atol=2e-6, rtol=0)
+        assert f.get_tensor("offsets").tolist() == expected.offsets.tolist()
+    capsys.readouterr()
+    assert main(["rank", *common, "--documents", str(out), "--query", "paris", "-k", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "queries", "--pool-factor", "2"], "--pool-factor pools documents; queries are never pooled"),
+    (["--pool-factor", "0"], "pool_factor must be a positive integer, got 0"),
+    (["--pool-factor", "2", "--protected-tokens", "-1"], "protected_tokens must be an integer of at least 0"),
+    (["--pool-factor", "2", "--no-scipy"], "with SciPy, which is not installed"),
+])
+def test_cli_pooling_errors(stanford_dir, docs_file, tmp_path, capsys, monkeypatch, args, message):
+    if "--no-scipy" in args:
+        args.remove("--no-scipy")
+        monkeypatch.setitem(sys.modules, "scipy.cluster", None)
+    out = tmp_path / "o.safetensors"
+    assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
+                 "--output", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
