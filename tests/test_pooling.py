@@ -89,8 +89,8 @@ def test_pooling_keeps_the_device_and_dtype_and_clusters_in_float32(dtype):
 def test_encoding_pools_each_document_whatever_the_batches(model):
     docs = DOCUMENTS + LONG_DOCUMENTS
     plain = model.encode_documents(docs)
-    pooled = model.encode_documents(docs, batch_size=3, pool_factor=2, protected_tokens=1)
-    packed = model.encode_documents(docs, batch_size=64, packed=True, pool_factor=2, protected_tokens=1)
+    pooled = model.encode_documents(docs, batch_size=64, pool_factor=2, protected_tokens=1)
+    packed = model.encode_documents(docs, batch_size=4, packed=True, pool_factor=2, protected_tokens=1)
     assert isinstance(packed, PackedEmbeddings) and len(packed) == len(docs)
     for doc, unpooled, a, b in zip(docs, plain, pooled, packed.to_list()):
         clusters = max((len(unpooled) - 1) // 2, 1)
