@@ -486,7 +486,7 @@ def merge_topk(best_scores, best_index, scores, first_index: int, k: int):
     return scores.gather(1, order), index.gather(1, order)
 
 
-def positive_int(value, name: str, minimum: int = 1) -> int:
+def checked_int(value, name: str, minimum: int = 1) -> int:
     """``value`` as a Python int of at least ``minimum`` (numpy integers accepted), or a clear error."""
     wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
     try:
@@ -671,8 +671,8 @@ def search(queries, corpus, k: int = 10, *, queries_mask=None, documents_mask=No
     but ``corpus.pin_memory()`` makes a pinned copy, which PyTorch rounds up to a power of two
     bytes: for a corpus near the host's memory keep the default (staged) path.
     """
-    k = positive_int(k, "k")
-    chunk_size = positive_int(chunk_size, "chunk_size")
+    k = checked_int(k, "k")
+    chunk_size = checked_int(chunk_size, "chunk_size")
     q, docs = _prepare(queries, corpus, check_inputs=check_inputs, queries_mask=queries_mask,
                        documents_mask=documents_mask, host_corpus_ok=True)
     k = min(k, len(docs))
@@ -695,7 +695,7 @@ def rerank(query, documents, k: int | None = None, *, query_mask=None, documents
            backend=None, check_inputs: bool = True) -> list[tuple[int, float]]:
     """Documents ranked for one query: ``[(index, score), ...]``, best first, ties by index;
     the best ``k`` only when ``k`` is given."""
-    count = None if k is None else positive_int(k, "k")
+    count = None if k is None else checked_int(k, "k")
     q, docs = _prepare(query, documents, check_inputs=check_inputs, queries_mask=query_mask,
                        documents_mask=documents_mask)
     if q.shape[0] != 1:

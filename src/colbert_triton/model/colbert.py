@@ -228,7 +228,7 @@ class ColBERT:
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling)
 
     def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0)):
-        batch_size = scoring.positive_int(batch_size, "batch_size")
+        batch_size = scoring.checked_int(batch_size, "batch_size")
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
             raise ValueError("nothing to encode: the list of texts is empty")
@@ -364,7 +364,7 @@ class ColBERT:
                check_inputs: bool = True):
         """Rank documents for one query: ``[(index, score), ...]``, best first, ties by index."""
         if k is not None:
-            scoring.positive_int(k, "k")  # before any encoding
+            scoring.checked_int(k, "k")  # before any encoding
         queries = self._embed(query, True, batch_size)
         if isinstance(queries, list) and len(queries) != 1:
             raise ValueError(f"rerank takes one query, got {len(queries)}")
@@ -374,8 +374,8 @@ class ColBERT:
     def search(self, queries, corpus, k: int = 10, *, batch_size: int = 64, chunk_size: int = 32768,
                check_inputs: bool = True):
         """Exact top-k of a corpus per query: ``(scores [Q, k'], indices [Q, k'])``, k' = min(k, N)."""
-        scoring.positive_int(k, "k")  # before any encoding
-        scoring.positive_int(chunk_size, "chunk_size")
+        scoring.checked_int(k, "k")  # before any encoding
+        scoring.checked_int(chunk_size, "chunk_size")
         return scoring.search(self._embed(queries, True, batch_size), self._embed(corpus, False, batch_size),
                               k, chunk_size=chunk_size, backend=self._score_backend(),
                               check_inputs=check_inputs)

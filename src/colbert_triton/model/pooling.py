@@ -20,8 +20,8 @@ from .. import scoring
 def check_pooling(pool_factor, protected_tokens) -> tuple[int, int]:
     """Both settings as Python ints, with SciPy importable when pooling is asked for, or a clear
     error: called before anything is encoded, so a corpus is not encoded only to fail here."""
-    pool_factor = scoring.positive_int(pool_factor, "pool_factor")
-    protected_tokens = scoring.positive_int(protected_tokens, "protected_tokens", minimum=0)
+    pool_factor = scoring.checked_int(pool_factor, "pool_factor")
+    protected_tokens = scoring.checked_int(protected_tokens, "protected_tokens", minimum=0)
     if pool_factor > 1:
         _scipy()
     return pool_factor, protected_tokens
