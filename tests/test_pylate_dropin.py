@@ -1,5 +1,6 @@
 """colbert_triton.pylate against pylate.scores / pylate.rank, PyLate's zero-padding semantics included."""
 
+import functools
 import importlib.util
 import inspect
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import INTERPRETED, KERNEL_DEVICE, require_reference
+from texts import DOCUMENTS, QUERIES
 
 from colbert_triton import pylate as dropin
 from colbert_triton import scoring
@@ -653,6 +655,38 @@ def test_patch_pylate_replaces_every_binding_and_unpatch_restores_it(pylate_modu
     dropin.unpatch_pylate()
     assert pylate_modules["pylate.retrieve.colbert"].rerank is own
     assert pylate_modules["pylate.scores"].colbert_scores is own
+
+
+def test_models_loaded_before_the_patch_score_with_ours_while_it_holds(pylate_modules, pylate_dir):
+    models = require_reference("pylate.models")
+    pylate_colbert = require_reference("pylate.scores.colbert")
+    model = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
+    assert model.similarity is pylate_colbert.colbert_scores
+    assert model.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
+    inherited = {prop: getattr(models.ColBERT, prop) for prop in ("similarity", "similarity_pairwise")}
+    assert not any(prop in vars(models.ColBERT) for prop in inherited)  # sentence-transformers' own
+    for backend in (None, "torch"):  # another backend replaces ours
+        dropin.patch_pylate(backend=backend)
+        for prop, name in (("similarity", "colbert_scores"), ("similarity_pairwise", "colbert_scores_pairwise")):
+            got = getattr(model, prop)
+            assert (got if backend is None else got.func) is getattr(dropin, name)
+            assert backend is None or got.keywords == {"backend": backend}
+    queries = [torch.as_tensor(q) for q in model.encode(QUERIES[:2], is_query=True)]
+    documents = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(d) for d in model.encode(DOCUMENTS[:3], is_query=False)],
+                                                batch_first=True)
+    torch.testing.assert_close(model.similarity(queries, documents),
+                               pylate_colbert.colbert_scores(queries, documents), atol=1e-6, rtol=0)
+    own = pylate_colbert.colbert_scores  # a model given a function of its own keeps it
+    other = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
+    assert other.similarity_fn_name == "MaxSim"  # set now, so the line below is not overwritten
+    other._similarity = mine = functools.partial(own)
+    assert other.similarity is mine
+    assert other.similarity_pairwise.func is dropin.colbert_scores_pairwise
+    dropin.unpatch_pylate()
+    assert model.similarity is pylate_colbert.colbert_scores
+    assert model.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
+    assert not any(prop in vars(models.ColBERT) for prop in inherited)
+    assert all(getattr(models.ColBERT, prop) is p for prop, p in inherited.items())
 
 
 class _TokenIndex:

@@ -436,13 +436,19 @@ _PYLATE_SITES = {
 }
 _pylate_originals: dict[str, object] = {}  # PyLate's functions, by name
 _pylate_installed: dict[str, object] = {}  # what patch_pylate put in their place
+# A model holds the functions `SimilarityFunction` handed it when it was made, so a model made
+# before the patch holds PyLate's: while the patch holds, these properties of PyLate's ColBERT
+# class hand ours in their place (property -> the function it hands).
+_MODEL_PROPERTIES = {"similarity": "colbert_scores", "similarity_pairwise": "colbert_scores_pairwise"}
+_wrapped_properties: dict[str, object] = {}  # property -> the class's own before (None: inherited)
 
 
 def patch_pylate(backend: str | None = None) -> None:
     """Make PyLate itself score with this module: ``pylate.scores.colbert_scores`` and
     ``colbert_scores_pairwise``, ``pylate.rank.rerank``, and the places PyLate's own code calls
-    them from (``model.similarity`` of models loaded afterwards, ``retrieve.ColBERT``'s reranking
-    of an index's candidates, the triplet evaluator). Same results, PyLate's semantics.
+    them from (``model.similarity`` and ``similarity_pairwise``, of models loaded before the
+    call too, ``retrieve.ColBERT``'s reranking of an index's candidates, the triplet evaluator).
+    Same results, PyLate's semantics.
 
     backend: what PyLate's callers, which pass none, get: None resolves each call as the
     functions above do; ``"triton"`` names our kernel for every call (PyLate's own functions,
@@ -471,6 +477,7 @@ def patch_pylate(backend: str | None = None) -> None:
         if current is _pylate_originals[name] or current is _pylate_installed.get(name):
             setattr(module, name, installed[name])
     _pylate_installed.update(installed)
+    _wrap_model_properties()
 
 
 def unpatch_pylate() -> None:
@@ -479,6 +486,34 @@ def unpatch_pylate() -> None:
         if name in _pylate_installed and getattr(module, name) is _pylate_installed[name]:
             setattr(module, name, _pylate_originals[name])
     _pylate_installed.clear()
+    model_class = _pylate_model_class()
+    for prop, own in _wrapped_properties.items():
+        if own is None:
+            delattr(model_class, prop)
+        else:
+            setattr(model_class, prop, own)
+    _wrapped_properties.clear()
+
+
+def _pylate_model_class():
+    """PyLate's ColBERT model class, if its module is imported (a model can exist only then:
+    importing it here would pull in sentence-transformers for nothing)."""
+    return getattr(sys.modules.get("pylate.models.colbert"), "ColBERT", None)
+
+
+def _wrap_model_properties() -> None:
+    model_class = _pylate_model_class()
+    if model_class is None or _wrapped_properties:  # not imported, or wrapped already
+        return
+    for prop, name in _MODEL_PROPERTIES.items():
+        inherited = getattr(model_class, prop)  # the property object (sentence-transformers')
+
+        def hand_ours(model, inherited=inherited, name=name):
+            function = inherited.__get__(model, type(model))
+            return _pylate_installed.get(name, function) if function is _pylate_originals.get(name) else function
+
+        _wrapped_properties[prop] = model_class.__dict__.get(prop)
+        setattr(model_class, prop, property(hand_ours, doc=inherited.__doc__))
 
 
 def _pylate_bindings():
