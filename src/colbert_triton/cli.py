@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--input", required=True, help=".txt (one per line) or .jsonl")
     encode.add_argument("--kind", choices=("documents", "queries"), default="documents")
     encode.add_argument("--output", required=True, help="output .safetensors path")
-    encode.add_argument("--pool-factor", type=int, default=1,
+    encode.add_argument("--pool-factor", type=int, default=1, metavar="N",
                         help="pool each document's rows into about 1/N as many, as PyLate's "
                              "pool_factor (needs SciPy; documents only)")
-    encode.add_argument("--protected-tokens", type=int, default=1,
-                        help="leading rows of each document left out of pooling (default 1: [CLS])")
+    encode.add_argument("--protected-tokens", type=int, default=1, metavar="M",
+                        help="the first M rows of each document are left out of pooling (default 1: [CLS])")
     return parser
 
 
