@@ -8,7 +8,7 @@ import pytest
 import torch
 from checkpoints import OTHER_HEAD_DIMS, build_pylate, build_stanford, link_weights
 from conftest import require_reference
-from texts import DOCUMENTS, QUERIES
+from texts import DOCUMENTS, LONG_DOCUMENTS, QUERIES
 
 from colbert_triton import ColBERT, PackedEmbeddings
 
@@ -94,8 +94,6 @@ def test_embeddings_match(pair):
 
 @pytest.mark.parametrize("pool_factor, protected_tokens", [(2, 1), (3, 0), (4, 3)])
 def test_pooled_embeddings_match(pair, pool_factor, protected_tokens):
-    from test_pooling import LONG_DOCUMENTS
-
     ours, ref = pair
     texts = DOCUMENTS + LONG_DOCUMENTS
     theirs = ref.encode(texts, is_query=False, batch_size=5, pool_factor=pool_factor,

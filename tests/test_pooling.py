@@ -10,15 +10,12 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, require_reference
 from safetensors import safe_open
-from texts import DOCUMENTS
+from texts import DOCUMENTS, LONG_DOCUMENTS
 
 from colbert_triton import ColBERT, PackedEmbeddings
 from colbert_triton.cli import main
 from colbert_triton.model.pooling import pool_documents
 
-# Documents longer than texts.DOCUMENTS' (up to the 300-token cut), where the linkage makes
-# hundreds of merges.
-LONG_DOCUMENTS = [" ".join(np.random.default_rng(k).choice(DOCUMENTS, size=k)) for k in (3, 6, 10, 20, 40)]
 
 
 def _random_documents(lengths, dim=96, seed=0):

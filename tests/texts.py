@@ -38,3 +38,7 @@ DOCUMENTS = [
     "The quick brown fox jumps over the lazy dog",
     "The quick brown fox jumps over the lazy dog",
 ]
+
+# Longer documents (up to the 300-token cut), for token pooling: hundreds of merges each.
+_SENTENCES = [d for d in DOCUMENTS if d is not LONG]
+LONG_DOCUMENTS = [" ".join(_SENTENCES[(7 * k + j) % len(_SENTENCES)] for j in range(k)) for k in (4, 8, 13, 25, 60)]

@@ -440,7 +440,7 @@ _pylate_installed: dict[str, object] = {}  # what patch_pylate put in their plac
 # before the patch holds PyLate's: while the patch holds, these properties of PyLate's ColBERT
 # class hand ours in their place (property -> the function it hands).
 _MODEL_PROPERTIES = {"similarity": "colbert_scores", "similarity_pairwise": "colbert_scores_pairwise"}
-_wrapped_properties: dict[str, object] = {}  # property -> the class's own before (None: inherited)
+_wrapped_properties: dict[str, tuple] = {}  # property -> (the class, its own before: None if inherited)
 
 
 def patch_pylate(backend: str | None = None) -> None:
@@ -486,8 +486,7 @@ def unpatch_pylate() -> None:
         if name in _pylate_installed and getattr(module, name) is _pylate_installed[name]:
             setattr(module, name, _pylate_originals[name])
     _pylate_installed.clear()
-    model_class = _pylate_model_class()
-    for prop, own in _wrapped_properties.items():
+    for prop, (model_class, own) in _wrapped_properties.items():
         if own is None:
             delattr(model_class, prop)
         else:
@@ -512,7 +511,7 @@ def _wrap_model_properties() -> None:
             function = inherited.__get__(model, type(model))
             return _pylate_installed.get(name, function) if function is _pylate_originals.get(name) else function
 
-        _wrapped_properties[prop] = model_class.__dict__.get(prop)
+        _wrapped_properties[prop] = (model_class, model_class.__dict__.get(prop))
         setattr(model_class, prop, property(hand_ours, doc=inherited.__doc__))
 
 
