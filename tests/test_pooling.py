@@ -17,7 +17,6 @@ from colbert_triton.cli import main
 from colbert_triton.model.pooling import pool_documents
 
 
-
 def _random_documents(lengths, dim=96, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1) for n in lengths]
