@@ -14,7 +14,7 @@ from texts import DOCUMENTS, LONG_DOCUMENTS
 
 from colbert_triton import ColBERT, PackedEmbeddings
 from colbert_triton.cli import main
-from colbert_triton.model.pooling import pool_documents
+from colbert_triton.model.pooling import PoolingProcesses, pool_documents
 
 
 def _random_documents(lengths, dim=96, seed=0):
@@ -107,6 +107,40 @@ def test_a_16_bit_model_pools_its_own_rows(stanford_dir):
     assert torch.equal(pooled.values, expected)
 
 
+def test_pooling_in_worker_processes_is_the_same_to_the_bit(model, monkeypatch):
+    docs = _random_documents([300, 0, 1, 57, 2, 129, 5, 64], seed=4)
+    lengths = np.array([len(d) for d in docs])
+    values = torch.cat(docs)
+    expected, expected_lengths = pool_documents(values, lengths, 3, 1)
+    with PoolingProcesses(3) as workers:  # documents dealt round robin: 3, 3 and 2
+        pooled, pooled_lengths = pool_documents(values, lengths, 3, 1, workers)
+        one, _ = pool_documents(values[:300], lengths[:1], 3, 1, workers)  # fewer documents than processes
+    assert pooled_lengths.tolist() == expected_lengths.tolist() and torch.equal(pooled, expected)
+    assert torch.equal(one, expected[: expected_lengths[0]])
+    texts = DOCUMENTS + LONG_DOCUMENTS
+    in_process = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2)
+    handed = []  # (processes, documents) per batch handed to them
+    hand = PoolingProcesses.pool
+    monkeypatch.setattr(PoolingProcesses, "pool",
+                        lambda self, documents, *settings: handed.append((self.count, len(documents)))
+                        or hand(self, documents, *settings))
+    shared = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2, pooling_processes=2)
+    assert handed == [(2, 8), (2, 8), (2, len(texts) - 16)]
+    assert shared.lengths_host == in_process.lengths_host and torch.equal(shared.values, in_process.values)
+
+
+def test_a_pooling_process_that_dies_is_a_clear_error():
+    docs = _random_documents([40, 50])
+    values, lengths = torch.cat(docs), np.array([40, 50])
+    with PoolingProcesses(1) as workers:
+        pool_documents(values, lengths, 2, 1, workers)  # the process is started
+        for process in list(workers._executor._processes.values()):
+            process.kill()
+            process.join()
+        with pytest.raises(RuntimeError, match="the pooling processes stopped .* one was killed"):
+            pool_documents(values, lengths, 2, 1, workers)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"pool_factor": 0}, "pool_factor must be a positive integer, got 0"),
     ({"pool_factor": -2}, "pool_factor must be a positive integer"),
@@ -115,6 +149,8 @@ def test_a_16_bit_model_pools_its_own_rows(stanford_dir):
     ({"pool_factor": "2"}, "pool_factor must be a positive integer"),
     ({"pool_factor": 2, "protected_tokens": -1}, "protected_tokens must be an integer of at least 0, got -1"),
     ({"pool_factor": 2, "protected_tokens": None}, "protected_tokens must be an integer of at least 0"),
+    ({"pool_factor": 2, "pooling_processes": -1}, "pooling_processes must be an integer of at least 0, got -1"),
+    ({"pooling_processes": 2.0}, "pooling_processes must be an integer of at least 0"),
 ])
 def test_bad_pooling_settings_are_refused_before_encoding(model, monkeypatch, settings, message):
     monkeypatch.setattr(ColBERT, "_encode", lambda *args: pytest.fail("encoded before the check"))
@@ -143,7 +179,7 @@ def test_cli_encode_pools_documents(stanford_dir, docs_file, tmp_path, model, ca
     common = ["--model", str(stanford_dir), "--device", "cpu"]
     out = tmp_path / "pooled.safetensors"
     assert main(["encode", *common, "--input", str(docs_file), "--output", str(out),
-                 "--pool-factor", "3", "--protected-tokens", "2"]) == 0
+                 "--pool-factor", "3", "--protected-tokens", "2", "--pooling-processes", "2"]) == 0
     expected = model.encode_documents(LONG_DOCUMENTS, packed=True, pool_factor=3, protected_tokens=2)
     with safe_open(str(out), "pt") as f:
         torch.testing.assert_close(f.get_tensor("values"), expected.values, atol=2e-6, rtol=0)
@@ -157,6 +193,7 @@ def test_cli_encode_pools_documents(stanford_dir, docs_file, tmp_path, model, ca
     (["--kind", "queries", "--pool-factor", "2"], "--pool-factor pools documents; queries are never pooled"),
     (["--pool-factor", "0"], "pool_factor must be a positive integer, got 0"),
     (["--pool-factor", "2", "--protected-tokens", "-1"], "protected_tokens must be an integer of at least 0"),
+    (["--pool-factor", "2", "--pooling-processes", "-2"], "pooling_processes must be an integer of at least 0"),
     (["--pool-factor", "2", "--no-scipy"], "with SciPy, which is not installed"),
 ])
 def test_cli_pooling_errors(stanford_dir, docs_file, tmp_path, capsys, monkeypatch, args, message):

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "pool_factor (needs SciPy; documents only)")
     encode.add_argument("--protected-tokens", type=int, default=1, metavar="M",
                         help="the first M rows of each document are left out of pooling (default 1: [CLS])")
+    encode.add_argument("--pooling-processes", type=int, default=0, metavar="P",
+                        help="pool in P worker processes (default 0: in this one; pooling, not the "
+                             "encoder, bounds a pooled corpus's encoding)")
     return parser
 
 
@@ -212,12 +215,14 @@ def _encode(args) -> None:
     show_progress = False if args.no_progress else None
     if args.kind == "documents":
         try:
-            pooling = check_pooling(args.pool_factor, args.protected_tokens)
+            pool_factor, protected_tokens, processes = check_pooling(
+                args.pool_factor, args.protected_tokens, args.pooling_processes)
         except ImportError as error:  # SciPy missing: the user's setup, said in one line
             raise InputError(str(error)) from None
         model = _load_model(args)
         packed = model.encode_documents(texts, args.batch_size, packed=True, show_progress=show_progress,
-                                        pool_factor=pooling[0], protected_tokens=pooling[1])
+                                        pool_factor=pool_factor, protected_tokens=protected_tokens,
+                                        pooling_processes=processes)
     else:
         if args.pool_factor != 1:  # PyLate ignores pool_factor for queries: a user asking meant something else
             raise InputError("--pool-factor pools documents; queries are never pooled")

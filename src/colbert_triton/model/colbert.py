@@ -24,7 +24,7 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
-from .pooling import check_pooling, pool_documents
+from .pooling import PoolingProcesses, check_pooling, pool_documents
 from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -217,17 +217,19 @@ class ColBERT:
 
     def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
                          show_progress: bool | None = None, pool_factor: int = 1,
-                         protected_tokens: int = 1):
+                         protected_tokens: int = 1, pooling_processes: int = 0):
         """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
         ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order.
 
         ``pool_factor`` > 1 pools each document's rows after its first ``protected_tokens``
         (``[CLS]``) into about 1/pool_factor as many, as PyLate's ``encode(pool_factor=...)``
-        does (`model.pooling`; needs SciPy): an index that many times smaller."""
-        pooling = check_pooling(pool_factor, protected_tokens)
+        does (`model.pooling`; needs SciPy): an index that many times smaller. It runs on the
+        CPU, in this process or shared among ``pooling_processes`` worker processes (started
+        for the call, with ``spawn``: a script needs ``if __name__ == "__main__":``)."""
+        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes)
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling)
 
-    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0)):
+    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0, 0)):
         batch_size = scoring.checked_int(batch_size, "batch_size")
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
@@ -247,13 +249,18 @@ class ColBERT:
 
             progress = tqdm(total=len(texts), desc="Encoding", unit="text", file=sys.stderr)
         batches, lengths = [], np.zeros(len(texts), dtype=np.int64)
-        # The bar is closed on an error too, so the terminal is not left with a half-drawn line.
-        with torch.inference_mode(), progress, closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized:
+        pool_factor, protected_tokens, processes = pooling
+        workers = PoolingProcesses(processes) if pool_factor > 1 and processes else nullcontext()
+        # The bar is closed on an error too, so the terminal is not left with a half-drawn line
+        # (and the pooling processes stopped).
+        with (torch.inference_mode(), progress, workers as pooling_workers,
+              closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
                 for i in range(0, len(by_tokens), batch_size):
                     part = by_tokens[i : i + batch_size]
-                    values, part_lengths = pool_documents(*self._encode_batch(tokens.subset(part)), *pooling)
+                    values, part_lengths = pool_documents(*self._encode_batch(tokens.subset(part)), pool_factor,
+                                                          protected_tokens, pooling_workers)
                     index = chunk_index[part]  # the batch's texts, as input positions
                     batches.append((values, index, part_lengths))
                     lengths[index] = part_lengths
