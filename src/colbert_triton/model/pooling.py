@@ -56,7 +56,7 @@ class PoolingProcesses:
         self._executor = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
 
-    def __enter__(self) -> PoolingProcesses:
+    def __enter__(self):
         return self
 
     def __exit__(self, *error) -> None:
