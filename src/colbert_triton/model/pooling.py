@@ -51,8 +51,8 @@ class PoolingProcesses:
     and threads), so a script that starts them must do its work under
     ``if __name__ == "__main__":``, as with any spawned process. Each runs one torch thread."""
 
-    def __init__(self, count: int):
-        self.count = scoring.checked_int(count, "pooling_processes")
+    def __init__(self, count: int):  # count: checked by check_pooling, with the other settings
+        self.count = count
         self._executor = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
 
