@@ -14,6 +14,7 @@ end to end (tokenization included) by the wall clock with the GPU synchronised a
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def make_workloads(num_docs=1024, doc_lens=(20, 300), num_full=64, full_len=512,
 
 WORKLOADS = make_workloads()
 E2E_TEXTS, E2E_WORDS = 1024, (15, 290)  # test_documents_end_to_end's texts and their lengths
+# test_pooled_documents_end_to_end: fewer texts (pooling takes ~1.4 ms a document on one core).
+POOLED_TEXTS, POOL_FACTOR, POOLING_PROCESSES = 256, 2, 8
+
+
+def e2e_texts(count: int) -> list[str]:
+    """``count`` documents of E2E_WORDS words (the same texts for every implementation)."""
+    rng = np.random.default_rng(1)
+    words = ["retrieval", "late", "interaction", "token", "vector", "document", "query", "paris",
+             "model", "index", "score", "kernel", "memory", "bandwidth", "fast", "exact"]
+    return [" ".join(rng.choice(words, n)) for n in rng.integers(*E2E_WORDS, count)]
 
 
 def _hf_runner(checkpoint, attn: str):
@@ -166,6 +177,11 @@ def test_encoder_throughput(measure, models, checkpoint, workload, impl):
             ours=impl == "ours-triton", variant=impl.endswith("one-batch"), tokens=tokens)
 
 
+def pylate_model(checkpoint):
+    pylate_models = pytest.importorskip("pylate.models")
+    return pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE, model_kwargs={"dtype": DTYPE})
+
+
 LATENCY_TEXTS = {
     "1 query": ("what is the capital of france?", True),
     "1 document ~200 tok": (" ".join(["late interaction retrieval keeps one vector per token"] * 25), False),
@@ -178,9 +194,7 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
     """Tokenize + encode one text, as a user calls it."""
     text, is_query = LATENCY_TEXTS[case]
     if impl == "pylate":
-        pylate_models = pytest.importorskip("pylate.models")
-        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE,
-                                   model_kwargs={"dtype": DTYPE})
+        pm = pylate_model(checkpoint)
 
         def run():
             pm.encode([text], is_query=is_query, show_progress_bar=False, convert_to_tensor=True)
@@ -197,14 +211,9 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
 @pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate"])
 def test_documents_end_to_end(measure, models, checkpoint, impl):
     """encode_documents on 1024 texts of mixed length, tokenization included."""
-    rng = np.random.default_rng(1)
-    words = ["retrieval", "late", "interaction", "token", "vector", "document", "query", "paris",
-             "model", "index", "score", "kernel", "memory", "bandwidth", "fast", "exact"]
-    texts = [" ".join(rng.choice(words, n)) for n in rng.integers(*E2E_WORDS, E2E_TEXTS)]
+    texts = e2e_texts(E2E_TEXTS)
     if impl == "pylate":
-        pylate_models = pytest.importorskip("pylate.models")
-        pm = pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE,
-                                   model_kwargs={"dtype": DTYPE})
+        pm = pylate_model(checkpoint)
 
         def run():
             pm.encode(texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False,
@@ -217,3 +226,44 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
     tokens = sum(len(s) for s in models["triton"].tokenizer.documents(texts).sequences)  # encoder input
     measure(run, suite=SUITE + "-e2e", shape=f"{E2E_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words",
             impl=impl, ours=impl == "ours-triton", wall=True, tokens=tokens)
+
+
+@pytest.fixture(scope="module")
+def pooling_processes():
+    """Started once for the suite, as a user keeps them across calls (starting takes ~1.5 s)."""
+    from colbert_triton.model.pooling import PoolingProcesses
+
+    with PoolingProcesses(POOLING_PROCESSES) as workers:
+        yield workers
+
+
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-triton-processes", "ours-triton-then-pool", "pylate"])
+def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_processes, impl):
+    """encode_documents with PyLate's token pooling (pool_factor 2), tokenization included: ours
+    pools each batch on the host while the GPU encodes the next (``-processes``: in
+    POOLING_PROCESSES worker processes), ``-then-pool`` (a variant: what that overlap saves)
+    encodes everything first and pools it after, PyLate pools each batch before encoding the next."""
+    from colbert_triton.model.pooling import pool_documents
+
+    texts = e2e_texts(POOLED_TEXTS)
+    if impl == "pylate":
+        pm = pylate_model(checkpoint)
+
+        def run():
+            pm.encode(texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False, pool_factor=POOL_FACTOR)
+    else:
+        m = models["triton"]
+        encode = functools.partial(m.encode_documents, texts, batch_size=PAD_BATCH, packed=True, show_progress=False)
+        if impl == "ours-triton-then-pool":
+            def run():
+                corpus = encode()
+                pool_documents(corpus.values, corpus.lengths_array, POOL_FACTOR, 1)
+        else:
+            processes = pooling_processes if impl.endswith("processes") else 0
+
+            def run():
+                encode(pool_factor=POOL_FACTOR, pooling_processes=processes)
+    tokens = sum(len(s) for s in models["triton"].tokenizer.documents(texts).sequences)  # encoder input
+    measure(run, suite=SUITE + "-pooled", shape=f"{POOLED_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words, pool factor "
+            f"{POOL_FACTOR}", impl=impl, ours=impl == "ours-triton", variant=impl != "pylate" and impl != "ours-triton",
+            wall=True, tokens=tokens)

@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import require_reference
 
+from colbert_triton.model.pooling import PoolingProcesses
+
 # Appended, not prepended: bench/ has a conftest.py of its own that must not shadow this one.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench" / "device"))
@@ -186,6 +188,7 @@ def encoder_bench(monkeypatch, tmp_path):
     monkeypatch.setattr(encoder_bench, "WORKLOADS", encoder_bench.make_workloads(3, (5, 40), 1, 40, 3))
     monkeypatch.setattr(encoder_bench, "E2E_TEXTS", 3)
     monkeypatch.setattr(encoder_bench, "E2E_WORDS", (1, 30))
+    monkeypatch.setattr(encoder_bench, "POOLED_TEXTS", 5)
     monkeypatch.setitem(encoder_bench.LATENCY_TEXTS, "1 document ~200 tok", ("late interaction, " * 9, False))
     checkpoint = build_stanford(tmp_path / "answerai-shape", num_layers=2, dim=96)
     return encoder_bench, checkpoint, encoder_bench.load_models(checkpoint)
@@ -205,6 +208,9 @@ def test_encoder_benchmark_cases_run(encoder_bench):
         for case in bench.LATENCY_TEXTS:
             bench.test_latency_end_to_end(_call_once, models, checkpoint, case, impl)
         bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
+    with PoolingProcesses(1) as workers:
+        for impl in ("ours-triton", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
+            bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, impl)
 
 
 def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):

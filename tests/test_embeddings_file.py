@@ -210,10 +210,15 @@ def test_model_round_trip_scores_like_fresh_embeddings(model, tmp_path):
     texts = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "!!!"]
     corpus = model.encode_documents(texts, packed=True)
     path = tmp_path / "corpus.safetensors"
-    model.save_embeddings(path, corpus, ids=["e", "b", "p"])
+    model.save_embeddings(path, corpus, ids=["e", "b", "p"], metadata={"source": "a test"})
     saved = model.load_embeddings(path)
     assert saved.ids == ["e", "b", "p"]
     assert saved.metadata["kind"] == "documents" and saved.metadata["fingerprint"] == model.fingerprint
+    assert saved.metadata["source"] == "a test"
+    for key in ("kind", "fingerprint", "dim"):  # the model's own: a caller's would make it lie
+        with pytest.raises(ValueError, match=rf"metadata keys \['{key}'\] are reserved"):
+            model.save_embeddings(tmp_path / "other.safetensors", corpus, metadata={key: "x"})
+    assert not (tmp_path / "other.safetensors").exists()
     queries = model.encode_queries(["where is the eiffel tower"])
     torch.testing.assert_close(model.score(queries, saved.embeddings), model.score(queries, corpus),
                                rtol=0, atol=0)

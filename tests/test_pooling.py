@@ -4,6 +4,7 @@ the encoder path around it, its errors and the CLI. Encoding parity with PyLate'
 
 import json
 import sys
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ from conftest import KERNEL_DEVICE, require_reference
 from safetensors import safe_open
 from texts import DOCUMENTS, LONG_DOCUMENTS
 
-from colbert_triton import ColBERT, PackedEmbeddings
+from colbert_triton import ColBERT, PackedEmbeddings, PoolingProcesses
 from colbert_triton.cli import main
-from colbert_triton.model.pooling import PoolingProcesses, pool_documents
+from colbert_triton.model.pooling import (
+    PoolingPipeline,
+    _PoolingInProcesses,
+    pool_documents,
+)
 
 
 def _random_documents(lengths, dim=96, seed=0):
@@ -121,13 +126,142 @@ def test_pooling_in_worker_processes_is_the_same_to_the_bit(model, monkeypatch):
     texts = DOCUMENTS + LONG_DOCUMENTS
     in_process = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2)
     handed = []  # (processes, documents) per batch handed to them
-    hand = PoolingProcesses.pool
-    monkeypatch.setattr(PoolingProcesses, "pool",
+    hand = PoolingProcesses.submit
+    monkeypatch.setattr(PoolingProcesses, "submit",
                         lambda self, documents, *settings: handed.append((self.count, len(documents)))
                         or hand(self, documents, *settings))
     shared = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2, pooling_processes=2)
     assert handed == [(2, 8), (2, 8), (2, len(texts) - 16)]
     assert shared.lengths_host == in_process.lengths_host and torch.equal(shared.values, in_process.values)
+
+
+def _batches(count, seed=5):
+    """``count`` packed batches of random documents: (values, lengths)."""
+    batches = []
+    for b in range(count):
+        docs = _random_documents([30 + 7 * b, 1, 12, 3 + b], seed=seed + b)
+        batches.append((torch.cat(docs), np.array([len(d) for d in docs])))
+    return batches
+
+
+def _assert_pooled_in_order(finished, batches):
+    assert [tag for *_, tag in finished] == list(range(len(batches)))
+    for (values, lengths, _), batch in zip(finished, batches):
+        expected, expected_lengths = pool_documents(*batch, 2, 1)
+        assert lengths.tolist() == expected_lengths.tolist() and torch.equal(values, expected)
+
+
+def test_the_pipeline_pools_each_batch_in_order_one_behind_the_encoder():
+    batches = _batches(4)
+    finished = []
+    with PoolingPipeline(2, 1) as pipeline:
+        for tag, batch in enumerate(batches):
+            handed = pipeline.put(*batch, tag)
+            # A batch is pooled once the next one is put (on a GPU: queued), not before.
+            assert [t for *_, t in handed] == ([tag - 1] if tag else [])
+            finished += handed
+        finished += pipeline.finish()
+    _assert_pooled_in_order(finished, batches)
+    with PoolingPipeline(1, 1) as pipeline:  # nothing to pool: each batch back at once, as it is
+        ((values, lengths, tag),) = pipeline.put(*batches[0], "a")
+        assert values is batches[0][0] and lengths is batches[0][1] and tag == "a"
+        assert pipeline.finish() == []
+
+
+class _Unfinished(Future):
+    """A pooling process's result, made only when waited for (recorded in ``waits``) or by hand."""
+
+    def __init__(self, tag, documents, waits):
+        super().__init__()
+        self.tag, self.documents, self.waits = tag, documents, waits
+
+    def finish(self):
+        pooled = pool_documents(torch.cat(self.documents), np.array([len(d) for d in self.documents]), 2, 1)
+        self.set_result((pooled[0].numpy(), pooled[1].tolist()))
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.waits.append(self.tag)
+            self.finish()
+        return super().result(timeout)
+
+
+class _ProcessesByHand:
+    """`PoolingProcesses`' interface, each batch's result made when waited for or by hand."""
+
+    def __init__(self):
+        self.submitted, self.waits = [], []
+
+    def submit(self, documents, pool_factor, protected_tokens):
+        future = _Unfinished(len(self.submitted), list(documents), self.waits)
+        self.submitted.append(future)
+        return _PoolingInProcesses(len(documents), [range(len(documents))], [future])
+
+
+def test_the_pipeline_keeps_two_batches_with_the_processes_and_waits_for_the_oldest_only():
+    batches = _batches(6)
+    processes = _ProcessesByHand()
+    finished = []
+    with PoolingPipeline(2, 1, processes, batches_in_flight=2) as pipeline:
+        for tag, batch in enumerate(batches[:4]):
+            finished += pipeline.put(*batch, tag)
+        # Batches 0-2 handed to the processes (3 is being copied); 0 was waited for, to keep two.
+        assert len(processes.submitted) == 3 and processes.waits == [0]
+        assert [t for *_, t in finished] == [0]
+        processes.submitted[2].finish()  # done before 1
+        finished += pipeline.put(*batches[4], 4)  # 3 handed over: three in flight, so 1 is waited for
+        assert processes.waits == [0, 1] and [t for *_, t in finished] == [0, 1, 2]  # 2 without a wait
+        processes.submitted[3].finish()
+        finished += pipeline.put(*batches[5], 5)  # two in flight (3 and 4), the oldest done: handed back
+        assert processes.waits == [0, 1] and [t for *_, t in finished] == [0, 1, 2, 3]
+        finished += pipeline.finish()
+        assert processes.waits == [0, 1, 4, 5]
+    _assert_pooled_in_order(finished, batches)
+
+
+def test_an_error_drops_the_batches_the_processes_have_not_started():
+    batches = _batches(4)
+    processes = _ProcessesByHand()
+    with pytest.raises(KeyError), PoolingPipeline(2, 1, processes) as pipeline:
+        for tag, batch in enumerate(batches):
+            pipeline.put(*batch, tag)
+        raise KeyError("the encoder failed")
+    assert [future.cancelled() for future in processes.submitted] == [False, True, True]  # 0 was waited for
+
+
+def test_pooling_processes_kept_across_calls(model, monkeypatch):
+    texts = DOCUMENTS + LONG_DOCUMENTS
+    expected = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2)
+    with PoolingProcesses(2) as workers:
+        first = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2, pooling_processes=workers)
+        started = set(workers._executor._processes)
+        encode_batch, calls = ColBERT._encode_batch, []
+
+        def fails_third(self, part):
+            calls.append(part)
+            if len(calls) == 3:
+                raise RuntimeError("the encoder failed")
+            return encode_batch(self, part)
+
+        monkeypatch.setattr(ColBERT, "_encode_batch", fails_third)
+        with pytest.raises(RuntimeError, match="the encoder failed"):  # the caller's processes keep running
+            model.encode_documents(texts, batch_size=8, pool_factor=2, pooling_processes=workers)
+        monkeypatch.setattr(ColBERT, "_encode_batch", encode_batch)
+        second = model.encode_documents(texts, batch_size=8, packed=True, pool_factor=2, pooling_processes=workers)
+        assert set(workers._executor._processes) == started and not workers.closed
+    assert workers.closed
+    for shared in (first, second):
+        assert shared.lengths_host == expected.lengths_host and torch.equal(shared.values, expected.values)
+    with pytest.raises(ValueError, match="pooling_processes: these pooling processes are stopped"):
+        model.encode_documents(texts, pool_factor=2, pooling_processes=workers)
+    with pytest.raises(ValueError, match="these pooling processes are stopped"):
+        pool_documents(*_batches(1)[0], 2, 1, workers)
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.0, "2", None])
+def test_a_bad_number_of_pooling_processes_is_refused(count):
+    with pytest.raises(ValueError, match="the number of pooling processes must be a positive integer"):
+        PoolingProcesses(count)
 
 
 def test_a_pooling_process_that_dies_is_a_clear_error():
@@ -185,6 +319,11 @@ def test_cli_encode_pools_documents(stanford_dir, docs_file, tmp_path, model, ca
     with safe_open(str(out), "pt") as f:
         torch.testing.assert_close(f.get_tensor("values"), expected.values, atol=2e-6, rtol=0)
         assert f.get_tensor("offsets").tolist() == expected.offsets.tolist()
+        assert f.metadata()["pool_factor"] == "3" and f.metadata()["protected_tokens"] == "2"
+    plain = tmp_path / "plain.safetensors"
+    assert main(["encode", *common, "--input", str(docs_file), "--output", str(plain), "--pool-factor", "1"]) == 0
+    with safe_open(str(plain), "pt") as f:
+        assert "pool_factor" not in f.metadata() and "protected_tokens" not in f.metadata()
     capsys.readouterr()
     assert main(["rank", *common, "--documents", str(out), "--query", "paris", "-k", "2"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2

@@ -20,9 +20,9 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_these_tests_run():
     blocks = _python_blocks()
-    assert len(blocks) == 3
-    assert HUB_ID in blocks[0] and "from colbert_triton import pylate as scores" in blocks[1]
-    assert "patch_pylate()" in blocks[2]
+    assert len(blocks) == 4
+    assert HUB_ID in blocks[0] and "PoolingProcesses(" in blocks[1]
+    assert "from colbert_triton import pylate as scores" in blocks[2] and "patch_pylate()" in blocks[3]
 
 
 def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
@@ -42,6 +42,15 @@ def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
     assert (tmp_path / "corpus.safetensors").is_file()
 
 
+def test_pooling_processes_example(model):
+    parts = [["The Eiffel Tower is in Paris.", "Bananas are yellow."], ["ColBERT scores with late interaction."]]
+    scope = {"model": model, "parts_of_the_corpus": parts}
+    exec(compile(_python_blocks()[1], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
+    assert scope["workers"].closed  # "stopped when the block ends"
+    expected = model.encode_documents(parts[-1], packed=True, pool_factor=2)  # the last part's
+    assert scope["pooled"].lengths_host == expected.lengths_host and torch.equal(scope["pooled"].values, expected.values)
+
+
 def test_pylate_drop_in_example():
     require_reference("pylate.scores")  # the drop-in hands PyLate's other names through
     gen = torch.Generator().manual_seed(0)
@@ -53,7 +62,7 @@ def test_pylate_drop_in_example():
              "documents_mask": (torch.arange(10) < lengths[:, None]).float(),
              "candidates": documents[None].expand(3, -1, -1, -1),  # each query's K = 3 candidates
              "candidates_mask": (torch.arange(10) < lengths[:, None]).float().expand(3, -1, -1)}
-    exec(compile(_python_blocks()[1], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
+    exec(compile(_python_blocks()[2], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
     assert callable(scope["rerank"])
 
 
@@ -62,7 +71,7 @@ def test_patch_pylate_example():
     from colbert_triton import pylate as dropin
 
     try:
-        exec(compile(_python_blocks()[2], str(README), "exec"), {})  # noqa: S102 (the README's own code)
+        exec(compile(_python_blocks()[3], str(README), "exec"), {})  # noqa: S102 (the README's own code)
         assert scores.colbert_scores is dropin.colbert_scores
     finally:
         dropin.unpatch_pylate()

@@ -19,9 +19,10 @@
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
 #               before the serial, timed passes
-#   maxsim | encoder | encoder-ops | search   that benchmark family, timed, serially (encoder =
-#               the whole encoder, encoder-ops = its kernels one by one, search = a host-memory
-#               corpus streamed to the GPU; the last two not in the default plan). FAMILY/EXPR
+#   maxsim | encoder | encoder-ops | search | pooling   that benchmark family, timed, serially
+#               (encoder = the whole encoder, encoder-ops = its kernels one by one, search = a
+#               host-memory corpus streamed to the GPU, pooling = encoding with PyLate's token
+#               pooling; the last three not in the default plan). FAMILY/EXPR
 #               narrows one to the tests matching pytest's -k EXPR too (maxsim/fp16, encoder/query).
 #               A test running past 120 s (a hung kernel) is ended, not the whole step.
 #   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
@@ -73,13 +74,14 @@ for spec in "$@"; do
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
         -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
-    maxsim|encoder|encoder-ops|search)
+    maxsim|encoder|encoder-ops|search|pooling)
       # Peers that autotune (late-interaction-kernels keeps its choice on disk) chose during the
       # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU
       # (the MaxSim suite also makes them retune for every case: bench/common.py).
       find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' -delete 2>/dev/null
       case "$family" in
-        encoder) select="encoder and not encoder_ops" ;;
+        encoder) select="encoder and not encoder_ops and not pooled" ;;
+        pooling) select="pooled" ;;
         encoder-ops) select="encoder_ops" ;;
         *) select="$family" ;;
       esac

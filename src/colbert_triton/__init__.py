@@ -10,6 +10,7 @@
 
 from .model.checkpoint import CheckpointError, ColBERTSettings
 from .model.colbert import ColBERT
+from .model.pooling import PoolingProcesses
 from .packed import EmbeddingsFile, PackedEmbeddings, load_embeddings, save_embeddings
 from .scoring import rerank, score, score_candidates, score_pairwise, search
 
@@ -21,6 +22,7 @@ __all__ = [
     "ColBERTSettings",
     "EmbeddingsFile",
     "PackedEmbeddings",
+    "PoolingProcesses",
     "load_embeddings",
     "rerank",
     "save_embeddings",

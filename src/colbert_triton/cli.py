@@ -213,6 +213,7 @@ def _encode(args) -> None:
     if output.suffix.lower() != ".safetensors":  # `rank` takes the corpus by that suffix
         raise InputError(f"--output must be a .safetensors file, got {args.output}")
     show_progress = False if args.no_progress else None
+    metadata = {}
     if args.kind == "documents":
         try:
             pool_factor, protected_tokens, processes = check_pooling(
@@ -223,12 +224,14 @@ def _encode(args) -> None:
         packed = model.encode_documents(texts, args.batch_size, packed=True, show_progress=show_progress,
                                         pool_factor=pool_factor, protected_tokens=protected_tokens,
                                         pooling_processes=processes)
+        if pool_factor > 1:  # what a reader of the file cannot tell from its rows
+            metadata = {"pool_factor": str(pool_factor), "protected_tokens": str(protected_tokens)}
     else:
         if args.pool_factor != 1:  # PyLate ignores pool_factor for queries: a user asking meant something else
             raise InputError("--pool-factor pools documents; queries are never pooled")
         model = _load_model(args)
         packed = model.encode_queries(texts, args.batch_size, packed=True, show_progress=show_progress)
-    model.save_embeddings(output, packed, ids=ids, kind=args.kind)
+    model.save_embeddings(output, packed, ids=ids, kind=args.kind, metadata=metadata)
     print(f"wrote {len(texts)} {args.kind} ({packed.values.shape[0]} vectors of dim {model.dim}) to {output}",
           file=sys.stderr)
 

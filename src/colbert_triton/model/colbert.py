@@ -24,7 +24,7 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
-from .pooling import PoolingProcesses, check_pooling, pool_documents
+from .pooling import PoolingPipeline, PoolingProcesses, check_pooling
 from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -217,15 +217,17 @@ class ColBERT:
 
     def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
                          show_progress: bool | None = None, pool_factor: int = 1,
-                         protected_tokens: int = 1, pooling_processes: int = 0):
+                         protected_tokens: int = 1, pooling_processes: int | PoolingProcesses = 0):
         """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
         ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order.
 
         ``pool_factor`` > 1 pools each document's rows after its first ``protected_tokens``
         (``[CLS]``) into about 1/pool_factor as many, as PyLate's ``encode(pool_factor=...)``
         does (`model.pooling`; needs SciPy): an index that many times smaller. It runs on the
-        CPU, in this process or shared among ``pooling_processes`` worker processes (started
-        for the call, with ``spawn``: a script needs ``if __name__ == "__main__":``)."""
+        CPU, one batch behind the encoder (on a GPU the next batch is encoded meanwhile), in this
+        process or shared among ``pooling_processes``: a number of worker processes started for
+        the call (with ``spawn``: a script needs ``if __name__ == "__main__":``), or running
+        `PoolingProcesses`, to keep them across calls."""
         pooling = check_pooling(pool_factor, protected_tokens, pooling_processes)
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling)
 
@@ -249,23 +251,30 @@ class ColBERT:
 
             progress = tqdm(total=len(texts), desc="Encoding", unit="text", file=sys.stderr)
         batches, lengths = [], np.zeros(len(texts), dtype=np.int64)
+
+        def keep(finished):
+            for values, part_lengths, index in finished:  # index: the batch's texts, as input positions
+                batches.append((values, index, part_lengths))
+                lengths[index] = part_lengths
+                if show_progress:
+                    progress.update(len(index))
+
         pool_factor, protected_tokens, processes = pooling
-        workers = PoolingProcesses(processes) if pool_factor > 1 and processes else nullcontext()
+        if isinstance(processes, PoolingProcesses):  # the caller's: left running
+            workers = nullcontext(processes)
+        else:  # for this call alone, if asked for
+            workers = PoolingProcesses(processes) if pool_factor > 1 and processes else nullcontext()
         # The bar is closed on an error too, so the terminal is not left with a half-drawn line
         # (and the pooling processes stopped).
         with (torch.inference_mode(), progress, workers as pooling_workers,
+              PoolingPipeline(pool_factor, protected_tokens, pooling_workers) as pooling_pipeline,
               closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
                 for i in range(0, len(by_tokens), batch_size):
                     part = by_tokens[i : i + batch_size]
-                    values, part_lengths = pool_documents(*self._encode_batch(tokens.subset(part)), pool_factor,
-                                                          protected_tokens, pooling_workers)
-                    index = chunk_index[part]  # the batch's texts, as input positions
-                    batches.append((values, index, part_lengths))
-                    lengths[index] = part_lengths
-                    if show_progress:
-                        progress.update(len(part))
+                    keep(pooling_pipeline.put(*self._encode_batch(tokens.subset(part)), chunk_index[part]))
+            keep(pooling_pipeline.finish())
         if not packed:  # each text's rows as a view of its batch's output: no copy at all
             items = [None] * len(texts)
             for values, index, part_lengths in batches:
@@ -307,15 +316,20 @@ class ColBERT:
     # Embeddings on disk: encode a corpus once, search it later
 
     def save_embeddings(self, path, embeddings: PackedEmbeddings, *, ids=None,
-                        kind: str = "documents") -> None:
+                        kind: str = "documents", metadata: dict[str, str] | None = None) -> None:
         """Write packed embeddings (``encode_documents(..., packed=True)``) to a safetensors
-        file with their ids and this model's identity, for `load_embeddings` or the CLI."""
+        file with their ids and this model's identity, for `load_embeddings` or the CLI.
+        ``metadata``: extra string entries (such as how the documents were pooled: the CLI
+        writes ``pool_factor`` and ``protected_tokens``); the model's own keys are reserved."""
         _check_kind(kind)
         if isinstance(embeddings, PackedEmbeddings) and embeddings.dim != self.dim:
             raise ValueError(f"these are {embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
-        save_embeddings(path, embeddings, ids=ids, metadata={
-            "kind": kind, "model": self.source, "fingerprint": self.fingerprint,
-            "fingerprint_method": FINGERPRINT_METHOD, "dim": str(self.dim)})
+        identity = {"kind": kind, "model": self.source, "fingerprint": self.fingerprint,
+                    "fingerprint_method": FINGERPRINT_METHOD, "dim": str(self.dim)}
+        reserved = sorted(set(metadata or {}) & set(identity))
+        if reserved:
+            raise ValueError(f"metadata keys {reserved} are reserved: the model writes them")
+        save_embeddings(path, embeddings, ids=ids, metadata={**(metadata or {}), **identity})
 
     def load_embeddings(self, path, *, kind: str = "documents", device=None) -> EmbeddingsFile:
         """Read a file of `save_embeddings` in this model's dtype, onto its device (or onto

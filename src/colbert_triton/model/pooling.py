@@ -14,6 +14,7 @@ process or, since SciPy's linkage holds the GIL (threads would not help), in wor
 from __future__ import annotations
 
 import multiprocessing
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -23,12 +24,18 @@ import torch
 from .. import scoring
 
 
-def check_pooling(pool_factor, protected_tokens, processes=0) -> tuple[int, int, int]:
-    """The settings as Python ints, with SciPy importable when pooling is asked for, or a clear
-    error: called before anything is encoded, so a corpus is not encoded only to fail here."""
+def check_pooling(pool_factor, protected_tokens, processes=0) -> tuple[int, int, int | PoolingProcesses]:
+    """The settings as Python ints (``processes`` may also be running `PoolingProcesses`), with
+    SciPy importable when pooling is asked for, or a clear error: called before anything is
+    encoded, so a corpus is not encoded only to fail here."""
     pool_factor = scoring.checked_int(pool_factor, "pool_factor")
     protected_tokens = scoring.checked_int(protected_tokens, "protected_tokens", minimum=0)
-    processes = scoring.checked_int(processes, "pooling_processes", minimum=0)
+    if isinstance(processes, PoolingProcesses):
+        if processes.closed:
+            raise ValueError("pooling_processes: these pooling processes are stopped (closed, or their "
+                             "`with` block has ended)")
+    else:
+        processes = scoring.checked_int(processes, "pooling_processes", minimum=0)
     if pool_factor > 1:
         _scipy()
     return pool_factor, protected_tokens, processes
@@ -46,13 +53,21 @@ def _scipy():
 
 
 class PoolingProcesses:
-    """``count`` worker processes that pool documents side by side, for `pool_documents`; a
-    context manager (leaving it stops them). They are started with ``spawn`` (safe beside CUDA
-    and threads), so a script that starts them must do its work under
-    ``if __name__ == "__main__":``, as with any spawned process. Each runs one torch thread."""
+    """``count`` worker processes that pool documents side by side. Give them to
+    ``encode_documents(..., pooling_processes=workers)`` to keep them across calls (an integer
+    there starts processes for the call alone, ~1.5 s). A context manager: leaving it, or
+    `close`, stops them. They are started with ``spawn`` (safe beside CUDA and threads), so a
+    script that starts them must do its work under ``if __name__ == "__main__":``, as with any
+    spawned process. Each runs one torch thread.
 
-    def __init__(self, count: int):  # count: checked by check_pooling, with the other settings
-        self.count = count
+        with PoolingProcesses(8) as workers:
+            for texts in corpus_parts:
+                part = model.encode_documents(texts, pool_factor=2, pooling_processes=workers)
+    """
+
+    def __init__(self, count: int):
+        self.count = scoring.checked_int(count, "the number of pooling processes")
+        self.closed = False
         self._executor = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
 
@@ -60,9 +75,17 @@ class PoolingProcesses:
         return self
 
     def __exit__(self, *error) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the processes (work not yet started is dropped)."""
+        self.closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def pool(self, documents: list[torch.Tensor], pool_factor: int, protected_tokens: int) -> list[torch.Tensor]:
+    def submit(self, documents: list[torch.Tensor], pool_factor: int, protected_tokens: int) -> _PoolingInProcesses:
+        """Start pooling ``documents`` (float32, on the host); the result: ``.result()``."""
+        if self.closed:
+            raise ValueError("these pooling processes are stopped (closed, or their `with` block has ended)")
         # Round robin over a batch sorted longest first: each process gets as many long
         # documents as short ones (the linkage costs rows squared).
         groups = [range(g, len(documents), self.count) for g in range(min(self.count, len(documents)))]
@@ -70,16 +93,39 @@ class PoolingProcesses:
             futures = [self._executor.submit(_pool_in_worker, torch.cat([documents[i] for i in group]).numpy(),
                                              [len(documents[i]) for i in group], pool_factor, protected_tokens)
                        for group in groups]
-            results = [future.result() for future in futures]
         except BrokenProcessPool as error:
-            raise RuntimeError(f"the pooling processes stopped ({error}): one was killed, ran out of memory, "
-                               f"or could not start (a script that starts them needs its work under "
-                               f'`if __name__ == "__main__":`)') from None
-        pooled = [None] * len(documents)
-        for group, (values, lengths) in zip(groups, results):
+            raise _stopped(error) from None
+        return _PoolingInProcesses(len(documents), groups, futures)
+
+
+class _PoolingInProcesses:
+    """A batch's documents being pooled by `PoolingProcesses`."""
+
+    def __init__(self, count: int, groups: list[range], futures: list):
+        self.count, self.groups, self.futures = count, groups, futures
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures)
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+
+    def result(self) -> list[torch.Tensor]:
+        try:
+            results = [future.result() for future in self.futures]
+        except BrokenProcessPool as error:
+            raise _stopped(error) from None
+        pooled = [None] * self.count
+        for group, (values, lengths) in zip(self.groups, results):
             for i, rows in zip(group, torch.split(torch.from_numpy(values), lengths, 0)):
                 pooled[i] = rows
         return pooled
+
+
+def _stopped(error: BaseException) -> RuntimeError:
+    return RuntimeError(f"the pooling processes stopped ({error}): one was killed, ran out of memory, or could "
+                        f'not start (a script that starts them needs its work under `if __name__ == "__main__":`)')
 
 
 def _start_worker() -> None:
@@ -99,16 +145,95 @@ def pool_documents(values: torch.Tensor, lengths: np.ndarray, pool_factor: int, 
     their rows packed in the same order, on ``values``' device and in its dtype, and their
     lengths. One copy to the host and one back for the whole batch, not one per document; the
     documents shared among ``processes`` if given (the same bits)."""
-    if pool_factor == 1:
-        return values, lengths
-    # float32 whatever the model's dtype: PyLate clusters in the model's dtype, which for
-    # float16 rounds every distance to 11 bits; on a float32 model the two are the same.
-    host = values.detach().to("cpu", torch.float32)
-    documents = torch.split(host, lengths.tolist(), 0)
-    if processes is None:
-        pooled = _pool_each(documents, pool_factor, protected_tokens)
-    else:
-        pooled = processes.pool(documents, pool_factor, protected_tokens)
+    with PoolingPipeline(pool_factor, protected_tokens, processes) as pipeline:
+        ((pooled, pooled_lengths, _),) = pipeline.put(values, lengths) + pipeline.finish()
+    return pooled, pooled_lengths
+
+
+class PoolingPipeline:
+    """Pools the encoder's batches one behind it, in order: `put` takes each batch as the encoder
+    makes it and hands back the batches pooled so far, `finish` the rest. A batch on a GPU is
+    copied to the host while the encoder runs (its kernels are queued asynchronously), and pooled
+    after the next batch is queued, so the GPU encodes the next batch while the host (or
+    ``processes``) pools this one, instead of waiting for it. With processes, up to
+    ``batches_in_flight`` batches are handed to them before the oldest is waited for, so they
+    do not idle while this process collects. Results are those of `pool_documents`, batch by
+    batch. A context manager: an error inside it drops the work not yet started."""
+
+    def __init__(self, pool_factor: int, protected_tokens: int, processes: PoolingProcesses | None = None,
+                 batches_in_flight: int = 2):
+        self.pool_factor, self.protected_tokens = pool_factor, protected_tokens
+        self.processes, self.batches_in_flight = processes, batches_in_flight
+        self._copying = None  # the newest batch: (values, lengths, tag, host copy, its event)
+        self._pooling = deque()  # older batches, oldest first: (values, lengths, tag, pooled or in processes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error) -> None:
+        for *_, pooled in self._pooling:
+            if isinstance(pooled, _PoolingInProcesses):
+                pooled.cancel()
+        self._pooling.clear()
+
+    def put(self, values: torch.Tensor, lengths: np.ndarray, tag=None) -> list[tuple[torch.Tensor, np.ndarray, object]]:
+        """Take a batch (``tag`` comes back with it); the batches pooled by now, oldest first,
+        as ``(values, lengths, tag)``."""
+        if self.pool_factor == 1:
+            return [(values, lengths, tag)]
+        copied, self._copying = self._copying, (values, lengths, tag, *_host_copy(values))
+        if copied is not None:
+            self._pool(*copied)
+        return self._collect(self.batches_in_flight)
+
+    def finish(self) -> list[tuple[torch.Tensor, np.ndarray, object]]:
+        """The batches not handed back yet, oldest first."""
+        if self._copying is not None:
+            self._pool(*self._copying)
+            self._copying = None
+        return self._collect(0)
+
+    def _pool(self, values, lengths, tag, host, copied) -> None:
+        if copied is not None:
+            copied.synchronize()  # this batch's copy only: the GPU goes on with the next batch
+        documents = torch.split(host, lengths.tolist(), 0)
+        if self.processes is None:
+            pooled = _pool_each(documents, self.pool_factor, self.protected_tokens)
+        else:
+            pooled = self.processes.submit(documents, self.pool_factor, self.protected_tokens)
+        self._pooling.append((values, lengths, tag, pooled))
+
+    def _collect(self, keep: int) -> list[tuple[torch.Tensor, np.ndarray, object]]:
+        """Batches from the oldest, while more than ``keep`` are left or the oldest is done."""
+        finished = []
+        while self._pooling and (len(self._pooling) > keep or _is_done(self._pooling[0][-1])):
+            values, lengths, tag, pooled = self._pooling.popleft()
+            if isinstance(pooled, _PoolingInProcesses):
+                pooled = pooled.result()
+            finished.append((*_packed_back(values, lengths, pooled), tag))
+        return finished
+
+
+def _is_done(pooled) -> bool:
+    return not isinstance(pooled, _PoolingInProcesses) or pooled.done()
+
+
+def _host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``values`` in float32 on the host, and, for a copy from a GPU (still under way), the
+    event that marks its end. float32 whatever the model's dtype: PyLate clusters in the model's
+    dtype, which for float16 rounds every distance to 11 bits; on a float32 model the two are
+    the same."""
+    values = values.detach().to(torch.float32)
+    if values.device.type != "cuda":
+        return values.cpu(), None
+    host = values.to("cpu", non_blocking=True)  # into pinned memory, queued after the encoder
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _packed_back(values: torch.Tensor, lengths: np.ndarray, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    """The pooled documents packed on ``values``' device, in its dtype, and their lengths."""
     pooled_lengths = np.array([len(p) for p in pooled], dtype=np.int64)
     if np.array_equal(pooled_lengths, lengths):  # no document was long enough to pool
         return values, lengths
