@@ -657,14 +657,13 @@ def test_patch_pylate_replaces_every_binding_and_unpatch_restores_it(pylate_modu
     assert pylate_modules["pylate.scores"].colbert_scores is own
 
 
-def test_models_loaded_before_the_patch_score_with_ours_while_it_holds(pylate_modules, pylate_dir):
+def test_models_score_with_ours_while_the_patch_holds_and_with_pylates_after(pylate_modules, pylate_dir):
+    """Models loaded before the patch, while it holds (under another backend), and after."""
     models = require_reference("pylate.models")
     pylate_colbert = require_reference("pylate.scores.colbert")
     model = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
     assert model.similarity is pylate_colbert.colbert_scores
     assert model.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
-    inherited = {prop: getattr(models.ColBERT, prop) for prop in ("similarity", "similarity_pairwise")}
-    assert not any(prop in vars(models.ColBERT) for prop in inherited)  # sentence-transformers' own
     for backend in (None, "torch"):  # another backend replaces ours
         dropin.patch_pylate(backend=backend)
         for prop, name in (("similarity", "colbert_scores"), ("similarity_pairwise", "colbert_scores_pairwise")):
@@ -677,16 +676,24 @@ def test_models_loaded_before_the_patch_score_with_ours_while_it_holds(pylate_mo
     torch.testing.assert_close(model.similarity(queries, documents),
                                pylate_colbert.colbert_scores(queries, documents), atol=1e-6, rtol=0)
     own = pylate_colbert.colbert_scores  # a model given a function of its own keeps it
-    other = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
+    other = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")  # made under backend "torch"
     assert other.similarity_fn_name == "MaxSim"  # set now, so the line below is not overwritten
     other._similarity = mine = functools.partial(own)
     assert other.similarity is mine
     assert other.similarity_pairwise.func is dropin.colbert_scores_pairwise
+    assert other.similarity_pairwise.keywords == {"backend": "torch"}
+    dropin.patch_pylate()  # the patch of the moment, not the one the model was made under
+    assert other.similarity_pairwise is dropin.colbert_scores_pairwise and other.similarity is mine
     dropin.unpatch_pylate()
-    assert model.similarity is pylate_colbert.colbert_scores
-    assert model.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
-    assert not any(prop in vars(models.ColBERT) for prop in inherited)
-    assert all(getattr(models.ColBERT, prop) is p for prop, p in inherited.items())
+    for loaded in (model, other):  # PyLate's again, whenever the model was loaded
+        assert loaded.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
+    assert model.similarity is pylate_colbert.colbert_scores and other.similarity is mine
+    after = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
+    assert after.similarity is pylate_colbert.colbert_scores
+    assert after.similarity_pairwise is pylate_colbert.colbert_scores_pairwise
+    # Unpatched, the class's properties hand what sentence-transformers' own would.
+    for prop in ("similarity", "similarity_pairwise"):
+        assert getattr(after, prop) is getattr(models.ColBERT.__mro__[1], prop).__get__(after)
 
 
 class _TokenIndex:

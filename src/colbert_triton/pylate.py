@@ -436,11 +436,14 @@ _PYLATE_SITES = {
 }
 _pylate_originals: dict[str, object] = {}  # PyLate's functions, by name
 _pylate_installed: dict[str, object] = {}  # what patch_pylate put in their place
-# A model holds the functions `SimilarityFunction` handed it when it was made, so a model made
-# before the patch holds PyLate's: while the patch holds, these properties of PyLate's ColBERT
-# class hand ours in their place (property -> the function it hands).
+_pylate_ever_installed: dict[str, list] = {}  # everything it ever put there, by name
+# A model holds the functions `SimilarityFunction` handed it when it was made: PyLate's if made
+# before the patch, ours if made while it held. These properties of PyLate's ColBERT class hand
+# the functions of the moment in their place: ours while the patch holds, PyLate's otherwise
+# (property -> the function it hands). Wrapped at the first patch, and left wrapped (unpatched,
+# they hand what the inherited ones do, but PyLate's for ours).
 _MODEL_PROPERTIES = {"similarity": "colbert_scores", "similarity_pairwise": "colbert_scores_pairwise"}
-_wrapped_properties: dict[str, tuple] = {}  # property -> (the class, its own before: None if inherited)
+_wrapped_classes: list[type] = []  # the model classes whose properties are wrapped
 
 
 def patch_pylate(backend: str | None = None) -> None:
@@ -477,21 +480,20 @@ def patch_pylate(backend: str | None = None) -> None:
         if current is _pylate_originals[name] or current is _pylate_installed.get(name):
             setattr(module, name, installed[name])
     _pylate_installed.update(installed)
+    for name, function in installed.items():
+        ever = _pylate_ever_installed.setdefault(name, [])
+        if not any(function is f for f in ever):
+            ever.append(function)
     _wrap_model_properties()
 
 
 def unpatch_pylate() -> None:
-    """Give PyLate its own functions back wherever `patch_pylate` (or an import after it) put ours."""
+    """Give PyLate its own functions back wherever `patch_pylate` (or an import after it) put
+    ours, models loaded while it held included."""
     for name, module in _pylate_bindings():
         if name in _pylate_installed and getattr(module, name) is _pylate_installed[name]:
             setattr(module, name, _pylate_originals[name])
     _pylate_installed.clear()
-    for prop, (model_class, own) in _wrapped_properties.items():
-        if own is None:
-            delattr(model_class, prop)
-        else:
-            setattr(model_class, prop, own)
-    _wrapped_properties.clear()
 
 
 def _pylate_model_class():
@@ -502,17 +504,19 @@ def _pylate_model_class():
 
 def _wrap_model_properties() -> None:
     model_class = _pylate_model_class()
-    if model_class is None or _wrapped_properties:  # not imported, or wrapped already
+    if model_class is None or model_class in _wrapped_classes:  # not imported, or wrapped already
         return
     for prop, name in _MODEL_PROPERTIES.items():
         inherited = getattr(model_class, prop)  # the property object (sentence-transformers')
 
-        def hand_ours(model, inherited=inherited, name=name):
+        def hand_current(model, inherited=inherited, name=name):
             function = inherited.__get__(model, type(model))
-            return _pylate_installed.get(name, function) if function is _pylate_originals.get(name) else function
+            if function is _pylate_originals[name] or any(function is f for f in _pylate_ever_installed[name]):
+                return _pylate_installed.get(name, _pylate_originals[name])
+            return function  # a function the model was given by hand
 
-        _wrapped_properties[prop] = (model_class, model_class.__dict__.get(prop))
-        setattr(model_class, prop, property(hand_ours, doc=inherited.__doc__))
+        setattr(model_class, prop, property(hand_current, doc=inherited.__doc__))
+    _wrapped_classes.append(model_class)
 
 
 def _pylate_bindings():
