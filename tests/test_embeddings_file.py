@@ -3,6 +3,7 @@ encode-once-then-rank path."""
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,6 +382,34 @@ def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch, st
     assert main(["rank", *common, "--documents", str(encoded), "--query", "paris"]) == 0
     captured = capsys.readouterr()
     assert captured.out == in_memory and "stays in host memory" in captured.err
+
+
+def _mapped_spans(path) -> list[tuple[int, int]]:
+    """The address ranges of this process's memory mappings of ``path`` (Linux)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(Path(path).resolve()):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_a_saved_corpus_is_mapped_from_its_file_not_read_into_memory(model, tmp_path):
+    """What lets a corpus larger than the host's memory be searched (README): the values of a
+    loaded file, in the model's dtype, on the host, are the file's pages mapped into memory,
+    read as they are used (safetensors maps the file), not a copy."""
+    path = tmp_path / "corpus.safetensors"
+    values = torch.nn.functional.normalize(torch.randn(3000, model.dim), dim=1)
+    corpus = PackedEmbeddings.from_lengths(values, [1000, 0, 2000])
+    model.save_embeddings(path, corpus)
+    for loaded in (load_embeddings(path).embeddings, model.load_embeddings(path, device="cpu").embeddings):
+        assert torch.equal(loaded.values, values)
+        pointer = loaded.values.data_ptr()
+        assert any(start <= pointer < end for start, end in _mapped_spans(path))
+    queries = model.encode_queries(["a query"])
+    assert torch.equal(model.search(queries, loaded, k=2)[1], model.search(queries, corpus, k=2)[1])
 
 
 @pytest.mark.parametrize("name", ["docs.safetensors", "docs.SafeTensors"])  # the suffix in any case
