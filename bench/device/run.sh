@@ -18,7 +18,8 @@
 #               thread: a signal cannot interrupt a CUDA wait) exits, and xdist starts a new one
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
-#               before the serial, timed passes
+#               before the serial, timed passes (not the pooled cases: they compile nothing the
+#               others do not, and each worker would start 8 pooling processes)
 #   maxsim | encoder | encoder-ops | search | pooling   that benchmark family, timed, serially
 #               (encoder = the whole encoder, encoder-ops = its kernels one by one, search = a
 #               host-memory corpus streamed to the GPU, pooling = encoding with PyLate's token
@@ -73,7 +74,7 @@ for spec in "$@"; do
         "${parallel[@]}" --timeout=120 --timeout-method=thread -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;
     precompile)
       BENCH_DRY=1 timeout -s INT -k 10 "$limit" python3 -m pytest bench -q -p no:cacheprovider -o addopts="" \
-        -k "maxsim or encoder" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
+        -k "(maxsim or encoder) and not pooled" "${parallel[@]}" --benchmark-disable 2>&1 | tee "$R/precompile.log" | tail -15 ;;
     maxsim|encoder|encoder-ops|search|pooling)
       # Peers that autotune (late-interaction-kernels keeps its choice on disk) chose during the
       # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU
