@@ -168,6 +168,23 @@ def test_the_pipeline_pools_each_batch_in_order_one_behind_the_encoder():
         assert pipeline.finish() == []
 
 
+def test_the_pipeline_waits_for_the_device_before_pooling_a_batch():
+    """On a GPU each batch is copied to the host without blocking: pooling it must wait for that
+    copy, which waits for the work queued before it (here a spin of the GPU, then the values)."""
+    batches = _batches(3)
+    finished = []
+    with PoolingPipeline(2, 1) as pipeline:
+        for tag, (values, lengths) in enumerate(batches):
+            on_device = values.to(KERNEL_DEVICE)
+            if KERNEL_DEVICE == "cuda":
+                torch.cuda._sleep(20_000_000)  # ~10 ms of queued work before the values below exist
+            finished += pipeline.put(on_device * 1, lengths, tag)
+        finished += pipeline.finish()
+    for values, _, _ in finished:
+        assert values.device.type == KERNEL_DEVICE
+    _assert_pooled_in_order([(values.cpu(), lengths, tag) for values, lengths, tag in finished], batches)
+
+
 class _Unfinished(Future):
     """A pooling process's result, made only when waited for (recorded in ``waits``) or by hand."""
 

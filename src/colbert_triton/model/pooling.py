@@ -228,7 +228,7 @@ def _host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | N
         return values.cpu(), None
     host = values.to("cpu", non_blocking=True)  # into pinned memory, queued after the encoder
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(values.device))  # the copy's stream, whatever the current device
     return host, copied
 
 
