@@ -7,6 +7,7 @@ drop-in takes, and the checkpoint path in place of the hub id (no hub here).
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from conftest import require_reference
 
@@ -20,9 +21,10 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_these_tests_run():
     blocks = _python_blocks()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     assert HUB_ID in blocks[0] and "PoolingProcesses(" in blocks[1]
     assert "from colbert_triton import pylate as scores" in blocks[2] and "patch_pylate()" in blocks[3]
+    assert "ExactIndex()" in blocks[4]
 
 
 def test_python_api_example(stanford_dir, tmp_path, monkeypatch):
@@ -76,3 +78,18 @@ def test_patch_pylate_example():
     finally:
         dropin.unpatch_pylate()
     assert scores.colbert_scores.__module__ == "pylate.scores.colbert"
+
+
+def test_exact_index_example(model):
+    require_reference("pylate.retrieve")
+    texts = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "ColBERT scores with late interaction."]
+    scope = {"documents_ids": ["eiffel", "banana", "colbert"],
+             "documents_embeddings": [d.numpy() for d in model.encode_documents(texts)],
+             "queries_embeddings": [q.numpy() for q in model.encode_queries(["where is the eiffel tower?"])]}
+    exec(compile(_python_blocks()[4], str(README), "exec"), scope)  # noqa: S102 (the README's own code)
+    results = scope["results"]
+    assert len(results) == 1 and len(results[0]) == 3
+    # the exact scores (the tests' model has a random head: the order means nothing, but is model.rerank's)
+    ranked = model.rerank(model.encode_queries(["where is the eiffel tower?"])[0], model.encode_documents(texts))
+    assert [r["id"] for r in results[0]] == [scope["documents_ids"][i] for i, _ in ranked]
+    np.testing.assert_allclose([r["score"] for r in results[0]], [s for _, s in ranked], atol=1e-5)

@@ -33,12 +33,20 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 import torch
 
 from . import scoring
+from .packed import (
+    EMBEDDING_DTYPES,
+    PackedEmbeddings,
+    available_device,
+    load_embeddings,
+    save_embeddings,
+)
 
 # The rest of ``pylate.scores`` and ``pylate.rank``: training-side classes and the XTR scores,
 # which this module does not reimplement; they resolve to PyLate's own (module __getattr__
@@ -526,3 +534,165 @@ def _pylate_bindings():
             module = sys.modules.get(site)
             if module is not None and hasattr(module, name):
                 yield name, module
+
+
+class ExactIndex:
+    """An exact index for PyLate's retriever: every query scored against every document (MaxSim
+    over each document's own rows, as `colbert_triton.search`: the Triton kernel on CUDA), where
+    PyLate's indexes (PLAID, Voyager, ScaNN) approximate. The ground truth to measure them
+    against, and on a GPU a fast search of a corpus that fits in its memory (or streamed from
+    host memory: `search`).
+
+        from pylate import retrieve
+        from colbert_triton.pylate import ExactIndex
+        index = ExactIndex().add_documents(documents_ids, documents_embeddings)
+        results = retrieve.ColBERT(index=index).retrieve(queries_embeddings, k=10)
+
+    PyLate's index interface, duck-typed (PyLate need not be installed): ``add_documents``,
+    ``remove_documents``, ``__call__(queries_embeddings, k, subset)`` returning ranked results as
+    PyLate's end-to-end indexes do (``[[{"id": ..., "score": ...}, ...], ...]``, best first, ties
+    by the order documents were added), ``get_documents_embeddings``. Embeddings are checked
+    for NaN/inf once, when added. ``device`` (default: CUDA if present) holds the corpus and
+    scores; ``dtype`` (default: the first documents', float64 read as float32) is what they are
+    kept in, queries cast to it. With ``index_folder`` the index is kept in
+    ``index_folder/index_name/embeddings.safetensors``, rewritten by each change and loaded at
+    start (``override=True`` starts empty); without, in memory only.
+    """
+
+    is_end_to_end_index = True
+
+    def __init__(self, index_folder=None, index_name: str = "colbert", override: bool = False, *,
+                 device=None, dtype: torch.dtype | None = None, backend: str | None = None):
+        self.device = available_device(device if device is not None else
+                                       "cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is not None and (dtype not in EMBEDDING_DTYPES or dtype == torch.float64):
+            raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+        scoring.resolve_backend(self.device, backend)  # a bad name fails here, not at the first query
+        self.dtype, self.backend = dtype, backend
+        self._ids: list = []
+        self._positions: dict = {}  # id -> position in the corpus
+        self._corpus = None  # PackedEmbeddings on self.device, or None while empty
+        self.path = None if index_folder is None else Path(index_folder) / index_name / "embeddings.safetensors"
+        if self.path is not None and self.path.exists():
+            if override:
+                self.path.unlink()
+            else:
+                saved = load_embeddings(self.path, device=self.device)
+                self._commit(saved.ids, saved.embeddings.to(dtype=dtype or saved.embeddings.values.dtype), save=False)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add_documents(self, documents_ids, documents_embeddings, batch_size: int | None = None) -> ExactIndex:
+        """Add documents (ids unique, never in the index already); returns the index.
+        ``documents_embeddings``: one ``[tokens, dim]`` array or tensor per document (a list, or
+        one ``[N, tokens, dim]`` array: all rows real), or one ``[tokens, dim]`` for a single id.
+        ``batch_size``: PyLate's argument, unused (the documents are added at once)."""
+        ids = [documents_ids] if isinstance(documents_ids, str) else list(documents_ids)
+        if isinstance(documents_embeddings, (torch.Tensor, np.ndarray)):
+            documents_embeddings = (documents_embeddings[None] if documents_embeddings.ndim == 2
+                                    else documents_embeddings)
+        tensors = [scoring._as_tensor(e, f"documents_embeddings[{i}]") for i, e in enumerate(documents_embeddings)]
+        if len(tensors) != len(ids):
+            raise ValueError(f"{len(ids)} document ids but {len(tensors)} document embeddings")
+        if not ids:
+            return self
+        seen = set(self._positions)
+        for i in ids:
+            try:
+                repeated = i in seen
+            except TypeError:
+                raise TypeError(f"document ids must be hashable (strings or numbers), got {type(i).__name__}") from None
+            if repeated:
+                where = "in the index already (remove_documents first to replace it)" if i in self._positions else "given twice"
+                raise ValueError(f"document id {i!r} is {where}")
+            seen.add(i)
+        dtype = self.dtype or (self._corpus.values.dtype if self._corpus is not None else tensors[0].dtype)
+        added = PackedEmbeddings.from_list([t.to(self.device, dtype) for t in tensors])
+        if self._corpus is not None and added.dim != self._corpus.dim:
+            raise ValueError(f"these documents have dim {added.dim}; the index holds dim {self._corpus.dim}")
+        if not scoring.all_finite(added.values):
+            raise ValueError("documents_embeddings contain NaN or infinite values")
+        if self._corpus is not None:
+            added = PackedEmbeddings.from_lengths(torch.cat([self._corpus.values, added.values]),
+                                                  [*self._corpus.lengths_host, *added.lengths_host])
+        self._commit(self._ids + ids, added)
+        return self
+
+    def remove_documents(self, documents_ids) -> ExactIndex:
+        """Remove documents by id (each must be in the index); returns the index."""
+        ids = [documents_ids] if isinstance(documents_ids, str) else list(documents_ids)
+        removed = set(self._positions_of(ids, "remove_documents"))
+        kept = [p for p in range(len(self._ids)) if p not in removed]
+        all_lengths = self._corpus.lengths_array
+        starts = (np.cumsum(all_lengths) - all_lengths)[kept]
+        lengths = all_lengths[kept]
+        # Each kept row's place in the old values: its new place plus its document's shift.
+        rows = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        values = self._corpus.values.index_select(0, torch.from_numpy(rows).to(self.device))
+        self._commit([self._ids[p] for p in kept], PackedEmbeddings.from_lengths(values, lengths) if kept else None)
+        return self
+
+    def __call__(self, queries_embeddings, k: int = 10, subset=None) -> list[list[RerankResult]]:
+        """The ``k`` best documents for each query (one ``[tokens, dim]`` query, a list of them, or
+        one ``[Q, tokens, dim]`` array), among ``subset`` if given: a list of ids for every query,
+        or one list per query."""
+        k = scoring.checked_int(k, "k")
+        if self._corpus is None:
+            raise ValueError("the index is empty: add documents before querying it")
+        queries = _as_query_list(queries_embeddings)
+        if not queries:
+            return []
+        batch = scoring.as_queries([q.to(self.device, self._corpus.values.dtype) for q in queries])
+        if not scoring.all_finite(batch):
+            raise ValueError("queries_embeddings contain NaN or infinite values")
+        if subset is None:
+            scores, indices = scoring.search(batch, self._corpus, k, backend=self.backend, check_inputs=False)
+            return [[RerankResult(id=self._ids[i], score=s) for i, s in zip(row_i, row_s)]
+                    for row_i, row_s in zip(indices.tolist(), scores.tolist())]
+        per_query = self._subset_positions(subset, len(queries))
+        width = max(1, max(map(len, per_query)))
+        candidates = torch.full((len(queries), width), -1, dtype=torch.int64)
+        for row, positions in zip(candidates, per_query):
+            row[: len(positions)] = torch.tensor(positions, dtype=torch.int64)
+        scores = scoring.score_candidates(batch, self._corpus, candidates, backend=self.backend, check_inputs=False)
+        # Candidates in corpus order and a stable sort: ties go to the document added first.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices.cpu()
+        scores = scores.cpu()
+        return [[RerankResult(id=self._ids[int(candidates[q, j])], score=float(scores[q, j]))
+                 for j in order[q, : min(k, len(per_query[q]))].tolist()] for q in range(len(queries))]
+
+    def _subset_positions(self, subset, num_queries: int) -> list[list[int]]:
+        """Each query's candidates as sorted, distinct corpus positions."""
+        subset = list(subset)
+        if subset and all(isinstance(s, (list, tuple)) for s in subset):
+            if len(subset) != num_queries:
+                raise ValueError(f"subset holds {len(subset)} lists of ids for {num_queries} queries")
+            lists = subset
+        else:
+            lists = [subset] * num_queries
+        return [sorted(set(self._positions_of(ids, "subset"))) for ids in lists]
+
+    def get_documents_embeddings(self, documents_ids) -> list[list[torch.Tensor]]:
+        """The embeddings of each list of ids, as PyLate's indexes return them (on the index's device)."""
+        return [[self._corpus[p] for p in self._positions_of(ids, "get_documents_embeddings")]
+                for ids in documents_ids]
+
+    def _positions_of(self, ids, what: str) -> list[int]:
+        """The corpus positions of ``ids``, or an error naming the ones not in the index."""
+        missing = [i for i in ids if i not in self._positions]
+        if missing:
+            raise ValueError(f"{what}: not in the index: {', '.join(map(repr, missing[:5]))}"
+                             f"{', ...' if len(missing) > 5 else ''}")
+        return [self._positions[i] for i in ids]
+
+    def _commit(self, ids: list, corpus, save: bool = True) -> None:
+        """The index's new state, written to its file first when it has one."""
+        if save and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if corpus is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                save_embeddings(self.path, corpus, ids=ids)
+        self._ids, self._corpus = ids, corpus
+        self._positions = {i: p for p, i in enumerate(ids)}
