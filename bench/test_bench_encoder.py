@@ -208,9 +208,11 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
     measure(run, suite=SUITE + "-latency", shape=case, impl=impl, ours=impl == "ours-triton", wall=True)
 
 
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate"])
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate", "ours-triton-to-host"])
 def test_documents_end_to_end(measure, models, checkpoint, impl):
-    """encode_documents on 1024 texts of mixed length, tokenization included."""
+    """encode_documents on 1024 texts of mixed length, tokenization included. ``-to-host`` (a
+    variant) moves each batch to host memory as it is encoded (``output_device="cpu"``, as the
+    CLI's ``encode`` does): what a corpus larger than the GPU costs."""
     texts = e2e_texts(E2E_TEXTS)
     if impl == "pylate":
         pm = pylate_model(checkpoint)
@@ -220,12 +222,14 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
                       convert_to_tensor=True)  # left on the GPU, as ours
     else:
         m = models[impl.split("-")[1]]
+        output_device = "cpu" if impl.endswith("to-host") else None
 
         def run():
-            m.encode_documents(texts, batch_size=PAD_BATCH, packed=True, show_progress=False)
+            m.encode_documents(texts, batch_size=PAD_BATCH, packed=True, show_progress=False,
+                               output_device=output_device)
     tokens = sum(len(s) for s in models["triton"].tokenizer.documents(texts).sequences)  # encoder input
     measure(run, suite=SUITE + "-e2e", shape=f"{E2E_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words",
-            impl=impl, ours=impl == "ours-triton", wall=True, tokens=tokens)
+            impl=impl, ours=impl == "ours-triton", variant=impl.endswith("to-host"), wall=True, tokens=tokens)
 
 
 @pytest.fixture(scope="module")

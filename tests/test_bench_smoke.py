@@ -208,6 +208,7 @@ def test_encoder_benchmark_cases_run(encoder_bench):
         for case in bench.LATENCY_TEXTS:
             bench.test_latency_end_to_end(_call_once, models, checkpoint, case, impl)
         bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
+    bench.test_documents_end_to_end(_call_once, models, checkpoint, "ours-triton-to-host")
     with PoolingProcesses(1) as workers:
         for impl in ("ours-triton", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
             bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, impl)

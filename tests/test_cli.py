@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from colbert_triton import ColBERT
 from colbert_triton.cli import main
 
 
@@ -44,10 +45,18 @@ def test_rank_with_inline_queries(stanford_dir, docs_file, capsys):
     assert len(lines) == 2 and len(lines[0]["results"]) == 3
 
 
-def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, model):
+def test_encode_writes_packed_embeddings(stanford_dir, docs_file, tmp_path, model, monkeypatch):
     out = tmp_path / "emb.safetensors"
+    asked = []  # where the encoder's output goes: the host, whatever the model's device
+    for kind in ("encode_documents", "encode_queries"):
+        encode = getattr(ColBERT, kind)
+        monkeypatch.setattr(ColBERT, kind, lambda self, *args, encode=encode, **kwargs:
+                            asked.append(kwargs.get("output_device")) or encode(self, *args, **kwargs))
     assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
                  "--output", str(out)]) == 0
+    assert main(["encode", "--model", str(stanford_dir), "--device", "cpu", "--input", str(docs_file),
+                 "--output", str(tmp_path / "queries.safetensors"), "--kind", "queries"]) == 0
+    assert asked == ["cpu", "cpu"]
     with safe_open(str(out), "pt") as f:
         values, offsets = f.get_tensor("values"), f.get_tensor("offsets")
         ids = json.loads(bytes(f.get_tensor("ids_json").numpy()))

@@ -179,3 +179,45 @@ def test_a_triton_model_scores_with_triton(stanford_dir, monkeypatch):
          for n in (3, 5)]
     model.score(q, d), model.rerank(q, d), model.search(q, d, k=1)
     assert seen == ["triton"] * 3
+
+
+@pytest.mark.parametrize("pool_factor", [1, 2])
+def test_output_device_keeps_the_encoded_corpus_on_the_host(stanford_dir, pool_factor):
+    """Each batch moved to the host as it is encoded: the same values (to the bit) as encoding
+    on the model's device, in its dtype; on a GPU, the device never holds the whole corpus."""
+    dtype = torch.float16 if KERNEL_DEVICE == "cuda" else torch.float32  # float16 is slow on the CPU
+    model = ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, dtype=dtype)
+    texts = [" ".join(["late interaction keeps one vector per token"] * (1 + i % 9)) for i in range(48)]
+    kwargs = {"batch_size": 8, "pool_factor": pool_factor} if pool_factor > 1 else {"batch_size": 8}
+    if KERNEL_DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    on_device = model.encode_documents(texts, packed=True, **kwargs)
+    if KERNEL_DEVICE == "cuda":
+        device_peak = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() + on_device.values.nbytes
+        torch.cuda.reset_peak_memory_stats()
+    on_host = model.encode_documents(texts, packed=True, output_device="cpu", **kwargs)
+    listed = model.encode_documents(texts, output_device="cpu", **kwargs)
+    queries = model.encode_queries(texts[:9], batch_size=4, packed=True, output_device="cpu")
+    assert on_host.values.device.type == "cpu" and on_host.values.dtype == dtype
+    assert on_host.lengths_host == on_device.lengths_host
+    assert torch.equal(on_host.values, on_device.values.cpu())
+    assert all(item.device.type == "cpu" for item in listed)
+    assert torch.equal(torch.cat(listed), on_host.values)
+    assert queries.values.device.type == "cpu"
+    assert torch.equal(queries.values, model.encode_queries(texts[:9], batch_size=4, packed=True).values.cpu())
+    if KERNEL_DEVICE == "cuda":  # the host run's peak leaves out most of the corpus
+        host_peak = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        assert host_peak < device_peak - on_device.values.nbytes // 2, (host_peak, device_peak)
+        assert not on_host.values.is_pinned()  # copied out of the pinned staging memory
+
+
+def test_output_device_must_be_the_models_or_the_host(model):
+    assert model.encode_documents(["a text"], output_device=model.device)[0].device == model.device
+    with pytest.raises(ValueError, match="device must be like 'cpu', 'cuda' or 'cuda:1', got 'gpu'"):
+        model.encode_documents(["a text"], output_device="gpu")
+    with pytest.raises(ValueError, match="device must be a CPU or a CUDA device, got meta"):
+        model.encode_queries(["a text"], output_device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            model.encode_documents(["a text"], output_device="cuda")

@@ -16,7 +16,7 @@ from texts import DOCUMENTS, LONG_DOCUMENTS
 from colbert_triton import ColBERT, PackedEmbeddings, PoolingProcesses
 from colbert_triton.cli import main
 from colbert_triton.model.pooling import (
-    PoolingPipeline,
+    BatchPipeline,
     _PoolingInProcesses,
     pool_documents,
 )
@@ -154,7 +154,7 @@ def _assert_pooled_in_order(finished, batches):
 def test_the_pipeline_pools_each_batch_in_order_one_behind_the_encoder():
     batches = _batches(4)
     finished = []
-    with PoolingPipeline(2, 1) as pipeline:
+    with BatchPipeline(2, 1) as pipeline:
         for tag, batch in enumerate(batches):
             handed = pipeline.put(*batch, tag)
             # A batch is pooled once the next one is put (on a GPU: queued), not before.
@@ -162,7 +162,7 @@ def test_the_pipeline_pools_each_batch_in_order_one_behind_the_encoder():
             finished += handed
         finished += pipeline.finish()
     _assert_pooled_in_order(finished, batches)
-    with PoolingPipeline(1, 1) as pipeline:  # nothing to pool: each batch back at once, as it is
+    with BatchPipeline(1, 1) as pipeline:  # nothing to pool: each batch back at once, as it is
         ((values, lengths, tag),) = pipeline.put(*batches[0], "a")
         assert values is batches[0][0] and lengths is batches[0][1] and tag == "a"
         assert pipeline.finish() == []
@@ -173,7 +173,7 @@ def test_the_pipeline_waits_for_the_device_before_pooling_a_batch():
     copy, which waits for the work queued before it (here a spin of the GPU, then the values)."""
     batches = _batches(3)
     finished = []
-    with PoolingPipeline(2, 1) as pipeline:
+    with BatchPipeline(2, 1) as pipeline:
         for tag, (values, lengths) in enumerate(batches):
             on_device = values.to(KERNEL_DEVICE)
             if KERNEL_DEVICE == "cuda":
@@ -219,7 +219,7 @@ def test_the_pipeline_keeps_two_batches_with_the_processes_and_waits_for_the_old
     batches = _batches(6)
     processes = _ProcessesByHand()
     finished = []
-    with PoolingPipeline(2, 1, processes, batches_in_flight=2) as pipeline:
+    with BatchPipeline(2, 1, processes, batches_in_flight=2) as pipeline:
         for tag, batch in enumerate(batches[:4]):
             finished += pipeline.put(*batch, tag)
         # Batches 0-2 handed to the processes (3 is being copied); 0 was waited for, to keep two.
@@ -239,7 +239,7 @@ def test_the_pipeline_keeps_two_batches_with_the_processes_and_waits_for_the_old
 def test_an_error_drops_the_batches_the_processes_have_not_started():
     batches = _batches(4)
     processes = _ProcessesByHand()
-    with pytest.raises(KeyError), PoolingPipeline(2, 1, processes) as pipeline:
+    with pytest.raises(KeyError), BatchPipeline(2, 1, processes) as pipeline:
         for tag, batch in enumerate(batches):
             pipeline.put(*batch, tag)
         raise KeyError("the encoder failed")

@@ -24,7 +24,7 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
-from .pooling import PoolingPipeline, PoolingProcesses, check_pooling
+from .pooling import BatchPipeline, PoolingProcesses, check_pooling
 from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -211,15 +211,23 @@ class ColBERT:
     # Encoding
 
     def encode_queries(self, texts, batch_size: int = 64, *, packed: bool = False,
-                       show_progress: bool | None = None):
-        """One ``[query_maxlen, dim]`` tensor per query (all rows, [MASK] expansion included)."""
-        return self._encode(texts, "queries", batch_size, packed, show_progress)
+                       show_progress: bool | None = None, output_device=None):
+        """One ``[query_maxlen, dim]`` tensor per query (all rows, [MASK] expansion included).
+        ``output_device="cpu"``: as `encode_documents`."""
+        output_device = self._output_device(output_device)
+        return self._encode(texts, "queries", batch_size, packed, show_progress, output_device=output_device)
 
     def encode_documents(self, texts, batch_size: int = 64, *, packed: bool = False,
                          show_progress: bool | None = None, pool_factor: int = 1,
-                         protected_tokens: int = 1, pooling_processes: int | PoolingProcesses = 0):
+                         protected_tokens: int = 1, pooling_processes: int | PoolingProcesses = 0,
+                         output_device=None):
         """One ``[n_i, dim]`` tensor per document (punctuation rows dropped), or, with
         ``packed=True``, a `PackedEmbeddings` holding them all end to end in input order.
+
+        ``output_device="cpu"`` (for a model on a GPU) moves each batch to host memory as it is
+        encoded (overlapped with the next batch), so the GPU never holds more than a few
+        batches: a corpus larger than its memory (then `save_embeddings`, or `search`, which
+        streams a host corpus to the GPU). Default: the model's device.
 
         ``pool_factor`` > 1 pools each document's rows after its first ``protected_tokens``
         (``[CLS]``) into about 1/pool_factor as many, as PyLate's ``encode(pool_factor=...)``
@@ -229,9 +237,22 @@ class ColBERT:
         the call (with ``spawn``: a script needs ``if __name__ == "__main__":``), or running
         `PoolingProcesses`, to keep them across calls."""
         pooling = check_pooling(pool_factor, protected_tokens, pooling_processes)
-        return self._encode(texts, "documents", batch_size, packed, show_progress, pooling)
+        output_device = self._output_device(output_device)
+        return self._encode(texts, "documents", batch_size, packed, show_progress, pooling, output_device)
 
-    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0, 0)):
+    def _output_device(self, device) -> torch.device:
+        """Where encoded batches go: the model's device, or the host."""
+        if device is None:
+            return self.device
+        device = available_device(device)
+        if device.type == "cuda" and device.index is None and self.device.type == "cuda":
+            device = self.device  # "cuda": the model's GPU
+        if device not in (self.device, torch.device("cpu")):
+            raise ValueError(f"output_device must be the model's device ({self.device}) or 'cpu', got '{device}'")
+        return device
+
+    def _encode(self, texts, kind: str, batch_size: int, packed: bool, show_progress, pooling=(1, 0, 0),
+                output_device: torch.device | None = None):
         batch_size = scoring.checked_int(batch_size, "batch_size")
         texts = check_texts(texts, kind)  # all of them, before anything is encoded
         if not texts:
@@ -267,14 +288,15 @@ class ColBERT:
         # The bar is closed on an error too, so the terminal is not left with a half-drawn line
         # (and the pooling processes stopped).
         with (torch.inference_mode(), progress, workers as pooling_workers,
-              PoolingPipeline(pool_factor, protected_tokens, pooling_workers) as pooling_pipeline,
+              BatchPipeline(pool_factor, protected_tokens, pooling_workers,
+                            output_device=output_device) as pipeline,
               closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")
                 for i in range(0, len(by_tokens), batch_size):
                     part = by_tokens[i : i + batch_size]
-                    keep(pooling_pipeline.put(*self._encode_batch(tokens.subset(part)), chunk_index[part]))
-            keep(pooling_pipeline.finish())
+                    keep(pipeline.put(*self._encode_batch(tokens.subset(part)), chunk_index[part]))
+            keep(pipeline.finish())
         if not packed:  # each text's rows as a view of its batch's output: no copy at all
             items = [None] * len(texts)
             for values, index, part_lengths in batches:

@@ -8,7 +8,8 @@ via Token Pooling", 2024). The means are not normalised again, and come after th
 SciPy's cluster order, as in PyLate 1.6 (``ColBERT.pool_embeddings_hierarchical``). The clustering
 runs on the CPU with SciPy, which is needed only for this (``pip install scipy``), in this
 process or, since SciPy's linkage holds the GIL (threads would not help), in worker processes
-(`PoolingProcesses`).
+(`PoolingProcesses`). `BatchPipeline` runs it one batch behind the encoder, with the move of each
+batch to host memory when the output is asked for there.
 """
 
 from __future__ import annotations
@@ -145,73 +146,96 @@ def pool_documents(values: torch.Tensor, lengths: np.ndarray, pool_factor: int, 
     their rows packed in the same order, on ``values``' device and in its dtype, and their
     lengths. One copy to the host and one back for the whole batch, not one per document; the
     documents shared among ``processes`` if given (the same bits)."""
-    with PoolingPipeline(pool_factor, protected_tokens, processes) as pipeline:
+    with BatchPipeline(pool_factor, protected_tokens, processes) as pipeline:
         ((pooled, pooled_lengths, _),) = pipeline.put(values, lengths) + pipeline.finish()
     return pooled, pooled_lengths
 
 
-class PoolingPipeline:
-    """Pools the encoder's batches one behind it, in order: `put` takes each batch as the encoder
-    makes it and hands back the batches pooled so far, `finish` the rest. A batch on a GPU is
-    copied to the host while the encoder runs (its kernels are queued asynchronously), and pooled
-    after the next batch is queued, so the GPU encodes the next batch while the host (or
-    ``processes``) pools this one, instead of waiting for it. With processes, up to
+class BatchPipeline:
+    """What follows the encoder, one batch behind it, in order: pooling (``pool_factor`` > 1) and
+    the move of each batch to ``output_device`` (default: where the encoder made it). `put`
+    takes each batch as the encoder makes it and hands back the batches done so far, `finish`
+    the rest, as ``(values, lengths, tag)``.
+
+    A batch on a GPU that is pooled or moved is copied to the host without blocking (its kernels
+    are queued asynchronously), and waited for only once the next batch is queued, so the GPU
+    encodes the next batch while the host (or ``processes``) pools this one, and a corpus moved
+    to the host never has to fit in the GPU's memory. With processes, up to
     ``batches_in_flight`` batches are handed to them before the oldest is waited for, so they
-    do not idle while this process collects. Results are those of `pool_documents`, batch by
-    batch. A context manager: an error inside it drops the work not yet started."""
+    do not idle while this process collects. Pooled results are those of `pool_documents`,
+    batch by batch. A context manager: an error inside it drops the work not yet started."""
 
     def __init__(self, pool_factor: int, protected_tokens: int, processes: PoolingProcesses | None = None,
-                 batches_in_flight: int = 2):
+                 batches_in_flight: int = 2, output_device: torch.device | None = None):
         self.pool_factor, self.protected_tokens = pool_factor, protected_tokens
         self.processes, self.batches_in_flight = processes, batches_in_flight
+        self.output_device = output_device
         self._copying = None  # the newest batch: (values, lengths, tag, host copy, its event)
-        self._pooling = deque()  # older batches, oldest first: (values, lengths, tag, pooled or in processes)
+        self._waiting = deque()  # older batches, oldest first: (values, lengths, tag, host, pooled or in processes)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *error) -> None:
-        for *_, pooled in self._pooling:
+        for *_, pooled in self._waiting:
             if isinstance(pooled, _PoolingInProcesses):
                 pooled.cancel()
-        self._pooling.clear()
+        self._waiting.clear()
 
     def put(self, values: torch.Tensor, lengths: np.ndarray, tag=None) -> list[tuple[torch.Tensor, np.ndarray, object]]:
-        """Take a batch (``tag`` comes back with it); the batches pooled by now, oldest first,
-        as ``(values, lengths, tag)``."""
-        if self.pool_factor == 1:
+        """Take a batch (``tag`` comes back with it); the batches done by now, oldest first."""
+        if self.pool_factor == 1 and self._target(values) == values.device:
             return [(values, lengths, tag)]
         copied, self._copying = self._copying, (values, lengths, tag, *_host_copy(values))
         if copied is not None:
-            self._pool(*copied)
+            self._start(*copied)
         return self._collect(self.batches_in_flight)
 
     def finish(self) -> list[tuple[torch.Tensor, np.ndarray, object]]:
         """The batches not handed back yet, oldest first."""
         if self._copying is not None:
-            self._pool(*self._copying)
+            self._start(*self._copying)
             self._copying = None
         return self._collect(0)
 
-    def _pool(self, values, lengths, tag, host, copied) -> None:
+    def _target(self, values: torch.Tensor) -> torch.device:
+        return values.device if self.output_device is None else self.output_device
+
+    def _start(self, values, lengths, tag, host, copied) -> None:
         if copied is not None:
             copied.synchronize()  # this batch's copy only: the GPU goes on with the next batch
-        documents = torch.split(host, lengths.tolist(), 0)
-        if self.processes is None:
-            pooled = _pool_each(documents, self.pool_factor, self.protected_tokens)
-        else:
-            pooled = self.processes.submit(documents, self.pool_factor, self.protected_tokens)
-        self._pooling.append((values, lengths, tag, pooled))
+        pooled = None  # moved only
+        if self.pool_factor > 1:
+            # float32 whatever the model's dtype: PyLate clusters in the model's dtype, which for
+            # float16 rounds every distance to 11 bits; on a float32 model the two are the same.
+            documents = torch.split(host.float(), lengths.tolist(), 0)
+            if self.processes is None:
+                pooled = _pool_each(documents, self.pool_factor, self.protected_tokens)
+            else:
+                pooled = self.processes.submit(documents, self.pool_factor, self.protected_tokens)
+        self._waiting.append((values, lengths, tag, host, pooled))
 
     def _collect(self, keep: int) -> list[tuple[torch.Tensor, np.ndarray, object]]:
         """Batches from the oldest, while more than ``keep`` are left or the oldest is done."""
         finished = []
-        while self._pooling and (len(self._pooling) > keep or _is_done(self._pooling[0][-1])):
-            values, lengths, tag, pooled = self._pooling.popleft()
+        while self._waiting and (len(self._waiting) > keep or _is_done(self._waiting[0][-1])):
+            values, lengths, tag, host, pooled = self._waiting.popleft()
             if isinstance(pooled, _PoolingInProcesses):
                 pooled = pooled.result()
-            finished.append((*_packed_back(values, lengths, pooled), tag))
+            finished.append((*self._output(values, lengths, host, pooled), tag))
         return finished
+
+    def _output(self, values, lengths, host, pooled) -> tuple[torch.Tensor, np.ndarray]:
+        """A batch's rows on the output device, in the encoder's dtype, and their lengths."""
+        target = self._target(values)
+        pooled_lengths = lengths if pooled is None else np.array([len(p) for p in pooled], dtype=np.int64)
+        if np.array_equal(pooled_lengths, lengths):  # not pooled, or no document long enough to pool
+            if target == values.device:
+                return values, lengths
+            # Out of the pinned copy into plain memory: pinned memory stays at a few batches,
+            # whatever the corpus's size (pinning is scarce, and slow to allocate).
+            return (host.clone() if host.is_pinned() else host), lengths
+        return torch.cat(pooled, 0).to(target, values.dtype), pooled_lengths
 
 
 def _is_done(pooled) -> bool:
@@ -219,25 +243,15 @@ def _is_done(pooled) -> bool:
 
 
 def _host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """``values`` in float32 on the host, and, for a copy from a GPU (still under way), the
-    event that marks its end. float32 whatever the model's dtype: PyLate clusters in the model's
-    dtype, which for float16 rounds every distance to 11 bits; on a float32 model the two are
-    the same."""
-    values = values.detach().to(torch.float32)
+    """``values`` on the host, in their dtype, and, for a copy from a GPU (still under way),
+    the event that marks its end."""
+    values = values.detach()
     if values.device.type != "cuda":
         return values.cpu(), None
     host = values.to("cpu", non_blocking=True)  # into pinned memory, queued after the encoder
     copied = torch.cuda.Event()
     copied.record(torch.cuda.current_stream(values.device))  # the copy's stream, whatever the current device
     return host, copied
-
-
-def _packed_back(values: torch.Tensor, lengths: np.ndarray, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
-    """The pooled documents packed on ``values``' device, in its dtype, and their lengths."""
-    pooled_lengths = np.array([len(p) for p in pooled], dtype=np.int64)
-    if np.array_equal(pooled_lengths, lengths):  # no document was long enough to pool
-        return values, lengths
-    return torch.cat(pooled, 0).to(values.device, values.dtype), pooled_lengths
 
 
 def _pool_each(documents, pool_factor: int, protected_tokens: int) -> list[torch.Tensor]:
