@@ -56,12 +56,15 @@ def test_results_are_the_exact_top_k(backend, dtype):
     ids, docs = _corpus()
     index = ExactIndex(device=device, dtype=dtype, backend=backend)
     assert index.add_documents(ids[:4], [d.numpy() for d in docs[:4]]) is index  # numpy, as PyLate encodes
-    index.add_documents(ids[4:], docs[4:])  # a second call appends
+    index.add_documents(ids[4:6], docs[4:6])  # later calls append: kept apart until the corpus is used,
+    index.add_documents(ids[6:], docs[6:])  # so a loop of small additions does not copy it each time
+    assert len(index._parts) == 3
     queries = _queries()
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     rounded = [d.to(dtype).float() for d in docs]  # what the index holds
     for k in (1, 3, len(ids), 50):  # k past the corpus: all of it, ranked
         _assert_results(index(queries, k=k), _expected([q.to(dtype).float() for q in queries], ids, rounded, k), atol)
+    assert len(index._parts) == 1  # joined once, by the first query
     # One query alone, and a [Q, tokens, dim] array of them.
     _assert_results(index(queries[0], k=2), _expected(queries[:1], ids, rounded, 2), atol)
     stacked = np.stack([q.numpy() for q in _queries(rows=(6,))])

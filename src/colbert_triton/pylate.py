@@ -571,14 +571,16 @@ class ExactIndex:
         self.dtype, self.backend = dtype, backend
         self._ids: list = []
         self._positions: dict = {}  # id -> position in the corpus
-        self._corpus = None  # PackedEmbeddings on self.device, or None while empty
+        # The corpus on self.device, in the order added: the parts added since it was last used
+        # are joined when it is (a loop of small additions does not copy the corpus each time).
+        self._parts: list[PackedEmbeddings] = []
         self.path = None if index_folder is None else Path(index_folder) / index_name / "embeddings.safetensors"
         if self.path is not None and self.path.exists():
             if override:
                 self.path.unlink()
             else:
                 saved = load_embeddings(self.path, device=self.device)
-                self._commit(saved.ids, saved.embeddings.to(dtype=dtype or saved.embeddings.values.dtype), save=False)
+                self._set([saved.embeddings.to(dtype=dtype or saved.embeddings.values.dtype)], saved.ids)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -607,16 +609,19 @@ class ExactIndex:
                 where = "in the index already (remove_documents first to replace it)" if i in self._positions else "given twice"
                 raise ValueError(f"document id {i!r} is {where}")
             seen.add(i)
-        dtype = self.dtype or (self._corpus.values.dtype if self._corpus is not None else tensors[0].dtype)
+        first = self._parts[0] if self._parts else None
+        dtype = self.dtype or (first.values.dtype if first is not None else tensors[0].dtype)
         added = PackedEmbeddings.from_list([t.to(self.device, dtype) for t in tensors])
-        if self._corpus is not None and added.dim != self._corpus.dim:
-            raise ValueError(f"these documents have dim {added.dim}; the index holds dim {self._corpus.dim}")
+        if first is not None and added.dim != first.dim:
+            raise ValueError(f"these documents have dim {added.dim}; the index holds dim {first.dim}")
         if not scoring.all_finite(added.values):
             raise ValueError("documents_embeddings contain NaN or infinite values")
-        if self._corpus is not None:
-            added = PackedEmbeddings.from_lengths(torch.cat([self._corpus.values, added.values]),
-                                                  [*self._corpus.lengths_host, *added.lengths_host])
-        self._commit(self._ids + ids, added)
+        parts = [*self._parts, added]
+        if self.path is not None:
+            parts = self._save(parts, self._ids + ids)
+        self._parts = parts
+        self._positions.update((i, p) for p, i in enumerate(ids, start=len(self._ids)))
+        self._ids.extend(ids)
         return self
 
     def remove_documents(self, documents_ids) -> ExactIndex:
@@ -630,7 +635,8 @@ class ExactIndex:
         # Each kept row's place in the old values: its new place plus its document's shift.
         rows = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
         values = self._corpus.values.index_select(0, torch.from_numpy(rows).to(self.device))
-        self._commit([self._ids[p] for p in kept], PackedEmbeddings.from_lengths(values, lengths) if kept else None)
+        parts, ids = ([PackedEmbeddings.from_lengths(values, lengths)] if kept else []), [self._ids[p] for p in kept]
+        self._set(parts if self.path is None else self._save(parts, ids), ids)
         return self
 
     def __call__(self, queries_embeddings, k: int = 10, subset=None) -> list[list[RerankResult]]:
@@ -686,13 +692,31 @@ class ExactIndex:
                              f"{', ...' if len(missing) > 5 else ''}")
         return [self._positions[i] for i in ids]
 
-    def _commit(self, ids: list, corpus, save: bool = True) -> None:
-        """The index's new state, written to its file first when it has one."""
-        if save and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if corpus is None:
-                self.path.unlink(missing_ok=True)
-            else:
-                save_embeddings(self.path, corpus, ids=ids)
-        self._ids, self._corpus = ids, corpus
-        self._positions = {i: p for p, i in enumerate(ids)}
+    @property
+    def _corpus(self) -> PackedEmbeddings | None:
+        """The whole corpus as one `PackedEmbeddings` (the parts joined now), or None while empty."""
+        self._parts = _joined(self._parts)
+        return self._parts[0] if self._parts else None
+
+    def _set(self, parts: list[PackedEmbeddings], ids: list) -> None:
+        self._parts, self._ids = parts, list(ids)
+        self._positions = {i: p for p, i in enumerate(self._ids)}
+
+    def _save(self, parts: list[PackedEmbeddings], ids: list) -> list[PackedEmbeddings]:
+        """Write the index's next state to its file (before it is taken, so a refused write leaves
+        the index as it was); the parts, joined."""
+        parts = _joined(parts)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if parts:
+            save_embeddings(self.path, parts[0], ids=ids)
+        else:
+            self.path.unlink(missing_ok=True)
+        return parts
+
+
+def _joined(parts: list[PackedEmbeddings]) -> list[PackedEmbeddings]:
+    """``parts`` as at most one `PackedEmbeddings`, end to end."""
+    if len(parts) <= 1:
+        return parts
+    return [PackedEmbeddings.from_lengths(torch.cat([p.values for p in parts]),
+                                          [n for p in parts for n in p.lengths_host])]
