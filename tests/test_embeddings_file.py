@@ -382,6 +382,17 @@ def test_cli_keeps_a_corpus_too_large_for_the_gpu_in_host_memory(monkeypatch, st
     assert main(["rank", *common, "--documents", str(encoded), "--query", "paris"]) == 0
     captured = capsys.readouterr()
     assert captured.out == in_memory and "stays in host memory" in captured.err
+    # A text corpus too: encoded into host memory (and asked for there), the same results.
+    asked = []
+    encode = ColBERT.encode_documents
+    monkeypatch.setattr(ColBERT, "encode_documents", lambda self, *args, **kwargs:
+                        asked.append(kwargs["output_device"]) or encode(self, *args, **kwargs))
+    assert main(["rank", *common, "--documents", str(docs), "--query", "paris"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == in_memory and "is kept in host memory as it is encoded" in captured.err
+    monkeypatch.setattr(cli, "_fits_on_device", lambda num_bytes, device: True)
+    assert main(["rank", *common, "--documents", str(docs), "--query", "paris"]) == 0
+    assert capsys.readouterr().err == "" and asked == ["cpu", None]
 
 
 def _mapped_spans(path) -> list[tuple[int, int]]:

@@ -185,7 +185,18 @@ def _rank(args, out) -> None:
             print(f"colbert-triton: the corpus ({corpus.values.shape[0]} vectors) stays in host memory "
                   f"and is streamed to {model.device} for the search", file=sys.stderr)
     else:
-        corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress)
+        # A corpus that may not fit on the GPU is kept in host memory as it is encoded and
+        # streamed to the GPU for the search, as a saved corpus is. Its size is estimated from
+        # its characters, at 2 a word piece: English runs ~4.5 (kept on the GPU up to about twice
+        # what the estimate allows), Chinese or Japanese 1 (the estimate half the truth, against
+        # a budget of half the free memory).
+        tokens = sum(min(len(text) // 2 + 4, model.settings.doc_maxlen) for text in docs)
+        on_host = not _fits_on_device(tokens * model.dim * model.dtype.itemsize, model.device)
+        corpus = model.encode_documents(docs, args.batch_size, packed=True, show_progress=progress,
+                                        output_device="cpu" if on_host else None)
+        if on_host:
+            print(f"colbert-triton: the corpus ({len(docs)} documents) is kept in host memory as it is "
+                  f"encoded and streamed to {model.device} for the search", file=sys.stderr)
     encoded = model.encode_queries(queries, args.batch_size, show_progress=progress)
     scores, indices = model.search(encoded, corpus, k=args.top_k)
     for qi, (qid, text) in enumerate(zip(query_ids, queries)):
