@@ -125,6 +125,7 @@ def test_documents_are_added_and_removed_by_id():
     index.remove_documents([ids[i] for i in order])
     with pytest.raises(ValueError, match="the index is empty: add documents before querying it"):
         index(queries)
+    assert index.remove_documents([]) is index and len(index) == 0  # nothing to remove, even empty
 
 
 def test_bad_input_is_a_clear_error():

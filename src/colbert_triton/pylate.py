@@ -628,6 +628,8 @@ class ExactIndex:
         """Remove documents by id (each must be in the index); returns the index."""
         ids = [documents_ids] if isinstance(documents_ids, str) else list(documents_ids)
         removed = set(self._positions_of(ids, "remove_documents"))
+        if not removed:
+            return self
         kept = [p for p in range(len(self._ids)) if p not in removed]
         all_lengths = self._corpus.lengths_array
         starts = (np.cumsum(all_lengths) - all_lengths)[kept]
