@@ -540,8 +540,7 @@ class ExactIndex:
     """An exact index for PyLate's retriever: every query scored against every document (MaxSim
     over each document's own rows, as `colbert_triton.search`: the Triton kernel on CUDA), where
     PyLate's indexes (PLAID, Voyager, ScaNN) approximate. The ground truth to measure them
-    against, and on a GPU a fast search of a corpus that fits in its memory (or streamed from
-    host memory: `search`).
+    against, and on a GPU a fast search of a corpus that fits in its memory.
 
         from pylate import retrieve
         from colbert_triton.pylate import ExactIndex
