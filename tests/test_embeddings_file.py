@@ -151,9 +151,55 @@ def test_load_onto_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
             load_embeddings(tmp_path / "e.safetensors", device="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_list_is_written_as_its_packed_form_is(tmp_path, dtype):
+    """A list of per-item tensors (views into larger ones, as encode_documents returns them) is
+    written item by item, never joined: the same file as its packed form, which safetensors'
+    own reader reads back."""
+    from safetensors.torch import load_file
+
+    batch = torch.randn(9, 6).to(dtype)
+    items = [batch[4:7], batch[0:0], batch[7:9], batch[0:4]]  # out of order, one empty
+    listed, packed = tmp_path / "listed.safetensors", tmp_path / "packed.safetensors"
+    save_embeddings(listed, items, ids=["a", "b", 3, None], metadata={"note": "x"})
+    save_embeddings(packed, PackedEmbeddings.from_list(items), ids=["a", "b", 3, None], metadata={"note": "x"})
+    assert listed.read_bytes() == packed.read_bytes()
+    theirs = load_file(str(listed))
+    assert torch.equal(theirs["values"], torch.cat(items)) and theirs["values"].dtype == dtype
+    assert theirs["offsets"].tolist() == [0, 3, 3, 5, 9]
+    saved = load_embeddings(listed)
+    assert saved.ids == ["a", "b", 3, None] and saved.metadata["note"] == "x"
+    assert [torch.equal(a, b) for a, b in zip(saved.embeddings.to_list(), items)] == [True] * 4
+    empty = tmp_path / "empty.safetensors"  # no items: a file all the same
+    save_embeddings(empty, PackedEmbeddings.from_lengths(torch.zeros(0, 6), []))
+    assert len(load_embeddings(empty).ids) == 0 and load_file(str(empty))["values"].shape == (0, 6)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_other(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "e.safetensors"
+    save_embeddings(path, _packed([1, 2]))
+    before = path.read_bytes()
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(ValueError, match="could not write .*e.safetensors: No space left on device"):
+        save_embeddings(path, _packed([3]))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]
+
+
 def test_save_path_errors(tmp_path):
-    with pytest.raises(TypeError, match="PackedEmbeddings"):
-        save_embeddings(tmp_path / "e.safetensors", [torch.zeros(2, 4)])
+    with pytest.raises(TypeError, match="PackedEmbeddings or a list of"):
+        save_embeddings(tmp_path / "e.safetensors", torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="embeddings is an empty list"):
+        save_embeddings(tmp_path / "e.safetensors", [])
+    with pytest.raises(ValueError, match=r"embeddings\[1\] has dim 3, embeddings\[0\] has 4"):
+        save_embeddings(tmp_path / "e.safetensors", [torch.zeros(2, 4), torch.zeros(1, 3)])
+    with pytest.raises(TypeError, match="embeddings must be floating point"):
+        save_embeddings(tmp_path / "e.safetensors", [torch.zeros(2, 4, dtype=torch.int64)])
     with pytest.raises(ValueError, match="is a directory"):
         save_embeddings(tmp_path, _packed([1]))
     with pytest.raises(ValueError, match="directory does not exist"):
@@ -216,6 +262,11 @@ def test_model_round_trip_scores_like_fresh_embeddings(model, tmp_path):
     assert saved.ids == ["e", "b", "p"]
     assert saved.metadata["kind"] == "documents" and saved.metadata["fingerprint"] == model.fingerprint
     assert saved.metadata["source"] == "a test"
+    listed = tmp_path / "listed.safetensors"  # the unpacked list: written item by item, the same file
+    model.save_embeddings(listed, model.encode_documents(texts), ids=["e", "b", "p"], metadata={"source": "a test"})
+    assert listed.read_bytes() == path.read_bytes()
+    with pytest.raises(ValueError, match="these are 8-d embeddings; this model makes 96-d ones"):
+        model.save_embeddings(listed, [torch.zeros(2, 8)])
     for key in ("kind", "fingerprint", "dim"):  # the model's own: a caller's would make it lie
         with pytest.raises(ValueError, match=rf"metadata keys \['{key}'\] are reserved"):
             model.save_embeddings(tmp_path / "other.safetensors", corpus, metadata={key: "x"})

@@ -232,22 +232,22 @@ def _encode(args) -> None:
         except ImportError as error:  # SciPy missing: the user's setup, said in one line
             raise InputError(str(error)) from None
         model = _load_model(args)
-        # On the host as it is encoded: the file is written from there, and a corpus larger
-        # than the GPU's memory can be encoded.
-        packed = model.encode_documents(texts, args.batch_size, packed=True, show_progress=show_progress,
-                                        pool_factor=pool_factor, protected_tokens=protected_tokens,
-                                        pooling_processes=processes, output_device="cpu")
+        # On the host as it is encoded, and written from the list of items (views into the
+        # encoded batches) without joining them: a corpus need fit neither in the GPU's memory
+        # nor twice in the host's.
+        items = model.encode_documents(texts, args.batch_size, show_progress=show_progress,
+                                       pool_factor=pool_factor, protected_tokens=protected_tokens,
+                                       pooling_processes=processes, output_device="cpu")
         if pool_factor > 1:  # what a reader of the file cannot tell from its rows
             metadata = {"pool_factor": str(pool_factor), "protected_tokens": str(protected_tokens)}
     else:
         if args.pool_factor != 1:  # PyLate ignores pool_factor for queries: a user asking meant something else
             raise InputError("--pool-factor pools documents; queries are never pooled")
         model = _load_model(args)
-        packed = model.encode_queries(texts, args.batch_size, packed=True, show_progress=show_progress,
-                                      output_device="cpu")
-    model.save_embeddings(output, packed, ids=ids, kind=args.kind, metadata=metadata)
-    print(f"wrote {len(texts)} {args.kind} ({packed.values.shape[0]} vectors of dim {model.dim}) to {output}",
-          file=sys.stderr)
+        items = model.encode_queries(texts, args.batch_size, show_progress=show_progress, output_device="cpu")
+    model.save_embeddings(output, items, ids=ids, kind=args.kind, metadata=metadata)
+    print(f"wrote {len(texts)} {args.kind} ({sum(len(item) for item in items)} vectors of dim {model.dim}) "
+          f"to {output}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

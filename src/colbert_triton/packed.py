@@ -10,6 +10,7 @@ import json
 import math
 import operator
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -285,24 +286,33 @@ def _ids_tensor(ids: list) -> tuple[str, torch.Tensor]:
     return "ids_json", torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
+def save_embeddings(path, embeddings: PackedEmbeddings | list[torch.Tensor], *, ids=None,
                     metadata: dict[str, str] | None = None) -> None:
     """Write packed embeddings (on any device; stored as they are, dtype kept) to a safetensors file.
 
-    ``ids``: a list (or array) of one id per item (default 0 .. n - 1), each one that JSON keeps
-    as it is (``load_embeddings`` gives back an equal list): strings, numbers, None, lists and
-    dicts with string keys; a tuple (it would come back a list) is an error. ``metadata``: extra
-    string entries; "layout" is reserved.
+    ``embeddings``: a `PackedEmbeddings`, or a list of ``[tokens, dim]`` tensors sharing dim,
+    dtype and device, written one after another, never joined (a corpus in host memory need
+    not fit there twice). ``ids``: a list (or array) of one id per item (default 0 .. n - 1),
+    each one that JSON keeps as it is (``load_embeddings`` gives back an equal list): strings,
+    numbers, None, lists and dicts with string keys; a tuple (it would come back a list) is an
+    error. ``metadata``: extra string entries; "layout" is reserved.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    if not isinstance(embeddings, PackedEmbeddings):
-        raise TypeError(f"embeddings must be a PackedEmbeddings, got {type(embeddings).__name__}")
-    check_embedding_dtype(embeddings.values.dtype, "embeddings.values")  # what load_embeddings reads
-    ids = list(range(len(embeddings))) if ids is None else _ids_list(ids)
-    if len(ids) != len(embeddings):
-        raise ValueError(f"{len(ids)} ids for {len(embeddings)} items")
+    if isinstance(embeddings, PackedEmbeddings):
+        parts, lengths, dim = [embeddings.values], embeddings.lengths_array, embeddings.dim
+        dtype, what = embeddings.values.dtype, "embeddings.values"
+    elif isinstance(embeddings, (list, tuple)):
+        if not embeddings:
+            raise ValueError("embeddings is an empty list: nothing to write (its dim is unknown)")
+        check_embedding_list(embeddings, "embeddings")
+        parts, lengths, dim = embeddings, np.array([t.shape[0] for t in embeddings], dtype=np.int64), embeddings[0].shape[1]
+        dtype, what = embeddings[0].dtype, "embeddings"
+    else:
+        raise TypeError(f"embeddings must be a PackedEmbeddings or a list of [tokens, dim] tensors, "
+                        f"got {type(embeddings).__name__}")
+    check_embedding_dtype(dtype, what)  # what load_embeddings reads
+    ids = list(range(len(lengths))) if ids is None else _ids_list(ids)
+    if len(ids) != len(lengths):
+        raise ValueError(f"{len(ids)} ids for {len(lengths)} items")
     extra = dict(metadata or {})
     for key, value in extra.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -311,17 +321,55 @@ def save_embeddings(path, embeddings: PackedEmbeddings, *, ids=None,
             raise ValueError(f"metadata key {key!r} is reserved")
     ids_name, ids_tensor = _ids_tensor(ids)
     check_output_path(path)
-    tensors = {"values": embeddings.values.detach().contiguous().cpu(),
-               "offsets": embeddings.offsets.to(torch.int64).contiguous().cpu(), ids_name: ids_tensor}
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tensors = [("values", dtype, (int(offsets[-1]), dim), parts),
+               ("offsets", torch.int64, (len(offsets),), [torch.from_numpy(offsets)]),
+               (ids_name, ids_tensor.dtype, tuple(ids_tensor.shape), [ids_tensor])]
     # Written as open() would: through a symbolic link, with the file's mode kept (a new file:
-    # 0o666 less the umask). safetensors may write a private temporary file and rename it.
+    # 0o666 less the umask); into a private temporary file renamed over the path, so a reader
+    # (a loaded corpus is the file mapped into memory) keeps the file it opened.
     target = Path(os.path.realpath(path))
     mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
     try:
-        save_file(tensors, str(target), metadata={**extra, "layout": _LAYOUT})
-    except SafetensorError as bad:
-        raise ValueError(f"could not write {path}: {bad}") from None
-    os.chmod(target, mode)
+        _write_safetensors(target, tensors, {**extra, "layout": _LAYOUT}, mode)
+    except OSError as bad:
+        raise ValueError(f"could not write {path}: {bad.strerror or bad}") from None
+
+
+# safetensors' names of the dtypes written here.
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                       torch.int64: "I64", torch.uint8: "U8"}
+
+
+def _write_safetensors(target: Path, tensors, metadata: dict[str, str], mode: int) -> None:
+    """The safetensors format, written a part at a time: a little-endian u64 header size, the
+    JSON header (each tensor's dtype, shape and byte range; ``__metadata__``), padded with
+    spaces to 8 bytes, then the tensors' bytes end to end. ``tensors``: (name, dtype, shape,
+    parts), the parts' rows making the tensor in order."""
+    header, begin = {"__metadata__": metadata}, 0
+    for name, dtype, shape, _ in tensors:
+        end = begin + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+        begin = end
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    temporary = Path(temporary)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(len(text).to_bytes(8, "little"))
+            file.write(text)
+            for _, dtype, _, parts in tensors:
+                for part in parts:
+                    part = part.detach().contiguous().cpu()
+                    # numpy has no bfloat16: its bits are written as int16.
+                    file.write(memoryview((part.view(torch.int16) if dtype == torch.bfloat16 else part).numpy()))
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _read_umask_by_setting_it() -> int:

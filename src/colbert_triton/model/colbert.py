@@ -337,15 +337,21 @@ class ColBERT:
     # -----------------------------------------------------------------------------------------
     # Embeddings on disk: encode a corpus once, search it later
 
-    def save_embeddings(self, path, embeddings: PackedEmbeddings, *, ids=None,
+    def save_embeddings(self, path, embeddings: PackedEmbeddings | list[torch.Tensor], *, ids=None,
                         kind: str = "documents", metadata: dict[str, str] | None = None) -> None:
-        """Write packed embeddings (``encode_documents(..., packed=True)``) to a safetensors
-        file with their ids and this model's identity, for `load_embeddings` or the CLI.
-        ``metadata``: extra string entries (such as how the documents were pooled: the CLI
-        writes ``pool_factor`` and ``protected_tokens``); the model's own keys are reserved."""
+        """Write embeddings (``encode_documents(..., packed=True)``, or the list it returns
+        unpacked: written item by item, never joined) to a safetensors file with their ids and
+        this model's identity, for `load_embeddings` or the CLI. ``metadata``: extra string
+        entries (such as how the documents were pooled: the CLI writes ``pool_factor`` and
+        ``protected_tokens``); the model's own keys are reserved."""
         _check_kind(kind)
-        if isinstance(embeddings, PackedEmbeddings) and embeddings.dim != self.dim:
-            raise ValueError(f"these are {embeddings.dim}-d embeddings; this model makes {self.dim}-d ones")
+        if isinstance(embeddings, PackedEmbeddings):
+            dim = embeddings.dim
+        else:  # a list (other inputs are refused by save_embeddings)
+            dim = embeddings[0].shape[-1] if isinstance(embeddings, (list, tuple)) and embeddings and \
+                isinstance(embeddings[0], torch.Tensor) else self.dim
+        if dim != self.dim:
+            raise ValueError(f"these are {dim}-d embeddings; this model makes {self.dim}-d ones")
         identity = {"kind": kind, "model": self.source, "fingerprint": self.fingerprint,
                     "fingerprint_method": FINGERPRINT_METHOD, "dim": str(self.dim)}
         reserved = sorted(set(metadata or {}) & set(identity))
