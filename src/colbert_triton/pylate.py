@@ -696,7 +696,7 @@ class ExactIndex:
     @property
     def _corpus(self) -> PackedEmbeddings | None:
         """The whole corpus as one `PackedEmbeddings` (the parts joined now), or None while empty."""
-        self._parts = _joined(self._parts)
+        self._parts = _one_part(self._parts)
         return self._parts[0] if self._parts else None
 
     def _set(self, parts: list[PackedEmbeddings], ids: list) -> None:
@@ -706,7 +706,7 @@ class ExactIndex:
     def _save(self, parts: list[PackedEmbeddings], ids: list) -> list[PackedEmbeddings]:
         """Write the index's next state to its file (before it is taken, so a refused write leaves
         the index as it was); the parts, joined."""
-        parts = _joined(parts)
+        parts = _one_part(parts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if parts:
             save_embeddings(self.path, parts[0], ids=ids)
@@ -715,7 +715,7 @@ class ExactIndex:
         return parts
 
 
-def _joined(parts: list[PackedEmbeddings]) -> list[PackedEmbeddings]:
+def _one_part(parts: list[PackedEmbeddings]) -> list[PackedEmbeddings]:
     """``parts`` as at most one `PackedEmbeddings`, end to end."""
     if len(parts) <= 1:
         return parts
