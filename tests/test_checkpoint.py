@@ -271,7 +271,7 @@ def test_a_cuda_index_past_the_machines_gpus_is_a_clear_error(monkeypatch):
 
 
 def test_cuda_without_an_index_is_pinned_to_the_current_gpu(monkeypatch):
-    from colbert_triton.model.colbert import _pick_device
+    from colbert_triton.packed import pick_device as _pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)

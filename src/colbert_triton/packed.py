@@ -473,6 +473,18 @@ def load_embeddings(path, *, device="cpu", check=None) -> EmbeddingsFile:
     return EmbeddingsFile(embeddings.to(available_device(device)), ids, info.metadata)
 
 
+def pick_device(device) -> torch.device:
+    """``device``, or CUDA when there is one and the CPU otherwise, as `available_device` checks it;
+    "cuda" fixed to the GPU current now, so a later torch.cuda.set_device does not move a model's
+    (or an index's) launches, events and buffers to another GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = available_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def available_device(device) -> torch.device:
     """``device`` as a torch.device that this machine has, or a clear error."""
     try:

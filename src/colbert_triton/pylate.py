@@ -43,8 +43,8 @@ from . import scoring
 from .packed import (
     EMBEDDING_DTYPES,
     PackedEmbeddings,
-    available_device,
     load_embeddings,
+    pick_device,
     save_embeddings,
 )
 
@@ -562,8 +562,7 @@ class ExactIndex:
 
     def __init__(self, index_folder=None, index_name: str = "colbert", override: bool = False, *,
                  device=None, dtype: torch.dtype | None = None, backend: str | None = None):
-        self.device = available_device(device if device is not None else
-                                       "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device(device)
         if dtype is not None and (dtype not in EMBEDDING_DTYPES or dtype == torch.float64):
             raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
         scoring.resolve_backend(self.device, backend)  # a bad name fails here, not at the first query
@@ -659,15 +658,13 @@ class ExactIndex:
                     for row_i, row_s in zip(indices.tolist(), scores.tolist())]
         per_query = self._subset_positions(subset, len(queries))
         width = max(1, max(map(len, per_query)))
-        candidates = torch.full((len(queries), width), -1, dtype=torch.int64)
-        for row, positions in zip(candidates, per_query):
-            row[: len(positions)] = torch.tensor(positions, dtype=torch.int64)
+        candidates = [positions + [-1] * (width - len(positions)) for positions in per_query]  # -1: no candidate
         scores = scoring.score_candidates(batch, self._corpus, candidates, backend=self.backend, check_inputs=False)
         # Candidates in corpus order and a stable sort: ties go to the document added first.
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices.cpu()
-        scores = scores.cpu()
-        return [[RerankResult(id=self._ids[int(candidates[q, j])], score=float(scores[q, j]))
-                 for j in order[q, : min(k, len(per_query[q]))].tolist()] for q in range(len(queries))]
+        ranked = torch.sort(scores, dim=1, descending=True, stable=True)
+        return [[RerankResult(id=self._ids[positions[j]], score=s)
+                 for j, s in zip(order[: min(k, len(positions))], row_scores)]
+                for positions, order, row_scores in zip(per_query, ranked.indices.tolist(), ranked.values.tolist())]
 
     def _subset_positions(self, subset, num_queries: int) -> list[list[int]]:
         """Each query's candidates as sorted, distinct corpus positions."""

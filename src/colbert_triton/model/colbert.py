@@ -19,6 +19,7 @@ from ..packed import (
     PackedEmbeddings,
     available_device,
     load_embeddings,
+    pick_device,
     save_embeddings,
 )
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
@@ -58,17 +59,6 @@ def _tokenized_ahead(tokenize, texts: list[str], chunks: list[np.ndarray]):
             yield pending.result()
         finally:  # the caller stopped early (an error): tokenize nothing more
             pending.cancel()
-
-
-def _pick_device(device) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = available_device(device)
-    if device.type == "cuda" and device.index is None:
-        # "cuda" means the GPU current now: fixed here, so a later torch.cuda.set_device does
-        # not move the model's launches, events and graph buffers to another GPU.
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -168,7 +158,7 @@ class ColBERT:
         Triton attention takes head dims 16, 32, 64 and 128: other checkpoints run the PyTorch
         encoder by default and are refused with ``backend="triton"``.
         """
-        device = _pick_device(device)
+        device = pick_device(device)
         dtype = _pick_dtype(dtype, device)
         ckpt = load_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
         settings = ckpt.settings.with_lengths(query_maxlen, doc_maxlen)
@@ -347,9 +337,10 @@ class ColBERT:
         _check_kind(kind)
         if isinstance(embeddings, PackedEmbeddings):
             dim = embeddings.dim
-        else:  # a list (other inputs are refused by save_embeddings)
-            dim = embeddings[0].shape[-1] if isinstance(embeddings, (list, tuple)) and embeddings and \
-                isinstance(embeddings[0], torch.Tensor) else self.dim
+        elif isinstance(embeddings, (list, tuple)) and embeddings and isinstance(embeddings[0], torch.Tensor):
+            dim = embeddings[0].shape[-1]
+        else:  # not embeddings at all: save_embeddings says what is wrong
+            dim = self.dim
         if dim != self.dim:
             raise ValueError(f"these are {dim}-d embeddings; this model makes {self.dim}-d ones")
         identity = {"kind": kind, "model": self.source, "fingerprint": self.fingerprint,
@@ -365,7 +356,7 @@ class ColBERT:
         streams), refusing one made by another model (fingerprint), of another dim, or of the
         other kind."""
         _check_kind(kind)
-        device = self.device if device is None else _pick_device(device)
+        device = self.device if device is None else pick_device(device)
         # The header is checked before the values are read, in the same file.
         saved = load_embeddings(path, check=lambda info: self._check_header(info, path, kind))
         return saved._replace(embeddings=saved.embeddings.to(device=device, dtype=self.dtype))
