@@ -244,7 +244,26 @@ def _encoder_batches_case():
     return recorders
 
 
-CASES = {"encoder": _encoder_case, "fused-layernorm": _fused_layernorm_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
+def _pooling_case():
+    """Token pooling's three kernels for documents of 16 to 512 pooled rows (every BLOCK_N), in
+    each input dtype, at d 96 and 128."""
+    import numpy as np
+    import torch
+
+    from colbert_triton.kernels import pooling
+
+    recorders = _record([(pooling, "_cosine_distance_kernel"), (pooling, "_ward_clusters_kernel"),
+                         (pooling, "_cluster_means_kernel")])
+    os.environ["TRITON_INTERPRET"] = "1"  # the launcher's host code on CPU tensors, as in _maxsim_case
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (96, 128):
+            for longest in (17, 300, 513):
+                lengths = np.array([longest, 5, 40])
+                pooling.pool_documents(_zeros(int(lengths.sum()), d, dtype=dt), lengths, 2, 1)
+    return recorders
+
+
+CASES = {"encoder": _encoder_case, "pooling": _pooling_case, "fused-layernorm": _fused_layernorm_case, "maxsim": _maxsim_case, "maxsim-counts": _maxsim_counts_case,
          "maxsim-query-registers": _maxsim_query_registers_case, "encoder-batches": _encoder_batches_case}
 
 
@@ -255,7 +274,7 @@ def specialization(kernel, args, kwargs):
 
     values = dict(zip(kernel.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = values[param.name]
