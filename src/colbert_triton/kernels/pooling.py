@@ -117,7 +117,9 @@ def _ward_clusters_kernel(
     labels_ptr,  # [sum n] int32 out: each pooled row's cluster, 1-based (fcluster's T)
     label_offset_ptr,  # [B] int64
     found_ptr,  # [B] int32 out: the clusters made (<= max_clusters: fewer on tied heights)
+    linkage_ptr,  # [sum n, 3] float64 out with WRITE_LINKAGE: SciPy's linkage matrix, first 3 columns
     BLOCK_N: tl.constexpr,  # one register slot per row: next power of two >= the longest n
+    WRITE_LINKAGE: tl.constexpr,  # for the tests: the tree itself, not only the labels
 ):
     doc = tl.program_id(0)
     n = tl.load(num_rows_ptr + doc)
@@ -265,6 +267,11 @@ def _ward_clusters_kernel(
         label_start = tl.load(label_offset_ptr + doc)
         tl.store(labels_ptr + label_start + offs, labels, mask=in_doc)
         tl.store(found_ptr + doc, count)
+        if WRITE_LINKAGE:
+            linkage = linkage_ptr + label_start * 3 + offs * 3
+            tl.store(linkage, left.to(tl.float64), mask=is_merge)
+            tl.store(linkage + 1, right.to(tl.float64), mask=is_merge)
+            tl.store(linkage + 2, sorted_height, mask=is_merge)
 
 
 @triton.jit
@@ -417,8 +424,8 @@ def pool_documents(values: torch.Tensor, lengths, pool_factor: int, protected: i
                 # No FMA: SciPy's Lance-Williams update rounds each product and sum on its own.
                 _ward_clusters_kernel[(len(group_rows),)](
                     dist, dist_offsets_d, num_rows, to_device(max_clusters[group], torch.int32), labels,
-                    to_device(label_offsets[group], torch.int64), found[group],
-                    BLOCK_N=block_n, num_warps=4, enable_fp_fusion=False)
+                    to_device(label_offsets[group], torch.int64), found[group], dist,
+                    BLOCK_N=block_n, WRITE_LINKAGE=False, num_warps=4, enable_fp_fusion=False)
             group_start = group_end
         _cluster_means_kernel[(len(lengths),)](
             values, to_device(starts, torch.int64), to_device(lengths, torch.int32), to_device(keep, torch.int32),

@@ -267,16 +267,27 @@ def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, h
     clusters = max(rows // pool_factor, 1)
     if clusters >= rows:  # nothing to merge
         return document
-    distances = 1 - torch.mm(to_pool, to_pool.t()).numpy()
+    labels = ward_labels(1 - torch.mm(to_pool, to_pool.t()).numpy(), clusters, hierarchy, squareform)
+    return torch.cat([protected, cluster_means(to_pool, labels, clusters)], 0)
+
+
+def ward_labels(distances: np.ndarray, clusters: int, hierarchy, squareform) -> np.ndarray:
+    """Each row's cluster (1-based) when the Ward tree over the square ``distances`` is cut into
+    at most ``clusters`` clusters: SciPy's ``linkage`` and ``fcluster``, as PyLate calls them."""
     # The upper triangle, row by row (PyLate's distances[np.triu_indices(rows, k=1)], 40x faster).
     condensed = squareform(distances, checks=False)
     # Two rows equal to rounding can be at distance -1e-7, and SciPy refuses the linkage that
     # makes ("contains negative distances"), as PyLate then fails. At 0 they merge first.
     np.maximum(condensed, 0, out=condensed)
-    labels = hierarchy.fcluster(hierarchy.linkage(condensed, method="ward"), t=clusters, criterion="maxclust")
+    return hierarchy.fcluster(hierarchy.linkage(condensed, method="ward"), t=clusters, criterion="maxclust")
+
+
+def cluster_means(to_pool: torch.Tensor, labels: np.ndarray, clusters: int) -> torch.Tensor:
+    """The mean of each cluster's rows, in label order (PyLate's scatter_add_ and division)."""
     labels = torch.from_numpy(labels.astype(np.int64)) - 1
+    rows = to_pool.shape[0]
     sums = torch.zeros(clusters, to_pool.shape[1], dtype=to_pool.dtype)
     sums.scatter_add_(0, labels.unsqueeze(1).expand_as(to_pool), to_pool)
     counts = torch.zeros(clusters, dtype=torch.long).scatter_add_(0, labels, torch.ones(rows, dtype=torch.long))
     filled = counts > 0  # maxclust may make fewer clusters than asked for (tied distances)
-    return torch.cat([protected, sums[filled] / counts[filled].unsqueeze(1)], 0)
+    return sums[filled] / counts[filled].unsqueeze(1)

@@ -1,0 +1,212 @@
+"""Token pooling's Triton kernels (`kernels/pooling.py`) against SciPy and the CPU pooling.
+
+The clustering kernel must give SciPy's labels to the bit on the same distances: it is run on
+the distance kernel's own output, which SciPy is given too. The distances are checked against a
+float64 reference, and the whole launcher against the CPU path's code (`model/pooling.py`) fed
+those reference distances. On the CPU these run in Triton's interpreter (small documents: the
+clustering is a loop of vector steps per merge).
+"""
+
+import numpy as np
+import pytest
+import torch
+import triton
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, poisoned
+
+from colbert_triton.kernels import pooling
+from colbert_triton.model.pooling import _scipy, cluster_means, ward_labels
+
+hierarchy, squareform = _scipy()
+
+
+def _rows(kind: str, n: int, dim: int, seed: int) -> torch.Tensor:
+    """Unit rows: independent, in tight groups (as a text's tokens often are), or with exact
+    duplicates (a repeated row: distance 0, tied merge heights)."""
+    gen = np.random.default_rng(seed)
+    if kind == "groups":
+        centres = gen.standard_normal((max(1, n // 8), dim))
+        x = centres[gen.integers(0, len(centres), n)] + 0.3 * gen.standard_normal((n, dim))
+    else:
+        x = gen.standard_normal((n, dim))
+        if kind == "duplicates":
+            x[gen.integers(0, n, n // 3)] = x[gen.integers(0, n, n // 3)]
+        elif kind == "identical":
+            x[:] = x[0]
+        elif kind == "mirror":
+            # Rows 0-3 at -65, +30, -30 and 0 degrees in one plane: the chain goes 0 -> 2 -> 3,
+            # where rows 1 and 2 are exactly as far from row 3 (products of 1 and 0 are exact),
+            # and SciPy keeps the chain's previous row (2) on that tie, not the first (1).
+            x = 0.05 * x  # the other rows: far from the plane's
+            x[:4] = 0
+            angles = np.radians([-65, 30, -30, 0])
+            x[:4, 0], x[:4, 1] = np.cos(angles), np.sin(angles)
+            x[3, 1] = 0
+            x[4:, 2] = 1
+    return torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1)
+
+
+def _distances(rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The distance kernel's ``n x n`` float64 block for one document, in a poisoned scratch."""
+    n = rows.shape[0]
+    values = rows.to(dtype).to(KERNEL_DEVICE)
+    dist = poisoned((n * n,), torch.float64)
+    tiles = triton.cdiv(n, pooling._DISTANCE_TILE)
+    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)  # noqa: E731
+    pooling._cosine_distance_kernel[(1, tiles, tiles)](
+        values, as_device([0], torch.int64), as_device([n], torch.int32), as_device([0], torch.int64), dist,
+        values.stride(0), D=values.shape[1], BLOCK=pooling._DISTANCE_TILE, BLOCK_K=pooling._DISTANCE_K)
+    return dist.view(n, n)
+
+
+def _reference_distances(rows: torch.Tensor) -> torch.Tensor:
+    """``max(1 - s, 0)`` with ``s`` the float32 rounding of the float64 dot products (exact
+    products of float32 values, summed in float64)."""
+    similarity = (rows.double() @ rows.double().t()).float()
+    return (1 - similarity).clamp_min(0).double()
+
+
+@pytest.mark.parametrize("n, dim", [(1, 96), (2, 32), (17, 96), (33, 128), (40, 7)])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_distances_are_one_minus_the_rounded_float32_similarity(n, dim, dtype):
+    rows = _rows("groups", n, dim, seed=n + dim).to(dtype).float()
+    got = _distances(rows, dtype).cpu()
+    expected = _reference_distances(rows)
+    assert not got.isnan().any(), "an entry of the block was not written"
+    # The same up to the float64 summation order, which can move a rounding by one float32 step.
+    assert (got - expected).abs().max() <= 2 ** -23
+    assert (got == expected).double().mean() >= 0.99
+    assert (got >= 0).all()
+
+
+_CASES = [  # (kind, rows, clusters)
+    ("independent", 2, 1), ("independent", 3, 1), ("independent", 7, 3), ("independent", 30, 15),
+    ("independent", 64, 21), ("groups", 41, 20), ("groups", 65, 32), ("duplicates", 24, 12),
+    ("duplicates", 50, 16), ("identical", 9, 4), ("mirror", 4, 2), ("mirror", 12, 6),
+]
+
+
+@pytest.mark.parametrize("kind, n, clusters", _CASES)
+def test_ward_clusters_are_scipys_to_the_bit(kind, n, clusters):
+    rows = _rows(kind, n, 96, seed=n)
+    dist = _distances(rows)
+    expected = ward_labels(dist.cpu().numpy(), clusters, hierarchy, squareform)
+    condensed = squareform(dist.cpu().numpy(), checks=False)
+    expected_linkage = hierarchy.linkage(condensed, method="ward")
+    labels = torch.full((n,), -7, dtype=torch.int32, device=KERNEL_DEVICE)
+    found = torch.full((1,), -7, dtype=torch.int32, device=KERNEL_DEVICE)
+    linkage = poisoned((n, 3), torch.float64)
+    scratch = dist.reshape(-1).clone()  # updated in place by the linkage
+    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)  # noqa: E731
+    pooling._ward_clusters_kernel[(1,)](
+        scratch, as_device([0], torch.int64), as_device([n], torch.int32), as_device([clusters], torch.int32),
+        labels, as_device([0], torch.int64), found, linkage, BLOCK_N=max(16, triton.next_power_of_2(n)),
+        WRITE_LINKAGE=True, enable_fp_fusion=False)
+    # The tree itself, heights to the bit (the sizes column is not needed by the cut).
+    np.testing.assert_array_equal(linkage[: n - 1].cpu().numpy(), expected_linkage[:, :3])
+    np.testing.assert_array_equal(labels.cpu().numpy(), expected)
+    assert int(found) == expected.max() <= clusters
+    if kind == "identical":  # every height ties at 0: the cut can only keep them together
+        assert int(found) == 1
+
+
+def _reference_pooling(values: torch.Tensor, lengths, pool_factor: int, protected: int) -> list[torch.Tensor]:
+    """The CPU path's clustering and means, given the distance kernel's distances."""
+    pooled = []
+    for document in torch.split(values.float().cpu(), list(lengths), 0):
+        kept, to_pool = document[:protected], document[protected:]
+        clusters = max(len(to_pool) // pool_factor, 1)
+        if clusters >= len(to_pool):
+            pooled.append(document)
+            continue
+        labels = ward_labels(_reference_distances(to_pool).numpy(), clusters, hierarchy, squareform)
+        pooled.append(torch.cat([kept, cluster_means(to_pool, labels, clusters)]))
+    return pooled
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("pool_factor, protected", [(2, 1), (3, 0), (2, 4)])
+def test_pool_documents_is_the_cpu_pooling(dtype, pool_factor, protected):
+    # Empty, protected-only, too short to merge, just long enough, and longer documents.
+    lengths = np.array([0, 1, 2, 3, 5, 6, 23, 38, 4])
+    values = torch.cat([_rows("groups", int(n), 96, seed=i) for i, n in enumerate(lengths)]).to(dtype)
+    batch = pooling.pool_documents(values.to(KERNEL_DEVICE), lengths, pool_factor, protected)
+    got, got_lengths = batch.result()
+    expected = _reference_pooling(values, lengths, pool_factor, protected)
+    np.testing.assert_array_equal(got_lengths, [len(e) for e in expected])
+    assert got.dtype == dtype and got.device.type == torch.device(KERNEL_DEVICE).type
+    assert torch.equal(got.cpu(), torch.cat(expected).to(dtype))
+
+
+def test_tied_heights_make_fewer_clusters_and_their_rows_are_dropped():
+    # Ten identical rows, then ten independent ones: the first document's cut keeps one cluster
+    # of its budget of five, the second all ten of its budget.
+    lengths = np.array([11, 21])
+    values = torch.cat([_rows("identical", 11, 96, seed=1), _rows("independent", 21, 96, seed=2)])
+    batch = pooling.pool_documents(values.to(KERNEL_DEVICE), lengths, 2, 1)
+    np.testing.assert_array_equal(batch.bound_lengths, [6, 11])
+    assert batch.found.cpu().tolist() == [1, 10]
+    got, got_lengths = batch.result()
+    np.testing.assert_array_equal(got_lengths, [2, 11])
+    expected = _reference_pooling(values, lengths, 2, 1)
+    assert torch.equal(got.cpu(), torch.cat(expected))
+
+
+def test_a_batch_larger_than_the_scratch_is_pooled_in_groups(monkeypatch):
+    lengths = np.array([12, 30, 9, 17])
+    values = torch.cat([_rows("groups", int(n), 96, seed=i) for i, n in enumerate(lengths)])
+    whole, whole_lengths = pooling.pool_documents(values.to(KERNEL_DEVICE), lengths, 2, 1).result()
+    launches = []
+    kernel = pooling._ward_clusters_kernel
+    monkeypatch.setattr(pooling, "_SCRATCH_BYTES", 30 * 30 * 8)  # one document's distances
+    monkeypatch.setattr(pooling, "_ward_clusters_kernel", _Counting(kernel, launches))
+    grouped, grouped_lengths = pooling.pool_documents(values.to(KERNEL_DEVICE), lengths, 2, 1).result()
+    # Squared rows 121, 841, 64, 256 (x 8 bytes) against a budget of 900: (0), (1), (2, 3).
+    assert launches == [1, 1, 2]
+    np.testing.assert_array_equal(grouped_lengths, whole_lengths)
+    assert torch.equal(grouped, whole)
+
+
+class _Counting:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid[0])
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: pooling.pool_documents(v.numpy(), [4], 2, 1), "2-D tensor"),
+    (lambda v: pooling.pool_documents(v.double(), [4], 2, 1), "dtype"),
+    (lambda v: pooling.pool_documents(v.t(), [96], 2, 1), "unit stride"),
+    (lambda v: pooling.pool_documents(v, [3], 2, 1), "4 rows in all"),
+    (lambda v: pooling.pool_documents(v, [5, -1], 2, 1), "non-negative"),
+    (lambda v: pooling.pool_documents(v, [4], 0, 1), "pool_factor"),
+    (lambda v: pooling.pool_documents(v, [4], 2, -1), "protected"),
+])
+def test_bad_input_is_refused_with_a_clear_error(call, message):
+    values = torch.nn.functional.normalize(torch.randn(4, 96), dim=1).to(KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=message):
+        call(values)
+
+
+def test_documents_longer_than_the_registers_hold_are_refused():
+    values = torch.zeros(pooling.MAX_POOLED_ROWS + 2, 8, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="513 rows to pool; up to 512"):
+        pooling.pool_documents(values, [pooling.MAX_POOLED_ROWS + 2], 2, 1)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="512 rows take minutes in the interpreter: run on a GPU")
+def test_the_longest_document_is_the_cpu_pooling():
+    lengths = np.array([pooling.MAX_POOLED_ROWS + 1, 300])
+    values = torch.cat([_rows("groups", int(n), 96, seed=i) for i, n in enumerate(lengths)])
+    got, got_lengths = pooling.pool_documents(values.to(KERNEL_DEVICE), lengths, 2, 1).result()
+    expected = _reference_pooling(values, lengths, 2, 1)
+    np.testing.assert_array_equal(got_lengths, [len(e) for e in expected])
+    assert torch.equal(got.cpu(), torch.cat(expected))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="need a CUDA tensor"):
+        pooling.pool_documents(torch.zeros(4, 8), [4], 2, 1)
