@@ -241,12 +241,15 @@ def pooling_processes():
         yield workers
 
 
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-triton-processes", "ours-triton-then-pool", "pylate"])
-def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_processes, impl):
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool",
+                                  "pylate"])
+def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_processes, monkeypatch, impl):
     """encode_documents with PyLate's token pooling (pool_factor 2), tokenization included: ours
-    pools each batch on the host while the GPU encodes the next (``-processes``: in
-    POOLING_PROCESSES worker processes), ``-then-pool`` (a variant: what that overlap saves)
-    encodes everything first and pools it after, PyLate pools each batch before encoding the next."""
+    pools each batch on the GPU right behind the encoder (the Triton backend's pooling kernels);
+    the variants pool on the host while the GPU encodes the next batch (``-host``: in this
+    process, ``-processes``: in POOLING_PROCESSES worker processes), or encode everything first
+    and pool it after (``-then-pool``: what the overlap saves); PyLate pools each batch on the
+    host before encoding the next."""
     from colbert_triton.model.pooling import pool_documents
 
     texts = e2e_texts(POOLED_TEXTS)
@@ -257,6 +260,8 @@ def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_proces
             pm.encode(texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False, pool_factor=POOL_FACTOR)
     else:
         m = models["triton"]
+        if impl != "ours-triton":  # the host's SciPy pooling behind the Triton encoder
+            monkeypatch.setattr(m, "_pools_on_device", lambda: False)
         encode = functools.partial(m.encode_documents, texts, batch_size=PAD_BATCH, packed=True, show_progress=False)
         if impl == "ours-triton-then-pool":
             def run():

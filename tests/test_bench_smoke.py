@@ -194,7 +194,7 @@ def encoder_bench(monkeypatch, tmp_path):
     return encoder_bench, checkpoint, encoder_bench.load_models(checkpoint)
 
 
-def test_encoder_benchmark_cases_run(encoder_bench):
+def test_encoder_benchmark_cases_run(encoder_bench, monkeypatch):
     """Whole-encoder throughput (ours checked against the torch path; HF BertModel eager and sdpa
     loaded as the suite loads them), latency and end-to-end cases, with PyLate's encode."""
     bench, checkpoint, models = encoder_bench
@@ -210,8 +210,9 @@ def test_encoder_benchmark_cases_run(encoder_bench):
         bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
     bench.test_documents_end_to_end(_call_once, models, checkpoint, "ours-triton-to-host")
     with PoolingProcesses(1) as workers:
-        for impl in ("ours-triton", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
-            bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, impl)
+        for impl in ("ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
+            with monkeypatch.context() as patch:  # the host variants' switch, undone after each
+                bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, patch, impl)
 
 
 def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):

@@ -51,9 +51,9 @@ def _distances(rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     values = rows.to(dtype).to(KERNEL_DEVICE)
     dist = poisoned((n * n,), torch.float64)
     tiles = triton.cdiv(n, pooling._DISTANCE_TILE)
-    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)  # noqa: E731
+    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)
     pooling._cosine_distance_kernel[(1, tiles, tiles)](
-        values, as_device([0], torch.int64), as_device([n], torch.int32), as_device([0], torch.int64), dist,
+        values, as_device([0], torch.int64), as_device([n], torch.int64), as_device([0], torch.int64), dist, 0,
         values.stride(0), D=values.shape[1], BLOCK=pooling._DISTANCE_TILE, BLOCK_K=pooling._DISTANCE_K)
     return dist.view(n, n)
 
@@ -96,9 +96,9 @@ def test_ward_clusters_are_scipys_to_the_bit(kind, n, clusters):
     found = torch.full((1,), -7, dtype=torch.int32, device=KERNEL_DEVICE)
     linkage = poisoned((n, 3), torch.float64)
     scratch = dist.reshape(-1).clone()  # updated in place by the linkage
-    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)  # noqa: E731
+    as_device = lambda array, dt: torch.tensor(array, dtype=dt, device=KERNEL_DEVICE)
     pooling._ward_clusters_kernel[(1,)](
-        scratch, as_device([0], torch.int64), as_device([n], torch.int32), as_device([clusters], torch.int32),
+        scratch, as_device([0], torch.int64), 0, as_device([n], torch.int64), as_device([clusters], torch.int64),
         labels, as_device([0], torch.int64), found, linkage, BLOCK_N=max(16, triton.next_power_of_2(n)),
         WRITE_LINKAGE=True, enable_fp_fusion=False)
     # The tree itself, heights to the bit (the sizes column is not needed by the cut).
@@ -210,3 +210,52 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="need a CUDA tensor"):
         pooling.pool_documents(torch.zeros(4, 8), [4], 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's path: with the Triton backend, documents are pooled by these kernels.
+
+
+@pytest.fixture(scope="module")
+def triton_model(stanford_dir):
+    from colbert_triton import ColBERT
+
+    return ColBERT.from_pretrained(stanford_dir, device=KERNEL_DEVICE, backend="triton", cuda_graphs=False)
+
+
+def test_the_triton_backend_pools_with_the_kernels(triton_model, monkeypatch):
+    from texts import DOCUMENTS
+
+    from colbert_triton import PoolingProcesses
+    from colbert_triton.model import pooling as cpu_pooling
+
+    docs = DOCUMENTS[:4]
+    plain = triton_model.encode_documents(docs, packed=True)
+    expected, expected_lengths = pooling.pool_documents(plain.values, plain.lengths_array, 2, 1).result()
+    # Neither SciPy nor the pooling processes are used: they would fail here.
+    monkeypatch.setattr(cpu_pooling, "_scipy", lambda: (_ for _ in ()).throw(ImportError("no scipy")))
+    monkeypatch.setattr(PoolingProcesses, "__init__", lambda *a: pytest.fail("pooling processes started"))
+    # Two batches (one pooled behind the other), into host memory (on a GPU: the copy path).
+    pooled = triton_model.encode_documents(docs, batch_size=2, pool_factor=2, pooling_processes=2,
+                                           output_device="cpu")
+    assert [len(item) for item in pooled] == expected_lengths.tolist()
+    assert all(item.device.type == "cpu" for item in pooled)
+    assert torch.equal(torch.cat(pooled), expected.cpu())
+
+
+def test_the_pipeline_drops_the_clusters_a_tied_cut_did_not_make():
+    from colbert_triton.model.pooling import BatchPipeline
+
+    first = (torch.cat([_rows("identical", 11, 96, seed=1), _rows("independent", 21, 96, seed=2)]), np.array([11, 21]))
+    second = (_rows("groups", 15, 96, seed=3), np.array([15]))
+    with BatchPipeline(2, 1, on_device=True) as pipeline:
+        done = pipeline.put(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in first), "a")
+        assert done == []  # one batch behind
+        done += pipeline.put(second[0].to(KERNEL_DEVICE), second[1], "b")
+        done += pipeline.finish()
+    assert [tag for *_, tag in done] == ["a", "b"]
+    for (values, lengths, _), (batch, batch_lengths) in zip(done, (first, second)):
+        expected = _reference_pooling(batch, batch_lengths, 2, 1)
+        np.testing.assert_array_equal(lengths, [len(e) for e in expected])
+        assert torch.equal(values.cpu(), torch.cat(expected))
+    np.testing.assert_array_equal(done[0][1], [2, 11])  # the identical rows: one cluster of five

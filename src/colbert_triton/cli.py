@@ -227,8 +227,8 @@ def _encode(args) -> None:
     metadata = {}
     if args.kind == "documents":
         try:
-            pool_factor, protected_tokens, processes = check_pooling(
-                args.pool_factor, args.protected_tokens, args.pooling_processes)
+            pool_factor, protected_tokens, processes = check_pooling(  # the Triton backend pools on the GPU
+                args.pool_factor, args.protected_tokens, args.pooling_processes, needs_scipy=args.backend != "triton")
         except ImportError as error:  # SciPy missing: the user's setup, said in one line
             raise InputError(str(error)) from None
         model = _load_model(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import numpy as np
 import torch
 
 
@@ -19,6 +20,17 @@ def on_device(where: torch.Tensor | torch.device):
     if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def host_to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory, so the copy is asynchronous
+    (a pageable copy waits for the GPU to drain, stalling the host's preparation of the next
+    batch)."""
+    array = np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # Shared memory a block may use on sm_90 (H100/H200: 227 KiB), the budget the launch configs

@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device
+from ._device import host_to_device, on_device
 
-__all__ = ["pool_documents", "PooledBatch"]
+__all__ = ["PooledBatch", "pool_documents"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The longest pooled document a program holds in registers (BERT's 512 positions).
@@ -68,16 +68,17 @@ _SCRATCH_BYTES = 256 << 20
 def _cosine_distance_kernel(
     x_ptr,  # [T, D] the batch's rows, any float dtype
     first_row_ptr,  # [B] int64: a document's first pooled row in x (after its protected rows)
-    num_rows_ptr,  # [B] int32: its pooled rows n (0 for a document not pooled)
-    dist_offset_ptr,  # [B] int64: where its n x n block starts in dist
+    num_rows_ptr,  # [B] int64: its pooled rows n (0 for a document not pooled)
+    dist_offset_ptr,  # [B] int64: where its n x n block starts in dist, plus dist_base
     dist_ptr,  # float64 scratch
+    dist_base,  # the first document's offset: dist holds a group of documents at a time
     x_row_stride,
     D: tl.constexpr,
     BLOCK: tl.constexpr,  # rows and columns of the tile
     BLOCK_K: tl.constexpr,  # embedding columns summed per step
 ):
     doc = tl.program_id(0)
-    n = tl.load(num_rows_ptr + doc)
+    n = tl.load(num_rows_ptr + doc).to(tl.int32)
     offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     m_mask = offs_m < n
@@ -97,7 +98,7 @@ def _cosine_distance_kernel(
         acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
     similarity = acc.to(tl.float32)
     distance = tl.maximum(1.0 - similarity, 0.0)
-    dist = dist_ptr + tl.load(dist_offset_ptr + doc)
+    dist = dist_ptr + (tl.load(dist_offset_ptr + doc) - dist_base)
     tl.store(dist + offs_m[:, None] * n + offs_n[None, :], distance.to(tl.float64),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -112,8 +113,9 @@ def _pick(values, offs, index):
 def _ward_clusters_kernel(
     dist_ptr,  # float64 scratch: each document's n x n distances, updated in place
     dist_offset_ptr,  # [B] int64
-    num_rows_ptr,  # [B] int32: pooled rows n
-    max_clusters_ptr,  # [B] int32: the cut's cluster budget (fcluster's t); >= n: not pooled
+    dist_base,
+    num_rows_ptr,  # [B] int64: pooled rows n
+    max_clusters_ptr,  # [B] int64: the cut's cluster budget (fcluster's t); >= n: not pooled
     labels_ptr,  # [sum n] int32 out: each pooled row's cluster, 1-based (fcluster's T)
     label_offset_ptr,  # [B] int64
     found_ptr,  # [B] int32 out: the clusters made (<= max_clusters: fewer on tied heights)
@@ -122,10 +124,10 @@ def _ward_clusters_kernel(
     WRITE_LINKAGE: tl.constexpr,  # for the tests: the tree itself, not only the labels
 ):
     doc = tl.program_id(0)
-    n = tl.load(num_rows_ptr + doc)
-    max_clusters = tl.load(max_clusters_ptr + doc)
+    n = tl.load(num_rows_ptr + doc).to(tl.int32)
+    max_clusters = tl.load(max_clusters_ptr + doc).to(tl.int32)
     if max_clusters < n:
-        dist = dist_ptr + tl.load(dist_offset_ptr + doc)
+        dist = dist_ptr + (tl.load(dist_offset_ptr + doc) - dist_base)
         offs = tl.arange(0, BLOCK_N)
         in_doc = offs < n
         inf = float("inf")
@@ -152,7 +154,7 @@ def _ward_clusters_kernel(
                 # element (SciPy's scan with `dist < current_min`); NaN is never closer.
                 x = _pick(chain, offs, chain_len - 1)
                 row = tl.load(dist + x * n + offs, mask=in_doc, other=inf)
-                candidate = (size > 0) & (offs != x) & (row == row)
+                candidate = (size > 0) & (offs != x) & (row == row)  # noqa: PLR0124 (not NaN)
                 nearest = tl.min(tl.where(candidate, row, inf), axis=0)
                 first_nearest = tl.min(tl.where(candidate & (row == nearest), offs, BLOCK_N), axis=0)
                 has_previous = chain_len > 1
@@ -191,15 +193,15 @@ def _ward_clusters_kernel(
         # --- the merges sorted by height (a stable sort, NaN last), then relabelled -------------
         num_merges = n - 1
         is_merge = offs < num_merges
-        unordered = height != height
-        ordered_count = tl.sum((is_merge & (height == height)).to(tl.int32), axis=0)
+        unordered = height != height  # noqa: PLR0124 (NaN)
+        ordered_count = tl.sum((is_merge & (height == height)).to(tl.int32), axis=0)  # noqa: PLR0124
         sorted_low = tl.zeros([BLOCK_N], dtype=tl.int32)
         sorted_high = tl.zeros([BLOCK_N], dtype=tl.int32)
         sorted_height = tl.zeros([BLOCK_N], dtype=tl.float64)
         for k in range(num_merges):
             h = _pick(height, offs, k)
             earlier = offs < k
-            rank = tl.where(h == h,
+            rank = tl.where(h == h,  # noqa: PLR0124 (not NaN: NaN heights sort last)
                             tl.sum((is_merge & (height < h)).to(tl.int32), axis=0)
                             + tl.sum((earlier & (height == h)).to(tl.int32), axis=0),
                             ordered_count + tl.sum((earlier & unordered).to(tl.int32), axis=0))
@@ -278,9 +280,9 @@ def _ward_clusters_kernel(
 def _cluster_means_kernel(
     x_ptr,  # [T, D] the batch's rows
     doc_start_ptr,  # [B] int64: a document's first row in x
-    doc_len_ptr,  # [B] int32: its rows
-    keep_ptr,  # [B] int32: its protected rows (<= its rows)
-    max_clusters_ptr,  # [B] int32: >= its pooled rows: not pooled, copied
+    doc_len_ptr,  # [B] int64: its rows
+    keep_ptr,  # [B] int64: its protected rows (<= its rows)
+    max_clusters_ptr,  # [B] int64: >= its pooled rows: not pooled, copied
     labels_ptr,  # [sum n] int32: each pooled row's cluster, 1-based
     label_offset_ptr,  # [B] int64
     found_ptr,  # [B] int32: clusters made
@@ -293,9 +295,9 @@ def _cluster_means_kernel(
 ):
     doc = tl.program_id(0)
     start = tl.load(doc_start_ptr + doc)
-    length = tl.load(doc_len_ptr + doc)
-    keep = tl.load(keep_ptr + doc)
-    max_clusters = tl.load(max_clusters_ptr + doc)
+    length = tl.load(doc_len_ptr + doc).to(tl.int32)
+    keep = tl.load(keep_ptr + doc).to(tl.int32)
+    max_clusters = tl.load(max_clusters_ptr + doc).to(tl.int32)
     out_start = tl.load(out_start_ptr + doc)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -342,15 +344,21 @@ class PooledBatch:
     def result(self, found: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """The pooled rows, packed, and their lengths (reads ``found`` from the device unless
         given: a sync)."""
-        if found is None:
-            found = self.found.cpu().numpy()
+        lengths, rows = self.lengths_and_rows(self.found.cpu().numpy() if found is None else found)
+        if rows is None:
+            return self.values, lengths
+        return self.values[torch.from_numpy(rows).to(self.values.device)], lengths
+
+    def lengths_and_rows(self, found: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Given ``found`` (on the host): the documents' pooled lengths, and the rows of
+        ``values`` they keep (None: all of them). The cut made fewer clusters than its budget
+        only where heights tie; the rows of the clusters not made (zeros) are dropped."""
         lengths = np.where(self.pooled, self.keep + found, self.bound_lengths).astype(np.int64)
         if np.array_equal(lengths, self.bound_lengths):
-            return self.values, lengths
-        # Clusters the cut did not make: drop their rows (zeros) from the bound layout.
+            return lengths, None
         starts = np.concatenate([[0], np.cumsum(self.bound_lengths)[:-1]])
         rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]).astype(np.int64)
-        return self.values[torch.from_numpy(rows).to(self.values.device)], lengths
+        return lengths, rows
 
 
 def _fail(message: str):
@@ -396,40 +404,38 @@ def pool_documents(values: torch.Tensor, lengths, pool_factor: int, protected: i
     out_starts = np.concatenate([[0], np.cumsum(bound_lengths)[:-1]])
     pooled_rows = np.where(pooled, rows, 0)  # the distance and clustering kernels skip the others
     label_offsets = np.concatenate([[0], np.cumsum(pooled_rows)[:-1]])
+    squares = pooled_rows * pooled_rows
+    dist_offsets = np.concatenate([[0], np.cumsum(squares)[:-1]])
     labels = torch.empty(max(int(pooled_rows.sum()), 1), dtype=torch.int32, device=device)
     block_n = max(16, triton.next_power_of_2(int(pooled_rows.max())))
-
-    def to_device(array, dtype):
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    # Every document's numbers in one copy to the device, a row each.
+    table = host_to_device(np.stack([starts, lengths, keep, max_clusters, out_starts, label_offsets, pooled_rows,
+                                     dist_offsets, starts + keep]), torch.int64, device)
+    (starts_d, lengths_d, keep_d, max_clusters_d, out_starts_d, label_offsets_d, pooled_rows_d, dist_offsets_d,
+     first_pooled_d) = table
 
     with on_device(values):
         # The distance matrices of a group of documents at a time, within the scratch budget.
-        squares = pooled_rows * pooled_rows
         group_start = 0
         while group_start < len(lengths):
             group_end = group_start + 1
             while group_end < len(lengths) and squares[group_start:group_end + 1].sum() * 8 <= _SCRATCH_BYTES:
                 group_end += 1
             group = slice(group_start, group_end)
-            group_rows = pooled_rows[group]
-            if group_rows.any():
-                dist_offsets = np.concatenate([[0], np.cumsum(squares[group])[:-1]])
+            if pooled_rows[group].any():
                 dist = torch.empty(max(int(squares[group].sum()), 1), dtype=torch.float64, device=device)
-                num_rows = to_device(group_rows, torch.int32)
-                dist_offsets_d = to_device(dist_offsets, torch.int64)
-                tiles = triton.cdiv(int(group_rows.max()), _DISTANCE_TILE)
-                _cosine_distance_kernel[(len(group_rows), tiles, tiles)](
-                    values, to_device(starts[group] + keep[group], torch.int64), num_rows, dist_offsets_d,
-                    dist, values.stride(0), D=dim, BLOCK=_DISTANCE_TILE, BLOCK_K=_DISTANCE_K, num_warps=4)
+                base = int(dist_offsets[group_start])
+                tiles = triton.cdiv(int(pooled_rows[group].max()), _DISTANCE_TILE)
+                _cosine_distance_kernel[(group_end - group_start, tiles, tiles)](
+                    values, first_pooled_d[group], pooled_rows_d[group], dist_offsets_d[group], dist, base,
+                    values.stride(0), D=dim, BLOCK=_DISTANCE_TILE, BLOCK_K=_DISTANCE_K, num_warps=4)
                 # No FMA: SciPy's Lance-Williams update rounds each product and sum on its own.
-                _ward_clusters_kernel[(len(group_rows),)](
-                    dist, dist_offsets_d, num_rows, to_device(max_clusters[group], torch.int32), labels,
-                    to_device(label_offsets[group], torch.int64), found[group], dist,
+                _ward_clusters_kernel[(group_end - group_start,)](
+                    dist, dist_offsets_d[group], base, pooled_rows_d[group], max_clusters_d[group], labels,
+                    label_offsets_d[group], found[group], dist,
                     BLOCK_N=block_n, WRITE_LINKAGE=False, num_warps=4, enable_fp_fusion=False)
             group_start = group_end
         _cluster_means_kernel[(len(lengths),)](
-            values, to_device(starts, torch.int64), to_device(lengths, torch.int32), to_device(keep, torch.int32),
-            to_device(max_clusters, torch.int32), labels, to_device(label_offsets, torch.int64), found, out,
-            to_device(out_starts, torch.int64), values.stride(0), D=dim,
-            BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, num_warps=1)
+            values, starts_d, lengths_d, keep_d, max_clusters_d, labels, label_offsets_d, found, out, out_starts_d,
+            values.stride(0), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, num_warps=1)
     return PooledBatch(out.to(values.dtype), bound_lengths, keep, pooled, found)

@@ -221,14 +221,21 @@ class ColBERT:
 
         ``pool_factor`` > 1 pools each document's rows after its first ``protected_tokens``
         (``[CLS]``) into about 1/pool_factor as many, as PyLate's ``encode(pool_factor=...)``
-        does (`model.pooling`; needs SciPy): an index that many times smaller. It runs on the
-        CPU, one batch behind the encoder (on a GPU the next batch is encoded meanwhile), in this
-        process or shared among ``pooling_processes``: a number of worker processes started for
-        the call (with ``spawn``: a script needs ``if __name__ == "__main__":``), or running
-        `PoolingProcesses`, to keep them across calls."""
-        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes)
+        does: an index that many times smaller. With the Triton backend it runs on the GPU
+        (`kernels.pooling`: SciPy's clustering step for step, queued behind the encoder).
+        Otherwise on the CPU with SciPy (`model.pooling`), one batch behind the encoder (on a
+        GPU the next batch is encoded meanwhile), in this process or shared among
+        ``pooling_processes``: a number of worker processes started for the call (with
+        ``spawn``: a script needs ``if __name__ == "__main__":``), or running
+        `PoolingProcesses`, to keep them across calls (not used with the Triton backend)."""
+        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes,
+                                needs_scipy=not self._pools_on_device())
         output_device = self._output_device(output_device)
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling, output_device)
+
+    def _pools_on_device(self) -> bool:
+        """Token pooling by the Triton kernels, where the encoder runs: with the Triton backend."""
+        return self.backend == "triton"
 
     def _output_device(self, device) -> torch.device:
         """Where encoded batches go: the model's device, or the host."""
@@ -273,13 +280,15 @@ class ColBERT:
         pool_factor, protected_tokens, processes = pooling
         if isinstance(processes, PoolingProcesses):  # the caller's: left running
             workers = nullcontext(processes)
-        else:  # for this call alone, if asked for
-            workers = PoolingProcesses(processes) if pool_factor > 1 and processes else nullcontext()
+        elif pool_factor > 1 and processes and not self._pools_on_device():  # for this call alone
+            workers = PoolingProcesses(processes)
+        else:
+            workers = nullcontext()
         # The bar is closed on an error too, so the terminal is not left with a half-drawn line
         # (and the pooling processes stopped).
         with (torch.inference_mode(), progress, workers as pooling_workers,
-              BatchPipeline(pool_factor, protected_tokens, pooling_workers,
-                            output_device=output_device) as pipeline,
+              BatchPipeline(pool_factor, protected_tokens, pooling_workers, output_device=output_device,
+                            on_device=self._pools_on_device()) as pipeline,
               closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")

@@ -16,15 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def host_to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory, so the copy is asynchronous
-    (a pageable copy waits for the GPU to drain, stalling the host's preparation of the next
-    batch)."""
-    tensor = torch.from_numpy(array).to(dtype)
-    if torch.device(device).type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+from ..kernels._device import host_to_device
 
 
 @dataclass

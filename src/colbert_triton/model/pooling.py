@@ -25,10 +25,10 @@ import torch
 from .. import scoring
 
 
-def check_pooling(pool_factor, protected_tokens, processes=0) -> tuple[int, int, int | PoolingProcesses]:
+def check_pooling(pool_factor, protected_tokens, processes=0, needs_scipy=True) -> tuple[int, int, int | PoolingProcesses]:
     """The settings as Python ints (``processes`` may also be running `PoolingProcesses`), with
-    SciPy importable when pooling is asked for, or a clear error: called before anything is
-    encoded, so a corpus is not encoded only to fail here."""
+    SciPy importable when pooling is asked for on the CPU (``needs_scipy``), or a clear error:
+    called before anything is encoded, so a corpus is not encoded only to fail here."""
     pool_factor = scoring.checked_int(pool_factor, "pool_factor")
     protected_tokens = scoring.checked_int(protected_tokens, "protected_tokens", minimum=0)
     if isinstance(processes, PoolingProcesses):
@@ -37,7 +37,7 @@ def check_pooling(pool_factor, protected_tokens, processes=0) -> tuple[int, int,
                              "`with` block has ended)")
     else:
         processes = scoring.checked_int(processes, "pooling_processes", minimum=0)
-    if pool_factor > 1:
+    if pool_factor > 1 and needs_scipy:
         _scipy()
     return pool_factor, protected_tokens, processes
 
@@ -163,14 +163,19 @@ class BatchPipeline:
     to the host never has to fit in the GPU's memory. With processes, up to
     ``batches_in_flight`` batches are handed to them before the oldest is waited for, so they
     do not idle while this process collects. Pooled results are those of `pool_documents`,
-    batch by batch. A context manager: an error inside it drops the work not yet started."""
+    batch by batch. With ``on_device``, each batch is pooled by the Triton kernels
+    (`kernels.pooling`) where it was encoded, queued behind the encoder; only how many clusters
+    each document got (fewer than asked for on tied heights) is waited for, one batch behind. A
+    context manager: an error inside it drops the work not yet started."""
 
     def __init__(self, pool_factor: int, protected_tokens: int, processes: PoolingProcesses | None = None,
-                 batches_in_flight: int = 2, output_device: torch.device | None = None):
+                 batches_in_flight: int = 2, output_device: torch.device | None = None, on_device: bool = False):
         self.pool_factor, self.protected_tokens = pool_factor, protected_tokens
         self.processes, self.batches_in_flight = processes, batches_in_flight
-        self.output_device = output_device
-        self._copying = None  # the newest batch: (values, lengths, tag, host copy, its event)
+        self.output_device, self.on_device = output_device, on_device
+        # The newest batch: (values, lengths, tag, pooled on the device or None, host copy, its
+        # clusters' count on the host, the copies' event).
+        self._copying = None
         self._waiting = deque()  # older batches, oldest first: (values, lengths, tag, host, pooled or in processes)
 
     def __enter__(self):
@@ -184,9 +189,18 @@ class BatchPipeline:
 
     def put(self, values: torch.Tensor, lengths: np.ndarray, tag=None) -> list[tuple[torch.Tensor, np.ndarray, object]]:
         """Take a batch (``tag`` comes back with it); the batches done by now, oldest first."""
-        if self.pool_factor == 1 and self._target(values) == values.device:
+        on_device = None
+        if self.pool_factor > 1 and self.on_device:
+            from ..kernels import pooling as pooling_kernels
+
+            on_device = pooling_kernels.pool_documents(values, lengths, self.pool_factor, self.protected_tokens)
+            values, lengths = on_device.values, on_device.bound_lengths
+        elif self.pool_factor == 1 and self._target(values) == values.device:
             return [(values, lengths, tag)]
-        copied, self._copying = self._copying, (values, lengths, tag, *_host_copy(values))
+        # To the host when the output goes there, or to be pooled there.
+        to_host = self._target(values) != values.device or (self.pool_factor > 1 and on_device is None)
+        copied, self._copying = self._copying, (values, lengths, tag, on_device,
+                                                *_host_copy(values if to_host else None, on_device))
         if copied is not None:
             self._start(*copied)
         return self._collect(self.batches_in_flight)
@@ -201,11 +215,17 @@ class BatchPipeline:
     def _target(self, values: torch.Tensor) -> torch.device:
         return values.device if self.output_device is None else self.output_device
 
-    def _start(self, values, lengths, tag, host, copied) -> None:
+    def _start(self, values, lengths, tag, on_device, host, found, copied) -> None:
         if copied is not None:
             copied.synchronize()  # this batch's copy only: the GPU goes on with the next batch
-        pooled = None  # moved only
-        if self.pool_factor > 1:
+        pooled = None  # moved only, or pooled on the device
+        if on_device is not None:
+            # The bound layout (each document's cluster budget) less the clusters not made.
+            lengths, rows = on_device.lengths_and_rows(found.numpy())
+            if rows is not None:
+                values = values[torch.from_numpy(rows).to(values.device)]
+                host = None if host is None else host[torch.from_numpy(rows)]
+        elif self.pool_factor > 1:
             # float32 whatever the model's dtype: PyLate clusters in the model's dtype, which for
             # float16 rounds every distance to 11 bits; on a float32 model the two are the same.
             documents = torch.split(host.float(), lengths.tolist(), 0)
@@ -242,16 +262,19 @@ def _is_done(pooled) -> bool:
     return not isinstance(pooled, _PoolingInProcesses) or pooled.done()
 
 
-def _host_copy(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """``values`` on the host, in their dtype, and, for a copy from a GPU (still under way),
-    the event that marks its end."""
-    values = values.detach()
-    if values.device.type != "cuda":
-        return values.cpu(), None
-    host = values.to("cpu", non_blocking=True)  # into pinned memory, queued after the encoder
+def _host_copy(values: torch.Tensor | None, on_device=None) -> tuple:
+    """``values`` (if given) on the host, in their dtype, the count of clusters of a batch
+    pooled on the device (if given), and, for copies from a GPU (still under way), the event
+    that marks their end."""
+    tensors = [None if t is None else t.detach() for t in (values, None if on_device is None else on_device.found)]
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    if device.type != "cuda":
+        return *(None if t is None else t.cpu() for t in tensors), None
+    # Into pinned memory, queued after the encoder and the pooling.
+    hosts = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
     copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(values.device))  # the copy's stream, whatever the current device
-    return host, copied
+    copied.record(torch.cuda.current_stream(device))  # the copies' stream, whatever the current device
+    return *hosts, copied
 
 
 def _pool_each(documents, pool_factor: int, protected_tokens: int) -> list[torch.Tensor]:
