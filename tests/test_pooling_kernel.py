@@ -7,6 +7,8 @@ those reference distances. On the CPU these run in Triton's interpreter (small d
 clustering is a loop of vector steps per merge).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,45 @@ def test_the_pipeline_drops_the_clusters_a_tied_cut_did_not_make():
         np.testing.assert_array_equal(lengths, [len(e) for e in expected])
         assert torch.equal(values.cpu(), torch.cat(expected))
     np.testing.assert_array_equal(done[0][1], [2, 11])  # the identical rows: one cluster of five
+
+
+def test_documents_longer_than_the_kernels_hold_are_pooled_on_the_cpu(triton_model, monkeypatch):
+    """A checkpoint whose documents can pass 512 rows after the protected ones: its Triton model
+    pools with SciPy (needed then), not with the kernels."""
+    from colbert_triton.model import pooling as cpu_pooling
+
+    assert triton_model._pools_on_device(1)
+    monkeypatch.setattr(triton_model, "settings",
+                        dataclasses.replace(triton_model.settings, doc_maxlen=pooling.MAX_POOLED_ROWS + 2))
+    assert not triton_model._pools_on_device(1) and triton_model._pools_on_device(2)
+    monkeypatch.setattr(cpu_pooling, "_scipy", lambda: (_ for _ in ()).throw(ImportError("no scipy here")))
+    with pytest.raises(ImportError, match="no scipy here"):
+        triton_model.encode_documents(["a document"], pool_factor=2)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA streams")
+def test_on_a_gpu_the_pooling_does_not_hold_up_the_encoders_next_batch(monkeypatch):
+    """The pipeline queues the pooling kernels on a stream of its own: work the encoder queues
+    after a batch (its next batch) does not wait for that batch's pooling."""
+    from colbert_triton.model.pooling import BatchPipeline
+
+    real = pooling.pool_documents
+
+    def slow(*args):
+        torch.cuda._sleep(400_000_000)  # ~200 ms, on the stream the pooling is queued on
+        return real(*args)
+
+    lengths = np.array([30, 7, 64])
+    values = torch.cat([_rows("groups", int(n), 96, seed=i) for i, n in enumerate(lengths)]).cuda()
+    monkeypatch.setattr(pooling, "pool_documents", slow)
+    with BatchPipeline(2, 1, on_device=True) as pipeline:
+        assert pipeline.put(values * 1, lengths, "a") == []
+        encoder_next = torch.cuda.Event()
+        (values * 2).sum()  # the encoder's next batch, queued after the put
+        encoder_next.record()
+        encoder_next.synchronize()
+        assert not pipeline._copying[-1].query(), "the encoder's next work waited for the pooling"
+        ((pooled, pooled_lengths, tag),) = pipeline.finish()
+    expected, expected_lengths = real(values, lengths, 2, 1).result()
+    assert tag == "a" and pooled_lengths.tolist() == expected_lengths.tolist()
+    assert torch.equal(pooled, expected)

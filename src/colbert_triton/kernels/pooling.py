@@ -341,10 +341,9 @@ class PooledBatch:
     pooled: np.ndarray
     found: torch.Tensor
 
-    def result(self, found: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """The pooled rows, packed, and their lengths (reads ``found`` from the device unless
-        given: a sync)."""
-        lengths, rows = self.lengths_and_rows(self.found.cpu().numpy() if found is None else found)
+    def result(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The pooled rows, packed, and their lengths (reads ``found``: a sync)."""
+        lengths, rows = self.lengths_and_rows(self.found.cpu().numpy())
         if rows is None:
             return self.values, lengths
         return self.values[torch.from_numpy(rows).to(self.values.device)], lengths

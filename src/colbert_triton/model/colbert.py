@@ -228,14 +228,18 @@ class ColBERT:
         ``pooling_processes``: a number of worker processes started for the call (with
         ``spawn``: a script needs ``if __name__ == "__main__":``), or running
         `PoolingProcesses`, to keep them across calls (not used with the Triton backend)."""
-        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes,
-                                needs_scipy=not self._pools_on_device())
+        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes, needs_scipy=False)
+        if pooling[0] > 1 and not self._pools_on_device(pooling[1]):  # on the CPU: with SciPy
+            check_pooling(*pooling, needs_scipy=True)
         output_device = self._output_device(output_device)
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling, output_device)
 
-    def _pools_on_device(self) -> bool:
-        """Token pooling by the Triton kernels, where the encoder runs: with the Triton backend."""
-        return self.backend == "triton"
+    def _pools_on_device(self, protected_tokens: int) -> bool:
+        """Token pooling by the Triton kernels, where the encoder runs: with the Triton backend,
+        for documents they hold (a checkpoint with more than 512 positions pools on the CPU)."""
+        from ..kernels.pooling import MAX_POOLED_ROWS
+
+        return self.backend == "triton" and self.settings.doc_maxlen - protected_tokens <= MAX_POOLED_ROWS
 
     def _output_device(self, device) -> torch.device:
         """Where encoded batches go: the model's device, or the host."""
@@ -280,7 +284,7 @@ class ColBERT:
         pool_factor, protected_tokens, processes = pooling
         if isinstance(processes, PoolingProcesses):  # the caller's: left running
             workers = nullcontext(processes)
-        elif pool_factor > 1 and processes and not self._pools_on_device():  # for this call alone
+        elif pool_factor > 1 and processes and not self._pools_on_device(protected_tokens):  # for this call alone
             workers = PoolingProcesses(processes)
         else:
             workers = nullcontext()
@@ -288,7 +292,7 @@ class ColBERT:
         # (and the pooling processes stopped).
         with (torch.inference_mode(), progress, workers as pooling_workers,
               BatchPipeline(pool_factor, protected_tokens, pooling_workers, output_device=output_device,
-                            on_device=self._pools_on_device()) as pipeline,
+                            on_device=self._pools_on_device(protected_tokens)) as pipeline,
               closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")

@@ -18,6 +18,7 @@ import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from .. import scoring
 
 def check_pooling(pool_factor, protected_tokens, processes=0, needs_scipy=True) -> tuple[int, int, int | PoolingProcesses]:
     """The settings as Python ints (``processes`` may also be running `PoolingProcesses`), with
-    SciPy importable when pooling is asked for on the CPU (``needs_scipy``), or a clear error:
-    called before anything is encoded, so a corpus is not encoded only to fail here."""
+    SciPy importable when pooling is asked for on the CPU (``needs_scipy``; the Triton backend
+    pools without it), or a clear error: called before anything is encoded, so a corpus is not
+    encoded only to fail here."""
     pool_factor = scoring.checked_int(pool_factor, "pool_factor")
     protected_tokens = scoring.checked_int(protected_tokens, "protected_tokens", minimum=0)
     if isinstance(processes, PoolingProcesses):
@@ -173,6 +175,7 @@ class BatchPipeline:
         self.pool_factor, self.protected_tokens = pool_factor, protected_tokens
         self.processes, self.batches_in_flight = processes, batches_in_flight
         self.output_device, self.on_device = output_device, on_device
+        self._stream = None  # the pooling kernels' CUDA stream, made on the first batch pooled there
         # The newest batch: (values, lengths, tag, pooled on the device or None, host copy, its
         # clusters' count on the host, the copies' event).
         self._copying = None
@@ -191,16 +194,15 @@ class BatchPipeline:
         """Take a batch (``tag`` comes back with it); the batches done by now, oldest first."""
         on_device = None
         if self.pool_factor > 1 and self.on_device:
-            from ..kernels import pooling as pooling_kernels
-
-            on_device = pooling_kernels.pool_documents(values, lengths, self.pool_factor, self.protected_tokens)
+            on_device = self._pool_on_device(values, lengths)
             values, lengths = on_device.values, on_device.bound_lengths
         elif self.pool_factor == 1 and self._target(values) == values.device:
             return [(values, lengths, tag)]
-        # To the host when the output goes there, or to be pooled there.
+        # To the host when the output goes there, or to be pooled there; after the pooling.
         to_host = self._target(values) != values.device or (self.pool_factor > 1 and on_device is None)
-        copied, self._copying = self._copying, (values, lengths, tag, on_device,
-                                                *_host_copy(values if to_host else None, on_device))
+        with torch.cuda.stream(self._stream) if on_device is not None and self._stream is not None else nullcontext():
+            copies = _host_copy(values if to_host else None, on_device)
+        copied, self._copying = self._copying, (values, lengths, tag, on_device, *copies)
         if copied is not None:
             self._start(*copied)
         return self._collect(self.batches_in_flight)
@@ -212,6 +214,23 @@ class BatchPipeline:
             self._copying = None
         return self._collect(0)
 
+    def _pool_on_device(self, values: torch.Tensor, lengths: np.ndarray):
+        """The batch's pooling kernels, queued on a stream of the pipeline's own behind the
+        encoder's work so far: the encoder goes on with the next batch meanwhile (the pooling
+        programs, one per document, leave most of the GPU to it)."""
+        from ..kernels import pooling as pooling_kernels
+
+        if values.device.type != "cuda":
+            return pooling_kernels.pool_documents(values, lengths, self.pool_factor, self.protected_tokens)
+        encoder = torch.cuda.current_stream(values.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(values.device)
+        self._stream.wait_stream(encoder)  # the batch is encoded
+        with torch.cuda.stream(self._stream):
+            pooled = pooling_kernels.pool_documents(values, lengths, self.pool_factor, self.protected_tokens)
+        values.record_stream(self._stream)  # read there: its memory is not reused until then
+        return pooled
+
     def _target(self, values: torch.Tensor) -> torch.device:
         return values.device if self.output_device is None else self.output_device
 
@@ -222,6 +241,8 @@ class BatchPipeline:
         if on_device is not None:
             # The bound layout (each document's cluster budget) less the clusters not made.
             lengths, rows = on_device.lengths_and_rows(found.numpy())
+            if values.device.type == "cuda":  # made on the pooling stream, used on the caller's
+                values.record_stream(torch.cuda.current_stream(values.device))
             if rows is not None:
                 values = values[torch.from_numpy(rows).to(values.device)]
                 host = None if host is None else host[torch.from_numpy(rows)]
