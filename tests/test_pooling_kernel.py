@@ -125,7 +125,8 @@ def _reference_pooling(values: torch.Tensor, lengths, pool_factor: int, protecte
     return pooled
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+# No tl.dot here: bfloat16 is right in the interpreter too.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pool_factor, protected", [(2, 1), (3, 0), (2, 4)])
 def test_pool_documents_is_the_cpu_pooling(dtype, pool_factor, protected):
     # Empty, protected-only, too short to merge, just long enough, and longer documents.
@@ -137,6 +138,15 @@ def test_pool_documents_is_the_cpu_pooling(dtype, pool_factor, protected):
     np.testing.assert_array_equal(got_lengths, [len(e) for e in expected])
     assert got.dtype == dtype and got.device.type == torch.device(KERNEL_DEVICE).type
     assert torch.equal(got.cpu(), torch.cat(expected).to(dtype))
+
+
+def test_a_batch_with_nothing_to_pool_is_copied():
+    lengths = np.array([0, 1, 2, 2])  # at most one row past the protected one
+    values = _rows("independent", 5, 96, seed=3).to(KERNEL_DEVICE)
+    batch = pooling.pool_documents(values, lengths, 2, 1)
+    got, got_lengths = batch.result()
+    np.testing.assert_array_equal(got_lengths, lengths)
+    assert torch.equal(got, values)
 
 
 def test_tied_heights_make_fewer_clusters_and_their_rows_are_dropped():
