@@ -111,6 +111,7 @@ WORKLOADS = make_workloads()
 E2E_TEXTS, E2E_WORDS = 1024, (15, 290)  # test_documents_end_to_end's texts and their lengths
 # test_pooled_documents_end_to_end: fewer texts (pooling takes ~1.4 ms a document on one core).
 POOLED_TEXTS, POOL_FACTOR, POOLING_PROCESSES = 256, 2, 8
+POOLED_BATCH_DOCS, POOLED_BATCH_ROWS = PAD_BATCH, (20, 300)  # test_pooled_batch_alone's batch
 
 
 def e2e_texts(count: int) -> list[str]:
@@ -241,6 +242,61 @@ def pooling_processes():
         yield workers
 
 
+def _pooled_batch(dim=96, seed=0):
+    """One encoder batch as the pooling sees it: POOLED_BATCH_DOCS documents of POOLED_BATCH_ROWS
+    rows (the e2e texts' range), unit rows drawn around a few centres each (as a text's tokens
+    cluster)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(POOLED_BATCH_ROWS[0], POOLED_BATCH_ROWS[1] + 1, size=POOLED_BATCH_DOCS)
+    documents = []
+    for n in lengths:
+        centres = rng.standard_normal((max(1, n // 8), dim))
+        documents.append(centres[rng.integers(0, len(centres), n)] + 0.3 * rng.standard_normal((n, dim)))
+    values = torch.nn.functional.normalize(torch.from_numpy(np.concatenate(documents)).float(), dim=1)
+    return values, lengths
+
+
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-host", "ours-host-processes", "pylate"])
+def test_pooled_batch_alone(measure, pooling_processes, impl):
+    """Token pooling of one batch of 64 documents (pool factor 2), nothing else: the kernels
+    (`kernels.pooling.pool_documents`, float16 rows on the GPU, until the lengths are read),
+    the host's SciPy pooling in this process or POOLING_PROCESSES worker processes, and PyLate's
+    `pool_embeddings_hierarchical` (float32 rows on the GPU, as its encode hands them)."""
+    from colbert_triton.kernels import pooling as pooling_kernels
+    from colbert_triton.model import pooling as host_pooling
+
+    values, lengths = _pooled_batch()
+    if impl == "ours-triton":
+        rows = values.to(DEVICE, torch.float16)
+        # Checked against the host's pooling of the same rows: the same lengths, and the same
+        # means but for a rare document whose last-bit distances tie differently (README).
+        pooled, pooled_lengths = pooling_kernels.pool_documents(rows, lengths, POOL_FACTOR, 1).result()
+        expected, expected_lengths = host_pooling.pool_documents(rows.cpu().float(), lengths, POOL_FACTOR, 1)
+        assert pooled_lengths.tolist() == expected_lengths.tolist()
+        same = [torch.allclose(a.float(), b, atol=1e-3, rtol=0) for a, b in
+                zip(torch.split(pooled.cpu(), pooled_lengths.tolist()), torch.split(expected, expected_lengths.tolist()))]
+        assert sum(same) >= 0.9 * len(same), f"{len(same) - sum(same)} of {len(same)} documents pooled otherwise"
+
+        def run():
+            pooling_kernels.pool_documents(rows, lengths, POOL_FACTOR, 1).result()
+    elif impl.startswith("ours-host"):
+        processes = pooling_processes if impl.endswith("processes") else None
+
+        def run():
+            host_pooling.pool_documents(values, lengths, POOL_FACTOR, 1, processes)
+    else:
+        from pylate.models import ColBERT as PyLateColBERT
+
+        documents = list(torch.split(values.to(DEVICE), lengths.tolist()))
+
+        def run():
+            PyLateColBERT.pool_embeddings_hierarchical(None, documents, pool_factor=POOL_FACTOR, protected_tokens=1)
+    shape = (f"one batch: {POOLED_BATCH_DOCS} documents of {POOLED_BATCH_ROWS[0]}-{POOLED_BATCH_ROWS[1]} rows, "
+             f"pool factor {POOL_FACTOR}")
+    measure(run, suite=SUITE + "-pooled", shape=shape, impl=impl, ours=impl == "ours-triton", variant=impl.startswith("ours-host"),
+            wall=True, tokens=int(lengths.sum()))
+
+
 @pytest.mark.parametrize("impl", ["ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool",
                                   "pylate"])
 def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_processes, monkeypatch, impl):
@@ -261,7 +317,7 @@ def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_proces
     else:
         m = models["triton"]
         if impl != "ours-triton":  # the host's SciPy pooling behind the Triton encoder
-            monkeypatch.setattr(m, "_pools_on_device", lambda: False)
+            monkeypatch.setattr(m, "_pools_on_device", lambda protected_tokens: False)
         encode = functools.partial(m.encode_documents, texts, batch_size=PAD_BATCH, packed=True, show_progress=False)
         if impl == "ours-triton-then-pool":
             def run():

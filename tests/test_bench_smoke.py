@@ -189,6 +189,8 @@ def encoder_bench(monkeypatch, tmp_path):
     monkeypatch.setattr(encoder_bench, "E2E_TEXTS", 3)
     monkeypatch.setattr(encoder_bench, "E2E_WORDS", (1, 30))
     monkeypatch.setattr(encoder_bench, "POOLED_TEXTS", 5)
+    monkeypatch.setattr(encoder_bench, "POOLED_BATCH_DOCS", 3)
+    monkeypatch.setattr(encoder_bench, "POOLED_BATCH_ROWS", (5, 24))
     monkeypatch.setitem(encoder_bench.LATENCY_TEXTS, "1 document ~200 tok", ("late interaction, " * 9, False))
     checkpoint = build_stanford(tmp_path / "answerai-shape", num_layers=2, dim=96)
     return encoder_bench, checkpoint, encoder_bench.load_models(checkpoint)
@@ -213,6 +215,8 @@ def test_encoder_benchmark_cases_run(encoder_bench, monkeypatch):
         for impl in ("ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
             with monkeypatch.context() as patch:  # the host variants' switch, undone after each
                 bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, patch, impl)
+        for impl in ("ours-triton", "ours-host", "ours-host-processes", "pylate"):
+            bench.test_pooled_batch_alone(_call_once, workers, impl)
 
 
 def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):

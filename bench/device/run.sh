@@ -18,12 +18,13 @@
 #               thread: a signal cannot interrupt a CUDA wait) exits, and xdist starts a new one
 #   precompile  the benchmark suites with BENCH_DRY=1 over the same workers: every case
 #               prepared, checked and run once, so ours and the peers are compiled (and checked)
-#               before the serial, timed passes (not the pooled cases: they compile nothing the
-#               others do not, and each worker would start 8 pooling processes)
+#               before the serial, timed passes (not the pooled cases: each worker would start
+#               8 pooling processes; their untimed first call compiles the pooling kernels)
 #   maxsim | encoder | encoder-ops | search | pooling   that benchmark family, timed, serially
 #               (encoder = the whole encoder, encoder-ops = its kernels one by one, search = a
 #               host-memory corpus streamed to the GPU, pooling = encoding with PyLate's token
-#               pooling; the last three not in the default plan). FAMILY/EXPR
+#               pooling, and one batch's pooling alone, on the GPU and on the host; the last
+#               three not in the default plan). FAMILY/EXPR
 #               narrows one to the tests matching pytest's -k EXPR too (maxsim/fp16, encoder/query).
 #               A test running past 120 s (a hung kernel) is ended, not the whole step.
 #   tune-maxsim | tune-encoder | tune   bench/device/tune.py's sweep (TUNE_BUDGET_S, default 300)
