@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import triton
+from aot_compile import OTHER_GPUS, SHARED_MEMORY, compile_case
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, poisoned
 
 from colbert_triton.kernels import pooling
@@ -314,3 +315,20 @@ def test_on_a_gpu_the_pooling_does_not_hold_up_the_encoders_next_batch(monkeypat
     expected, expected_lengths = real(values, lengths, 2, 1).result()
     assert tag == "a" and pooled_lengths.tolist() == expected_lengths.tolist()
     assert torch.equal(pooled, expected)
+
+
+@pytest.mark.parametrize("arch", [90, *OTHER_GPUS])
+def test_every_pooling_launch_compiles(arch):
+    """The three kernels, for documents of 16 to 512 pooled rows and each input dtype, compile
+    for the H100 and the other GPUs (tests/aot_compile.py: Triton's pipeline with ptxas), within
+    their shared memory; on sm_90 without spilling (elsewhere a few bytes can: sm_120's Ward
+    kernel spills 8, a matter of speed, as the encoder's launches there)."""
+    launches = compile_case("pooling", arch)
+    kernels = {launch["kernel"] for launch in launches}
+    assert kernels == {"_cosine_distance_kernel", "_ward_clusters_kernel", "_cluster_means_kernel"}
+    assert {launch["config"]["BLOCK_N"] for launch in launches if "BLOCK_N" in launch["config"]} == {64, 512}
+    for launch in launches:
+        assert launch["shared"] <= SHARED_MEMORY[arch], launch
+        assert arch != 90 or launch["spill_bytes"] in (0, None), launch
+    ward = [launch for launch in launches if launch["kernel"] == "_ward_clusters_kernel"]
+    assert all(launch["config"]["enable_fp_fusion"] is False for launch in ward)

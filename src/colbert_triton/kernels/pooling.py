@@ -79,28 +79,31 @@ def _cosine_distance_kernel(
 ):
     doc = tl.program_id(0)
     n = tl.load(num_rows_ptr + doc).to(tl.int32)
-    offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    m_mask = offs_m < n
-    n_mask = offs_n < n
-    first = tl.load(first_row_ptr + doc)
-    a_rows = x_ptr + (first + offs_m)[:, None] * x_row_stride
-    b_rows = x_ptr + (first + offs_n)[:, None] * x_row_stride
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        a = a.to(tl.float32).to(tl.float64)
-        b = b.to(tl.float32).to(tl.float64)
-        # Products of float32 values are exact in float64: the sum is rounded only at the end.
-        acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
-    similarity = acc.to(tl.float32)
-    distance = tl.maximum(1.0 - similarity, 0.0)
-    dist = dist_ptr + (tl.load(dist_offset_ptr + doc) - dist_base)
-    tl.store(dist + offs_m[:, None] * n + offs_n[None, :], distance.to(tl.float64),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tile_m = tl.program_id(1) * BLOCK
+    tile_n = tl.program_id(2) * BLOCK
+    if (tile_m < n) & (tile_n < n):  # the grid covers the longest document of the batch
+        offs_m = tile_m + tl.arange(0, BLOCK)
+        offs_n = tile_n + tl.arange(0, BLOCK)
+        m_mask = offs_m < n
+        n_mask = offs_n < n
+        first = tl.load(first_row_ptr + doc)
+        a_rows = x_ptr + (first + offs_m)[:, None] * x_row_stride
+        b_rows = x_ptr + (first + offs_n)[:, None] * x_row_stride
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            a = a.to(tl.float32).to(tl.float64)
+            b = b.to(tl.float32).to(tl.float64)
+            # Products of float32 values are exact in float64: the sum is rounded only at the end.
+            acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+        similarity = acc.to(tl.float32)
+        distance = tl.maximum(1.0 - similarity, 0.0)
+        dist = dist_ptr + (tl.load(dist_offset_ptr + doc) - dist_base)
+        tl.store(dist + offs_m[:, None] * n + offs_n[None, :], distance.to(tl.float64),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
