@@ -774,3 +774,36 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_patched_pylate_pools_documents_with_the_kernels(pylate_modules, pylate_dir, monkeypatch):
+    """patch_pylate(backend="triton"): a PyLate model's encode(pool_factor=...) pools with our
+    kernels (here in the interpreter): PyLate's own unpooled rows, pooled by `kernels.pooling`,
+    each document's rows on the host. Under a backend that resolves to torch there, and once
+    unpatched, PyLate's own pooling."""
+    models = require_reference("pylate.models")
+    from colbert_triton.kernels import pooling
+
+    own_pooling = models.ColBERT.pool_embeddings_hierarchical
+    model = models.ColBERT(model_name_or_path=str(pylate_dir), device="cpu")
+    docs = DOCUMENTS[:4]
+
+    def encode(**settings):
+        return [torch.as_tensor(d) for d in model.encode(docs, is_query=False, **settings)]
+
+    plain, pylates = encode(), encode(pool_factor=2)
+    calls = []
+    launch = pooling.pool_documents
+    monkeypatch.setattr(pooling, "pool_documents", lambda *args: calls.append(args[1:]) or launch(*args))
+    dropin.patch_pylate(backend="triton")
+    ours = encode(pool_factor=2)
+    assert len(calls) == 1 and calls[0][1:] == (2, 1)
+    expected, lengths = launch(torch.cat(plain), [len(p) for p in plain], 2, 1).result()
+    assert [len(o) for o in ours] == lengths.tolist() == [len(p) for p in pylates]
+    assert torch.equal(torch.cat(ours), expected)
+    for backend in (None, "torch"):  # None: the PyTorch path on the CPU, as PyLate's
+        dropin.patch_pylate(backend=backend)
+        again = encode(pool_factor=2)
+        assert all(torch.equal(a, p) for a, p in zip(again, pylates)) and len(calls) == 1
+    dropin.unpatch_pylate()
+    assert models.ColBERT.pool_embeddings_hierarchical is own_pooling

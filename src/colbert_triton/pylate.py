@@ -459,7 +459,10 @@ def patch_pylate(backend: str | None = None) -> None:
     ``colbert_scores_pairwise``, ``pylate.rank.rerank``, and the places PyLate's own code calls
     them from (``model.similarity`` and ``similarity_pairwise``, of models loaded before the
     call too, ``retrieve.ColBERT``'s reranking of an index's candidates, the triplet evaluator).
-    Same results, PyLate's semantics.
+    Same results, PyLate's semantics. Where the backend resolves to the Triton kernels for the
+    documents' device, PyLate models' token pooling (``encode(pool_factor=...)``) runs on the
+    GPU too (`kernels.pooling`: the same clusters but where the distances' last bit decides a
+    near tie, see the README), instead of SciPy on the host.
 
     backend: what PyLate's callers, which pass none, get: None resolves each call as the
     functions above do; ``"triton"`` names our kernel for every call (PyLate's own functions,
@@ -493,6 +496,7 @@ def patch_pylate(backend: str | None = None) -> None:
         if not any(function is f for f in ever):
             ever.append(function)
     _wrap_model_properties()
+    _patch_pooling(backend)
 
 
 def unpatch_pylate() -> None:
@@ -502,6 +506,51 @@ def unpatch_pylate() -> None:
         if name in _pylate_installed and getattr(module, name) is _pylate_installed[name]:
             setattr(module, name, _pylate_originals[name])
     _pylate_installed.clear()
+    model_class = _pylate_model_class()
+    if model_class is not None and model_class.__dict__.get(_POOLING) is _pool_embeddings_hierarchical:
+        setattr(model_class, _POOLING, _pylate_pooling["original"])
+
+
+# PyLate's ColBERT method that pools documents, and (while patched) what it was and the backend.
+_POOLING = "pool_embeddings_hierarchical"
+_pylate_pooling: dict[str, object] = {}
+
+
+def _patch_pooling(backend: str | None) -> None:
+    try:  # its models (sentence-transformers): a PyLate used for scoring alone may lack them
+        model_class = importlib.import_module("pylate.models.colbert").ColBERT
+    except ImportError:
+        return
+    current = model_class.__dict__.get(_POOLING)
+    if current is None:
+        raise RuntimeError(f"patch_pylate: this PyLate's ColBERT has no {_POOLING} to replace")
+    if current is not _pool_embeddings_hierarchical:
+        _pylate_pooling["original"] = current
+    _pylate_pooling["backend"] = backend
+    setattr(model_class, _POOLING, _pool_embeddings_hierarchical)
+
+
+def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int = 1, protected_tokens: int = 1):
+    """PyLate's ``ColBERT.pool_embeddings_hierarchical`` while `patch_pylate` holds: the
+    documents pooled by `kernels.pooling` on their GPU where the patch's backend resolves to the
+    Triton kernels there, by PyLate's own code otherwise (and for anything else than documents
+    of one device and float dtype that the kernels hold). As PyLate's, each document's rows come
+    back on the host, in their dtype."""
+    from .kernels import pooling as pooling_kernels
+
+    original = _pylate_pooling["original"]
+    documents = list(documents_embeddings)
+    if (pool_factor <= 1 or not documents or not all(isinstance(d, torch.Tensor) and d.dim() == 2 for d in documents)
+            or len({(d.device, d.dtype) for d in documents}) != 1
+            or scoring.resolve_backend(documents[0].device, _pylate_pooling["backend"]) != "triton"):
+        return original(self, documents_embeddings, pool_factor, protected_tokens)
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    if (documents[0].dtype not in (torch.float16, torch.bfloat16, torch.float32)
+            or int((lengths - protected_tokens).max()) > pooling_kernels.MAX_POOLED_ROWS):
+        return original(self, documents_embeddings, pool_factor, protected_tokens)
+    pooled, pooled_lengths = pooling_kernels.pool_documents(
+        torch.cat(documents).contiguous(), lengths, int(pool_factor), int(protected_tokens)).result()
+    return list(torch.split(pooled.cpu(), pooled_lengths.tolist()))
 
 
 def _pylate_model_class():
