@@ -14,10 +14,10 @@ kernels and without a device sync:
    buffer. The dot products are summed in float64 from the float32 rows (each product exact)
    and rounded once to float32: the correctly rounded similarity (but for a sum within ~1e-14
    of a float32 rounding tie, where the float64 summation order decides), so the same on every
-   GPU and in the interpreter. PyLate's BLAS (``torch.mm`` on the CPU) rounds its own way, so a distance
-   can differ from PyLate's in the last bit, and a clustering where it decides a near tie with
-   it (see the README). Grid: (documents, row tiles, column tiles); tiles past a document's
-   size do nothing.
+   GPU and in the interpreter. PyLate's BLAS (``torch.mm`` on the CPU) rounds its own way, so
+   a distance can differ from PyLate's in the last bit, and a clustering where that bit
+   decides a near tie (see the README). Grid: (documents, row tiles, column tiles); tiles past
+   a document's size do nothing.
 2. ``_ward_clusters_kernel``, one program per document: SciPy's ``linkage(method="ward")``
    (its nearest-neighbour chain, ``scipy/cluster/_hierarchy.pyx: nn_chain``, with the float64
    Lance-Williams update written in the same order of operations, and launched without FMA
