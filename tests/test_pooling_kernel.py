@@ -23,8 +23,9 @@ hierarchy, squareform = _scipy()
 
 
 def _rows(kind: str, n: int, dim: int, seed: int) -> torch.Tensor:
-    """Unit rows: independent, in tight groups (as a text's tokens often are), or with exact
-    duplicates (a repeated row: distance 0, tied merge heights)."""
+    """Unit rows: independent, in tight groups (as a text's tokens often are), with exact
+    duplicates (a repeated row: distance 0, tied merge heights), all identical, or the "mirror"
+    layout below (a tie inside the nearest-neighbour chain)."""
     gen = np.random.default_rng(seed)
     if kind == "groups":
         centres = gen.standard_normal((max(1, n // 8), dim))
