@@ -175,6 +175,24 @@ def test_a_list_is_written_as_its_packed_form_is(tmp_path, dtype):
     assert len(load_embeddings(empty).ids) == 0 and load_file(str(empty))["values"].shape == (0, 6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device parts")
+def test_a_list_on_the_gpu_is_copied_to_the_host_in_chunks(tmp_path, monkeypatch):
+    """GPU items are joined into chunks (here of 1,000 bytes) and each chunk copied to the host
+    once, not each item: the same file as from host tensors."""
+    from colbert_triton import packed as packed_module
+
+    monkeypatch.setattr(packed_module, "_HOST_CHUNK_BYTES", 1000)
+    items = [torch.randn(n, 6, device="cuda") for n in (30, 1, 0, 50, 7)]  # 24 bytes a row
+    host_copies = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: host_copies.append(t.numel()) or cpu(t, *a, **k))
+    save_embeddings(tmp_path / "gpu.safetensors", items)
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    save_embeddings(tmp_path / "host.safetensors", [item.cpu() for item in items])
+    assert (tmp_path / "gpu.safetensors").read_bytes() == (tmp_path / "host.safetensors").read_bytes()
+    assert host_copies == [81 * 6, 7 * 6]  # 30 + 1 + 0 + 50 rows (past 1,000 bytes), then 7
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_other(tmp_path, monkeypatch):
     import os
 

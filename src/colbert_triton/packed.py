@@ -361,8 +361,7 @@ def _write_safetensors(target: Path, tensors, metadata: dict[str, str], mode: in
             file.write(len(text).to_bytes(8, "little"))
             file.write(text)
             for _, dtype, _, parts in tensors:
-                for part in parts:
-                    part = part.detach().contiguous().cpu()
+                for part in _on_host(parts):
                     # numpy has no bfloat16: its bits are written as int16.
                     file.write(memoryview((part.view(torch.int16) if dtype == torch.bfloat16 else part).numpy()))
         os.chmod(temporary, mode)
@@ -370,6 +369,36 @@ def _write_safetensors(target: Path, tensors, metadata: dict[str, str], mode: in
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# Device parts are joined up to this size before their copy to the host: one copy per chunk, not
+# per item (a corpus saved from a list of GPU tensors has one per document).
+_HOST_CHUNK_BYTES = 64 << 20
+
+
+def _on_host(parts):
+    """``parts`` on the host, in order, as contiguous tensors whose rows end to end are theirs:
+    host parts as they are, runs of device parts joined into chunks of up to _HOST_CHUNK_BYTES
+    and copied over once each."""
+    def joined(run):  # one part alone (a packed corpus's values) is copied, not joined first
+        return run[0].cpu() if len(run) == 1 else torch.cat(run).cpu()
+
+    run, run_bytes = [], 0
+    for part in parts:
+        part = part.detach()
+        if part.device.type == "cpu":
+            if run:
+                yield joined(run)
+                run, run_bytes = [], 0
+            yield part.contiguous()
+            continue
+        run.append(part.reshape(-1))
+        run_bytes += part.numel() * part.element_size()
+        if run_bytes >= _HOST_CHUNK_BYTES:
+            yield joined(run)
+            run, run_bytes = [], 0
+    if run:
+        yield joined(run)
 
 
 def _read_umask_by_setting_it() -> int:
