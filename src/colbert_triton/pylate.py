@@ -542,12 +542,11 @@ def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int =
     documents = list(documents_embeddings)
     if (pool_factor <= 1 or not documents or not all(isinstance(d, torch.Tensor) and d.dim() == 2 for d in documents)
             or len({(d.device, d.dtype) for d in documents}) != 1
+            or documents[0].dtype not in (torch.float16, torch.bfloat16, torch.float32)
+            or max(len(d) for d in documents) - protected_tokens > pooling_kernels.MAX_POOLED_ROWS
             or scoring.resolve_backend(documents[0].device, _pylate_pooling["backend"]) != "triton"):
         return original(self, documents_embeddings, pool_factor, protected_tokens)
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
-    if (documents[0].dtype not in (torch.float16, torch.bfloat16, torch.float32)
-            or int((lengths - protected_tokens).max()) > pooling_kernels.MAX_POOLED_ROWS):
-        return original(self, documents_embeddings, pool_factor, protected_tokens)
     pooled, pooled_lengths = pooling_kernels.pool_documents(
         torch.cat(documents).contiguous(), lengths, int(pool_factor), int(protected_tokens)).result()
     return list(torch.split(pooled.cpu(), pooled_lengths.tolist()))

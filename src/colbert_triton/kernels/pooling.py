@@ -416,13 +416,15 @@ def pool_documents(values: torch.Tensor, lengths, pool_factor: int, protected: i
     (starts_d, lengths_d, keep_d, max_clusters_d, out_starts_d, label_offsets_d, pooled_rows_d, dist_offsets_d,
      first_pooled_d) = table
 
+    scratch_ends = np.cumsum(squares * 8)  # each document's last scratch byte, all in one buffer
+
     with on_device(values):
-        # The distance matrices of a group of documents at a time, within the scratch budget.
+        # The distance matrices of a group of documents at a time, within the scratch budget
+        # (a document alone past it is a group of its own).
         group_start = 0
         while group_start < len(lengths):
-            group_end = group_start + 1
-            while group_end < len(lengths) and squares[group_start:group_end + 1].sum() * 8 <= _SCRATCH_BYTES:
-                group_end += 1
+            budget_end = (scratch_ends[group_start - 1] if group_start else 0) + _SCRATCH_BYTES
+            group_end = max(group_start + 1, int(np.searchsorted(scratch_ends, budget_end, side="right")))
             group = slice(group_start, group_end)
             if pooled_rows[group].any():
                 dist = torch.empty(max(int(squares[group].sum()), 1), dtype=torch.float64, device=device)

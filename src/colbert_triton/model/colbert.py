@@ -25,7 +25,7 @@ from ..packed import (
 from .checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from .encoder import EncoderWeights, LayerWeights, encode_packed
 from .ops import PackedBatch, get_ops, host_to_device
-from .pooling import BatchPipeline, PoolingProcesses, check_pooling
+from .pooling import BatchPipeline, PoolingProcesses, _scipy, check_pooling
 from .tokenization import ColBERTTokenizer, TokenizedBatch, check_texts
 
 # Show a progress bar by default when encoding takes more than this many batches.
@@ -229,8 +229,8 @@ class ColBERT:
         ``spawn``: a script needs ``if __name__ == "__main__":``), or running
         `PoolingProcesses`, to keep them across calls (not used with the Triton backend)."""
         pooling = check_pooling(pool_factor, protected_tokens, pooling_processes, needs_scipy=False)
-        if pooling[0] > 1 and not self._pools_on_device(pooling[1]):  # on the CPU: with SciPy
-            check_pooling(*pooling, needs_scipy=True)
+        if pooling[0] > 1 and not self._pools_on_device(pooling[1]):
+            _scipy()  # pooled on the CPU: SciPy, or a clear error before anything is encoded
         output_device = self._output_device(output_device)
         return self._encode(texts, "documents", batch_size, packed, show_progress, pooling, output_device)
 
@@ -282,9 +282,10 @@ class ColBERT:
                     progress.update(len(index))
 
         pool_factor, protected_tokens, processes = pooling
+        on_device = self._pools_on_device(protected_tokens)
         if isinstance(processes, PoolingProcesses):  # the caller's: left running
             workers = nullcontext(processes)
-        elif pool_factor > 1 and processes and not self._pools_on_device(protected_tokens):  # for this call alone
+        elif pool_factor > 1 and processes and not on_device:  # for this call alone
             workers = PoolingProcesses(processes)
         else:
             workers = nullcontext()
@@ -292,7 +293,7 @@ class ColBERT:
         # (and the pooling processes stopped).
         with (torch.inference_mode(), progress, workers as pooling_workers,
               BatchPipeline(pool_factor, protected_tokens, pooling_workers, output_device=output_device,
-                            on_device=self._pools_on_device(protected_tokens)) as pipeline,
+                            on_device=on_device) as pipeline,
               closing(_tokenized_ahead(tokenize, texts, chunks)) as tokenized):
             for chunk_index, tokens in zip(chunks, tokenized):
                 by_tokens = np.argsort([-len(s) for s in tokens.sequences], kind="stable")

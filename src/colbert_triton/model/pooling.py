@@ -198,10 +198,12 @@ class BatchPipeline:
             values, lengths = on_device.values, on_device.bound_lengths
         elif self.pool_factor == 1 and self._target(values) == values.device:
             return [(values, lengths, tag)]
-        # To the host when the output goes there, or to be pooled there; after the pooling.
+        # To the host when the output goes there, or to be pooled there; on a GPU, queued after
+        # the pooling, on its stream.
         to_host = self._target(values) != values.device or (self.pool_factor > 1 and on_device is None)
-        with torch.cuda.stream(self._stream) if on_device is not None and self._stream is not None else nullcontext():
-            copies = _host_copy(values if to_host else None, on_device)
+        pooled_on_gpu = on_device is not None and values.device.type == "cuda"
+        with torch.cuda.stream(self._stream) if pooled_on_gpu else nullcontext():
+            copies = _host_copy(values if to_host else None, None if on_device is None else on_device.found)
         copied, self._copying = self._copying, (values, lengths, tag, on_device, *copies)
         if copied is not None:
             self._start(*copied)
@@ -283,11 +285,11 @@ def _is_done(pooled) -> bool:
     return not isinstance(pooled, _PoolingInProcesses) or pooled.done()
 
 
-def _host_copy(values: torch.Tensor | None, on_device=None) -> tuple:
-    """``values`` (if given) on the host, in their dtype, the count of clusters of a batch
-    pooled on the device (if given), and, for copies from a GPU (still under way), the event
-    that marks their end."""
-    tensors = [None if t is None else t.detach() for t in (values, None if on_device is None else on_device.found)]
+def _host_copy(values: torch.Tensor | None, found: torch.Tensor | None) -> tuple:
+    """``values`` and ``found`` (a device-pooled batch's cluster counts) on the host, each if
+    given, in their dtype, and, for copies from a GPU (still under way), the event that marks
+    their end."""
+    tensors = [None if t is None else t.detach() for t in (values, found)]
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if device.type != "cuda":
         return *(None if t is None else t.cpu() for t in tensors), None
