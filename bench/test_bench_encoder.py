@@ -14,6 +14,7 @@ end to end (tokenization included) by the wall clock with the GPU synchronised a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -178,9 +179,44 @@ def test_encoder_throughput(measure, models, checkpoint, workload, impl):
             ours=impl == "ours-triton", variant=impl.endswith("one-batch"), tokens=tokens)
 
 
-def pylate_model(checkpoint):
+def pylate_model(checkpoint, dtype=DTYPE):
     pylate_models = pytest.importorskip("pylate.models")
-    return pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE, model_kwargs={"dtype": DTYPE})
+    return pylate_models.ColBERT(model_name_or_path=str(checkpoint), device=DEVICE, model_kwargs={"dtype": dtype})
+
+
+PYLATE_IMPLS = ("pylate", "ours-pylate-patched")  # PyLate's encode: as it is, and under patch_pylate
+
+
+@contextlib.contextmanager
+def patched_pylate(impl: str, checkpoint=None, texts=None):
+    """For ``ours-pylate-patched`` (a variant), PyLate's own encode under
+    ``patch_pylate(backend="triton")``: its BERT trunk on our Triton encoder (its pooling on our
+    kernels); PyLate's tokenization, Dense, masks and batching as they are. Given ``texts``,
+    their rows are checked first as ours are (`check_against_reference`'s rule, against
+    PyLate's float32 rows, beside PyLate's own 16-bit rows)."""
+    if impl != "ours-pylate-patched":
+        yield
+        return
+    from colbert_triton.pylate import patch_pylate, unpatch_pylate
+
+    def rows(model):
+        return torch.cat([torch.as_tensor(r).float().cpu() for r in model.encode(
+            texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False)])
+
+    if texts is not None:
+        reference, own = rows(pylate_model(checkpoint, torch.float32)), rows(pylate_model(checkpoint))
+    patch_pylate(backend="triton")
+    try:
+        if texts is not None:
+            def worst_error(x):
+                return 1.0 - float(torch.nn.functional.cosine_similarity(x, reference, dim=-1).min())
+
+            error, own_error = worst_error(rows(pylate_model(checkpoint))), worst_error(own)
+            assert error <= max(1e-3, 2.0 * own_error), (
+                f"{impl}: worst-token cosine error {error:.2e} vs PyLate in float32; PyLate's own is {own_error:.2e}")
+        yield
+    finally:
+        unpatch_pylate()
 
 
 LATENCY_TEXTS = {
@@ -190,11 +226,11 @@ LATENCY_TEXTS = {
 
 
 @pytest.mark.parametrize("case", list(LATENCY_TEXTS))
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate"])
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", *PYLATE_IMPLS])
 def test_latency_end_to_end(measure, models, checkpoint, case, impl):
     """Tokenize + encode one text, as a user calls it."""
     text, is_query = LATENCY_TEXTS[case]
-    if impl == "pylate":
+    if impl in PYLATE_IMPLS:
         pm = pylate_model(checkpoint)
 
         def run():
@@ -206,16 +242,19 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
         def run():
             encode([text], show_progress=False)
     # By the wall clock, the GPU synchronised around each call: the caller waits for the result.
-    measure(run, suite=SUITE + "-latency", shape=case, impl=impl, ours=impl == "ours-triton", wall=True)
+    with patched_pylate(impl):
+        measure(run, suite=SUITE + "-latency", shape=case, impl=impl, ours=impl == "ours-triton",
+                variant=impl == "ours-pylate-patched", wall=True)
 
 
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate", "ours-triton-to-host"])
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", *PYLATE_IMPLS, "ours-triton-to-host"])
 def test_documents_end_to_end(measure, models, checkpoint, impl):
     """encode_documents on 1024 texts of mixed length, tokenization included. ``-to-host`` (a
     variant) moves each batch to host memory as it is encoded (``output_device="cpu"``, as the
-    CLI's ``encode`` does): what a corpus larger than the GPU costs."""
+    CLI's ``encode`` does): what a corpus larger than the GPU costs. ``ours-pylate-patched`` (a
+    variant): PyLate's encode with its trunk on our encoder (`patched_pylate`)."""
     texts = e2e_texts(E2E_TEXTS)
-    if impl == "pylate":
+    if impl in PYLATE_IMPLS:
         pm = pylate_model(checkpoint)
 
         def run():
@@ -229,8 +268,10 @@ def test_documents_end_to_end(measure, models, checkpoint, impl):
             m.encode_documents(texts, batch_size=PAD_BATCH, packed=True, show_progress=False,
                                output_device=output_device)
     tokens = sum(len(s) for s in models["triton"].tokenizer.documents(texts).sequences)  # encoder input
-    measure(run, suite=SUITE + "-e2e", shape=f"{E2E_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words",
-            impl=impl, ours=impl == "ours-triton", variant=impl.endswith("to-host"), wall=True, tokens=tokens)
+    with patched_pylate(impl, checkpoint, texts[:PAD_BATCH]):
+        measure(run, suite=SUITE + "-e2e", shape=f"{E2E_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words",
+                impl=impl, ours=impl == "ours-triton", variant=impl.endswith(("to-host", "patched")), wall=True,
+                tokens=tokens)
 
 
 @pytest.fixture(scope="module")
@@ -298,18 +339,18 @@ def test_pooled_batch_alone(measure, pooling_processes, impl):
 
 
 @pytest.mark.parametrize("impl", ["ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool",
-                                  "pylate"])
+                                  *PYLATE_IMPLS])
 def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_processes, monkeypatch, impl):
     """encode_documents with PyLate's token pooling (pool_factor 2), tokenization included: ours
     pools each batch on the GPU right behind the encoder (the Triton backend's pooling kernels);
     the variants pool on the host while the GPU encodes the next batch (``-host``: in this
     process, ``-processes``: in POOLING_PROCESSES worker processes), or encode everything first
     and pool it after (``-then-pool``: what the overlap saves); PyLate pools each batch on the
-    host before encoding the next."""
+    host before encoding the next (``ours-pylate-patched``: on our encoder and kernels)."""
     from colbert_triton.model.pooling import pool_documents
 
     texts = e2e_texts(POOLED_TEXTS)
-    if impl == "pylate":
+    if impl in PYLATE_IMPLS:
         pm = pylate_model(checkpoint)
 
         def run():
@@ -329,6 +370,7 @@ def test_pooled_documents_end_to_end(measure, models, checkpoint, pooling_proces
             def run():
                 encode(pool_factor=POOL_FACTOR, pooling_processes=processes)
     tokens = sum(len(s) for s in models["triton"].tokenizer.documents(texts).sequences)  # encoder input
-    measure(run, suite=SUITE + "-pooled", shape=f"{POOLED_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words, pool factor "
-            f"{POOL_FACTOR}", impl=impl, ours=impl == "ours-triton", variant=impl != "pylate" and impl != "ours-triton",
-            wall=True, tokens=tokens)
+    with patched_pylate(impl):
+        measure(run, suite=SUITE + "-pooled", shape=f"{POOLED_TEXTS} texts {E2E_WORDS[0]}-{E2E_WORDS[1]} words, pool "
+                f"factor {POOL_FACTOR}", impl=impl, ours=impl == "ours-triton",
+                variant=impl not in ("pylate", "ours-triton"), wall=True, tokens=tokens)

@@ -206,17 +206,37 @@ def test_encoder_benchmark_cases_run(encoder_bench, monkeypatch):
     for workload in bench.WORKLOADS:
         for impl in ("ours-triton", "ours-torch", "hf-sdpa", "hf-eager"):
             bench.test_encoder_throughput(_call_once, models, checkpoint, workload, impl)
-    for impl in ("ours-triton", "ours-torch", "pylate"):
+    for impl in ("ours-triton", "ours-torch", "pylate", "ours-pylate-patched"):
         for case in bench.LATENCY_TEXTS:
             bench.test_latency_end_to_end(_call_once, models, checkpoint, case, impl)
         bench.test_documents_end_to_end(_call_once, models, checkpoint, impl)
     bench.test_documents_end_to_end(_call_once, models, checkpoint, "ours-triton-to-host")
     with PoolingProcesses(1) as workers:
-        for impl in ("ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool", "pylate"):
+        for impl in ("ours-triton", "ours-triton-host", "ours-triton-processes", "ours-triton-then-pool", "pylate",
+                     "ours-pylate-patched"):
             with monkeypatch.context() as patch:  # the host variants' switch, undone after each
                 bench.test_pooled_documents_end_to_end(_call_once, models, checkpoint, workers, patch, impl)
         for impl in ("ours-triton", "ours-host", "ours-host-processes", "pylate"):
             bench.test_pooled_batch_alone(_call_once, workers, impl)
+
+
+def test_patched_pylate_check_fails_on_wrong_rows(encoder_bench, monkeypatch):
+    """The patched-PyLate rows' check passes our trunk's rows and fails them moved off (a wrong
+    trunk), and the patch is taken back either way."""
+    from colbert_triton.model import encoder
+
+    bench, checkpoint, _ = encoder_bench
+    pylate_models = require_reference("pylate.models")
+    texts = bench.e2e_texts(2)
+    with bench.patched_pylate("ours-pylate-patched", checkpoint, texts):
+        assert "forward" in pylate_models.ColBERT.__dict__
+    assert "forward" not in pylate_models.ColBERT.__dict__
+    encode_hidden = encoder.encode_hidden
+    monkeypatch.setattr(encoder, "encode_hidden", lambda *args: encode_hidden(*args) + 0.5)
+    with pytest.raises(AssertionError, match="worst-token cosine error"), \
+            bench.patched_pylate("ours-pylate-patched", checkpoint, texts):
+        pass
+    assert "forward" not in pylate_models.ColBERT.__dict__
 
 
 def test_encoder_benchmark_check_fails_on_wrong_embeddings(encoder_bench):

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import INTERPRETED, KERNEL_DEVICE, require_reference
+from conftest import INTERPRETED, KERNEL_DEVICE, KERNEL_DTYPES, require_reference
 from texts import DOCUMENTS, QUERIES
 
 from colbert_triton import pylate as dropin
@@ -795,7 +795,7 @@ def test_patched_pylate_pools_documents_with_the_kernels(pylate_modules, pylate_
     calls = []
     launch = pooling.pool_documents
     monkeypatch.setattr(pooling, "pool_documents", lambda *args: calls.append(args[1:]) or launch(*args))
-    dropin.patch_pylate(backend="triton")
+    dropin.patch_pylate(backend="triton", encoder=False)  # PyLate's trunk: the same rows to pool
     ours = encode(pool_factor=2)
     assert len(calls) == 1 and calls[0][1:] == (2, 1)
     expected, lengths = launch(torch.cat(plain), [len(p) for p in plain], 2, 1).result()
@@ -807,3 +807,136 @@ def test_patched_pylate_pools_documents_with_the_kernels(pylate_modules, pylate_
         assert all(torch.equal(a, p) for a, p in zip(again, pylates)) and len(calls) == 1
     dropin.unpatch_pylate()
     assert models.ColBERT.pool_embeddings_hierarchical is own_pooling
+
+
+def _trunk_outputs(model) -> list[torch.Tensor]:
+    """A PyLate model's rows for two queries (without, then with attention to their [MASK] rows)
+    and three documents (their kept rows, then every padded row: ``output_value=None``)."""
+    rows = []
+    for attend in (False, True):
+        model.attend_to_expansion_tokens = attend
+        rows += model.encode(QUERIES[:2], is_query=True, convert_to_tensor=True)
+    model.attend_to_expansion_tokens = False
+    rows += model.encode(DOCUMENTS[:3], is_query=False, convert_to_tensor=True)
+    rows += model.encode(DOCUMENTS[:3], is_query=False, output_value=None)["token_embeddings"]
+    return [torch.as_tensor(r).float().cpu() for r in rows]
+
+
+@pytest.fixture
+def trunk_calls(monkeypatch):
+    """The number of sequences of every batch that reaches our encoder's trunk."""
+    from colbert_triton.model import encoder
+
+    calls = []
+    encode_hidden = encoder.encode_hidden
+    monkeypatch.setattr(encoder, "encode_hidden", lambda weights, batch, ops: calls.append(batch.num_seqs) or
+                        encode_hidden(weights, batch, ops))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] if INTERPRETED else KERNEL_DTYPES)
+def test_patched_pylate_encodes_on_the_triton_trunk(pylate_modules, pylate_dir, trunk_calls, dtype):
+    """patch_pylate(backend="triton"): a PyLate model loaded before the patch encodes on our
+    Triton encoder's trunk (PyLate's Dense, masks and normalisation after it): the rows of
+    PyLate's own in float32 (within 2e-5), in 16 bits as close to them as PyLate's own 16-bit
+    rows are (per-token cosine), every padded row included. Under the torch backend, with
+    ``encoder=False`` and once unpatched, Hugging Face's trunk again: PyLate's rows to the bit."""
+    models = require_reference("pylate.models")
+    model = models.ColBERT(model_name_or_path=str(pylate_dir), device=KERNEL_DEVICE, model_kwargs={"dtype": dtype})
+    own = _trunk_outputs(model)
+    reference = own if dtype == torch.float32 else _trunk_outputs(
+        models.ColBERT(model_name_or_path=str(pylate_dir), device=KERNEL_DEVICE))
+    assert not trunk_calls
+    dropin.patch_pylate(backend="triton")
+    ours = _trunk_outputs(model)
+    assert trunk_calls == [2, 2, 3, 3]
+    assert [o.shape for o in ours] == [o.shape for o in own]
+    assert any(len(full) > len(kept) for full, kept in zip(own[7:], own[4:7]))  # padded rows compared too
+    if dtype == torch.float32:
+        for got, expected in zip(ours, own):
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    else:
+        for got, pylates, exact in zip(ours, own, reference):
+            cosine = torch.nn.functional.cosine_similarity
+            keep = exact.norm(dim=-1) > 0  # a zero row (none expected) has no direction
+            assert (cosine(got, exact)[keep] >= torch.clamp(cosine(pylates, exact)[keep].min() - 1e-3, max=0.999)).all()
+    for settings in ({"backend": "torch"}, {"backend": "triton", "encoder": False}):
+        dropin.patch_pylate(**settings)
+        assert all(torch.equal(a, b) for a, b in zip(_trunk_outputs(model), own)) and len(trunk_calls) == 4
+    assert ("forward" in models.ColBERT.__dict__) is False  # encoder=False took the patch back
+    dropin.patch_pylate(backend="triton")
+    dropin.unpatch_pylate()
+    assert "forward" not in models.ColBERT.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(_trunk_outputs(model), own)) and len(trunk_calls) == 4
+
+
+def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_modules, pylate_dir, trunk_calls):
+    """`_triton_trunk` on features as PyLate's tokenizer makes them: BertModel's hidden states
+    (every row); None (Hugging Face's trunk runs) for what it does not compute the same way:
+    gradients, training mode, keyword arguments, hidden states or attentions asked for, a
+    decoder, token types other than 0, left padding or a
+    hole in the mask, a row with no key, float masks, ids past the vocabulary, an input
+    BertModel takes that ours does not, rows past the position table, another backend. The
+    weights are laid out once and again after a change PyTorch counts."""
+    models = require_reference("pylate.models")
+    model = models.ColBERT(model_name_or_path=str(pylate_dir), device=KERNEL_DEVICE)
+    bert = model[0].auto_model
+    dropin.patch_pylate(backend="triton")
+    features = model.tokenize(["late interaction", "a longer document about retrieval"], is_query=False)
+    features = {k: v.to(KERNEL_DEVICE) for k, v in features.items()}
+    assert features["attention_mask"][0].tolist().count(0) > 0  # right padding to compare rows past it
+    with torch.no_grad():
+        expected = bert(**features).last_hidden_state
+        got = dropin._triton_trunk(model, dict(features))
+    torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), atol=2e-5, rtol=0)
+    weights = dropin._trunk_weights(bert, bert.device, (32,))
+    assert dropin._trunk_weights(bert, bert.device, (32,)) is weights  # laid out once
+
+    def changed(**updates):
+        return {**features, **{k: v.to(KERNEL_DEVICE) for k, v in updates.items()}}
+
+    mask = features["attention_mask"]
+    left = torch.flip(mask, dims=[1])
+    hole = mask.clone()
+    hole[1, 1] = 0
+    empty = mask.clone()
+    empty[0] = 0
+    past = features["input_ids"].clone()
+    past[0, 1] = bert.config.vocab_size
+    types = torch.zeros_like(mask)
+    types[1, 2] = 1
+    refused = [changed(token_type_ids=types), changed(attention_mask=left), changed(attention_mask=hole),
+               changed(attention_mask=empty), changed(attention_mask=mask.float()), changed(input_ids=past),
+               changed(position_ids=torch.zeros_like(mask))]
+    long = torch.ones(1, bert.config.max_position_embeddings + 1, dtype=torch.long)
+    refused.append({"input_ids": long, "attention_mask": long, "token_type_ids": 0 * long})
+    with torch.no_grad():
+        for case in refused:
+            assert dropin._triton_trunk(model, case) is None
+        model.train()
+        assert dropin._triton_trunk(model, dict(features)) is None
+        model.eval()
+        implementation = bert.config._attn_implementation
+        bert.config._attn_implementation = "eager"  # transformers takes output_attentions there only
+        for flag in ("output_hidden_states", "output_attentions", "is_decoder"):
+            setattr(bert.config, flag, True)
+            assert dropin._triton_trunk(model, dict(features)) is None, flag
+            setattr(bert.config, flag, False)
+        bert.config._attn_implementation = implementation
+        dropin.patch_pylate(backend="torch")
+        assert dropin._triton_trunk(model, dict(features)) is None
+        dropin.patch_pylate(backend="triton")
+        assert model.forward(dict(features), output_attentions=False)["token_embeddings"] is not None
+    assert dropin._triton_trunk(model, dict(features)) is None  # gradients on
+    assert len(trunk_calls) == 1
+    with torch.no_grad():
+        bert.embeddings.word_embeddings.weight.mul_(1.0)  # an in-place write: PyTorch counts it
+    again = dropin._trunk_weights(bert, bert.device, (32,))
+    assert again is not weights and dropin._trunk_weights(bert, bert.device, (32,)) is again
+    bert.load_state_dict(bert.state_dict())
+    loaded = dropin._trunk_weights(bert, bert.device, (32,))
+    assert loaded is not again
+    bert.embeddings.word_embeddings.weight.data.mul_(1.0)  # not counted: seen at the next patch
+    assert dropin._trunk_weights(bert, bert.device, (32,)) is loaded
+    dropin.patch_pylate(backend="triton")
+    assert dropin._trunk_weights(bert, bert.device, (32,)) is not loaded

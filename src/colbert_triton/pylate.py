@@ -33,6 +33,7 @@ import importlib
 import math
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import TypedDict
 
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 
 from . import scoring
+from .model.checkpoint import BertConfig, CheckpointError, encoder_tensors
+from .model.encoder import EncoderWeights
 from .packed import (
     EMBEDDING_DTYPES,
     PackedEmbeddings,
@@ -454,7 +457,7 @@ _MODEL_PROPERTIES = {"similarity": "colbert_scores", "similarity_pairwise": "col
 _wrapped_classes: list[type] = []  # the model classes whose properties are wrapped
 
 
-def patch_pylate(backend: str | None = None) -> None:
+def patch_pylate(backend: str | None = None, *, encoder: bool = True) -> None:
     """Make PyLate itself score with this module: ``pylate.scores.colbert_scores`` and
     ``colbert_scores_pairwise``, ``pylate.rank.rerank``, and the places PyLate's own code calls
     them from (``model.similarity`` and ``similarity_pairwise``, of models loaded before the
@@ -463,6 +466,13 @@ def patch_pylate(backend: str | None = None) -> None:
     documents' device, PyLate models' token pooling (``encode(pool_factor=...)``) runs on the
     GPU too (`kernels.pooling`: the same clusters but where the distances' last bit decides a
     near tie, see the README), instead of SciPy on the host.
+
+    encoder: where the backend resolves to the Triton kernels for the model's device, PyLate
+    models (loaded before the call too) run their BERT trunk on our Triton encoder when they
+    encode (`_triton_trunk`: the same hidden states as Hugging Face's BertModel up to rounding,
+    every row of the padded batch, keys limited by the attention mask); PyLate's tokenization,
+    Dense layers, masks, normalisation and pooling are its own. ``encoder=False`` keeps
+    Hugging Face's trunk.
 
     backend: what PyLate's callers, which pass none, get: None resolves each call as the
     functions above do; ``"triton"`` names our kernel for every call (PyLate's own functions,
@@ -496,7 +506,7 @@ def patch_pylate(backend: str | None = None) -> None:
         if not any(function is f for f in ever):
             ever.append(function)
     _wrap_model_properties()
-    _patch_pooling(backend)
+    _patch_model_class(backend, encoder)
 
 
 def unpatch_pylate() -> None:
@@ -509,14 +519,19 @@ def unpatch_pylate() -> None:
     model_class = _pylate_model_class()
     if model_class is not None and model_class.__dict__.get(_POOLING) is _pool_embeddings_hierarchical:
         setattr(model_class, _POOLING, _pylate_pooling["original"])
+    if model_class is not None and model_class.__dict__.get("forward") is _colbert_forward:
+        _restore_forward(model_class)
 
 
 # PyLate's ColBERT method that pools documents, and (while patched) what it was and the backend.
 _POOLING = "pool_embeddings_hierarchical"
 _pylate_pooling: dict[str, object] = {}
+# While the encoder is patched: PyLate's ColBERT class, its own ``forward`` (None: it inherits
+# sentence-transformers'), and the backend.
+_pylate_forward: dict[str, object] = {}
 
 
-def _patch_pooling(backend: str | None) -> None:
+def _patch_model_class(backend: str | None, encoder: bool) -> None:
     try:  # its models (sentence-transformers): a PyLate used for scoring alone may lack them
         model_class = importlib.import_module("pylate.models.colbert").ColBERT
     except ImportError:
@@ -528,6 +543,23 @@ def _patch_pooling(backend: str | None) -> None:
         _pylate_pooling["original"] = current
     _pylate_pooling["backend"] = backend
     setattr(model_class, _POOLING, _pool_embeddings_hierarchical)
+    patched = model_class.__dict__.get("forward") is _colbert_forward
+    if not encoder:
+        if patched:
+            _restore_forward(model_class)
+        return
+    if not patched:
+        _pylate_forward.update({"class": model_class, "own": model_class.__dict__.get("forward")})
+    _pylate_forward["backend"] = backend
+    _trunk_cache.clear()  # every model's weights laid out again: a write PyTorch does not count is seen
+    model_class.forward = _colbert_forward
+
+
+def _restore_forward(model_class) -> None:
+    if _pylate_forward["own"] is None:
+        delattr(model_class, "forward")
+    else:
+        model_class.forward = _pylate_forward["own"]
 
 
 def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int = 1, protected_tokens: int = 1):
@@ -550,6 +582,111 @@ def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int =
     pooled, pooled_lengths = pooling_kernels.pool_documents(
         torch.cat(documents).contiguous(), lengths, int(pool_factor), int(protected_tokens)).result()
     return list(torch.split(pooled.cpu(), pooled_lengths.tolist()))
+
+
+def _colbert_forward(self, input, **kwargs):
+    """PyLate's ``ColBERT.forward`` (sentence-transformers' chain of modules) while `patch_pylate`
+    patches the encoder: the first module's BERT trunk on our Triton encoder where
+    `_triton_trunk` takes the batch, then the model's other modules (PyLate's Dense) as
+    sentence-transformers runs them; PyLate's own forward for anything else."""
+    hidden = None if kwargs else _triton_trunk(self, input)
+    if hidden is None:
+        own = _pylate_forward["own"]
+        if own is not None:
+            return own(self, input, **kwargs)
+        return super(_pylate_forward["class"], self).forward(input, **kwargs)
+    input["token_embeddings"] = hidden
+    for module in list(self.children())[1:]:
+        input = module(input)  # sentence-transformers passes a module no keyword arguments when given none
+    return input
+
+
+def _triton_trunk(model, features) -> torch.Tensor | None:
+    """The last hidden state ``[B, L, H]`` of ``model``'s BERT trunk for a padded batch of
+    ``features``, from our Triton encoder, or None where Hugging Face's ``BertModel`` must run.
+
+    Every row of the padded batch is computed, each attending to its sequence's first
+    ``attention_mask.sum()`` tokens, as BertModel computes it: a query's [MASK] rows and a
+    document's padding rows included, so what PyLate keeps or returns (``output_value=None``
+    returns every row) is BertModel's up to rounding. Ours takes: inference (no gradients, the
+    trunk in eval mode, no keyword arguments, no hidden states or attentions asked for), a plain
+    ``transformers.BertModel`` the encoder holds (`BertConfig`, head dims the attention takes),
+    in float32/16 or bfloat16 on the batch's device where the patch's backend resolves to the
+    Triton kernels there; masks of 0/1 with each row's ones first (right padding), at least
+    one per row; token type 0 throughout; ids in the vocabulary; rows no longer than the
+    position table. One copy of the batch to the host per call (to lay it out packed)."""
+    from .kernels.attention import SUPPORTED_HEAD_DIMS
+    from .model.encoder import encode_hidden
+    from .model.ops import PackedBatch, get_ops
+
+    transformers = sys.modules.get("transformers")
+    transformer = next(iter(model.children()), None)
+    bert = getattr(transformer, "auto_model", None)
+    if (transformers is None or type(bert) is not transformers.BertModel or bert.training
+            or torch.is_grad_enabled() or not isinstance(features, dict)):
+        return None
+    config = bert.config
+    if config.output_hidden_states or config.output_attentions or config.is_decoder:
+        return None
+    input_ids, mask = features.get("input_ids"), features.get("attention_mask")
+    types = features.get("token_type_ids")
+    if types is None and isinstance(input_ids, torch.Tensor):
+        types = torch.zeros_like(input_ids)
+    passed = {key for key in features if key in getattr(transformer, "model_forward_params", ())}
+    if (passed - {"input_ids", "attention_mask", "token_type_ids"}
+            or not all(isinstance(t, torch.Tensor) for t in (input_ids, mask, types))
+            or input_ids.dim() != 2 or input_ids.numel() == 0
+            or not (input_ids.shape == mask.shape == types.shape)
+            or len({input_ids.device, mask.device, types.device}) != 1
+            or any(t.dtype.is_floating_point or t.dtype.is_complex for t in (input_ids, mask, types))
+            or input_ids.shape[1] > config.max_position_embeddings
+            or scoring.resolve_backend(input_ids.device, _pylate_forward["backend"]) != "triton"):
+        return None
+    weights = _trunk_weights(bert, input_ids.device, SUPPORTED_HEAD_DIMS)
+    if weights is None:
+        return None
+    ids, masks, token_types = torch.stack([input_ids.long(), mask.long(), types.long()]).cpu().numpy()
+    key_lens = masks.sum(axis=1)
+    right_padded = np.arange(ids.shape[1])[None, :] < key_lens[:, None]
+    if (np.any(key_lens < 1) or not np.array_equal(masks, right_padded) or np.any(token_types != 0)
+            or ids.min() < 0 or ids.max() >= weights.word.shape[0]):
+        return None
+    batch = PackedBatch.from_sequences(list(ids), key_lens, input_ids.device)
+    return encode_hidden(weights, batch, get_ops("triton")).view(*ids.shape, -1)
+
+
+# A PyLate model's BERT trunk -> (what it was built from, its EncoderWeights or None).
+_trunk_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _trunk_weights(bert, device: torch.device, head_dims) -> EncoderWeights | None:
+    """``bert``'s weights laid out for our encoder (the query, key and value projections
+    concatenated), built once and again whenever a parameter changes as PyTorch counts it (an
+    optimizer step, ``load_state_dict``, ``.to()``; a write through ``.data`` only at the next
+    `patch_pylate`). A float16 or bfloat16 trunk keeps a second copy of its weights on the device."""
+    params = list(bert.parameters())
+    dtype = params[0].dtype if params else None
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or any(
+            p.device != device or p.dtype != dtype for p in params):
+        return None
+    try:
+        versions = tuple(p._version for p in params)
+    except RuntimeError:  # inference tensors count no versions, and cannot change outside inference mode
+        versions = None
+    key = (device, dtype, tuple(p.data_ptr() for p in params), versions)
+    cached = _trunk_cache.get(bert)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        config = BertConfig.from_json(bert.config.to_dict(), "PyLate's BertModel")
+        weights = None
+        if config.head_dim in head_dims:
+            weights = EncoderWeights.from_checkpoint(config, encoder_tensors(bert.state_dict()), None, None,
+                                                     "PyLate's BertModel").to(device, dtype)
+    except CheckpointError:  # a shape or setting our encoder does not hold
+        weights = None
+    _trunk_cache[bert] = (key, weights)
+    return weights
 
 
 def _pylate_model_class():

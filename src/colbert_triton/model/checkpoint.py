@@ -376,7 +376,7 @@ class _Files:
         return state, path
 
 
-def _encoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def encoder_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in tensors.items():
         if name.startswith("bert."):
@@ -677,7 +677,7 @@ def _load_stanford(files: _Files) -> Checkpoint:
                       "and colbert-ai and PyLate load this checkpoint without it", UserWarning, stacklevel=4)
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
-        encoder_tensors=_encoder_tensors(tensors), head_weight=head,
+        encoder_tensors=encoder_tensors(tensors), head_weight=head,
         head_bias=None, tokenizer=_tokenizer_files(files, ""),
         metadata_dim=_SettingsFile(meta, where).integer("dim", None),
     )
@@ -731,6 +731,6 @@ def _load_sentence_transformers(files: _Files, modules) -> Checkpoint:
     head_weight, head_bias = _fold_dense([_load_dense(files, d) for d in dense_dirs])
     return Checkpoint(
         source=files.describe(""), config=config, settings=settings,
-        encoder_tensors=_encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
+        encoder_tensors=encoder_tensors(tensors), head_weight=head_weight, head_bias=head_bias,
         tokenizer=_tokenizer_files(files, encoder_dir, tokenizer_args),
     )

@@ -40,7 +40,7 @@ class EncoderWeights:
     emb_ln_weight: torch.Tensor
     emb_ln_bias: torch.Tensor
     layers: list[LayerWeights]
-    head_weight: torch.Tensor  # [dim, H]
+    head_weight: torch.Tensor | None  # [dim, H]; None: the trunk alone (PyLate's own Dense projects)
     head_bias: torch.Tensor | None
 
     @property
@@ -49,7 +49,7 @@ class EncoderWeights:
 
     @classmethod
     def from_checkpoint(cls, config: BertConfig, tensors: dict[str, torch.Tensor],
-                        head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                        head_weight: torch.Tensor | None, head_bias: torch.Tensor | None,
                         source: str) -> "EncoderWeights":
         h, inter = config.hidden_size, config.intermediate_size
 
@@ -81,7 +81,7 @@ class EncoderWeights:
                 ffn_ln_weight=get(f"{p}output.LayerNorm.weight", (h,)),
                 ffn_ln_bias=get(f"{p}output.LayerNorm.bias", (h,)),
             ))
-        if head_weight.dim() != 2 or head_weight.shape[1] != h:
+        if head_weight is not None and (head_weight.dim() != 2 or head_weight.shape[1] != h):
             raise CheckpointError(
                 f"{source}: projection 'linear.weight' has shape {tuple(head_weight.shape)}, expected [dim, {h}]"
             )
@@ -93,7 +93,7 @@ class EncoderWeights:
             emb_ln_weight=get("embeddings.LayerNorm.weight", (h,)),
             emb_ln_bias=get("embeddings.LayerNorm.bias", (h,)),
             layers=layers,
-            head_weight=head_weight.float(),
+            head_weight=None if head_weight is None else head_weight.float(),
             head_bias=None if head_bias is None else head_bias.float(),
         )
 
