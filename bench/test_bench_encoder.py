@@ -247,7 +247,7 @@ def test_latency_end_to_end(measure, models, checkpoint, case, impl):
                 variant=impl == "ours-pylate-patched", wall=True)
 
 
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", *PYLATE_IMPLS, "ours-triton-to-host"])
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-torch", "pylate", "ours-triton-to-host", "ours-pylate-patched"])
 def test_documents_end_to_end(measure, models, checkpoint, impl):
     """encode_documents on 1024 texts of mixed length, tokenization included. ``-to-host`` (a
     variant) moves each batch to host memory as it is encoded (``output_device="cpu"``, as the
