@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -94,10 +95,15 @@ def test_unreachable_hub_says_so(tmp_path, monkeypatch):
 
 def _hub_answer(kind: str):
     """The exception huggingface_hub's hf_hub_download raises for each of the hub's answers."""
-    import httpx
     from huggingface_hub import errors
 
-    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/someone/x"))
+    # The HTTP library huggingface_hub answers with: httpx (1.x), httpx2 (2.5 on), requests (0.x).
+    http = sys.modules[errors.Response.__module__.split(".")[0]]
+    if http.__name__ == "requests":
+        response = errors.Response()
+        response.status_code = 404
+    else:
+        response = errors.Response(404, request=http.Request("GET", "https://huggingface.co/someone/x"))
     return {
         "no-repository": errors.RepositoryNotFoundError("404 Repository Not Found", response=response),
         "no-revision": errors.RevisionNotFoundError("404 Revision Not Found", response=response),
