@@ -7,7 +7,9 @@ enters the max as 0.0 rather than being excluded, and a masked query row contrib
     - from pylate import rank, scores
     + from colbert_triton import pylate as rank, pylate as scores
 
-or, for PyLate's own callers too (its retriever, ``model.similarity``), ``patch_pylate()``.
+or, for PyLate's own callers too (its retriever, ``model.similarity``), ``patch_pylate()``
+(which, where the backend is our kernels, also runs PyLate models' BERT trunk and token pooling
+on them).
 
 On CPU tensors these run PyLate's own PyTorch formula (chunked over documents so the
 ``[A, B, S, T]`` similarity block stays bounded). With ``backend="triton"`` (or on CUDA
