@@ -908,7 +908,7 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     refused = [changed(token_type_ids=types), changed(attention_mask=left), changed(attention_mask=hole),
                changed(attention_mask=empty), changed(attention_mask=mask.float()), changed(input_ids=past),
                changed(position_ids=torch.zeros_like(mask))]
-    long = torch.ones(1, bert.config.max_position_embeddings + 1, dtype=torch.long)
+    long = torch.ones(1, bert.config.max_position_embeddings + 1, dtype=torch.long, device=KERNEL_DEVICE)
     refused.append({"input_ids": long, "attention_mask": long, "token_type_ids": 0 * long})
     with torch.no_grad():
         for case in refused:
