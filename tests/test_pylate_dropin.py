@@ -873,8 +873,8 @@ def test_patched_pylate_encodes_on_the_triton_trunk(pylate_modules, pylate_dir, 
 def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_modules, pylate_dir, trunk_calls):
     """`_triton_trunk` on features as PyLate's tokenizer makes them: BertModel's hidden states
     (every row); None (Hugging Face's trunk runs) for what it does not compute the same way:
-    gradients, training mode, keyword arguments, hidden states or attentions asked for, a
-    decoder, token types other than 0, left padding or a
+    gradients, training mode, autocast, keyword arguments, hidden states or attentions asked
+    for, a decoder, token types other than 0, left padding or a
     hole in the mask, a row with no key, float masks, ids past the vocabulary, an input
     BertModel takes that ours does not, rows past the position table, another backend. The
     weights are laid out once and again after a change PyTorch counts."""
@@ -916,6 +916,8 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
         model.train()
         assert dropin._triton_trunk(model, dict(features)) is None
         model.eval()
+        with torch.autocast(torch.device(KERNEL_DEVICE).type, dtype=torch.bfloat16):
+            assert dropin._triton_trunk(model, dict(features)) is None
         implementation = bert.config._attn_implementation
         bert.config._attn_implementation = "eager"  # transformers takes output_attentions there only
         for flag in ("output_hidden_states", "output_attentions", "is_decoder"):

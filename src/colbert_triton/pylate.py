@@ -611,7 +611,7 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
     ``attention_mask.sum()`` tokens, as BertModel computes it: a query's [MASK] rows and a
     document's padding rows included, so what PyLate keeps or returns (``output_value=None``
     returns every row) is BertModel's up to rounding. Ours takes: inference (no gradients, the
-    trunk in eval mode, no keyword arguments, no hidden states or attentions asked for), a plain
+    trunk in eval mode, no autocast, no keyword arguments, no hidden states or attentions asked for), a plain
     ``transformers.BertModel`` the encoder holds (`BertConfig`, head dims the attention takes),
     in float32/16 or bfloat16 on the batch's device where the patch's backend resolves to the
     Triton kernels there; masks of 0/1 with each row's ones first (right padding), at least
@@ -642,6 +642,7 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
             or len({input_ids.device, mask.device, types.device}) != 1
             or any(t.dtype.is_floating_point or t.dtype.is_complex for t in (input_ids, mask, types))
             or input_ids.shape[1] > config.max_position_embeddings
+            or torch.is_autocast_enabled(input_ids.device.type)  # BertModel would compute in autocast's dtype
             or scoring.resolve_backend(input_ids.device, _pylate_forward["backend"]) != "triton"):
         return None
     weights = _trunk_weights(bert, input_ids.device, SUPPORTED_HEAD_DIMS)
