@@ -942,3 +942,5 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     assert dropin._trunk_weights(bert, bert.device, (32,)) is loaded
     dropin.patch_pylate(backend="triton")
     assert dropin._trunk_weights(bert, bert.device, (32,)) is not loaded
+    dropin.unpatch_pylate()
+    assert len(dropin._trunk_cache) == 0  # no copy of the weights left behind

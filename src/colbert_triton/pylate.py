@@ -523,6 +523,7 @@ def unpatch_pylate() -> None:
         setattr(model_class, _POOLING, _pylate_pooling["original"])
     if model_class is not None and model_class.__dict__.get("forward") is _colbert_forward:
         _restore_forward(model_class)
+    _trunk_cache.clear()  # the trunks' weights laid out for our encoder: not needed any more
 
 
 # PyLate's ColBERT method that pools documents, and (while patched) what it was and the backend.
@@ -546,6 +547,7 @@ def _patch_model_class(backend: str | None, encoder: bool) -> None:
     _pylate_pooling["backend"] = backend
     setattr(model_class, _POOLING, _pool_embeddings_hierarchical)
     patched = model_class.__dict__.get("forward") is _colbert_forward
+    _trunk_cache.clear()  # laid out again if needed: a write PyTorch does not count is seen
     if not encoder:
         if patched:
             _restore_forward(model_class)
@@ -553,7 +555,6 @@ def _patch_model_class(backend: str | None, encoder: bool) -> None:
     if not patched:
         _pylate_forward.update({"class": model_class, "own": model_class.__dict__.get("forward")})
     _pylate_forward["backend"] = backend
-    _trunk_cache.clear()  # every model's weights laid out again: a write PyTorch does not count is seen
     model_class.forward = _colbert_forward
 
 
