@@ -874,7 +874,7 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     """`_triton_trunk` on features as PyLate's tokenizer makes them: BertModel's hidden states
     (every row); None (Hugging Face's trunk runs) for what it does not compute the same way:
     gradients, training mode, autocast, keyword arguments, hidden states or attentions asked
-    for, a decoder, token types other than 0, left padding or a
+    for, a decoder, a module other than sentence-transformers' Transformer, token types other than 0, left padding or a
     hole in the mask, a row with no key, float masks, ids past the vocabulary, an input
     BertModel takes that ours does not, rows past the position table, another backend. The
     weights are laid out once and again after a change PyTorch counts."""
@@ -916,6 +916,10 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
         model.train()
         assert dropin._triton_trunk(model, dict(features)) is None
         model.eval()
+        transformer_class = type(model[0])
+        model[0].__class__ = type("OwnTransformer", (transformer_class,), {})  # a forward of its own, maybe
+        assert dropin._triton_trunk(model, dict(features)) is None
+        model[0].__class__ = transformer_class
         with torch.autocast(torch.device(KERNEL_DEVICE).type, dtype=torch.bfloat16):
             assert dropin._triton_trunk(model, dict(features)) is None
         implementation = bert.config._attn_implementation
@@ -944,3 +948,19 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     assert dropin._trunk_weights(bert, bert.device, (32,)) is not loaded
     dropin.unpatch_pylate()
     assert len(dropin._trunk_cache) == 0  # no copy of the weights left behind
+
+
+def test_patch_pylate_leaves_a_forward_of_pylates_own_alone(pylate_modules, monkeypatch):
+    """The trunk patch replaces the forward PyLate's ColBERT inherits from sentence-transformers
+    (the chain of modules it runs); a PyLate whose ColBERT defines its own keeps it, patched or not."""
+    models = require_reference("pylate.models")
+
+    def own_forward(self, input, **kwargs):
+        return input
+
+    monkeypatch.setattr(models.ColBERT, "forward", own_forward, raising=False)
+    for encoder in (True, False):
+        dropin.patch_pylate(backend="torch", encoder=encoder)
+        assert models.ColBERT.__dict__["forward"] is own_forward
+    dropin.unpatch_pylate()
+    assert models.ColBERT.__dict__["forward"] is own_forward

@@ -520,18 +520,16 @@ def unpatch_pylate() -> None:
     _pylate_installed.clear()
     model_class = _pylate_model_class()
     if model_class is not None and model_class.__dict__.get(_POOLING) is _pool_embeddings_hierarchical:
-        setattr(model_class, _POOLING, _pylate_pooling["original"])
+        setattr(model_class, _POOLING, _pylate_model_patch["pooling"])
     if model_class is not None and model_class.__dict__.get("forward") is _colbert_forward:
-        _restore_forward(model_class)
+        delattr(model_class, "forward")  # sentence-transformers' again
     _trunk_cache.clear()  # the trunks' weights laid out for our encoder: not needed any more
 
 
-# PyLate's ColBERT method that pools documents, and (while patched) what it was and the backend.
+# PyLate's ColBERT method that pools documents; while patched, PyLate's own ("pooling") and the
+# backend of the patch ("backend": its pooling's and its trunk's).
 _POOLING = "pool_embeddings_hierarchical"
-_pylate_pooling: dict[str, object] = {}
-# While the encoder is patched: PyLate's ColBERT class, its own ``forward`` (None: it inherits
-# sentence-transformers'), and the backend.
-_pylate_forward: dict[str, object] = {}
+_pylate_model_patch: dict[str, object] = {}
 
 
 def _patch_model_class(backend: str | None, encoder: bool) -> None:
@@ -543,26 +541,17 @@ def _patch_model_class(backend: str | None, encoder: bool) -> None:
     if current is None:
         raise RuntimeError(f"patch_pylate: this PyLate's ColBERT has no {_POOLING} to replace")
     if current is not _pool_embeddings_hierarchical:
-        _pylate_pooling["original"] = current
-    _pylate_pooling["backend"] = backend
+        _pylate_model_patch["pooling"] = current
+    _pylate_model_patch["backend"] = backend
     setattr(model_class, _POOLING, _pool_embeddings_hierarchical)
-    patched = model_class.__dict__.get("forward") is _colbert_forward
     _trunk_cache.clear()  # laid out again if needed: a write PyTorch does not count is seen
-    if not encoder:
-        if patched:
-            _restore_forward(model_class)
-        return
-    if not patched:
-        _pylate_forward.update({"class": model_class, "own": model_class.__dict__.get("forward")})
-    _pylate_forward["backend"] = backend
-    model_class.forward = _colbert_forward
-
-
-def _restore_forward(model_class) -> None:
-    if _pylate_forward["own"] is None:
+    forward = model_class.__dict__.get("forward")
+    if forward is _colbert_forward and not encoder:
         delattr(model_class, "forward")
-    else:
-        model_class.forward = _pylate_forward["own"]
+    elif forward is None and encoder:
+        # PyLate's ColBERT inherits sentence-transformers' forward, the chain of modules that
+        # `_colbert_forward` runs; a forward of its own (another PyLate) is left alone.
+        model_class.forward = _colbert_forward
 
 
 def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int = 1, protected_tokens: int = 1):
@@ -573,13 +562,13 @@ def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int =
     back on the host, in their dtype."""
     from .kernels import pooling as pooling_kernels
 
-    original = _pylate_pooling["original"]
+    original = _pylate_model_patch["pooling"]
     documents = list(documents_embeddings)
     if (pool_factor <= 1 or not documents or not all(isinstance(d, torch.Tensor) and d.dim() == 2 for d in documents)
             or len({(d.device, d.dtype) for d in documents}) != 1
             or documents[0].dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or max(len(d) for d in documents) - protected_tokens > pooling_kernels.MAX_POOLED_ROWS
-            or scoring.resolve_backend(documents[0].device, _pylate_pooling["backend"]) != "triton"):
+            or scoring.resolve_backend(documents[0].device, _pylate_model_patch["backend"]) != "triton"):
         return original(self, documents_embeddings, pool_factor, protected_tokens)
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     pooled, pooled_lengths = pooling_kernels.pool_documents(
@@ -594,10 +583,7 @@ def _colbert_forward(self, input, **kwargs):
     sentence-transformers runs them; PyLate's own forward for anything else."""
     hidden = None if kwargs else _triton_trunk(self, input)
     if hidden is None:
-        own = _pylate_forward["own"]
-        if own is not None:
-            return own(self, input, **kwargs)
-        return super(_pylate_forward["class"], self).forward(input, **kwargs)
+        return super(_pylate_model_class(), self).forward(input, **kwargs)
     input["token_embeddings"] = hidden
     for module in list(self.children())[1:]:
         input = module(input)  # sentence-transformers passes a module no keyword arguments when given none
@@ -612,8 +598,9 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
     ``attention_mask.sum()`` tokens, as BertModel computes it: a query's [MASK] rows and a
     document's padding rows included, so what PyLate keeps or returns (``output_value=None``
     returns every row) is BertModel's up to rounding. Ours takes: inference (no gradients, the
-    trunk in eval mode, no autocast, no keyword arguments, no hidden states or attentions asked for), a plain
-    ``transformers.BertModel`` the encoder holds (`BertConfig`, head dims the attention takes),
+    trunk in eval mode, no autocast, no keyword arguments, no hidden states or attentions asked
+    for), a plain ``transformers.BertModel`` in sentence-transformers' ``Transformer`` module,
+    that the encoder holds (`BertConfig`, head dims the attention takes),
     in float32/16 or bfloat16 on the batch's device where the patch's backend resolves to the
     Triton kernels there; masks of 0/1 with each row's ones first (right padding), at least
     one per row; token type 0 throughout; ids in the vocabulary; rows no longer than the
@@ -622,10 +609,12 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
     from .model.encoder import encode_hidden
     from .model.ops import PackedBatch, get_ops
 
-    transformers = sys.modules.get("transformers")
+    transformers, sentence_transformers = sys.modules.get("transformers"), sys.modules.get("sentence_transformers")
     transformer = next(iter(model.children()), None)
     bert = getattr(transformer, "auto_model", None)
-    if (transformers is None or type(bert) is not transformers.BertModel or bert.training
+    if (transformers is None or sentence_transformers is None
+            or type(transformer) is not sentence_transformers.models.Transformer
+            or type(bert) is not transformers.BertModel or bert.training
             or torch.is_grad_enabled() or not isinstance(features, dict)):
         return None
     config = bert.config
@@ -644,7 +633,7 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
             or any(t.dtype.is_floating_point or t.dtype.is_complex for t in (input_ids, mask, types))
             or input_ids.shape[1] > config.max_position_embeddings
             or torch.is_autocast_enabled(input_ids.device.type)  # BertModel would compute in autocast's dtype
-            or scoring.resolve_backend(input_ids.device, _pylate_forward["backend"]) != "triton"):
+            or scoring.resolve_backend(input_ids.device, _pylate_model_patch["backend"]) != "triton"):
         return None
     weights = _trunk_weights(bert, input_ids.device, SUPPORTED_HEAD_DIMS)
     if weights is None:
