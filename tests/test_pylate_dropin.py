@@ -874,10 +874,11 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     """`_triton_trunk` on features as PyLate's tokenizer makes them: BertModel's hidden states
     (every row); None (Hugging Face's trunk runs) for what it does not compute the same way:
     gradients, training mode, autocast, keyword arguments, hidden states or attentions asked
-    for, a decoder, a module other than sentence-transformers' Transformer, token types other than 0, left padding or a
-    hole in the mask, a row with no key, float masks, ids past the vocabulary, an input
-    BertModel takes that ours does not, rows past the position table, another backend. The
-    weights are laid out once and again after a change PyTorch counts."""
+    for, a decoder, a module other than sentence-transformers' Transformer, token types other
+    than 0, left padding or a hole in the mask, a row with no key, float masks, ids past the
+    vocabulary, an input BertModel takes that ours does not, rows past the position table,
+    another backend. The weights are laid out once, again after a change PyTorch counts or at
+    the next patch, and dropped when unpatched."""
     models = require_reference("pylate.models")
     model = models.ColBERT(model_name_or_path=str(pylate_dir), device=KERNEL_DEVICE)
     bert = model[0].auto_model
