@@ -204,14 +204,15 @@ def patched_pylate(impl: str, checkpoint=None, texts=None):
             texts, is_query=False, batch_size=PAD_BATCH, show_progress_bar=False)])
 
     if texts is not None:
-        reference, own = rows(pylate_model(checkpoint, torch.float32)), rows(pylate_model(checkpoint))
+        model = pylate_model(checkpoint)  # its rows before the patch, then under it
+        reference, own = rows(pylate_model(checkpoint, torch.float32)), rows(model)
     patch_pylate(backend="triton")
     try:
         if texts is not None:
             def worst_error(x):
                 return 1.0 - float(torch.nn.functional.cosine_similarity(x, reference, dim=-1).min())
 
-            error, own_error = worst_error(rows(pylate_model(checkpoint))), worst_error(own)
+            error, own_error = worst_error(rows(model)), worst_error(own)
             assert error <= max(1e-3, 2.0 * own_error), (
                 f"{impl}: worst-token cosine error {error:.2e} vs PyLate in float32; PyLate's own is {own_error:.2e}")
         yield

@@ -890,8 +890,8 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
         expected = bert(**features).last_hidden_state
         got = dropin._triton_trunk(model, dict(features))
     torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), atol=2e-5, rtol=0)
-    weights = dropin._trunk_weights(bert, bert.device, (32,))
-    assert dropin._trunk_weights(bert, bert.device, (32,)) is weights  # laid out once
+    weights = dropin._trunk_weights(bert, bert.device)
+    assert dropin._trunk_weights(bert, bert.device) is weights  # laid out once
 
     def changed(**updates):
         return {**features, **{k: v.to(KERNEL_DEVICE) for k, v in updates.items()}}
@@ -938,15 +938,15 @@ def test_the_triton_trunk_takes_only_batches_it_computes_as_bertmodel(pylate_mod
     assert len(trunk_calls) == 1
     with torch.no_grad():
         bert.embeddings.word_embeddings.weight.mul_(1.0)  # an in-place write: PyTorch counts it
-    again = dropin._trunk_weights(bert, bert.device, (32,))
-    assert again is not weights and dropin._trunk_weights(bert, bert.device, (32,)) is again
+    again = dropin._trunk_weights(bert, bert.device)
+    assert again is not weights and dropin._trunk_weights(bert, bert.device) is again
     bert.load_state_dict(bert.state_dict())
-    loaded = dropin._trunk_weights(bert, bert.device, (32,))
+    loaded = dropin._trunk_weights(bert, bert.device)
     assert loaded is not again
     bert.embeddings.word_embeddings.weight.data.mul_(1.0)  # not counted: seen at the next patch
-    assert dropin._trunk_weights(bert, bert.device, (32,)) is loaded
+    assert dropin._trunk_weights(bert, bert.device) is loaded
     dropin.patch_pylate(backend="triton")
-    assert dropin._trunk_weights(bert, bert.device, (32,)) is not loaded
+    assert dropin._trunk_weights(bert, bert.device) is not loaded
     dropin.unpatch_pylate()
     assert len(dropin._trunk_cache) == 0  # no copy of the weights left behind
 

@@ -226,18 +226,18 @@ def _encode(args) -> None:
     show_progress = False if args.no_progress else None
     metadata = {}
     if args.kind == "documents":
-        try:
-            pool_factor, protected_tokens, processes = check_pooling(  # the Triton backend pools on the GPU
-                args.pool_factor, args.protected_tokens, args.pooling_processes, needs_scipy=args.backend != "triton")
-        except ImportError as error:  # SciPy missing: the user's setup, said in one line
-            raise InputError(str(error)) from None
+        pool_factor, protected_tokens, processes = check_pooling(
+            args.pool_factor, args.protected_tokens, args.pooling_processes)
         model = _load_model(args)
         # On the host as it is encoded, and written from the list of items (views into the
         # encoded batches) without joining them: a corpus need fit neither in the GPU's memory
         # nor twice in the host's.
-        items = model.encode_documents(texts, args.batch_size, show_progress=show_progress,
-                                       pool_factor=pool_factor, protected_tokens=protected_tokens,
-                                       pooling_processes=processes, output_device="cpu")
+        try:
+            items = model.encode_documents(texts, args.batch_size, show_progress=show_progress,
+                                           pool_factor=pool_factor, protected_tokens=protected_tokens,
+                                           pooling_processes=processes, output_device="cpu")
+        except ImportError as error:  # SciPy missing where the model pools on the host: said in one line
+            raise InputError(str(error)) from None
         if pool_factor > 1:  # what a reader of the file cannot tell from its rows
             metadata = {"pool_factor": str(pool_factor), "protected_tokens": str(protected_tokens)}
     else:

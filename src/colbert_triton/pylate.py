@@ -554,6 +554,12 @@ def _patch_model_class(backend: str | None, encoder: bool) -> None:
         model_class.forward = _colbert_forward
 
 
+def _patched_to_kernels(device: torch.device) -> bool:
+    """Whether the patch's backend resolves to our kernels on ``device`` (PyLate models' pooling
+    and trunk run on them then)."""
+    return scoring.resolve_backend(device, _pylate_model_patch["backend"]) == "triton"
+
+
 def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int = 1, protected_tokens: int = 1):
     """PyLate's ``ColBERT.pool_embeddings_hierarchical`` while `patch_pylate` holds: the
     documents pooled by `kernels.pooling` on their GPU where the patch's backend resolves to the
@@ -568,7 +574,7 @@ def _pool_embeddings_hierarchical(self, documents_embeddings, pool_factor: int =
             or len({(d.device, d.dtype) for d in documents}) != 1
             or documents[0].dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or max(len(d) for d in documents) - protected_tokens > pooling_kernels.MAX_POOLED_ROWS
-            or scoring.resolve_backend(documents[0].device, _pylate_model_patch["backend"]) != "triton"):
+            or not _patched_to_kernels(documents[0].device)):
         return original(self, documents_embeddings, pool_factor, protected_tokens)
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     pooled, pooled_lengths = pooling_kernels.pool_documents(
@@ -605,7 +611,6 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
     Triton kernels there; masks of 0/1 with each row's ones first (right padding), at least
     one per row; token type 0 throughout; ids in the vocabulary; rows no longer than the
     position table. One copy of the batch to the host per call (to lay it out packed)."""
-    from .kernels.attention import SUPPORTED_HEAD_DIMS
     from .model.encoder import encode_hidden
     from .model.ops import PackedBatch, get_ops
 
@@ -633,9 +638,9 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
             or any(t.dtype.is_floating_point or t.dtype.is_complex for t in (input_ids, mask, types))
             or input_ids.shape[1] > config.max_position_embeddings
             or torch.is_autocast_enabled(input_ids.device.type)  # BertModel would compute in autocast's dtype
-            or scoring.resolve_backend(input_ids.device, _pylate_model_patch["backend"]) != "triton"):
+            or not _patched_to_kernels(input_ids.device)):
         return None
-    weights = _trunk_weights(bert, input_ids.device, SUPPORTED_HEAD_DIMS)
+    weights = _trunk_weights(bert, input_ids.device)
     if weights is None:
         return None
     ids, masks, token_types = torch.stack([input_ids.long(), mask.long(), types.long()]).cpu().numpy()
@@ -652,7 +657,7 @@ def _triton_trunk(model, features) -> torch.Tensor | None:
 _trunk_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _trunk_weights(bert, device: torch.device, head_dims) -> EncoderWeights | None:
+def _trunk_weights(bert, device: torch.device) -> EncoderWeights | None:
     """``bert``'s weights laid out for our encoder (the query, key and value projections
     concatenated), built once and again whenever a parameter changes as PyTorch counts it (an
     optimizer step, ``load_state_dict``, ``.to()``; a write through ``.data`` only at the next
@@ -670,10 +675,12 @@ def _trunk_weights(bert, device: torch.device, head_dims) -> EncoderWeights | No
     cached = _trunk_cache.get(bert)
     if cached is not None and cached[0] == key:
         return cached[1]
+    from .kernels.attention import SUPPORTED_HEAD_DIMS
+
     try:
         config = BertConfig.from_json(bert.config.to_dict(), "PyLate's BertModel")
         weights = None
-        if config.head_dim in head_dims:
+        if config.head_dim in SUPPORTED_HEAD_DIMS:
             weights = EncoderWeights.from_checkpoint(config, encoder_tensors(bert.state_dict()), None, None,
                                                      "PyLate's BertModel").to(device, dtype)
     except CheckpointError:  # a shape or setting our encoder does not hold

@@ -228,7 +228,7 @@ class ColBERT:
         ``pooling_processes``: a number of worker processes started for the call (with
         ``spawn``: a script needs ``if __name__ == "__main__":``), or running
         `PoolingProcesses`, to keep them across calls (not used with the Triton backend)."""
-        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes, needs_scipy=False)
+        pooling = check_pooling(pool_factor, protected_tokens, pooling_processes)
         if pooling[0] > 1 and not self._pools_on_device(pooling[1]):
             _scipy()  # pooled on the CPU: SciPy, or a clear error before anything is encoded
         output_device = self._output_device(output_device)

@@ -26,11 +26,11 @@ import torch
 from .. import scoring
 
 
-def check_pooling(pool_factor, protected_tokens, processes=0, needs_scipy=True) -> tuple[int, int, int | PoolingProcesses]:
-    """The settings as Python ints (``processes`` may also be running `PoolingProcesses`), with
-    SciPy importable when pooling is asked for on the CPU (``needs_scipy``; the Triton backend
-    pools without it), or a clear error: called before anything is encoded, so a corpus is not
-    encoded only to fail here."""
+def check_pooling(pool_factor, protected_tokens, processes=0) -> tuple[int, int, int | PoolingProcesses]:
+    """The settings as Python ints (``processes`` may also be running `PoolingProcesses`), or a
+    clear error: called before anything is encoded, so a corpus is not encoded only to fail
+    here. Whether SciPy is needed depends on where the model pools (`ColBERT.encode_documents`
+    asks for it then)."""
     pool_factor = scoring.checked_int(pool_factor, "pool_factor")
     protected_tokens = scoring.checked_int(protected_tokens, "protected_tokens", minimum=0)
     if isinstance(processes, PoolingProcesses):
@@ -39,8 +39,6 @@ def check_pooling(pool_factor, protected_tokens, processes=0, needs_scipy=True) 
                              "`with` block has ended)")
     else:
         processes = scoring.checked_int(processes, "pooling_processes", minimum=0)
-    if pool_factor > 1 and needs_scipy:
-        _scipy()
     return pool_factor, protected_tokens, processes
 
 
