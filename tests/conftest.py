@@ -16,6 +16,11 @@ import pytest  # noqa: E402
 from cuda_faults import end_process_on_cuda_fault
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED and os.environ.get("COLBERT_TRITON_MEMCHECK", "1") != "0":
+    import memcheck
+
+    memcheck.install()  # every interpreted load and store stays inside the launch's tensors
+    memcheck.poison_allocations()  # and nothing reads what the package left unwritten
 # The interpreter multiplies bfloat16 tl.dot operands as raw bits: bf16 is tested on a GPU only.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
