@@ -43,16 +43,17 @@ class Race(AssertionError):
 
 
 class _Launch(threading.local):
-    kernel: str = ""
-    names: list[str] = []
-    starts = np.zeros(0, dtype=np.uint64)  # the arguments' spans, sorted by start
-    ends = np.zeros(0, dtype=np.uint64)
-    # The spans merged where they overlap, each with the program that stored each of its bytes
-    # (-1: none yet), made at the first store into it.
-    region_starts = np.zeros(0, dtype=np.uint64)
-    region_ends = np.zeros(0, dtype=np.uint64)
-    writers: dict = {}
-    program: int = 0
+    def __init__(self):
+        self.kernel = ""
+        self.names: list[str] = []
+        self.starts = np.zeros(0, dtype=np.uint64)  # the arguments' spans, sorted by start
+        self.ends = np.zeros(0, dtype=np.uint64)
+        # The spans merged where they overlap, each with the program that stored each of its
+        # bytes (-1: none yet), made at the first store into it.
+        self.region_starts = np.zeros(0, dtype=np.uint64)
+        self.region_ends = np.zeros(0, dtype=np.uint64)
+        self.writers: dict[int, np.ndarray] = {}
+        self.program = 0
 
 
 _launch = _Launch()

@@ -1,15 +1,17 @@
 """tests/memcheck.py, the interpreter's bounds and race checker: it must fail a kernel that loads
 or stores outside its arguments (the accesses a GPU would fault on, or silently get wrong), or
 whose programs share bytes one of them stores, and pass one that keeps inside its arguments
-(masked-off lanes and views of longer buffers included) and to each program's own outputs."""
+(masked-off lanes and views of longer buffers included) and to each program's own outputs; and
+what the package allocates uninitialised must come poisoned."""
 
+import types
+
+import memcheck
 import pytest
 import torch
 import triton
 import triton.language as tl
 from conftest import INTERPRETED
-
-import memcheck
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="checks the CPU interpreter's launches")
 
@@ -54,9 +56,9 @@ def test_accesses_inside_the_arguments_pass():
 
 
 @pytest.mark.parametrize("case, expect", [
-    (dict(mask_load=False), "a load of 4-byte elements .* past the end of src_ptr"),
-    (dict(mask_store=False), "a store of 4-byte elements .* past the end of dst_ptr"),
-    (dict(shift=-1), "a load .* 4 bytes before src_ptr"),
+    ({"mask_load": False}, "a load of 4-byte elements .* past the end of src_ptr"),
+    ({"mask_store": False}, "a store of 4-byte elements .* past the end of dst_ptr"),
+    ({"shift": -1}, "a load .* 4 bytes before src_ptr"),
 ])
 def test_a_stray_access_fails_the_launch_naming_it(case, expect):
     with pytest.raises(Exception, match=expect) as failure:
@@ -124,17 +126,16 @@ def test_it_is_installed_once_for_the_test_session():
         assert not hasattr(method.unchecked, "unchecked")
 
 
-def _module_allocating(name):
-    import types
+def _allocate():
+    x = torch.zeros(2)
+    return (torch.empty(3), torch.empty(2, dtype=torch.int32), x.new_empty(2),
+            torch.empty_like(x, dtype=torch.bool), torch.empty(0, dtype=torch.int64))
 
-    module = types.ModuleType(name)
-    exec("import torch\n"
-         "def allocate():\n"
-         "    x = torch.zeros(2)\n"
-         "    return (torch.empty(3), torch.empty(2, dtype=torch.int32), x.new_empty(2),\n"
-         "            torch.empty_like(x, dtype=torch.bool), torch.empty(0, dtype=torch.int64))\n",
-         module.__dict__)
-    return module
+
+def _module_allocating(name):
+    """`_allocate` as if defined in module ``name`` (the poisoning looks at the caller's module)."""
+    return types.SimpleNamespace(allocate=types.FunctionType(
+        _allocate.__code__, {"__name__": name, "torch": torch}))
 
 
 def test_the_package_allocates_poisoned_and_nothing_else_does(monkeypatch):
