@@ -1,4 +1,5 @@
-"""A bounds checker for kernels run in Triton's CPU interpreter (the tests' compute-sanitizer).
+"""Bounds, race and initialisation checks for kernels run in Triton's CPU interpreter (the tests'
+compute-sanitizer).
 
 On a GPU a load or store without the right mask reads or writes past a tensor: a fault when it
 leaves the allocation, silently wrong values or a corrupted neighbour when it does not. The
