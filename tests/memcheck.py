@@ -116,6 +116,8 @@ def _check(kind: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None
 
 
 def _check_races(kind: str, addresses: np.ndarray, itemsize: int) -> None:
+    if kind == "load" and not _launch.writers:  # nothing stored yet in this launch: nothing to race
+        return
     region = np.searchsorted(_launch.region_starts, addresses, side="right") - 1
     me = _launch.program
     for r in np.unique(region):
@@ -187,13 +189,15 @@ def install() -> None:
         nx, ny, _ = self.grid_dim
         _launch.program = x + nx * (y + ny * z)
 
+    def itemsize(ptrs) -> int:
+        return np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+
     def masked_load(self, ptrs, mask, other, *rest):
-        itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
-        _check("load", ptrs.data, mask.data, itemsize)
+        _check("load", ptrs.data, mask.data, itemsize(ptrs))
         return load(self, ptrs, mask, other, *rest)
 
     def masked_store(self, ptrs, value, mask, *rest):
-        _check("store", ptrs.data, mask.data, np.dtype(value.data.dtype).itemsize)
+        _check("store", ptrs.data, mask.data, itemsize(ptrs))
         return store(self, ptrs, value, mask, *rest)
 
     masked_load.unchecked, masked_store.unchecked, set_program.unchecked = load, store, set_grid_idx
