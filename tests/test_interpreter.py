@@ -7,6 +7,10 @@ import types
 
 import numpy as np
 import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import KERNEL_DEVICE, poisoned
 
 from colbert_triton.kernels import _interpreter
 
@@ -41,3 +45,82 @@ def test_scalar_index_patch_takes_either_signature(with_scope):
     interpreter._patch_lang_tensor(Tensor, *([Scope()] if with_scope else []))
     assert calls[0] == ("original", "Tensor") and len(calls) == (2 if with_scope else 1)
     assert operator.index(Tensor(7)) == 7 and list(range(Tensor(3))) == [0, 1, 2]
+
+
+# --- bfloat16 (`fix_bfloat16`): what the interpreter computes is what a GPU computes. On a GPU
+# these run compiled, the reference for the expectations below.
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    offs_m, offs_n, offs_k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :])
+    b = tl.load(b_ptr + offs_k[:, None] * N + offs_n[None, :])
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n  # one program, BLOCK >= n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype.is_floating_point:
+        out = poisoned(tuple(x.shape), dtype)
+    else:
+        out = torch.full(tuple(x.shape), torch.iinfo(dtype).max, dtype=dtype, device=KERNEL_DEVICE)
+    _cast_kernel[(1,)](x.to(KERNEL_DEVICE), out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    return out.cpu()
+
+
+def test_bfloat16_dot_multiplies_values():
+    """The interpreter took a bf16 dot's operands as their uint16 bit patterns (results ~1e9)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 32, generator=gen).to(torch.bfloat16)
+    b = torch.randn(32, 16, generator=gen).to(torch.bfloat16)
+    out = poisoned((16, 16), torch.float32)
+    _dot_kernel[(1,)](a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), out, M=16, N=16, K=32)
+    # bf16 products are exact in fp32; only the fp32 summation order may differ.
+    torch.testing.assert_close(out.cpu(), (a.double() @ b.double()).float(), atol=1e-5, rtol=1e-5)
+
+
+# Ties between two bf16 values (1 + 2^-8: to 1; 1 + 3 * 2^-8: to 1 + 2^-6, the even one), their
+# negatives, past bf16's largest (to inf), infinities, fp32 subnormals, signed zero.
+_TO_BF16 = [1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), -(1 + 3 * 2**-8),
+            3.4e38, -3.4e38, float("inf"), float("-inf"), 1e-40, -3e-39, 0.0, -0.0, 0.1, -1e-5]
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.float16, torch.float64])
+def test_casts_to_bfloat16_round_to_nearest_even(source):
+    """The interpreter truncated to bf16; a GPU rounds to nearest even, as torch does."""
+    values = torch.tensor(_TO_BF16, dtype=torch.float64).to(source)
+    got, want = _cast(values, torch.bfloat16), values.to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got, want)
+    nan = _cast(torch.tensor([float("nan")], dtype=source), torch.bfloat16)
+    assert torch.isnan(nan).all()
+
+
+# (NumPy warns of the float16 overflow it rounds to inf.)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("target", [torch.float32, torch.float16, torch.int32])
+def test_casts_from_bfloat16_take_the_value(target):
+    """bf16 to float32 is exact; to float16 rounds (past its range: inf); to an integer truncates
+    toward zero (the interpreter had these right; the fix takes them over)."""
+    values = [1.0, -2.5, 0.1, 7.75, -1e-3, 0.0, 123.0, -65280.0]
+    if target != torch.int32:
+        values += [1e5, -3e38, float("inf"), 1e-30]
+    source = torch.tensor(values).to(torch.bfloat16)
+    got, want = _cast(source, target), source.to(target)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_bfloat16_fix_installs_once():
+    builder = type("Builder", (), {"create_dot": lambda *a: "dot", "cast_impl": lambda *a: "cast"})
+    interpreter = types.SimpleNamespace(InterpreterBuilder=builder, TensorHandle=types.SimpleNamespace)
+    _interpreter.install_bfloat16(interpreter)
+    dot = interpreter.InterpreterBuilder.create_dot
+    _interpreter.install_bfloat16(interpreter)
+    assert interpreter.InterpreterBuilder.create_dot is dot

@@ -127,8 +127,7 @@ def _reference_pooling(values: torch.Tensor, lengths, pool_factor: int, protecte
     return pooled
 
 
-# No tl.dot here: bfloat16 is right in the interpreter too.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("pool_factor, protected", [(2, 1), (3, 0), (2, 4)])
 def test_pool_documents_is_the_cpu_pooling(dtype, pool_factor, protected):
     # Empty, protected-only, too short to merge, just long enough, and longer documents.

@@ -834,7 +834,7 @@ def trunk_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32] if INTERPRETED else KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_patched_pylate_encodes_on_the_triton_trunk(pylate_modules, pylate_dir, trunk_calls, dtype):
     """patch_pylate(backend="triton"): a PyLate model loaded before the patch encodes on our
     Triton encoder's trunk (PyLate's Dense, masks and normalisation after it): the rows of

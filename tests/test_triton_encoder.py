@@ -12,7 +12,7 @@ from texts import DOCUMENTS, QUERIES
 
 from colbert_triton import ColBERT
 
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 if INTERPRETED:
     QUERY_TEXTS, DOC_TEXTS = QUERIES[:2] + QUERIES[3:5], DOCUMENTS[:2] + DOCUMENTS[7:9]
 else:

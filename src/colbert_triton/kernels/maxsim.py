@@ -55,8 +55,7 @@ block varying fastest so that the programs running together share their document
 from HBM) while every query block stays in L2.
 
 Precision: 16-bit inputs run 16-bit tensor-core dots with fp32 accumulation; fp32 inputs run
-3xTF32 dots (fp32-level accuracy on tensor cores). Under the Triton interpreter (no GPU) bf16
-operands are upcast to fp32 first, because the interpreter computes bf16 dots wrongly.
+3xTF32 dots (fp32-level accuracy on tensor cores).
 
 Conventions (the contract tests/test_maxsim_kernel.py checks against an fp64 reference):
 
@@ -133,17 +132,14 @@ def _small_tiles(max_shared: int) -> bool:
 
 @triton.jit
 def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                      Q_IN_REGS: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, Q_IN_REGS: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """Columns [CHUNK * BLOCK_K, (CHUNK + 1) * BLOCK_K) of the query rows: [BLOCK_M, BLOCK_K]."""
     if EVEN_K:
         mask = row_valid[:, None]
     else:
         mask = row_valid[:, None] & ((k_offs + CHUNK * BLOCK_K) < dim)[None, :]
     x = tl.load(q_ptrs + CHUNK * BLOCK_K * q_k_stride, mask=mask, other=0.0)
-    if DOT_FP32:
-        # The interpreter multiplies bf16 dot operands as raw bits; fp32 holds bf16 exactly.
-        x = x.to(tl.float32)
     if Q_IN_REGS:
         # x @ I, exact for finite 16-bit x (fp32 sums of x_ij * 1 and zeros; an inf gives
         # inf * 0 = NaN across its row), once per load: the chunk becomes an MMA result, the
@@ -156,8 +152,7 @@ def _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, CHUNK: tl.cons
 
 @triton.jit
 def _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, CHUNK: tl.constexpr,
-                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr):
     """Columns [CHUNK * BLOCK_K, (CHUNK + 1) * BLOCK_K) of a document tile, loaded k-major as
     [BLOCK_K, BLOCK_N]: it is the dot's B operand as loaded (no transpose through registers),
     which lets the compiler stage it in shared memory with pipelined async copies."""
@@ -173,30 +168,28 @@ def _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, CHUNK: tl.cons
             x = tl.load(chunk_ptrs)
         else:
             x = tl.load(chunk_ptrs, mask=col_valid[:, None], other=0.0)
-    if DOT_FP32:
-        x = x.to(tl.float32)
     return x
 
 
 @triton.jit
 def _load_query_tile(q_ptrs, row_valid, k_offs, dim, q_k_stride, NUM_K: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                     Q_IN_REGS: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, Q_IN_REGS: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """The query rows as NUM_K column chunks kept on chip (unused slots repeat chunk 0)."""
     q0 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 0, BLOCK_K, EVEN_K,
-                           DOT_FP32, Q_IN_REGS, PRECISION)
+                           Q_IN_REGS, PRECISION)
     q1 = q0
     q2 = q0
     q3 = q0
     if NUM_K > 1:
         q1 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 1, BLOCK_K, EVEN_K,
-                               DOT_FP32, Q_IN_REGS, PRECISION)
+                               Q_IN_REGS, PRECISION)
     if NUM_K > 2:
         q2 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 2, BLOCK_K, EVEN_K,
-                               DOT_FP32, Q_IN_REGS, PRECISION)
+                               Q_IN_REGS, PRECISION)
     if NUM_K > 3:
         q3 = _load_query_chunk(q_ptrs, row_valid, k_offs, dim, q_k_stride, 3, BLOCK_K, EVEN_K,
-                               DOT_FP32, Q_IN_REGS, PRECISION)
+                               Q_IN_REGS, PRECISION)
     return q0, q1, q2, q3
 
 
@@ -208,22 +201,22 @@ def _max_propagate_nan(a, b):
 @triton.jit
 def _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, row_valid, k_offs, dim, doc_k_stride,
                   NUM_K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                  MASK_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """row_max updated with one document tile: S = Q @ D^T summed over the d chunks."""
     d0 = _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, 0, BLOCK_K, EVEN_K,
-                         MASK_ROWS, DOT_FP32)
+                         MASK_ROWS)
     sim = tl.dot(q0, d0, input_precision=PRECISION)
     if NUM_K > 1:
         d1 = _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, 1, BLOCK_K, EVEN_K,
-                             MASK_ROWS, DOT_FP32)
+                             MASK_ROWS)
         sim = tl.dot(q1, d1, sim, input_precision=PRECISION)
     if NUM_K > 2:
         d2 = _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, 2, BLOCK_K, EVEN_K,
-                             MASK_ROWS, DOT_FP32)
+                             MASK_ROWS)
         sim = tl.dot(q2, d2, sim, input_precision=PRECISION)
     if NUM_K > 3:
         d3 = _load_doc_chunk(d_ptrs, row_valid, k_offs, dim, doc_k_stride, 3, BLOCK_K, EVEN_K,
-                             MASK_ROWS, DOT_FP32)
+                             MASK_ROWS)
         sim = tl.dot(q3, d3, sim, input_precision=PRECISION)
     if MASK_ROWS:
         # Rows past the document's end loaded as 0 but must not enter the max (a 0 could win).
@@ -242,7 +235,7 @@ def _flat_tile_loop(
     doc_row_stride, doc_k_stride, out_q_stride, out_doc_stride,
     QB: tl.constexpr, LQ_TILE: tl.constexpr, NUM_LQ_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_PAD_FLOOR: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD_FLOOR: tl.constexpr, PRECISION: tl.constexpr,
     DOCS_PER_STEP: tl.constexpr, Q_IN_REGS: tl.constexpr,
 ):
     """Scores of the query block against documents [step_begin, min(step_begin + DOCS_PER_STEP,
@@ -282,7 +275,7 @@ def _flat_tile_loop(
             q_valid = (q_rows < num_queries) & (c * LQ_TILE + (m_offs % LQ_TILE) < query_len)
             q0, q1, q2, q3 = _load_query_tile(q_row_base + c * LQ_TILE * q_t_stride, q_valid,
                                               k_offs, dim, q_k_stride, NUM_K, BLOCK_K, EVEN_K,
-                                              DOT_FP32, Q_IN_REGS, PRECISION)
+                                              Q_IN_REGS, PRECISION)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for t in range(0, num_tiles):
             # The tile's document: the lane whose tile range holds t (elementwise, no reduction);
@@ -297,8 +290,7 @@ def _flat_tile_loop(
             d_ptrs = (doc_ptr + (start + off) * doc_row_stride + k_offs[:, None] * doc_k_stride
                       + n_rows[None, :] * doc_row_stride)
             row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, n_offs < BLOCK_N, k_offs,
-                                    dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K, False, DOT_FP32,
-                                    PRECISION)
+                                    dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K, False, PRECISION)
             if rows_left <= BLOCK_N:  # the document's last tile
                 if HAS_PAD_FLOOR:
                     floor = tl.sum(tl.where(this, floors, 0), 0) != 0
@@ -332,7 +324,6 @@ def _maxsim_kernel(
     NUM_K: tl.constexpr,  # dots per tile: BLOCK_K * NUM_K >= d
     EVEN_K: tl.constexpr,  # d == BLOCK_K * NUM_K: no column masks
     HAS_PAD_FLOOR: tl.constexpr,
-    DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     FLAT: tl.constexpr,  # one tile loop across the program's documents (see _flat_tile_loop)
     DOCS_PER_STEP: tl.constexpr,  # FLAT: documents per tile loop, a power of two
@@ -358,7 +349,7 @@ def _maxsim_kernel(
     # queries (NUM_LQ_CHUNKS > 1) reload their chunks inside the document loops.
     q_valid = (q_rows < num_queries) & ((m_offs % LQ_TILE) < query_len)
     q0, q1, q2, q3 = _load_query_tile(q_row_base, q_valid, k_offs, dim, q_k_stride,
-                                      NUM_K, BLOCK_K, EVEN_K, DOT_FP32, Q_IN_REGS, PRECISION)
+                                      NUM_K, BLOCK_K, EVEN_K, Q_IN_REGS, PRECISION)
 
     # This program's documents: slots [slot_begin, slot_end) of the query block's list.
     idx_base = qblock.to(tl.int64) * QB * idx_q_stride
@@ -374,7 +365,7 @@ def _maxsim_kernel(
                 num_queries, query_len, dim, num_doc_rows, q_t_stride, q_k_stride,
                 doc_row_stride, doc_k_stride, out_q_stride, out_doc_stride,
                 QB, LQ_TILE, NUM_LQ_CHUNKS, BLOCK_N, BLOCK_K, NUM_K, EVEN_K, HAS_PAD_FLOOR,
-                DOT_FP32, PRECISION, DOCS_PER_STEP, Q_IN_REGS)
+                PRECISION, DOCS_PER_STEP, Q_IN_REGS)
         return
     # 64-bit offsets: Q * N scores may pass 2^31 elements.
     out_ptrs = (out_ptr + out_q.to(tl.int64) * out_q_stride
@@ -402,20 +393,20 @@ def _maxsim_kernel(
                 q_valid = (q_rows < num_queries) & (q_tok < query_len)
                 q0, q1, q2, q3 = _load_query_tile(q_row_base + c * LQ_TILE * q_t_stride, q_valid,
                                                   k_offs, dim, q_k_stride, NUM_K, BLOCK_K,
-                                                  EVEN_K, DOT_FP32, Q_IN_REGS, PRECISION)
+                                                  EVEN_K, Q_IN_REGS, PRECISION)
             row_max = row_max_init
             d_ptrs = doc_base + k_offs[:, None] * doc_k_stride + n_offs[None, :] * doc_row_stride
             # Full tiles: the loop runs over this document's own length, no row masks.
             for _ in range(0, full_end, BLOCK_N):
                 row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs, n_offs < BLOCK_N,
                                         k_offs, dim, doc_k_stride, NUM_K, BLOCK_K, EVEN_K,
-                                        False, DOT_FP32, PRECISION)
+                                        False, PRECISION)
                 d_ptrs += BLOCK_N * doc_row_stride
             # The partial last tile, rows past the end masked to -inf.
             if full_end < length:
                 row_max = _doc_tile_max(row_max, q0, q1, q2, q3, d_ptrs,
                                         n_offs < (length - full_end), k_offs, dim, doc_k_stride,
-                                        NUM_K, BLOCK_K, EVEN_K, True, DOT_FP32, PRECISION)
+                                        NUM_K, BLOCK_K, EVEN_K, True, PRECISION)
             # Empty document: the max over no rows is taken as 0 (never -inf into the sum).
             row_max = tl.where(length > 0, row_max, 0.0)
             # Segmented sum: the QB queries' rows are contiguous LQ_TILE-row segments.
@@ -704,10 +695,8 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
     docs_per_program = max(docs_per_program, -(-docs_per_query * num_qblocks // _MAX_GRID), 1)
     num_groups = -(-docs_per_query // docs_per_program)
 
-    interpreted = queries.device.type != "cuda"
-    dot_fp32 = interpreted and queries.dtype == torch.bfloat16
     # fp32: 3xTF32 (fp32-level accuracy on tensor cores); 16-bit dots ignore the setting.
-    precision = "tf32x3" if queries.dtype == torch.float32 else "ieee" if dot_fp32 else "tf32"
+    precision = "tf32x3" if queries.dtype == torch.float32 else "tf32"
     q_strides, doc_strides, out_strides = queries.stride(), doc_values.stride(), out.stride()
     # Grid: one axis (no 65535 limit): num_qblocks x document groups, query block fastest.
     with on_device(queries):
@@ -723,7 +712,7 @@ def _launch(queries, doc_values, doc_starts, doc_lengths, pad_floor, out, cfg: _
             QB=qb, LQ_TILE=cfg.lq_tile, NUM_LQ_CHUNKS=cfg.num_lq_chunks,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_K=cfg.num_k,
             EVEN_K=cfg.block_k * cfg.num_k == dim,
-            HAS_PAD_FLOOR=pad_floor is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+            HAS_PAD_FLOOR=pad_floor is not None, PRECISION=precision,
             FLAT=cfg.flat, DOCS_PER_STEP=_next_pow2(_MAX_DOCS_PER_PROGRAM),
             Q_IN_REGS=cfg.q_in_regs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
