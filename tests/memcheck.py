@@ -49,15 +49,15 @@ class _Launch(threading.local):
         self.names: list[str] = []
         self.starts = np.zeros(0, dtype=np.uint64)  # the arguments' spans, sorted by start
         self.ends = np.zeros(0, dtype=np.uint64)
-        # The spans merged where they overlap, each with the program that stored each of its
-        # bytes (-1: none yet), made at the first store into it.
-        self.region_starts = np.zeros(0, dtype=np.uint64)
-        self.region_ends = np.zeros(0, dtype=np.uint64)
+        # The program that stored each byte (-1: none yet), per _CHUNK bytes of memory, made at
+        # the first store into the chunk: an argument may span gigabytes (a view with long
+        # strides) of which a launch stores a few rows.
         self.writers: dict[int, np.ndarray] = {}
         self.program = 0
 
 
 _launch = _Launch()
+_CHUNK_BITS = 16
 
 
 def _tensors(name: str, value):
@@ -85,14 +85,6 @@ def _set_launch(fn, args, kwargs) -> None:
     _launch.names = [name for _, _, name in spans]
     _launch.starts = np.array([s[0] for s in spans], dtype=np.uint64)
     _launch.ends = np.array([s[1] for s in spans], dtype=np.uint64)
-    regions: list[list[int]] = []
-    for start, end, _ in spans:
-        if regions and start < regions[-1][1]:
-            regions[-1][1] = max(regions[-1][1], end)
-        else:
-            regions.append([start, end])
-    _launch.region_starts = np.array([r[0] for r in regions], dtype=np.uint64)
-    _launch.region_ends = np.array([r[1] for r in regions], dtype=np.uint64)
     _launch.writers = {}
     _launch.program = 0
 
@@ -118,27 +110,27 @@ def _check(kind: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None
 def _check_races(kind: str, addresses: np.ndarray, itemsize: int) -> None:
     if kind == "load" and not _launch.writers:  # nothing stored yet in this launch: nothing to race
         return
-    region = np.searchsorted(_launch.region_starts, addresses, side="right") - 1
     me = _launch.program
-    for r in np.unique(region):
-        writers = _launch.writers.get(int(r))
+    byte_addresses = (addresses[:, None] + np.arange(itemsize, dtype=np.uint64)).reshape(-1)
+    chunks = byte_addresses >> np.uint64(_CHUNK_BITS)
+    for chunk in np.unique(chunks):
+        writers = _launch.writers.get(int(chunk))
         if writers is None and kind == "load":
             continue
         if writers is None:
-            size = int(_launch.region_ends[r] - _launch.region_starts[r])
-            writers = _launch.writers[int(r)] = np.full(size, -1, dtype=np.int64)
-        offsets = (addresses[region == r] - _launch.region_starts[r]).astype(np.int64)
-        byte_offsets = (offsets[:, None] + np.arange(itemsize)).reshape(-1)
-        owners = writers[byte_offsets]
+            writers = _launch.writers[int(chunk)] = np.full(1 << _CHUNK_BITS, -1, dtype=np.int64)
+        in_chunk = byte_addresses[chunks == chunk]
+        offsets = (in_chunk & np.uint64((1 << _CHUNK_BITS) - 1)).astype(np.int64)
+        owners = writers[offsets]
         others = (owners != -1) & (owners != me)
         if others.any():
             first = int(np.argmax(others))
-            address = int(_launch.region_starts[r]) + int(byte_offsets[first])
-            raise Race(f"{_launch.kernel}: program {me} {kind}s the byte at {_where(address)}, which "
-                       f"program {int(owners[first])} of the same launch stores (the GPU runs them "
-                       "in no set order)")
+            where = _where(int(in_chunk[first]))
+            raise Race(f"{_launch.kernel}: program {me} {kind}s the byte at {where}, which program "
+                       f"{int(owners[first])} of the same launch stores (the GPU runs them in no set "
+                       "order)")
         if kind == "store":
-            writers[byte_offsets] = me
+            writers[offsets] = me
 
 
 def _where(address: int) -> str:
