@@ -22,6 +22,7 @@ from conftest import KERNEL_DEVICE, randn
 from test_maxsim_kernel import assert_scores, unit_rows
 
 from colbert_triton.kernels import maxsim as maxsim_module
+from colbert_triton.kernels import pooling
 from colbert_triton.kernels.attention import varlen_attention
 from colbert_triton.kernels.embedding import embed_layernorm
 from colbert_triton.kernels.head import project_normalize
@@ -156,6 +157,18 @@ def test_attention_rows_past_int32_offsets():
     out = far_output(ROWS, num_heads * head_dim)
     varlen_attention(far_apart(qkv), cu_seqlens, key_lens, max(seq_lens), num_heads, head_dim, out=out)
     assert_same(out, compact)
+
+
+def test_pooling_rows_past_int32_offsets():
+    """Documents past 2^31 / stride rows pooled (distances, clustering, means), after 125
+    two-row documents copied as they are."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [2] * 125 + [4, 6]
+    values = unit_rows(ROWS, 96, dtype=DTYPE, gen=gen).to(KERNEL_DEVICE)
+    compact_rows, compact_lengths = pooling.pool_documents(values, lengths, 2, 1).result()
+    far_rows, far_lengths = pooling.pool_documents(far_apart(values), lengths, 2, 1).result()
+    assert list(far_lengths) == list(compact_lengths) and compact_lengths[-2:].tolist() == [2, 3]
+    assert_same(far_rows, compact_rows)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat-loop", "per-document-loop"])
