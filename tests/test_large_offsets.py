@@ -13,8 +13,11 @@ names a wrapped access that leaves the launch's tensors.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,22 @@ ROWS = 260  # rows of each far-apart tensor; sequences and tiles stay short (off
 # sequence, under 2^31 / ROW_STRIDE rows, are int32 in the kernels by design: 512 x 3 x 1024)
 DTYPE = torch.float16
 _MAP_NORESERVE = 0x4000  # Linux's value; Python's mmap names it from 3.13 only
+
+
+@pytest.fixture(autouse=True)
+def _one_at_a_time_on_a_gpu():
+    """On a GPU each test holds 9-17 GB: the device run's pytest-xdist workers share one GPU, so
+    these tests take turns (a lock file) and give their memory back after each."""
+    if KERNEL_DEVICE == "cpu":
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "colbert-triton-large-offsets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
