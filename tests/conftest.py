@@ -22,7 +22,7 @@ if INTERPRETED and os.environ.get("COLBERT_TRITON_MEMCHECK", "1") != "0":
     memcheck.install()  # every interpreted load and store stays inside the launch's tensors
     memcheck.poison_allocations()  # and nothing reads what the package left unwritten
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# bfloat16 in the interpreter too: `kernels._interpreter.fix_bfloat16` makes its dots and casts
+# bfloat16 in the interpreter too: `kernels._interpreter.fix_gpu_numerics` makes its dots and casts
 # a GPU's.
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -47,16 +47,24 @@ def test_scalar_index_patch_takes_either_signature(with_scope):
     assert operator.index(Tensor(7)) == 7 and list(range(Tensor(3))) == [0, 1, 2]
 
 
-# --- bfloat16 (`fix_bfloat16`): what the interpreter computes is what a GPU computes. On a GPU
-# these run compiled, the reference for the expectations below.
+# --- GPU numerics (`fix_gpu_numerics`): what the interpreter computes for bf16 and TF32 is what
+# a GPU computes. On a GPU these run compiled, the reference for the expectations below.
 
 
 @triton.jit
-def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                PRECISION: tl.constexpr):
     offs_m, offs_n, offs_k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
     a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :])
     b = tl.load(b_ptr + offs_k[:, None] * N + offs_n[None, :])
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], tl.dot(a, b))
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], tl.dot(a, b, input_precision=PRECISION))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
+    out = poisoned((a.shape[0], b.shape[1]), torch.float32)
+    _dot_kernel[(1,)](a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), out, M=a.shape[0], N=b.shape[1],
+                      K=a.shape[1], PRECISION=precision)
+    return out.cpu()
 
 
 @triton.jit
@@ -81,10 +89,25 @@ def test_bfloat16_dot_multiplies_values():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(16, 32, generator=gen).to(torch.bfloat16)
     b = torch.randn(32, 16, generator=gen).to(torch.bfloat16)
-    out = poisoned((16, 16), torch.float32)
-    _dot_kernel[(1,)](a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), out, M=16, N=16, K=32)
     # bf16 products are exact in fp32; only the fp32 summation order may differ.
-    torch.testing.assert_close(out.cpu(), (a.double() @ b.double()).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_dot(a, b), (a.double() @ b.double()).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_float32_dots_take_their_input_precision():
+    """The interpreter multiplied float32 operands in full float32 at any precision. A "tf32"
+    dot loses what TF32's 10-bit mantissa drops (relative 2^-11 an operand if rounded, 2^-10 if
+    truncated), "tf32x3" keeps float32's accuracy within a few ulp, "ieee" is float32's."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 64, generator=gen), torch.randn(64, 16, generator=gen)
+    exact = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()  # what the products' relative errors scale by
+
+    def error(precision):
+        return float(((_dot(a, b, precision).double() - exact) / scale).abs().max())
+
+    assert error("ieee") < 2e-7
+    assert 2**-14 < error("tf32") <= 2**-9
+    assert error("tf32x3") < 2e-6
 
 
 # Ties between two bf16 values (1 + 2^-8: to 1; 1 + 3 * 2^-8: to 1 + 2^-6, the even one), their
@@ -117,10 +140,10 @@ def test_casts_from_bfloat16_take_the_value(target):
     assert torch.equal(got, want), (got, want)
 
 
-def test_bfloat16_fix_installs_once():
+def test_gpu_numerics_install_once():
     builder = type("Builder", (), {"create_dot": lambda *a: "dot", "cast_impl": lambda *a: "cast"})
     interpreter = types.SimpleNamespace(InterpreterBuilder=builder, TensorHandle=types.SimpleNamespace)
-    _interpreter.install_bfloat16(interpreter)
+    _interpreter.install_gpu_numerics(interpreter)
     dot = interpreter.InterpreterBuilder.create_dot
-    _interpreter.install_bfloat16(interpreter)
+    _interpreter.install_gpu_numerics(interpreter)
     assert interpreter.InterpreterBuilder.create_dot is dot

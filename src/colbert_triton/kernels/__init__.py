@@ -3,8 +3,8 @@
 import os as _os
 
 if _os.environ.get("TRITON_INTERPRET") == "1":
-    from ._interpreter import fix_bfloat16, fix_scalar_loop_bounds, serialize_launches
+    from ._interpreter import fix_gpu_numerics, fix_scalar_loop_bounds, serialize_launches
 
     fix_scalar_loop_bounds()
-    fix_bfloat16()
+    fix_gpu_numerics()
     serialize_launches()
