@@ -155,7 +155,6 @@ def install_gpu_numerics(interpreter) -> None:
         if precision == ir.INPUT_PRECISION.TF32x3:
             a_big, b_big = _tf32_rounded(a.data), _tf32_rounded(b.data)
             a_small, b_small = (_tf32_truncated(x - big) for x, big in ((a.data, a_big), (b.data, b_big)))
-            a_big, b_big = _tf32_truncated(a_big), _tf32_truncated(b_big)
             zeros = handle(np.zeros_like(acc.data), fp32)
             small = fp32_dot(self, a_small, b_big, zeros, rest)
             small = fp32_dot(self, a_big, b_small, handle(small, fp32), rest)
