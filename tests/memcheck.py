@@ -49,9 +49,9 @@ class _Launch(threading.local):
         self.names: list[str] = []
         self.starts = np.zeros(0, dtype=np.uint64)  # the arguments' spans, sorted by start
         self.ends = np.zeros(0, dtype=np.uint64)
-        # The program that stored each byte (-1: none yet), per _CHUNK bytes of memory, made at
-        # the first store into the chunk: an argument may span gigabytes (a view with long
-        # strides) of which a launch stores a few rows.
+        # The program that stored each byte (-1: none yet), per 2^_CHUNK_BITS bytes of memory,
+        # made at the first store into the chunk: an argument may span gigabytes (a view with
+        # long strides) of which a launch stores a few rows.
         self.writers: dict[int, np.ndarray] = {}
         self.program = 0
 

@@ -40,8 +40,9 @@ pytestmark = pytest.mark.skipif(KERNEL_DEVICE == "cpu" and not sys.platform.star
                                 reason="sparse mappings (MAP_NORESERVE) as Linux makes them")
 
 ROW_STRIDE = 2**23 + 8  # elements from one row to the next: row 256 starts past 2^31
-ROWS = 260  # rows of each far-apart tensor; sequences and tiles stay short (offsets within a
-# sequence, under 2^31 / ROW_STRIDE rows, are int32 in the kernels by design: 512 x 3 x 1024)
+# Rows of each far-apart tensor. Sequences stay under 256 rows: offsets within a sequence are
+# int32 in the kernels by design (at most 512 rows x 3 x 1024 columns).
+ROWS = 260
 DTYPE = torch.float16
 _MAP_NORESERVE = 0x4000  # Linux's value; Python's mmap names it from 3.13 only
 
