@@ -141,6 +141,40 @@ def test_casts_from_bfloat16_take_the_value(target):
     assert torch.equal(got, want), (got, want)
 
 
+@triton.jit
+def _max_min_kernel(x_ptr, y_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x, y = tl.load(x_ptr + offs), tl.load(y_ptr + offs)
+    tl.store(out_ptr + offs, tl.maximum(x, y))
+    tl.store(out_ptr + BLOCK + offs, tl.minimum(x, y))
+    tl.store(out_ptr + 2 * BLOCK + offs, tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL))
+    tl.store(out_ptr + 3 * BLOCK + offs, tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL))
+    rows = tl.reshape(x, (BLOCK // 4, 4))
+    tl.store(out_ptr + 4 * BLOCK + tl.arange(0, BLOCK // 4), tl.max(rows, axis=1))
+    tl.store(out_ptr + 4 * BLOCK + BLOCK // 4 + tl.arange(0, BLOCK // 4), tl.min(rows, axis=1))
+
+
+# (NumPy warns of the all-NaN row its nanmax reduces.)
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_max_and_min_drop_nan_unless_told_to_propagate_it():
+    """``tl.maximum``/``tl.minimum`` (PTX max.f32/min.f32) and the ``tl.max``/``tl.min``
+    reductions give the other operand for a NaN; with ``propagate_nan=ALL`` NaN wins. Triton
+    3.6's interpreter propagated NaN in the elementwise ones."""
+    nan = float("nan")
+    x = torch.tensor([nan, 1.0, nan, -2.0] + [nan, nan, 3.0, nan] + [nan] * 4 + [0.5, -1.0, 2.0, 7.0])
+    y = torch.tensor([3.0, nan, nan, 5.0] * 4)
+    out = poisoned((4 * 16 + 8,), torch.float32)
+    _max_min_kernel[(1,)](x.to(KERNEL_DEVICE), y.to(KERNEL_DEVICE), out, BLOCK=16)
+    out = out.cpu()
+    torch.testing.assert_close(out[:16], torch.fmax(x, y), equal_nan=True)
+    torch.testing.assert_close(out[16:32], torch.fmin(x, y), equal_nan=True)
+    torch.testing.assert_close(out[32:48], torch.maximum(x, y), equal_nan=True)
+    torch.testing.assert_close(out[48:64], torch.minimum(x, y), equal_nan=True)
+    # Row by row (x as 4 x 4): the max and min of the non-NaN values; NaN for the all-NaN row.
+    torch.testing.assert_close(out[64:68], torch.tensor([1.0, 3.0, nan, 7.0]), equal_nan=True)
+    torch.testing.assert_close(out[68:72], torch.tensor([-2.0, 3.0, nan, -1.0]), equal_nan=True)
+
+
 def test_gpu_numerics_install_once():
     builder = type("Builder", (), {"create_dot": lambda *a: "dot", "cast_impl": lambda *a: "cast"})
     interpreter = types.SimpleNamespace(InterpreterBuilder=builder, TensorHandle=types.SimpleNamespace)

@@ -90,6 +90,11 @@ def fix_gpu_numerics() -> None:
     a TF32 part rounded to nearest and the rest, three TF32 dots, small terms first, NaN in
     them dropped). "ieee", and 16-bit operands (which TF32 holds exactly), are unchanged.
 
+    NaN in max and min: ``tl.maximum``/``tl.minimum`` without ``propagate_nan`` are PTX's
+    ``max.f32``/``min.f32`` on a GPU, which give the other operand for a NaN one; Triton 3.6's
+    interpreter propagated the NaN (``np.maximum``; its own ``tl.max``/``tl.min`` reductions
+    already drop NaN, and 3.9's elementwise ops do too). Here they drop it (``np.fmax``).
+
     Applied by `kernels/__init__.py` under TRITON_INTERPRET=1 only.
     """
     from triton.runtime import interpreter
@@ -127,7 +132,8 @@ def _tf32_rounded(values: np.ndarray) -> np.ndarray:
 
 def install_gpu_numerics(interpreter) -> None:
     """Wrap the interpreter's ``create_dot`` and ``cast_impl`` (through which every float cast
-    of the interpreter goes); other dtypes and precisions pass through unchanged."""
+    of the interpreter goes), other dtypes and precisions passing through unchanged, and make
+    its ``create_maxnumf``/``create_minnumf`` drop NaN."""
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_gpu_numerics", False):
         return
@@ -174,3 +180,5 @@ def install_gpu_numerics(interpreter) -> None:
 
     create_dot._gpu_numerics = True
     builder.create_dot, builder.cast_impl = create_dot, cast_impl
+    builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+    builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
