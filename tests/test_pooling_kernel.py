@@ -18,6 +18,7 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, poisoned
 
 from colbert_triton.kernels import pooling
 from colbert_triton.model.pooling import _scipy, cluster_means, ward_labels
+from colbert_triton.model.pooling import pool_documents as pool_on_the_host
 
 hierarchy, squareform = _scipy()
 
@@ -332,3 +333,28 @@ def test_every_pooling_launch_compiles(arch):
         assert arch != 90 or launch["spill_bytes"] in (0, None), launch
     ward = [launch for launch in launches if launch["kernel"] == "_ward_clusters_kernel"]
     assert all(launch["config"]["enable_fp_fusion"] is False for launch in ward)
+
+
+# (The interpreter's NumPy warns of the inf * 0 products an infinity makes.)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_to_pool_are_refused_as_the_cpu_path_refuses_them(bad):
+    """A NaN or an infinity in the rows a document pools: the kernels raise the CPU path's error
+    (its SciPy linkage, as PyLate's, refuses such distances), naming the document; on a GPU the
+    distance clamp's max drops a NaN, so they would pool it silently. In a protected row, or in a
+    document too short to pool, the value is kept as it is, by both."""
+    lengths = [5, 9, 2]  # pooled, pooled, copied (one row past the protected one)
+    values = torch.cat([_rows("groups", n, 96, seed=i) for i, n in enumerate(lengths)])
+    kept = values.clone()
+    kept[0, 3] = kept[15, 7] = bad  # document 0's protected row, document 2
+    on_the_host, host_lengths = pool_on_the_host(kept, np.array(lengths), 2, 1)
+    got, got_lengths = pooling.pool_documents(kept.to(KERNEL_DEVICE), lengths, 2, 1).result()
+    np.testing.assert_array_equal(got_lengths, host_lengths)
+    torch.testing.assert_close(got.cpu(), on_the_host, equal_nan=True)
+    broken = values.clone()
+    broken[8, 5] = bad  # document 1's third row to pool
+    message = "document 1 of the batch has a NaN or infinite value in the rows it pools"
+    with pytest.raises(ValueError, match=message):
+        pool_on_the_host(broken, np.array(lengths), 2, 1)
+    with pytest.raises(ValueError, match=message):
+        pooling.pool_documents(broken.to(KERNEL_DEVICE), lengths, 2, 1).result()

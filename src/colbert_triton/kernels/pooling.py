@@ -355,6 +355,10 @@ class PooledBatch:
         """Given ``found`` (on the host): the documents' pooled lengths, and the rows of
         ``values`` they keep (None: all of them). The cut made fewer clusters than its budget
         only where heights tie; the rows of the clusters not made (zeros) are dropped."""
+        if (found < 0).any():  # marked by pool_documents
+            from ..model.pooling import non_finite_error
+
+            raise non_finite_error(int(np.argmax(found < 0)))
         lengths = np.where(self.pooled, self.keep + found, self.bound_lengths).astype(np.int64)
         if np.array_equal(lengths, self.bound_lengths):
             return lengths, None
@@ -442,4 +446,11 @@ def pool_documents(values: torch.Tensor, lengths, pool_factor: int, protected: i
         _cluster_means_kernel[(len(lengths),)](
             values, starts_d, lengths_d, keep_d, max_clusters_d, labels, label_offsets_d, found, out, out_starts_d,
             values.stride(0), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n, num_warps=1)
+        # A pooled document with a NaN or an infinity in its rows to pool gets found = -1 (on
+        # the device, no sync), which `lengths_and_rows` turns into the CPU path's error: on a
+        # GPU the distance clamp's max drops a NaN, so the kernels would pool it silently.
+        non_finite = (~torch.isfinite(values).all(dim=1)).to(torch.int32).cumsum(0)
+        non_finite = torch.cat([non_finite.new_zeros(1), non_finite])
+        ends = host_to_device(np.stack([starts + keep, starts + keep + pooled_rows]), torch.int64, device)
+        found.masked_fill_(non_finite[ends[1]] > non_finite[ends[0]], -1)
     return PooledBatch(out.to(values.dtype), bound_lengths, keep, pooled, found)

@@ -300,10 +300,19 @@ def _host_copy(values: torch.Tensor | None, found: torch.Tensor | None) -> tuple
 
 def _pool_each(documents, pool_factor: int, protected_tokens: int) -> list[torch.Tensor]:
     hierarchy, squareform = _scipy()
-    return [_pool_one(document, pool_factor, protected_tokens, hierarchy, squareform) for document in documents]
+    return [_pool_one(document, pool_factor, protected_tokens, hierarchy, squareform, i)
+            for i, document in enumerate(documents)]
 
 
-def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, hierarchy, squareform) -> torch.Tensor:
+def non_finite_error(document: int) -> ValueError:
+    """The error for a document whose rows to pool hold a NaN or an infinity (both backends)."""
+    return ValueError(f"token pooling: document {document} of the batch has a NaN or infinite value "
+                      "in the rows it pools; its cosine distances cannot be clustered (SciPy's Ward "
+                      "linkage, which PyLate runs, refuses them too)")
+
+
+def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, hierarchy, squareform,
+              index: int = 0) -> torch.Tensor:
     """One document's pooled rows: PyLate's steps one by one, so that on the same float32 rows
     the clusters and the means are the same to the bit."""
     protected, to_pool = document[:protected_tokens], document[protected_tokens:]
@@ -311,6 +320,8 @@ def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, h
     clusters = max(rows // pool_factor, 1)
     if clusters >= rows:  # nothing to merge
         return document
+    if not bool(torch.isfinite(to_pool).all()):
+        raise non_finite_error(index)
     labels = ward_labels(1 - torch.mm(to_pool, to_pool.t()).numpy(), clusters, hierarchy, squareform)
     return torch.cat([protected, cluster_means(to_pool, labels, clusters)], 0)
 
