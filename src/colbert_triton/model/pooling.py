@@ -312,9 +312,10 @@ def non_finite_error(document: int) -> ValueError:
 
 
 def _pool_one(document: torch.Tensor, pool_factor: int, protected_tokens: int, hierarchy, squareform,
-              index: int = 0) -> torch.Tensor:
-    """One document's pooled rows: PyLate's steps one by one, so that on the same float32 rows
-    the clusters and the means are the same to the bit."""
+              index: int) -> torch.Tensor:
+    """One document's pooled rows (``index``: its place in the batch, for an error): PyLate's
+    steps one by one, so that on the same float32 rows the clusters and the means are the same
+    to the bit."""
     protected, to_pool = document[:protected_tokens], document[protected_tokens:]
     rows = to_pool.shape[0]
     clusters = max(rows // pool_factor, 1)
