@@ -7,8 +7,9 @@ encoder kernels take any row stride, so a few hundred rows laid ROW_STRIDE eleme
 their row offsets the same size; MaxSim's corpus is 23 M rows as in use. On the CPU these
 tensors live in sparse mappings, of which only the rows written take memory (Linux; the
 interpreter reads them in place), on a GPU in real memory (~4 GB each). Each launch must give
-what it gives on compact copies of the same rows, to the bit; in the interpreter memcheck also
-names a wrapped access that leaves the launch's tensors.
+what it gives on compact copies of the same rows, to the bit (a cuBLAS GEMM on a GPU: to fp16
+rounding); in the interpreter memcheck also names a wrapped access that leaves the launch's
+tensors.
 """
 
 from __future__ import annotations
@@ -93,10 +94,14 @@ def _ln(gen, n):
     return randn(gen, n, scale=0.1, shift=1.0, dtype=DTYPE), randn(gen, n, scale=0.1, dtype=DTYPE)
 
 
-def assert_same(far: torch.Tensor, compact: torch.Tensor):
-    assert far.stride(0) != compact.stride(0) or far.data_ptr() != compact.data_ptr()
+def assert_same(far: torch.Tensor, compact: torch.Tensor, exact: bool = True):
+    """To the bit; or, for cuBLAS (which may pick another algorithm for another row stride), to
+    fp16 rounding: a wrapped offset gives other rows, or leaves NaN where nothing was written."""
     assert bool(torch.isfinite(compact).all())
-    assert torch.equal(far.cpu(), compact.cpu())
+    if exact:
+        assert torch.equal(far.cpu(), compact.cpu())
+    else:
+        torch.testing.assert_close(far.cpu(), compact.cpu(), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -107,7 +112,7 @@ def test_linear_rows_past_int32_offsets(backend):
     compact = linear(x, w, b, "gelu", backend=backend)
     out = far_output(ROWS, 48)
     linear(far_apart(x), w, b, "gelu", out=out, backend=backend)
-    assert_same(out, compact)
+    assert_same(out, compact, exact=backend == "triton" or KERNEL_DEVICE == "cpu")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -120,7 +125,7 @@ def test_linear_residual_layernorm_rows_past_int32_offsets(backend):
     out = far_output(ROWS, 48)
     linear_residual_layernorm(far_apart(x), w, b, far_apart(residual), ln_w, ln_b, 1e-12, out=out,
                               backend=backend)
-    assert_same(out, compact)
+    assert_same(out, compact, exact=backend == "triton" or KERNEL_DEVICE == "cpu")
 
 
 def test_layernorms_rows_past_int32_offsets():
