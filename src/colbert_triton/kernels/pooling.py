@@ -449,8 +449,8 @@ def pool_documents(values: torch.Tensor, lengths, pool_factor: int, protected: i
         # A pooled document with a NaN or an infinity in its rows to pool gets found = -1 (on
         # the device, no sync), which `lengths_and_rows` turns into the CPU path's error: on a
         # GPU the distance clamp's max drops a NaN, so the kernels would pool it silently.
-        non_finite = (~torch.isfinite(values).all(dim=1)).to(torch.int32).cumsum(0)
-        non_finite = torch.cat([non_finite.new_zeros(1), non_finite])
-        ends = host_to_device(np.stack([starts + keep, starts + keep + pooled_rows]), torch.int64, device)
-        found.masked_fill_(non_finite[ends[1]] > non_finite[ends[0]], -1)
+        if pooled.any():
+            non_finite = (~torch.isfinite(values).all(dim=1)).to(torch.int32).cumsum(0)
+            non_finite = torch.cat([non_finite.new_zeros(1), non_finite])
+            found.masked_fill_(non_finite[first_pooled_d + pooled_rows_d] > non_finite[first_pooled_d], -1)
     return PooledBatch(out.to(values.dtype), bound_lengths, keep, pooled, found)
