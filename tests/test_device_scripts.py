@@ -5,6 +5,7 @@ call, is run on a report shaped like the benchmark suites' (bench/conftest.py).
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,80 @@ def test_the_device_run_skips_the_compile_checks(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="CI runs them"):
         compile_case("encoder")
     assert "COLBERT_TRITON_SKIP_AOT=${COLBERT_TRITON_SKIP_AOT:-1} timeout" in (DEVICE_DIR / "run.sh").read_text()
+
+
+# One launch recorded as bench/device/warm_cache.py records it, compiled into a cache for sm_90,
+# then the same launch made with real tensors in a fresh process (Triton's JIT as on the GPU,
+# with a driver that only names the target): it must find the compiled kernel, and a launch that
+# Triton keys differently (a table not 16-byte aligned) must not.
+_WARM_CACHE_SCRIPT = r"""
+import json, os, sys
+import torch
+import aot_compile, warm_cache
+from colbert_triton.kernels import embedding
+
+phase, cache, launches = sys.argv[1:4]
+
+def launch(aligned):
+    recorders = aot_compile._record([(embedding, "_embed_layernorm_kernel")])
+    hidden, vocab = 384, 1000
+    word = torch.zeros(vocab * hidden + 1, dtype=torch.float16)
+    word = (word[:-1] if aligned else word[1:]).view(vocab, hidden)
+    rows = [torch.zeros(hidden) for _ in range(3)]
+    ids = torch.zeros(37, dtype=torch.int64)
+    embedding.embed_layernorm(ids, ids, word, torch.zeros(512, hidden, dtype=torch.float16), *rows, 1e-12)
+    recorder = recorders["_embed_layernorm_kernel"]
+    embedding._embed_layernorm_kernel = recorder.kernel
+    (args, kwargs), = recorder.launches
+    return recorder.kernel, args, kwargs
+
+if phase == "compile":
+    kernel, args, kwargs = launch(aligned=True)
+    with open(launches, "w") as f:
+        f.write(json.dumps(warm_cache.describe_launch(kernel.fn, {"do_not_specialize": kernel.do_not_specialize},
+                                                      args, kwargs)) + "\n")
+    sys.exit(warm_cache.compile_launches(launches, cache))
+
+os.environ["TRITON_CACHE_DIR"] = cache
+from triton import knobs
+from triton.runtime import driver
+driver.set_active(warm_cache._CompileOnlyDriver(warm_cache.ARCH))
+hits = []
+knobs.compilation.listener = lambda cache_hit, **_: hits.append(cache_hit)
+for aligned in (True, False):
+    kernel, args, kwargs = launch(aligned)
+    kernel.warmup(*args, grid=(1,), **kwargs)
+print(json.dumps(hits))
+"""
+
+
+def test_a_recorded_launch_is_found_in_the_warmed_cache(tmp_path):
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import triton.runtime.jit
+
+    if not hasattr(triton.runtime.jit, "native_specialize_impl"):
+        pytest.skip("needs Triton >= 3.6 (native_specialize_impl)")
+    root = DEVICE_DIR.parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "tests"), str(DEVICE_DIR)])
+    cache, launches = tmp_path / "cache", tmp_path / "launches.jsonl"
+
+    def run(phase):
+        done = subprocess.run([sys.executable, "-c", _WARM_CACHE_SCRIPT, phase, str(cache), str(launches)],
+                              check=False, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+            pytest.skip("no ptxas for the CUDA backend on this machine")
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout
+
+    assert "1 of 1 recorded launches compiled or found, 0 skipped" in run("compile")
+    assert sorted(p.suffix for p in cache.glob("*/_embed_layernorm_kernel.*")) == [".cubin", ".json"]
+    # Packed and unpacked elsewhere as prepare.sh and run.sh do (the groups name absolute paths).
+    archive = tmp_path / "triton-cache.tar.xz"
+    subprocess.run(["tar", "-C", str(cache), "-cJf", str(archive), "."], check=True)
+    shutil.rmtree(cache)
+    cache = tmp_path / "elsewhere"
+    done = subprocess.run([sys.executable, str(DEVICE_DIR / "warm_cache.py"), "unpack", str(archive), str(cache)],
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "matches this Triton" in done.stdout, done.stdout + done.stderr
+    assert json.loads(run("launch").splitlines()[-1]) == [True, False]  # found; the unaligned one compiled

@@ -10,7 +10,9 @@
 # call's timeout_s ~20 s above DEADLINE_S: a call the tool ends returns no run.tgz.
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
-#               pytest-xdist workers: compiling the kernel variants is most of its time, and
+#               pytest-xdist workers: compiling the kernel variants is most of its time where
+#               the compile cache carried from prepare.sh does not hold them (warm_cache.py; each
+#               step's summary line counts the kernels compiled here), and
 #               the workers compile in parallel into Triton's shared on-disk cache (the
 #               ahead-of-time compile checks are skipped: ~5 CPU-minutes that CI already spends
 #               with the same Triton; COLBERT_TRITON_SKIP_AOT=0 keeps them). A worker
@@ -51,6 +53,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -c "import pyarrow; print('pyarrow', pyarrow.__version__)" 2>&1 | tee -a "$R/env.txt"
 python3 -c "import transformers, sentence_transformers, pylate; print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'pylate', pylate.__version__)" 2>&1 | tee -a "$R/env.txt" \
   || echo "run.sh: WARNING: the reference packages do not import (stale .whl? re-run bench/device/prepare.sh)"
+# Kernels compiled here ahead of time (bench/device/prepare.sh): the JIT finds them if this
+# machine's Triton is the build they were compiled with (said here); each step's summary line
+# counts the kernels compiled on the device all the same.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f .carry/triton-cache.tar.xz ]; then
+  python3 bench/device/warm_cache.py unpack .carry/triton-cache.tar.xz "$TRITON_CACHE_DIR" 2>&1 | tee -a "$R/env.txt"
+fi
+touch "$R/.cache-mark"
+compiled_here() { find "$TRITON_CACHE_DIR" -name '*.cubin' -newer "$R/.cache-mark" 2>/dev/null | wc -l; }
 parallel=()
 if python3 -c "import xdist" 2>/dev/null; then parallel=(-n "$workers"); else echo "run.sh: no pytest-xdist: tests run serially"; fi
 
@@ -68,6 +79,7 @@ for spec in "$@"; do
   fi
   echo "=== $step (${left} s) ==="
   started=$SECONDS
+  before=$(compiled_here)
   limit=$((left - 10))
   case "$family" in
     tests)
@@ -80,7 +92,7 @@ for spec in "$@"; do
       # Peers that autotune (late-interaction-kernels keeps its choice on disk) chose during the
       # precompile pass, under 12 workers' contention: forgotten, so they tune on a quiet GPU
       # (the MaxSim suite also makes them retune for every case: bench/common.py).
-      find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' -delete 2>/dev/null
+      find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete 2>/dev/null
       case "$family" in
         encoder) select="encoder and not encoder_ops and not pooled" ;;
         pooling) select="pooled" ;;
@@ -103,7 +115,7 @@ for spec in "$@"; do
   esac
   status=${PIPESTATUS[0]}
   rc=$((rc | status))
-  summary+=("$step: rc=$status in $((SECONDS - started)) s (cap $left s)")
+  summary+=("$step: rc=$status in $((SECONDS - started)) s (cap $left s), $(($(compiled_here) - before)) kernels compiled")
 done
 
 echo "=== summary ==="
