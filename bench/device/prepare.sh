@@ -42,7 +42,7 @@ if [ "${NO_WARM_CACHE:-0}" != 1 ]; then
     if "$candidate" -c "" 2>/dev/null; then py312=$candidate; break; fi  # (pyenv's shim may not run)
   done
   if [ ! -x "$venv/bin/python" ] && [ -n "$py312" ]; then
-    "$py312" -m venv "$venv" && "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 numpy tokenizers safetensors huggingface_hub tqdm
+    "$py312" -m venv "$venv" && "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 numpy tokenizers safetensors huggingface_hub tqdm pytest
   fi
   if [ -x "$venv/bin/python" ]; then
     cache=/tmp/colbert-triton-warm-cache
@@ -53,5 +53,5 @@ if [ "${NO_WARM_CACHE:-0}" != 1 ]; then
     echo "prepare.sh: WARNING: no Python 3.12 for the device's Triton: no compile cache carried (the GPU compiles)"
   fi
 fi
-du -sh .whl .carry .carry/*
+du -sh .whl .carry/*
 git ls-files -z | xargs -0 du -ch | tail -1

@@ -250,7 +250,7 @@ def compile_launches(launches_path: str, cache_dir: str, jobs: int = 1, rewrite:
     Path(cache_dir, "KEY.json").write_text(json.dumps(build_key(), indent=1) + "\n")
     kernels = sum(1 for _ in Path(cache_dir).glob("*/*.cubin"))
     print(f"warm_cache: {len(launches) - len(skipped)} of {len(launches)} recorded launches compiled or found, "
-          f"{len(skipped)} skipped (stale: re-record them), {time.time() - started:.0f} s; {kernels} kernels in {cache_dir}")
+          f"{len(skipped)} skipped (why: above), {time.time() - started:.0f} s; {kernels} kernels in {cache_dir}")
     if rewrite:
         first = {}
         for launch, (key, _) in zip(launches, results):
