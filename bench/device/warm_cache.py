@@ -16,7 +16,9 @@ Steps (bench/device/prepare.sh runs `compile`, bench/device/run.sh `unpack`; `re
             specialises on, the launch options. `python warm_cache.py record-aot F` adds the
             launches of tests/aot_compile.py's cases (the model's shapes and the benchmarks'
             configurations). The result is kept in the repository, bench/device/launches.jsonl
-            (recording runs the whole suite: ~25 min); a launch whose kernel has changed its
+            (recording runs the whole suite: ~25 min with COLBERT_TRITON_MEMCHECK=0 and
+            COLBERT_TRITON_SKIP_AOT=1, under which test_memcheck.py fails as it should; then
+            `compile F CACHE_DIR --rewrite` below); a launch whose kernel has changed its
             parameters since is reported and skipped, and a launch not recorded compiles on the
             GPU as it always did.
   compile   `python warm_cache.py compile F CACHE_DIR [--jobs N] [--rewrite]`, without
@@ -143,7 +145,7 @@ def record_aot(path: str) -> None:
 
     from colbert_triton.kernels import linear, maxsim
 
-    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: aot_compile.SHARED_MEMORY[90]
+    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: aot_compile.SHARED_MEMORY[ARCH]
     for case in aot_compile.CASES.values():
         for recorder in case().values():
             kernel = recorder.kernel
