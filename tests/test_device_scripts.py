@@ -134,7 +134,7 @@ if phase == "compile":
     with open(launches, "w") as f:
         f.write(json.dumps(warm_cache.describe_launch(kernel.fn, {"do_not_specialize": kernel.do_not_specialize},
                                                       args, kwargs)) + "\n")
-    sys.exit(warm_cache.compile_launches(launches, cache))
+    sys.exit(warm_cache.compile_launches(launches, cache, binaries_only=True))
 
 os.environ["TRITON_CACHE_DIR"] = cache
 from triton import knobs

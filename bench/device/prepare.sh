@@ -47,7 +47,7 @@ if [ "${NO_WARM_CACHE:-0}" != 1 ]; then
   if [ -x "$venv/bin/python" ]; then
     cache=/tmp/colbert-triton-warm-cache
     rm -rf "$cache"
-    "$venv/bin/python" bench/device/warm_cache.py compile bench/device/launches.jsonl "$cache" --jobs "$(nproc)"
+    "$venv/bin/python" bench/device/warm_cache.py compile bench/device/launches.jsonl "$cache" --jobs "$(nproc)" --binaries-only
     tar -C "$cache" -cJf .carry/triton-cache.tar.xz .
   else
     echo "prepare.sh: WARNING: no Python 3.12 for the device's Triton: no compile cache carried (the GPU compiles)"

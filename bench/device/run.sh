@@ -3,17 +3,18 @@
 #   run(command="BENCH_COMMIT=<sha> bash bench/device/run.sh", carry=[".whl", ".carry"], timeout_s=600)
 # With no arguments it runs the session plan, sized for a 15-minute device lease (one ~10-min
 # call after a 1-2 min start, so the tool's 30-s warm window still allows one short rerun):
-#   tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16   (DEADLINE_S=560)
+#   warm:60 tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16   (DEADLINE_S=560)
 # the fp16 shapes of both families first (the issues' targets), then bf16 with what is left;
 # a second call runs what was cut (e.g. `maxsim/bf16 encoder-ops`), at once (the machine is
 # given back after 30 s idle), with DEADLINE_S ~60 s under the lease's budget_left_s and the
 # call's timeout_s ~20 s above DEADLINE_S: a call the tool ends returns no run.tgz.
 # Steps, in the order given, each optionally capped at CAP seconds (STEP:CAP):
+#   warm        the kernel variants the tests and benchmarks launch (bench/device/launches.jsonl),
+#               compiled once each over all the machine's cores (warm_cache.py), unless the cache
+#               carried from prepare.sh is this Triton build's (then nothing: it holds them)
 #   tests       the whole test suite natively (no interpreter), spread over TEST_WORKERS (12)
-#               pytest-xdist workers: compiling the kernel variants is most of its time where
-#               the compile cache carried from prepare.sh does not hold them (warm_cache.py; each
-#               step's summary line counts the kernels compiled here), and
-#               the workers compile in parallel into Triton's shared on-disk cache (the
+#               pytest-xdist workers, which compile what the warm step left (each step's
+#               summary line counts the kernels compiled) into Triton's shared on-disk cache (the
 #               ahead-of-time compile checks are skipped: ~5 CPU-minutes that CI already spends
 #               with the same Triton; COLBERT_TRITON_SKIP_AOT=0 keeps them). A worker
 #               whose test faulted the GPU (tests/conftest.py) or hung past --timeout (a watchdog
@@ -36,7 +37,7 @@
 # Extra pytest options go in PYTEST_ADDOPTS (e.g. "-k 'rerank and d96'").
 # Exit status: the steps' statuses OR-ed (124/130 = a step ran out of time; 4 = a step skipped).
 set -uo pipefail
-[ $# -gt 0 ] || set -- tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16
+[ $# -gt 0 ] || set -- warm:60 tests:200 precompile:80 maxsim/fp16:120 encoder:110 maxsim/bf16
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 R="$OUT/r"
@@ -54,11 +55,13 @@ python3 -c "import pyarrow; print('pyarrow', pyarrow.__version__)" 2>&1 | tee -a
 python3 -c "import transformers, sentence_transformers, pylate; print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__, 'pylate', pylate.__version__)" 2>&1 | tee -a "$R/env.txt" \
   || echo "run.sh: WARNING: the reference packages do not import (stale .whl? re-run bench/device/prepare.sh)"
 # Kernels compiled here ahead of time (bench/device/prepare.sh): the JIT finds them if this
-# machine's Triton is the build they were compiled with (said here); each step's summary line
-# counts the kernels compiled on the device all the same.
+# machine's Triton is the build they were compiled with (said here; else the warm step compiles
+# them on this machine); each step's summary line counts the kernels compiled on the device.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+carried_cache=0
 if [ -f .carry/triton-cache.tar.xz ]; then
   python3 bench/device/warm_cache.py unpack .carry/triton-cache.tar.xz "$TRITON_CACHE_DIR" 2>&1 | tee -a "$R/env.txt"
+  [ "${PIPESTATUS[0]}" != 0 ] || carried_cache=1
 fi
 touch "$R/.cache-mark"
 compiled_here() { find "$TRITON_CACHE_DIR" -name '*.cubin' -newer "$R/.cache-mark" 2>/dev/null | wc -l; }
@@ -82,6 +85,13 @@ for spec in "$@"; do
   before=$(compiled_here)
   limit=$((left - 10))
   case "$family" in
+    warm)
+      if [ "$carried_cache" = 1 ]; then
+        echo "run.sh: the carried compile cache is this Triton's: nothing to compile"
+      else
+        timeout -s INT -k 10 "$limit" python3 bench/device/warm_cache.py compile bench/device/launches.jsonl \
+          "$TRITON_CACHE_DIR" --jobs "$(nproc)" 2>&1 | tee "$R/warm.log" | tail -5
+      fi ;;
     tests)
       COLBERT_TRITON_SKIP_AOT=${COLBERT_TRITON_SKIP_AOT:-1} timeout -s INT -k 10 "$limit" python3 -m pytest tests -q --durations=25 -p no:cacheprovider -o addopts="" \
         "${parallel[@]}" --timeout=120 --timeout-method=thread -rs 2>&1 | tee "$R/tests.log" | tail -40 ;;

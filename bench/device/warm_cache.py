@@ -21,12 +21,15 @@ Steps (bench/device/prepare.sh runs `compile`, bench/device/run.sh `unpack`; `re
             `compile F CACHE_DIR --rewrite` below); a launch whose kernel has changed its
             parameters since is reported and skipped, and a launch not recorded compiles on the
             GPU as it always did.
-  compile   `python warm_cache.py compile F CACHE_DIR [--jobs N] [--rewrite]`, without
+  compile   `python warm_cache.py compile F CACHE_DIR [--jobs N] [--binaries-only] [--rewrite]`, without
             TRITON_INTERPRET, in the Python and Triton of the GPU machine (prepare.sh makes a venv
             of them): every recorded launch goes through Triton's own JIT binder
             (`JITFunction.warmup`) with a driver that only names the sm_90 target, so the JIT
             specialises and compiles exactly as it would there and writes the kernel to CACHE_DIR
-            (the binary and its metadata only). KEY.json records the build compiled with.
+            (--binaries-only: the binary and its metadata only, for the carry). KEY.json records
+            the build compiled with. Where the carried cache is for another build, run.sh's
+            `warm` step runs this on the GPU machine itself, all its cores compiling each variant
+            once, before the test workers would compile them, several at once.
             --rewrite keeps one line per compiled kernel in F (a new recording holds many).
   unpack    `python warm_cache.py unpack ARCHIVE CACHE_DIR` on the GPU machine: the packed cache
             put in place, and whether this Triton is the build it was compiled with (else the
@@ -236,34 +239,37 @@ def _compile_one(launch: dict) -> tuple[str | None, str | None]:
         return None, f"{launch['module']}.{launch['kernel']}: {type(error).__name__}: {error}"[:300]
 
 
-def _start_compiling(cache_dir: str) -> None:
+def _start_compiling(cache_dir: str, binaries_only: bool) -> None:
     os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions, also where tests/conftest.py is imported
     os.environ["TRITON_CACHE_DIR"] = str(Path(cache_dir).resolve())
-    os.environ["TRITON_STORE_BINARY_ONLY"] = "1"  # not in the cache key; the metadata and cubin suffice
+    if binaries_only:  # not in the cache key; a cache hit reads only the metadata and the binary
+        os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
     sys.path[:0] = [str(_ROOT / "src"), str(_ROOT / "tests")]
     from triton.runtime import driver
 
     driver.set_active(_CompileOnlyDriver(ARCH))
 
 
-def compile_launches(launches_path: str, cache_dir: str, jobs: int = 1, rewrite: bool = False) -> int:
-    """Compile every launch recorded in ``launches_path`` into ``cache_dir`` (``jobs`` processes),
-    drop what a cache hit does not read (the kernels' IR), and write KEY.json. ``rewrite``: keep
-    in ``launches_path`` one launch per compiled kernel (a new recording holds many of each)."""
+def compile_launches(launches_path: str, cache_dir: str, jobs: int = 1, *, binaries_only: bool = False,
+                     rewrite: bool = False) -> int:
+    """Compile every launch recorded in ``launches_path`` into ``cache_dir`` (``jobs`` processes)
+    and write KEY.json. ``binaries_only``: keep only what a cache hit reads (the metadata and the
+    binary, not the IR: a fifth of the size, for the carry). ``rewrite``: keep in
+    ``launches_path`` one launch per compiled kernel (a new recording holds many of each)."""
     launches = [json.loads(line) for line in Path(launches_path).read_text().splitlines() if line.strip()]
     started = time.time()
     if jobs <= 1:
-        _start_compiling(cache_dir)
+        _start_compiling(cache_dir, binaries_only)
         results = list(map(_compile_one, launches))
     else:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(jobs, _start_compiling, (cache_dir,)) as pool:
+        with multiprocessing.get_context("spawn").Pool(jobs, _start_compiling, (cache_dir, binaries_only)) as pool:
             results = pool.map(_compile_one, launches, chunksize=4)
     skipped = [reason for _, reason in results if reason]
     for reason in sorted(set(skipped)):
         print(f"warm_cache: skipped {reason}", file=sys.stderr)
-    for group in Path(cache_dir).glob("*/__grp__*.json"):  # a cache hit reads only the metadata and the binary
+    for group in Path(cache_dir).glob("*/__grp__*.json") if binaries_only else ():  # also the Triton IR
         files = json.loads(group.read_text())
         kept = {name: path for name, path in files["child_paths"].items() if name.endswith((".json", ".cubin"))}
         for name in set(files["child_paths"]) - set(kept):
@@ -319,6 +325,7 @@ def main(argv: list[str]) -> int:
     command.add_argument("launches")
     command.add_argument("cache_dir")
     command.add_argument("--jobs", type=int, default=1)
+    command.add_argument("--binaries-only", action="store_true", help="keep only what a cache hit reads")
     command.add_argument("--rewrite", action="store_true", help="keep one launch per kernel in LAUNCHES")
     command = commands.add_parser("unpack", help="on the GPU machine: ARCHIVE into CACHE_DIR, and check it")
     command.add_argument("archive")
@@ -328,7 +335,8 @@ def main(argv: list[str]) -> int:
         record_aot(args.launches)
         return 0
     if args.command == "compile":
-        return compile_launches(args.launches, args.cache_dir, args.jobs, args.rewrite)
+        return compile_launches(args.launches, args.cache_dir, args.jobs, binaries_only=args.binaries_only,
+                                rewrite=args.rewrite)
     return unpack(args.archive, args.cache_dir)
 
 
