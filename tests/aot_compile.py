@@ -284,17 +284,21 @@ def specialization(kernel, args, kwargs):
     return values, signature, constexprs, attrs, options
 
 
+def record_case(case: str, arch: int = 90) -> dict:
+    """The case's launches, kernel by kernel, as its launchers make them for the GPU ``arch``."""
+    from colbert_triton.kernels import linear, maxsim
+
+    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: SHARED_MEMORY[arch]
+    return CASES[case]()
+
+
 def main(case: str, arch: int = 90) -> None:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from colbert_triton.kernels import linear, maxsim
-
-    # the GPU compiled for
-    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: SHARED_MEMORY[arch]
-    recorders = CASES[case]()
+    recorders = record_case(case, arch)
     if case in ("maxsim-counts", "encoder-batches"):  # specialisations only, nothing compiled
         for name, recorder in recorders.items():
             for args, kwargs in recorder.launches:

@@ -146,11 +146,8 @@ def record_aot(path: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     import aot_compile
 
-    from colbert_triton.kernels import linear, maxsim
-
-    linear.shared_memory_limit = maxsim.shared_memory_limit = lambda device: aot_compile.SHARED_MEMORY[ARCH]
-    for case in aot_compile.CASES.values():
-        for recorder in case().values():
+    for case in aot_compile.CASES:
+        for recorder in aot_compile.record_case(case, ARCH).values():
             kernel = recorder.kernel
             while isinstance(kernel, aot_compile._Recorder):  # an earlier case's, still in place
                 kernel = kernel.kernel
@@ -173,14 +170,18 @@ class _Pointer:
         return self._address
 
 
+def _target(arch: int):
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", arch, 32)
+
+
 class _CompileOnlyDriver:
     """Names the GPU compiled for; the JIT asks nothing else of a driver before launching, and a
     warm-up does not launch."""
 
     def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
+        self.target = _target(arch)
 
     def get_current_device(self):
         return 0
@@ -198,12 +199,11 @@ def build_key() -> dict:
     environment variables Triton counts. Compare it with the GPU machine's."""
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.cache import triton_key
 
     return {"triton": triton.__version__, "build": hashlib.sha256(triton_key().encode()).hexdigest(),
-            "backend": make_backend(GPUTarget("cuda", ARCH, 32)).hash(),
+            "backend": make_backend(_target(ARCH)).hash(),
             "environment": get_cache_invalidating_env_vars()}
 
 
